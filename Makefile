@@ -1,0 +1,41 @@
+# raygd: `make train` runs a small real job, `make test` passes the tests.
+# Both create .venv and install the pinned requirements on first use.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+# pip prints a warning per package for the machine's local indexes; keep the real errors.
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install data train test bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e . 2>&1 | $(QUIET_PIP)
+	$(BIN)/python -c "import raygd, ray, torch, torchvision, mlflow"
+	touch $@
+
+install: $(STAMP)
+
+# Fashion-MNIST from Debian's package where we are root on Debian and nothing is set.
+data:
+	@if [ -z "$$RAYGD_DATA_DIR" ] && [ ! -d $(FMNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing dataset-fashion-mnist (Debian package) ..."; \
+		apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+
+train: $(STAMP) data
+	$(BIN)/raygd train configs/quickstart.yaml $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP) data
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) mlflow.db build *.egg-info

@@ -1,0 +1,329 @@
+"""Typed, validated configuration for one data-parallel SGD run.
+
+A run config is four small dataclasses, one per concern (data, mechanism, train,
+tracking), each validated in ``__post_init__`` so a bad value fails before any Ray
+work starts. Configs load from YAML (safe loader) with ``--set section.field=value``
+overrides, and flatten to ``{"train.step_size": 0.05, ...}`` for MLflow params.
+
+    cfg = load_run_config("configs/quickstart.yaml", ["train.step_size=0.1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "synthetic")
+MODELS = ("logreg", "logreg_binary", "mnist_cnn", "convnet", "resnet")
+MECHANISMS = ("vanilla", "dropconnect", "sgld", "quantize")
+SAMPLING = ("shuffle", "with_replacement")
+DROPCONNECT_GRANULARITY = ("per_example", "per_group", "per_worker")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and what is allowed."""
+
+
+def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name} = {value!r} is invalid: {allowed}.")
+
+
+def _choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    _require(value in choices, field_name, value, "allowed values are " + ", ".join(choices))
+
+
+@dataclass
+class DataConfig:
+    """Which examples the workers see and in which order."""
+
+    name: str = "fashion_mnist"
+    """Data set: fashion_mnist, mnist, cifar10 or synthetic."""
+    data_dir: str | None = None
+    """Folder with the idx/CIFAR files; default $RAYGD_DATA_DIR, then the Debian path."""
+    train_size: int | None = None
+    """Use a seeded random subset of this many training examples (None: all)."""
+    classes: list[int] | None = None
+    """Keep only these class labels, relabelled 0..k-1 (e.g. [0, 1] for 2-class)."""
+    replication: int = 1
+    """r-replication: a random 1/r of the training set repeated r times (n unchanged)."""
+    sampling: str = "shuffle"
+    """shuffle (epochs without replacement) or with_replacement (the paper's analysis)."""
+    eval_size: int = 10000
+    """Training examples in the fixed sample that measures train accuracy."""
+    synthetic_features: int = 32
+    """Synthetic data only: input dimension."""
+    synthetic_size: int = 4096
+    """Synthetic data only: number of training examples."""
+
+    def __post_init__(self) -> None:
+        _choice("data.name", self.name, DATASETS)
+        if self.train_size is not None:
+            _require(self.train_size >= 2, "data.train_size", self.train_size, "must be an integer >= 2 or null")
+        if self.classes is not None:
+            _require(
+                len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)
+                and all(isinstance(c, int) and 0 <= c <= 9 for c in self.classes),
+                "data.classes", self.classes, "a list of at least two distinct labels in 0..9, or null",
+            )
+        _require(self.replication >= 1, "data.replication", self.replication, "must be an integer >= 1")
+        _choice("data.sampling", self.sampling, SAMPLING)
+        _require(self.eval_size >= 1, "data.eval_size", self.eval_size, "must be an integer >= 1")
+        _require(self.synthetic_features >= 1, "data.synthetic_features", self.synthetic_features, "must be >= 1")
+        _require(self.synthetic_size >= 2, "data.synthetic_size", self.synthetic_size, "must be >= 2")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else 10
+
+
+@dataclass
+class MechanismConfig:
+    """The diversity-inducing mechanism that replaces each gradient by a surrogate."""
+
+    name: str = "vanilla"
+    """vanilla, dropconnect, sgld or quantize."""
+    drop_prob: float = 0.5
+    """DropConnect: probability p that a weight of a fully connected layer is dropped."""
+    dropconnect_granularity: str = "per_example"
+    """DropConnect: one mask per example (the paper), per group of examples, or per worker batch."""
+    dropconnect_group_size: int = 8
+    """DropConnect per_group: examples that share one mask."""
+    sgld_sigma: float = 0.01
+    """SGLD: standard deviation of the N(0, sigma^2 I) noise added to each per-example gradient."""
+    quant_levels: int = 16
+    """Quantization: QSGD levels s (1..127); the per-worker gradient is sent as int8 levels."""
+    quant_bucket_size: int = 512
+    """Quantization: entries that share one norm (QSGD's bucket size d)."""
+
+    def __post_init__(self) -> None:
+        _choice("mechanism.name", self.name, MECHANISMS)
+        _require(
+            isinstance(self.drop_prob, (int, float)) and 0.0 <= self.drop_prob < 1.0,
+            "mechanism.drop_prob", self.drop_prob, "must be a probability in [0, 1)",
+        )
+        _choice("mechanism.dropconnect_granularity", self.dropconnect_granularity, DROPCONNECT_GRANULARITY)
+        _require(self.dropconnect_group_size >= 1, "mechanism.dropconnect_group_size",
+                 self.dropconnect_group_size, "must be an integer >= 1")
+        _require(math.isfinite(self.sgld_sigma) and self.sgld_sigma >= 0, "mechanism.sgld_sigma",
+                 self.sgld_sigma, "must be a finite number >= 0")
+        _require(1 <= self.quant_levels <= 127, "mechanism.quant_levels", self.quant_levels,
+                 "must be an integer in 1..127 (levels are sent as int8)")
+        _require(self.quant_bucket_size >= 1, "mechanism.quant_bucket_size", self.quant_bucket_size,
+                 "must be an integer >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Model, parallelism and the SGD schedule."""
+
+    model: str = "logreg"
+    """logreg, logreg_binary (needs 2 classes), mnist_cnn, convnet or resnet."""
+    num_workers: int = 2
+    """P: data-parallel workers (one Ray Train worker each)."""
+    global_batch_size: int = 64
+    """B: examples per update over all workers; each worker takes B/P."""
+    step_size: float = 0.05
+    """Constant step size for w <- w - step_size * mean of the B gradients."""
+    target_accuracy: float = 0.8
+    """Stop when training accuracy (on the fixed eval sample) reaches this."""
+    max_passes: float = 5.0
+    """Stop after this many passes over the training set if the target is not reached."""
+    eval_every_steps: int = 20
+    """Measure training accuracy every this many updates (paused out of the clock)."""
+    seed: int = 0
+    """Seed for data order, subsets, replication, initialisation and mechanisms."""
+    device: str = "auto"
+    """auto (CUDA + NCCL when Ray sees GPUs, else CPU + gloo), cpu or cuda."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves for each worker; also the worker's torch threads."""
+
+    def __post_init__(self) -> None:
+        _choice("train.model", self.model, MODELS)
+        _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be an integer >= 1")
+        _require(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size,
+                 "must be an integer >= 1")
+        _require(
+            self.global_batch_size % self.num_workers == 0, "train.global_batch_size", self.global_batch_size,
+            f"must be divisible by train.num_workers = {self.num_workers} (each worker takes B/P examples)",
+        )
+        _require(math.isfinite(self.step_size) and self.step_size > 0, "train.step_size", self.step_size,
+                 "must be a finite number > 0")
+        _require(0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy,
+                 "must be in (0, 1]")
+        _require(math.isfinite(self.max_passes) and self.max_passes > 0, "train.max_passes",
+                 self.max_passes, "must be a finite number > 0")
+        _require(self.eval_every_steps >= 1, "train.eval_every_steps", self.eval_every_steps,
+                 "must be an integer >= 1")
+        _require(self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
+        _choice("train.device", self.device, DEVICES)
+        _require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker,
+                 "must be an integer >= 1")
+
+    @property
+    def batch_size_per_worker(self) -> int:
+        return self.global_batch_size // self.num_workers
+
+
+@dataclass
+class TrackingConfig:
+    """Where the run is recorded."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI; relative sqlite paths are made absolute at load time."""
+    experiment_name: str = "raygd"
+    """MLflow experiment that holds the run."""
+    run_name: str | None = None
+    """MLflow run name (default: derived from model, mechanism, B and step size)."""
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.tracking_uri, str) and self.tracking_uri.strip() != "",
+                 "tracking.tracking_uri", self.tracking_uri, "must be a non-empty MLflow tracking URI")
+        _require(isinstance(self.experiment_name, str) and self.experiment_name.strip() != "",
+                 "tracking.experiment_name", self.experiment_name, "must be a non-empty name")
+
+
+@dataclass
+class RunConfig:
+    """One data-parallel SGD run: data, mechanism, training schedule and tracking."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    mechanism: MechanismConfig = field(default_factory=MechanismConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.model == "logreg_binary":
+            _require(self.data.num_classes == 2, "train.model", self.train.model,
+                     "logreg_binary needs exactly two classes: set data.classes, e.g. [0, 1]")
+        if self.data.name == "synthetic":
+            _require(self.train.model in ("logreg", "logreg_binary"), "train.model", self.train.model,
+                     "synthetic data is a flat feature vector: use logreg or logreg_binary")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Flatten to ``{"section.field": value}`` (MLflow params, Tune search keys)."""
+        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> RunConfig:
+        raw = dict(raw or {})
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - set(sections))
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {unknown}: allowed sections are {', '.join(sections)}.")
+        built = {}
+        for name, f in sections.items():
+            sub_cls = get_type_hints(cls)[name]
+            value = raw.get(name) or {}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{name} must be a mapping of fields, got {value!r}.")
+            built[name] = _build_section(name, sub_cls, value)
+        return cls(**built)
+
+
+def _build_section(section: str, sub_cls: type, values: dict[str, Any]) -> Any:
+    hints = get_type_hints(sub_cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(
+            f"unknown field(s) {', '.join(f'{section}.{u}' for u in unknown)}: "
+            f"allowed fields are {', '.join(f'{section}.{h}' for h in hints)}."
+        )
+    kwargs = {k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()}
+    return sub_cls(**kwargs)
+
+
+def _coerce(field_name: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the field's type hint; ints are accepted for floats."""
+    args = get_args(hint)
+    if get_origin(hint) is Union or type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    origin = get_origin(hint)
+    if origin is list:
+        (item,) = get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{field_name} = {value!r} is invalid: must be a list of {item.__name__}.")
+        return [_coerce(f"{field_name}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{field_name} = {value!r} is invalid: must be of type {hint.__name__}.")
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``section.field=value``; the value is read as YAML (``0.1``, ``[0, 1]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} is invalid: write it as section.field=value, e.g. train.step_size=0.1.")
+    key, _, raw_value = text.partition("=")
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ConfigError(f"--set {text!r} is invalid: the key must be section.field, e.g. train.step_size.")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r} is invalid: the value is not valid YAML ({err}).") from None
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the nested ``raw`` dict with ``section.field=value`` overrides applied."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        (section, name), value = parse_override(text)
+        sub = merged.setdefault(section, {})
+        if not isinstance(sub, dict):
+            raise ConfigError(f"{section} must be a mapping of fields, got {sub!r}.")
+        sub[name] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with the safe loader; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist: pass the path of a YAML file.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping with sections data/mechanism/train/tracking.")
+    return raw
+
+
+def absolute_tracking_uri(uri: str, base: Path | None = None) -> str:
+    """Make a relative ``sqlite:///file.db`` or plain path absolute (Ray workers run elsewhere)."""
+    base = base or Path.cwd()
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if not path.startswith("/"):
+            return "sqlite:///" + str((base / path).resolve())
+        return uri
+    if "://" not in uri:
+        raise ConfigError(
+            f"tracking.tracking_uri = {uri!r} is invalid: use sqlite:///path/to/mlflow.db or http://host:port "
+            "(plain file stores are not supported by MLflow 3 without opting in)."
+        )
+    return uri
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load, override and validate a run config; the tracking URI comes back absolute."""
+    raw = read_yaml(path) if path is not None else {}
+    cfg = RunConfig.from_dict(apply_overrides(raw, overrides or []))
+    cfg.tracking.tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri)
+    return cfg

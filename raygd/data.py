@@ -1,0 +1,247 @@
+"""Data sets as in-memory tensors, r-replication and per-worker sharding.
+
+Fashion-MNIST, MNIST and CIFAR-10 load through torchvision's dataset classes from
+local files: ``data.data_dir``, else ``$RAYGD_DATA_DIR``, else the Debian path
+(``apt-get install dataset-fashion-mnist`` puts Fashion-MNIST under
+/usr/share/datasets/fashion-mnist), else torchvision's download where there is
+internet. torchvision wants the *decompressed* idx files under
+``root/<Class>/raw/``; Debian ships ``.gz`` files, so they are decompressed once
+into a cache (``$RAYGD_CACHE_DIR``, default ``~/.cache/raygd``) keyed by the source.
+
+Sampling is written by hand because it must be a pure function of (seed, step):
+every worker computes the same global batch of B indices and takes its own B/P slice,
+so P workers see exactly the examples one worker would (the exactness test relies on
+it) and a restarted worker needs no sampler state but the step counter.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raygd.config import DataConfig
+
+DEBIAN_DIRS = {"fashion_mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+HOW_TO_GET = (
+    "Install it with `sudo apt-get install dataset-fashion-mnist` (files under /usr/share/datasets/fashion-mnist), "
+    "or put the four idx files (.gz or decompressed) in a folder and set RAYGD_DATA_DIR or data.data_dir to it."
+)
+
+
+class DataError(ValueError):
+    """The data set cannot be found or read; the message names the path and the fix."""
+
+
+@dataclass
+class Dataset:
+    """Training and test examples as tensors; x is float32 (N, C, H, W) or (N, d)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def n(self) -> int:
+        return int(self.x_train.shape[0])
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("RAYGD_CACHE_DIR", Path.home() / ".cache" / "raygd"))
+
+
+def resolve_data_dir(cfg: DataConfig) -> Path | None:
+    """The folder to read ``cfg.name`` from, or None to let torchvision download it."""
+    if cfg.data_dir:
+        path = Path(cfg.data_dir).expanduser()
+        if not path.is_dir():
+            raise DataError(f"data.data_dir = {cfg.data_dir!r} is not a folder. {HOW_TO_GET}")
+        return path
+    env = os.environ.get("RAYGD_DATA_DIR")
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise DataError(f"RAYGD_DATA_DIR = {env!r} is not a folder. {HOW_TO_GET}")
+        return path
+    debian = DEBIAN_DIRS.get(cfg.name)
+    if debian and Path(debian).is_dir():
+        return Path(debian)
+    return None
+
+
+def _stage_idx(src: Path, class_name: str) -> Path:
+    """Copy or decompress the four idx files of ``src`` into ``cache/<key>/<class_name>/raw``."""
+    found = {}
+    for name in IDX_FILES:
+        plain, packed = src / name, src / f"{name}.gz"
+        if plain.is_file():
+            found[name] = plain
+        elif packed.is_file():
+            found[name] = packed
+        else:
+            raise DataError(f"{src} has no {name} or {name}.gz (needs all of {', '.join(IDX_FILES)}). {HOW_TO_GET}")
+    stamp = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in found.values())
+    root = _cache_root() / hashlib.sha1(stamp.encode()).hexdigest()[:16]
+    raw = root / class_name / "raw"
+    if not (raw / ".complete").exists():
+        raw.mkdir(parents=True, exist_ok=True)
+        for name, path in found.items():
+            tmp = raw / f"{name}.tmp"
+            try:
+                with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout)
+            except (OSError, EOFError, gzip.BadGzipFile) as err:
+                raise DataError(f"cannot read {path}: {err}. Replace the file. {HOW_TO_GET}") from None
+            tmp.replace(raw / name)
+        (raw / ".complete").touch()
+    return root
+
+
+def _load_torchvision(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw (uint8 images, int64 labels) for train and test through torchvision."""
+    import torchvision.datasets as tvd
+
+    cls = {"fashion_mnist": tvd.FashionMNIST, "mnist": tvd.MNIST, "cifar10": tvd.CIFAR10}[cfg.name]
+    src = resolve_data_dir(cfg)
+    if src is None:
+        root, download = _cache_root() / "download", True
+    elif cls is tvd.CIFAR10:
+        root, download = src, False
+    else:
+        root, download = _stage_idx(src, cls.__name__), False
+    try:
+        train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
+    except Exception as err:  # torchvision raises RuntimeError/AssertionError/URLError for missing or bad files
+        where = f"files in {src}" if src else "a download (no local files found)"
+        raise DataError(f"cannot load data.name = {cfg.name!r} from {where}: {type(err).__name__}: {err}. "
+                        f"{HOW_TO_GET}") from None
+    out = []
+    for ds in (train, test):
+        images = torch.as_tensor(ds.data)
+        labels = torch.as_tensor(ds.targets, dtype=torch.long)
+        images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)
+        if images.shape[0] != labels.shape[0]:
+            raise DataError(f"data.name = {cfg.name!r} in {src}: {images.shape[0]} images but "
+                            f"{labels.shape[0]} labels. Replace the files. {HOW_TO_GET}")
+        out += [images, labels]
+    return out[0], out[1], out[2], out[3]
+
+
+def _synthetic(cfg: DataConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gaussian features labelled by a random linear teacher (with 5% label noise)."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    k = cfg.num_classes
+    teacher = torch.randn(cfg.synthetic_features, k, generator=g)
+    total = cfg.synthetic_size + max(cfg.synthetic_size // 4, 2)
+    x = torch.randn(total, cfg.synthetic_features, generator=g)
+    y = (x @ teacher).argmax(1)
+    flip = torch.rand(total, generator=g) < 0.05
+    y[flip] = torch.randint(k, (int(flip.sum()),), generator=g)
+    n = cfg.synthetic_size
+    return x[:n], y[:n], x[n:], y[n:]
+
+
+def _select_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = torch.isin(y, torch.tensor(classes))
+    relabel = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    relabel[torch.tensor(classes)] = torch.arange(len(classes))
+    return x[keep], relabel[y[keep]]
+
+
+def replicate(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of an r-replicated data set of size n (the paper's r-replication).
+
+    A random ceil(n/r) of the n examples is picked and repeated r times; the result is
+    cut to n indices, so n is unchanged and each picked example appears r times (the
+    last one possibly fewer when r does not divide n). r = 1 is the identity.
+    """
+    if r == 1:
+        return torch.arange(n)
+    picked = torch.randperm(n, generator=generator)[: -(-n // r)]
+    return picked.repeat(r)[:n]
+
+
+def load_data(cfg: DataConfig, seed: int) -> Dataset:
+    """Load, subset, normalise and replicate the data set described by ``cfg``.
+
+    Images are scaled to [0, 1] and standardised per channel with the training set's
+    mean and std. Class subsets apply to train and test; the train subset and the
+    replication are drawn with ``seed``.
+    """
+    if cfg.name == "synthetic":
+        x_tr, y_tr, x_te, y_te = _synthetic(cfg, seed)
+    else:
+        x_tr, y_tr, x_te, y_te = _load_torchvision(cfg)
+        x_tr, x_te = x_tr.float() / 255.0, x_te.float() / 255.0
+        mean = x_tr.mean(dim=(0, 2, 3), keepdim=True)
+        std = x_tr.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        x_tr, x_te = (x_tr - mean) / std, (x_te - mean) / std
+    if cfg.classes:
+        missing = set(cfg.classes) - set(y_tr.unique().tolist())
+        if missing:
+            raise DataError(f"data.classes = {cfg.classes} names labels {sorted(missing)} that data.name = "
+                            f"{cfg.name!r} does not have.")
+        x_tr, y_tr = _select_classes(x_tr, y_tr, cfg.classes)
+        x_te, y_te = _select_classes(x_te, y_te, cfg.classes)
+    g = torch.Generator().manual_seed(seed)
+    if cfg.train_size is not None:
+        if cfg.train_size > x_tr.shape[0]:
+            raise DataError(f"data.train_size = {cfg.train_size} is larger than the {x_tr.shape[0]} training "
+                            f"examples of data.name = {cfg.name!r}: use at most {x_tr.shape[0]} or null.")
+        keep = torch.randperm(x_tr.shape[0], generator=g)[: cfg.train_size]
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
+    idx = replicate(x_tr.shape[0], cfg.replication, g)
+    return Dataset(x_tr[idx].contiguous(), y_tr[idx].contiguous(), x_te.contiguous(), y_te.contiguous(),
+                   cfg.num_classes)
+
+
+def eval_indices(n: int, eval_size: int, seed: int) -> torch.Tensor:
+    """The fixed sample of training indices on which train accuracy is measured."""
+    if eval_size >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729))[:eval_size]
+
+
+class GlobalBatchSampler:
+    """Global batch indices as a pure function of (seed, step), sliced per worker.
+
+    ``shuffle``: epoch e is a permutation seeded by (seed, e), cut into n // B batches
+    (the remainder is dropped). ``with_replacement``: B indices drawn uniformly with
+    replacement, seeded by (seed, step). Worker ``rank`` of P gets positions
+    [rank·B/P, (rank+1)·B/P) of the global batch.
+    """
+
+    def __init__(self, n: int, global_batch_size: int, sampling: str, seed: int):
+        if global_batch_size > n:
+            raise DataError(f"train.global_batch_size = {global_batch_size} is larger than the {n} training "
+                            "examples: lower it or use more data.")
+        self.n, self.batch, self.sampling, self.seed = n, global_batch_size, sampling, seed
+        self.steps_per_epoch = n // global_batch_size
+        self._epoch, self._perm = -1, None
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        g = torch.Generator()
+        if self.sampling == "with_replacement":
+            g.manual_seed(self.seed * 1_000_003 + step)
+            return torch.randint(self.n, (self.batch,), generator=g)
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            g.manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[pos * self.batch: (pos + 1) * self.batch]
+
+    def worker_batch(self, step: int, rank: int, world_size: int) -> torch.Tensor:
+        per_worker = self.batch // world_size
+        return self.global_batch(step)[rank * per_worker: (rank + 1) * per_worker]

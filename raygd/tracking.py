@@ -1,0 +1,138 @@
+"""MLflow records for a run: params, provenance tags, step and summary metrics.
+
+The driver creates the run before Ray starts (so a run that fails to start is still
+recorded as FAILED) and ends it; rank zero of the Train workers logs step metrics to
+that run id through a ``Tracker``, which is a no-op on every other rank: the one seam
+for rank-zero work. Ray's ``setup_mlflow`` starts its own run inside the worker, which
+cannot be created before the workers exist nor nested under a sweep's parent run, so
+the client calls here are made with MLflow's ``MlflowClient`` directly.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from raygd import __version__
+
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def redact_uri(uri: str) -> str:
+    """Replace the password in ``scheme://user:password@host`` (and token-like query values) with ***."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if parts.password:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = re.sub(r"(?i)((?:token|password|secret|key)=)[^&]*", r"\1***", parts.query)
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """The git commit of the working tree (``-dirty`` if modified), or ``unknown``."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """raygd/ray/torch/mlflow versions and git commit, plus ``extra`` (e.g. cluster shape)."""
+    import mlflow
+    import ray
+    import torch
+
+    tags = {
+        "raygd.version": __version__,
+        "raygd.git_commit": git_commit(Path(__file__).resolve().parent),
+        "ray.version": ray.__version__,
+        "torch.version": torch.__version__,
+        "mlflow.version": mlflow.__version__,
+    }
+    tags.update({k: str(v) for k, v in (extra or {}).items()})
+    return tags
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def create_run(tracking_uri: str, experiment_name: str, run_name: str, params: dict[str, Any],
+               tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """Create an MLflow run holding ``params`` and ``tags``; returns its run id.
+
+    ``parent_run_id`` nests the run under a parent (MLflow's ``mlflow.parentRunId`` tag).
+    Values that look like URIs are logged with passwords redacted.
+    """
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    safe = {k: redact_uri(v) if isinstance(v, str) and "://" in v else v for k, v in params.items()}
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in sorted(safe.items())])
+    return run.info.run_id
+
+
+class Tracker:
+    """Logs metrics to one MLflow run from rank zero; every method is a no-op when disabled.
+
+    Args:
+        tracking_uri: absolute MLflow tracking URI.
+        run_id: the run created by the driver, or None for no tracking at all.
+        enabled: True on rank zero only.
+    """
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
+        self.run_id = run_id
+        self.enabled = bool(enabled and run_id and tracking_uri)
+        self._client = _client(tracking_uri) if self.enabled else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log flat slash-named metrics at ``step`` (non-finite values are skipped)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and _finite(v)]
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import RunTag
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path) -> None:
+        if self.enabled:
+            self._client.log_artifact(self.run_id, str(path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with an MLflow status: FINISHED, FAILED or KILLED."""
+        if self.enabled:
+            self._client.set_terminated(self.run_id, status)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return float(value) == float(value) and abs(float(value)) != float("inf")
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,294 @@
+"""Data-parallel SGD: the per-worker loop and the Ray Train driver.
+
+``train_worker`` is the loop body: it runs unchanged in-process (world size 1), under
+any torch process group (tests and benchmarks spawn gloo groups) and inside Ray Train,
+where ``train_loop_per_worker`` wraps it. ``fit`` is the driver: it validates and
+loads the data before Ray starts, creates the MLflow run, builds a ``TorchTrainer``
+(Train V2) and records the summary. Run it with ``raygd train CONFIG``.
+
+The clock: time-to-accuracy is wall-clock seconds spent in training steps (sampling,
+forward, backward, all-reduce, update) until the training accuracy measured on a
+fixed sample of the training set reaches the target. Evaluation and reporting are
+paused out of the clock; both figures are logged. Every rank takes the stop decision
+from the same all-reduced numbers, so all ranks return together.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raygd.config import RunConfig
+from raygd.data import Dataset, GlobalBatchSampler, eval_indices, load_data
+from raygd.mechanisms import build_mechanism
+from raygd.models import build_model
+from raygd.tracking import Tracker, create_run, provenance_tags
+
+EVAL_CHUNK = 2048
+
+
+@dataclass
+class RunSummary:
+    """What one run produced; ``status`` is reached_target, max_passes or diverged."""
+
+    status: str
+    steps: int
+    passes: float
+    train_time_s: float
+    eval_time_s: float
+    final_train_accuracy: float
+    final_train_loss: float
+    final_test_accuracy: float
+    samples_per_s: float
+    time_to_accuracy_s: float | None = None
+    passes_to_accuracy: float | None = None
+    updates_to_accuracy: int | None = None
+    diverged_at_step: int | None = None
+    run_id: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def summary_metrics(self) -> dict[str, float]:
+        """The numeric fields worth logging as MLflow summary metrics."""
+        skip = {"status", "run_id", "extra"}
+        out = {k: float(v) for k, v in asdict(self).items() if k not in skip and v is not None}
+        out["reached_target"] = float(self.status == "reached_target")
+        out["diverged"] = float(self.status == "diverged")
+        return out
+
+
+def _all_reduce_sum(values: list[float], world_size: int, device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks with one all-reduce (identity at world size 1)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, world_size: int,
+             device: torch.device) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy over this rank's examples, summed over all ranks."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0.0
+    for start in range(0, x.shape[0], EVAL_CHUNK):
+        logits = model(x[start:start + EVAL_CHUNK])
+        target = y[start:start + EVAL_CHUNK]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += float((logits.argmax(1) == target).sum())
+    model.train(was_training)
+    loss_sum, correct, count = _all_reduce_sum([loss_sum, correct, float(x.shape[0])], world_size, device)
+    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
+
+
+def _params_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def train_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int = 1,
+                 tracker: Tracker | None = None, report: Callable[[dict], None] | None = None,
+                 device: torch.device | None = None) -> RunSummary:
+    """Run data-parallel SGD on this rank until the target, max passes or divergence.
+
+    Args:
+        cfg: the run config (identical on every rank).
+        data: the full training/test tensors (every rank holds them; each uses its slice).
+        rank, world_size: this worker's place; world_size > 1 needs an initialised process group.
+        tracker: rank-zero MLflow logger (no-op elsewhere); None logs nothing.
+        report: called with the metrics dict at every evaluation on every rank (``ray.train.report``).
+        device: where to train; default CPU.
+
+    Returns:
+        The run's ``RunSummary`` (identical decisions on every rank).
+    """
+    device = device or torch.device("cpu")
+    tracker = tracker or Tracker(None, None, enabled=False)
+    tc = cfg.train
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+    model = build_model(tc.model, data.input_shape, data.num_classes)
+    mechanism = build_mechanism(cfg.mechanism)
+    model = mechanism.setup(model, seed=tc.seed, rank=rank, world_size=world_size,
+                            global_batch_size=tc.global_batch_size, device=device).to(device)
+    net = model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        mechanism.attach_ddp(net)
+    optimizer = torch.optim.SGD(model.parameters(), lr=tc.step_size)
+
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    sampler = GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed)
+    ev = eval_indices(data.n, cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
+    x_eval, y_eval = x[ev], y[ev]
+    max_steps = max(1, math.ceil(tc.max_passes * data.n / tc.global_batch_size))
+
+    clock = eval_time = window_clock = 0.0
+    window_steps, window_loss, first_bad_step = 0, 0.0, float("inf")
+    status, tta, step = "max_passes", None, 0
+    acc = loss_eval = float("nan")
+    for step in range(1, max_steps + 1):
+        t0 = time.perf_counter()
+        idx = sampler.worker_batch(step - 1, rank, world_size).to(device)
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        mechanism.after_backward(model, step - 1)
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = time.perf_counter() - t0
+        clock, window_clock, window_steps = clock + dt, window_clock + dt, window_steps + 1
+        loss_value = float(loss.detach())
+        window_loss += loss_value
+        if not math.isfinite(loss_value):
+            first_bad_step = min(first_bad_step, step)
+        if step % tc.eval_every_steps and step != max_steps:
+            continue
+        t_eval = time.perf_counter()
+        loss_eval, acc = evaluate(model, x_eval, y_eval, world_size, device)
+        bad_local = first_bad_step if first_bad_step < float("inf") else (step if not _params_finite(model) else 0)
+        bad_sum, batch_loss_sum = _all_reduce_sum([float(bad_local), window_loss], world_size, device)
+        metrics = {
+            "train/loss": loss_eval, "train/accuracy": acc, "train/batch_loss": batch_loss_sum / world_size / window_steps,
+            "perf/samples_per_s": tc.global_batch_size * window_steps / window_clock,
+            "perf/step_s": window_clock / window_steps, "progress/passes": step * tc.global_batch_size / data.n,
+            "time/train_s": clock, **mechanism.metrics(),
+        }
+        window_clock, window_steps, window_loss = 0.0, 0, 0.0
+        tracker.log_metrics(metrics, step=step)
+        if report is not None:
+            report(dict(metrics, step=step))
+        eval_time += time.perf_counter() - t_eval
+        if bad_sum > 0 or not math.isfinite(loss_eval):
+            status = "diverged"
+            first_bad_step = int(bad_local) if bad_local else step
+            break
+        if acc >= tc.target_accuracy:
+            status, tta = "reached_target", clock
+            break
+
+    t_eval = time.perf_counter()
+    _, test_acc = evaluate(model, data.x_test[rank::world_size].to(device), data.y_test[rank::world_size].to(device),
+                           world_size, device)
+    eval_time += time.perf_counter() - t_eval
+    return RunSummary(
+        status=status, steps=step, passes=step * tc.global_batch_size / data.n, train_time_s=clock,
+        eval_time_s=eval_time, final_train_accuracy=acc, final_train_loss=loss_eval, final_test_accuracy=test_acc,
+        samples_per_s=tc.global_batch_size * step / clock if clock > 0 else 0.0,
+        time_to_accuracy_s=tta,
+        passes_to_accuracy=step * tc.global_batch_size / data.n if tta is not None else None,
+        updates_to_accuracy=step if tta is not None else None,
+        diverged_at_step=first_bad_step if status == "diverged" else None,
+        extra=mechanism.metrics(),
+    )
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point: unpack the config, fetch the data, run ``train_worker``."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(loop_config["threads"]))
+    cfg = RunConfig.from_dict(loop_config["run"])
+    data = ray.get(loop_config["data_ref"])
+    device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
+    tracker = Tracker(cfg.tracking.tracking_uri, loop_config["run_id"], enabled=rank == 0)
+    summary = train_worker(cfg, data, rank, world_size, tracker, report=ray.train.report, device=device)
+    return asdict(summary)
+
+
+def ensure_ray(num_cpus_needed: int) -> None:
+    """Start local Ray (or join ``$RAY_ADDRESS``) unless this process is already connected."""
+    import ray
+
+    # Train V2 polls its workers every 2 s by default; 0.1 s brings a report to ~0.1 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_cpus_needed), log_to_driver=True)
+
+
+def _use_gpu(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    if device == "cuda" and gpus == 0:
+        raise RuntimeError("train.device = 'cuda' but Ray sees no GPU: use train.device=auto or cpu.")
+    return gpus > 0
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    t = cfg.train
+    return f"{t.model}-{cfg.mechanism.name}-B{t.global_batch_size}-lr{t.step_size:g}-P{t.num_workers}-s{t.seed}"
+
+
+def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | None = None,
+        train_callbacks: list | None = None, storage_path: str | None = None) -> RunSummary:
+    """Run one data-parallel SGD job on Ray Train and record it in MLflow.
+
+    Data is loaded (and so validated) before Ray starts; the MLflow run is created
+    before ``fit()`` and marked FAILED if training raises.
+
+    Args:
+        cfg: a validated run config (tracking URI absolute).
+        data: preloaded data (default: ``load_data(cfg.data, seed)``).
+        parent_run_id: nest the MLflow run under this run (a sweep's parent).
+        train_callbacks: Ray Train callbacks (e.g. Tune's ``TuneReportCallback``).
+        storage_path: Ray Train storage (default ``~/ray_results``).
+
+    Returns:
+        The ``RunSummary`` of rank zero, with ``run_id`` set.
+    """
+    import ray
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tc = cfg.train
+    data = data if data is not None else load_data(cfg.data, tc.seed)
+    GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed)  # validates B <= n
+    ensure_ray(tc.num_workers * tc.cpus_per_worker)
+    use_gpu = _use_gpu(tc.device)
+    mechanism = build_mechanism(cfg.mechanism)
+    params = {**cfg.flat(), **mechanism.log_params(), "data.n": data.n, "data.num_classes": data.num_classes,
+              "train.batch_size_per_worker": tc.batch_size_per_worker}
+    shape = {"cluster.num_workers": tc.num_workers, "cluster.cpus_per_worker": tc.cpus_per_worker,
+             "cluster.use_gpu": use_gpu, "cluster.nodes": len(ray.nodes())}
+    run_id = create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
+                        cfg.tracking.run_name or default_run_name(cfg), params, provenance_tags(shape), parent_run_id)
+    tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"run": cfg.to_dict(), "data_ref": ray.put(data), "run_id": run_id,
+                               "use_gpu": use_gpu, "threads": tc.cpus_per_worker},
+            scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": tc.cpus_per_worker}),
+            run_config=TrainRunConfig(name=f"raygd-{run_id}", storage_path=storage_path,
+                                      callbacks=train_callbacks or []),
+        )
+        result = trainer.fit()
+        summary = RunSummary(**result.return_value)
+    except BaseException:
+        tracker.set_tags({"raygd.status": "failed"})
+        tracker.finish("FAILED")
+        raise
+    summary.run_id = run_id
+    tracker.log_metrics(summary.summary_metrics(), step=summary.steps)
+    tracker.set_tags({"raygd.status": summary.status})
+    tracker.finish("FINISHED")
+    return summary
