@@ -257,6 +257,11 @@ def _coerce(field_name: str, value: Any, hint: Any) -> Any:
         return [_coerce(f"{field_name}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{field_name} = {value!r} is invalid: must be of type {hint.__name__}.")
     return value

@@ -92,6 +92,64 @@ def _params_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+@dataclass
+class Worker:
+    """One rank's training state: model (unwrapped), the module that runs steps, data and sampler."""
+
+    cfg: RunConfig
+    data: Dataset
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module
+    net: torch.nn.Module
+    mechanism: Any
+    optimizer: torch.optim.Optimizer
+    sampler: GlobalBatchSampler
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor
+
+
+def make_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int = 1,
+                device: torch.device | None = None) -> Worker:
+    """Build this rank's model (same initial weights on every rank), mechanism, DDP wrapper and sampler.
+
+    world_size > 1 needs an initialised torch process group.
+    """
+    device = device or torch.device("cpu")
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = build_model(tc.model, data.input_shape, data.num_classes)
+    mechanism = build_mechanism(cfg.mechanism)
+    model = mechanism.setup(model, seed=tc.seed, rank=rank, world_size=world_size,
+                            global_batch_size=tc.global_batch_size, device=device).to(device)
+    net = model
+    if world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        mechanism.attach_ddp(net)
+    if device.type != "cpu":
+        data = Dataset(data.x_train.to(device), data.y_train.to(device), data.x_test.to(device),
+                       data.y_test.to(device), data.num_classes)
+    ev = eval_indices(data.n, cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
+    return Worker(cfg, data, rank, world_size, device, model, net, mechanism,
+                  torch.optim.SGD(model.parameters(), lr=tc.step_size),
+                  GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed),
+                  data.x_train[ev], data.y_train[ev])
+
+
+def train_step(w: Worker, step: int) -> float:
+    """One SGD update on the global batch of ``step`` (0-based); returns this rank's batch loss."""
+    idx = w.sampler.worker_batch(step, w.rank, w.world_size).to(w.device)
+    loss = F.cross_entropy(w.net(w.data.x_train[idx]), w.data.y_train[idx])
+    w.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    w.mechanism.after_backward(w.model, step)
+    w.optimizer.step()
+    if w.device.type == "cuda":
+        torch.cuda.synchronize(w.device)
+    return float(loss.detach())
+
+
 def train_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int = 1,
                  tracker: Tracker | None = None, report: Callable[[dict], None] | None = None,
                  device: torch.device | None = None) -> RunSummary:
@@ -108,24 +166,14 @@ def train_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int =
     Returns:
         The run's ``RunSummary`` (identical decisions on every rank).
     """
-    device = device or torch.device("cpu")
-    tracker = tracker or Tracker(None, None, enabled=False)
-    tc = cfg.train
-    torch.manual_seed(tc.seed)  # identical initial weights on every rank
-    model = build_model(tc.model, data.input_shape, data.num_classes)
-    mechanism = build_mechanism(cfg.mechanism)
-    model = mechanism.setup(model, seed=tc.seed, rank=rank, world_size=world_size,
-                            global_batch_size=tc.global_batch_size, device=device).to(device)
-    net = model
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        mechanism.attach_ddp(net)
-    optimizer = torch.optim.SGD(model.parameters(), lr=tc.step_size)
+    return run_worker(make_worker(cfg, data, rank, world_size, device), tracker, report)
 
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    sampler = GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed)
-    ev = eval_indices(data.n, cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
-    x_eval, y_eval = x[ev], y[ev]
+
+def run_worker(w: Worker, tracker: Tracker | None = None,
+               report: Callable[[dict], None] | None = None) -> RunSummary:
+    """The training loop of ``train_worker`` on an already built ``Worker``."""
+    tracker = tracker or Tracker(None, None, enabled=False)
+    tc, data, world_size, device, model = w.cfg.train, w.data, w.world_size, w.device, w.model
     max_steps = max(1, math.ceil(tc.max_passes * data.n / tc.global_batch_size))
 
     clock = eval_time = window_clock = 0.0
@@ -134,31 +182,23 @@ def train_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int =
     acc = loss_eval = float("nan")
     for step in range(1, max_steps + 1):
         t0 = time.perf_counter()
-        idx = sampler.worker_batch(step - 1, rank, world_size).to(device)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        mechanism.after_backward(model, step - 1)
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        loss_value = train_step(w, step - 1)
         dt = time.perf_counter() - t0
         clock, window_clock, window_steps = clock + dt, window_clock + dt, window_steps + 1
-        loss_value = float(loss.detach())
         window_loss += loss_value
         if not math.isfinite(loss_value):
             first_bad_step = min(first_bad_step, step)
         if step % tc.eval_every_steps and step != max_steps:
             continue
         t_eval = time.perf_counter()
-        loss_eval, acc = evaluate(model, x_eval, y_eval, world_size, device)
+        loss_eval, acc = evaluate(model, w.x_eval, w.y_eval, world_size, device)
         bad_local = first_bad_step if first_bad_step < float("inf") else (step if not _params_finite(model) else 0)
         bad_sum, batch_loss_sum = _all_reduce_sum([float(bad_local), window_loss], world_size, device)
         metrics = {
             "train/loss": loss_eval, "train/accuracy": acc, "train/batch_loss": batch_loss_sum / world_size / window_steps,
             "perf/samples_per_s": tc.global_batch_size * window_steps / window_clock,
             "perf/step_s": window_clock / window_steps, "progress/passes": step * tc.global_batch_size / data.n,
-            "time/train_s": clock, **mechanism.metrics(),
+            "time/train_s": clock, **w.mechanism.metrics(),
         }
         window_clock, window_steps, window_loss = 0.0, 0, 0.0
         tracker.log_metrics(metrics, step=step)
@@ -174,8 +214,7 @@ def train_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int =
             break
 
     t_eval = time.perf_counter()
-    _, test_acc = evaluate(model, data.x_test[rank::world_size].to(device), data.y_test[rank::world_size].to(device),
-                           world_size, device)
+    _, test_acc = evaluate(model, data.x_test[w.rank::world_size], data.y_test[w.rank::world_size], world_size, device)
     eval_time += time.perf_counter() - t_eval
     return RunSummary(
         status=status, steps=step, passes=step * tc.global_batch_size / data.n, train_time_s=clock,
@@ -185,7 +224,7 @@ def train_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int =
         passes_to_accuracy=step * tc.global_batch_size / data.n if tta is not None else None,
         updates_to_accuracy=step if tta is not None else None,
         diverged_at_step=first_bad_step if status == "diverged" else None,
-        extra=mechanism.metrics(),
+        extra=w.mechanism.metrics(),
     )
 
 
@@ -202,7 +241,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     data = ray.get(loop_config["data_ref"])
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
     tracker = Tracker(cfg.tracking.tracking_uri, loop_config["run_id"], enabled=rank == 0)
-    summary = train_worker(cfg, data, rank, world_size, tracker, report=ray.train.report, device=device)
+
+    def report(metrics: dict[str, float]) -> None:
+        if rank == 0:
+            print(f"step {metrics['step']:>6}  passes {metrics['progress/passes']:6.2f}  "
+                  f"train acc {metrics['train/accuracy']:.4f}  loss {metrics['train/loss']:.4f}  "
+                  f"train time {metrics['time/train_s']:7.2f} s  {metrics['perf/samples_per_s']:8.0f} samples/s",
+                  flush=True)
+        ray.train.report(metrics)
+
+    summary = train_worker(cfg, data, rank, world_size, tracker, report=report, device=device)
     return asdict(summary)
 
 
@@ -254,8 +302,8 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
         The ``RunSummary`` of rank zero, with ``run_id`` set.
     """
     import ray
+    from ray.train import LoggingConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
@@ -279,7 +327,8 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
             run_config=TrainRunConfig(name=f"raygd-{run_id}", storage_path=storage_path,
-                                      callbacks=train_callbacks or []),
+                                      callbacks=train_callbacks or [],
+                                      logging_config=LoggingConfig(log_level="WARNING")),
         )
         result = trainer.fit()
         summary = RunSummary(**result.return_value)

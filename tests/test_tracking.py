@@ -1,0 +1,54 @@
+"""MLflow records on a real SQLite store: rank-zero seam, nesting, redaction, provenance."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raygd.tracking import PARENT_TAG, Tracker, create_run, provenance_tags, redact_uri
+
+
+def test_tracker_logs_steps_on_rank_zero_only(sqlite_uri):
+    run_id = create_run(sqlite_uri, "exp", "r", {"train.step_size": 0.1}, {"k": "v"})
+    Tracker(sqlite_uri, run_id, enabled=False).log_metrics({"train/loss": 9.0}, step=1)
+    rank0 = Tracker(sqlite_uri, run_id, enabled=True)
+    for step, loss in ((10, 1.0), (20, 0.5), (30, float("nan"))):
+        rank0.log_metrics({"train/loss": loss}, step=step)
+    rank0.finish()
+    client = MlflowClient(sqlite_uri)
+    history = client.get_metric_history(run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(10, 1.0), (20, 0.5)]
+    run = client.get_run(run_id)
+    assert run.data.params["train.step_size"] == "0.1" and run.info.status == "FINISHED"
+
+
+def test_disabled_tracker_needs_no_store():
+    tracker = Tracker(None, None, enabled=True)
+    assert not tracker.enabled
+    tracker.log_metrics({"a": 1.0}, step=1)
+    tracker.finish()
+
+
+def test_child_run_points_at_its_parent(sqlite_uri):
+    parent = create_run(sqlite_uri, "exp", "parent", {}, {})
+    child = create_run(sqlite_uri, "exp", "child", {}, {}, parent_run_id=parent)
+    assert MlflowClient(sqlite_uri).get_run(child).data.tags[PARENT_TAG] == parent
+
+
+@pytest.mark.parametrize(
+    "uri, secret",
+    [("http://alice:s3cret@mlflow.internal:5000", "s3cret"),
+     ("postgresql://u:hunter2@db/mlflow", "hunter2"),
+     ("https://host/path?token=abc123&x=1", "abc123")],
+)
+def test_passwords_in_uris_are_redacted_in_params(sqlite_uri, uri, secret):
+    assert secret not in redact_uri(uri) and "***" in redact_uri(uri)
+    run_id = create_run(sqlite_uri, "exp", "r", {"tracking.tracking_uri": uri}, {})
+    assert secret not in MlflowClient(sqlite_uri).get_run(run_id).data.params["tracking.tracking_uri"]
+
+
+def test_provenance_tags_name_versions_and_commit():
+    tags = provenance_tags({"cluster.num_workers": 2})
+    for key in ("raygd.version", "raygd.git_commit", "ray.version", "torch.version", "mlflow.version"):
+        assert tags[key]
+    assert tags["cluster.num_workers"] == "2"

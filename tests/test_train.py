@@ -1,0 +1,79 @@
+"""The loop body in-process (no Ray): targets, divergence, the clock, exact data parallelism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from dist import run_group
+
+from raygd.config import load_run_config
+from raygd.data import load_data
+from raygd.train import make_worker, run_worker, train_worker
+
+
+def _cfg(idx_dir, *overrides):
+    return load_run_config(None, [f"data.data_dir={idx_dir}", "train.num_workers=1", "train.model=logreg",
+                                  "train.global_batch_size=32", "train.eval_every_steps=5", *overrides])
+
+
+def test_reaches_target_and_accounts_passes(idx_dir):
+    cfg = _cfg(idx_dir, "train.target_accuracy=0.9", "train.step_size=0.05")
+    summary = train_worker(cfg, load_data(cfg.data, 0))
+    assert summary.status == "reached_target" and summary.final_train_accuracy >= 0.9
+    assert summary.updates_to_accuracy == summary.steps and summary.steps % 5 == 0
+    assert summary.passes_to_accuracy == pytest.approx(summary.steps * 32 / 600)
+    assert 0 < summary.time_to_accuracy_s == summary.train_time_s
+    assert summary.final_test_accuracy > 0.8
+
+
+def test_unreached_target_ends_at_max_passes_without_a_time(idx_dir):
+    cfg = _cfg(idx_dir, "train.target_accuracy=1.0", "train.step_size=1e-6", "train.max_passes=1")
+    summary = train_worker(cfg, load_data(cfg.data, 0))
+    assert summary.status == "max_passes" and summary.time_to_accuracy_s is None
+    assert summary.steps == math.ceil(600 / 32) and summary.passes_to_accuracy is None
+
+
+def test_divergence_ends_the_run_with_its_step(idx_dir):
+    cfg = _cfg(idx_dir, "train.model=mnist_cnn", "train.step_size=50", "train.target_accuracy=0.99")
+    summary = train_worker(cfg, load_data(cfg.data, 0))
+    assert summary.status == "diverged" and summary.time_to_accuracy_s is None
+    assert 1 <= summary.diverged_at_step <= summary.steps <= 10
+    assert summary.summary_metrics()["diverged"] == 1.0
+
+
+def test_evaluation_is_paused_out_of_the_clock(idx_dir):
+    # Evaluating 600 examples every step costs more than a logreg step; the clock must not see it.
+    cfg = _cfg(idx_dir, "train.eval_every_steps=1", "train.target_accuracy=1.0", "train.max_passes=2",
+               "train.step_size=1e-6", "data.eval_size=300", "train.model=mnist_cnn", "train.max_passes=0.5")
+    reports = []
+    summary = train_worker(cfg, load_data(cfg.data, 0), report=reports.append)
+    assert len(reports) == summary.steps
+    assert summary.eval_time_s > 0
+    assert reports[-1]["time/train_s"] == pytest.approx(summary.train_time_s)
+    assert summary.train_time_s == pytest.approx(sum(r["perf/step_s"] for r in reports), rel=1e-9)
+
+
+def _final_weights(rank, world_size, cfg, data):
+    w = make_worker(cfg, data, rank, world_size)
+    summary = run_worker(w)
+    return summary.steps, {k: v.detach().clone() for k, v in w.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("model, sampling", [("mnist_cnn", "shuffle"), ("logreg", "with_replacement")])
+def test_two_workers_equal_one_worker_at_the_same_global_batch(idx_dir, model, sampling):
+    # 20 updates of B=32 over n=600: max_passes = 20 * 32 / 600; an unreachable target keeps it going.
+    overrides = [f"train.model={model}", f"data.sampling={sampling}", "train.target_accuracy=1.0",
+                 f"train.max_passes={20 * 32 / 600}", "train.step_size=0.05", "train.eval_every_steps=100"]
+    cfg1 = _cfg(idx_dir, *overrides)
+    cfg2 = _cfg(idx_dir, *overrides, "train.num_workers=2")
+    data = load_data(cfg1.data, 0)
+    steps1, single = _final_weights(0, 1, cfg1, data)
+    (steps_a, rank0), (_, rank1) = run_group(_final_weights, 2, cfg2, data)
+    assert steps1 == steps_a == 20
+    initial = make_worker(cfg1, data).model.state_dict()
+    for name, value in single.items():
+        assert torch.equal(rank0[name], rank1[name])
+        assert not torch.allclose(value, initial[name])  # the weights did move
+        torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-5)
