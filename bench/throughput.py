@@ -1,8 +1,8 @@
 """Training throughput: raygd on Ray Train (P=2) vs plain PyTorch DDP (2 gloo processes) vs one process.
 
 Same model, same global batch B, same in-memory data, same number of updates; each
-figure is samples/s over the timed updates (after warm-up updates), measured inside
-the training loop. All three run in this one process tree, one after the other, so
+figure is samples/s in the median window of ``--warmup`` updates after the first
+(warm-up) window, measured inside the training loop. All three run in this one process tree, one after the other, so
 the ratios compare like with like on a noisy machine.
 
     .venv/bin/python bench/throughput.py                 # mnist_cnn and logreg, B=128
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -31,19 +32,25 @@ from raygd.models import build_model  # noqa: E402
 
 
 def _plain_loop(model, x, y, batch, steps, warmup, rank=0, world=1) -> float:
-    """The textbook loop: random global batch, this rank's slice, forward/backward/step; samples/s."""
+    """The textbook loop: random global batch, this rank's slice, forward/backward/step.
+
+    Returns samples/s from the median window of ``warmup`` updates after the warm-up
+    window (the same windows raygd reports), so a burst of machine noise moves neither.
+    """
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(0)
     per = batch // world
-    for i in range(warmup + steps):
-        if i == warmup:
-            start = time.perf_counter()
+    windows, start = [], time.perf_counter()
+    for i in range(1, warmup + steps + 1):
         idx = torch.randint(x.shape[0], (batch,), generator=g)[rank * per:(rank + 1) * per]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return batch * steps / (time.perf_counter() - start)
+        if i % warmup == 0:
+            windows.append((time.perf_counter() - start) / warmup)
+            start = time.perf_counter()
+    return batch / statistics.median(windows[1:])
 
 
 def _ddp_entry(rank, world, port, model_name, data, batch, steps, warmup, out):
@@ -88,7 +95,7 @@ def raygd_fit(model_name: str, data_overrides: list[str], data: Dataset, batch: 
     summary = fit(cfg, data=data)
     history = MlflowClient(cfg.tracking.tracking_uri).get_metric_history(summary.run_id, "perf/step_s")
     timed = [m.value for m in history if m.step > warmup]  # each is the mean step time of `warmup` updates
-    return batch / (sum(timed) / len(timed))
+    return batch / statistics.median(timed)
 
 
 def main() -> None:
