@@ -32,6 +32,7 @@ train: $(STAMP) data
 	$(BIN)/raygd train configs/quickstart.yaml $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/ruff check raygd tests bench
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP) data

@@ -100,7 +100,8 @@ def _stage_idx(src: Path, class_name: str) -> Path:
         for name, path in found.items():
             tmp = raw / f"{name}.tmp"
             try:
-                with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as fin, open(tmp, "wb") as fout:
+                opener = gzip.open if path.suffix == ".gz" else open
+                with opener(path, "rb") as fin, open(tmp, "wb") as fout:
                     shutil.copyfileobj(fin, fout)
             except (OSError, EOFError, gzip.BadGzipFile) as err:
                 raise DataError(f"cannot read {path}: {err}. Replace the file. {HOW_TO_GET}") from None

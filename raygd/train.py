@@ -126,7 +126,8 @@ def make_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int = 
                             global_batch_size=tc.global_batch_size, device=device).to(device)
     net = model
     if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         mechanism.attach_ddp(net)
     if device.type != "cpu":
         data = Dataset(data.x_train.to(device), data.y_train.to(device), data.x_test.to(device),
@@ -196,7 +197,8 @@ def run_worker(w: Worker, tracker: Tracker | None = None,
         bad_local = first_bad_step if first_bad_step < float("inf") else (step if not _params_finite(model) else 0)
         bad_sum, batch_loss_sum = _all_reduce_sum([float(bad_local), window_loss], world_size, device)
         metrics = {
-            "train/loss": loss_eval, "train/accuracy": acc, "train/batch_loss": batch_loss_sum / world_size / window_steps,
+            "train/loss": loss_eval, "train/accuracy": acc,
+            "train/batch_loss": batch_loss_sum / world_size / window_steps,
             "perf/samples_per_s": tc.global_batch_size * window_steps / window_clock,
             "perf/step_s": window_clock / window_steps, "progress/passes": step * tc.global_batch_size / data.n,
             "time/train_s": clock, **w.mechanism.metrics(),
@@ -249,7 +251,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
                   f"train acc {metrics['train/accuracy']:.4f}  loss {metrics['train/loss']:.4f}  "
                   f"train time {metrics['time/train_s']:7.2f} s  {metrics['perf/samples_per_s']:8.0f} samples/s",
                   file=sys.stderr, flush=True)  # Train V2 echoes worker stdout twice, stderr once
-        ray.train.report(metrics)
+        if loop_config["report_to_ray"]:  # only Tune reads reports; each is a barrier across workers
+            ray.train.report(metrics)
 
     summary = train_worker(cfg, data, rank, world_size, tracker, report=report, device=device)
     return asdict(summary)
@@ -325,7 +328,8 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={"run": cfg.to_dict(), "data_ref": ray.put(data), "run_id": run_id,
-                               "use_gpu": use_gpu, "threads": tc.cpus_per_worker},
+                               "use_gpu": use_gpu, "threads": tc.cpus_per_worker,
+                               "report_to_ray": bool(train_callbacks)},
             scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
             run_config=TrainRunConfig(name=f"raygd-{run_id}", storage_path=storage_path,

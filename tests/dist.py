@@ -24,9 +24,20 @@ def _entry(rank: int, world_size: int, port: int, fn, args, out) -> None:
         dist.destroy_process_group()
 
 
-def run_group(fn, world_size: int, *args) -> list:
-    """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_entry, args=(world_size, free_port(), fn, args, out), nprocs=world_size, join=True)
-        return [out[r] for r in range(world_size)]
+def run_group(fn, world_size: int, *args, attempts: int = 3) -> list:
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` processes; return their results by rank.
+
+    A free port can be taken by another process between choosing and binding it; such a
+    start-up failure (and only that) is retried on a new port.
+    """
+    for attempt in range(attempts):
+        with mp.Manager() as manager:
+            out = manager.dict()
+            try:
+                mp.spawn(_entry, args=(world_size, free_port(), fn, args, out), nprocs=world_size, join=True)
+            except mp.ProcessRaisedException as err:
+                if "address already in use" not in str(err).lower() or attempt == attempts - 1:
+                    raise
+                continue
+            return [out[r] for r in range(world_size)]
+    raise AssertionError("unreachable")

@@ -37,8 +37,8 @@ def test_help_lists_train():
 def test_bad_input_exits_2_naming_it_and_records_nothing(tmp_path, idx_dir, overrides, named):
     db = tmp_path / "mlflow.db"
     MlflowClient(f"sqlite:///{db}").create_experiment("raygd-quickstart")  # an existing store stays untouched
-    out = raygd("train", str(REPO / "configs/quickstart.yaml"), "--set", f"data.data_dir={idx_dir}", "--set", "data.train_size=null",
-                "--set", f"tracking.tracking_uri=sqlite:///{db}", *[a for o in overrides for a in ("--set", o)],
+    base = [f"data.data_dir={idx_dir}", "data.train_size=null", f"tracking.tracking_uri=sqlite:///{db}"]
+    out = raygd("train", str(REPO / "configs/quickstart.yaml"), *[a for o in base + overrides for a in ("--set", o)],
                 cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert named in out.stderr and "Traceback" not in out.stderr

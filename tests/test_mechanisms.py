@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from dist import run_group
 from torch import nn
 
 from raygd.config import MechanismConfig
@@ -311,12 +308,6 @@ def test_quantize_without_hook_on_many_workers_fails_loudly() -> None:
         mech.after_backward(model, 0)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _rank_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = _gen(100 * step + rank)
     return torch.randn(6, 20, generator=g), torch.randn(6, 30, generator=g)
@@ -366,26 +357,18 @@ def _check_two_layers(rank: int, levels: int, bucket: int) -> dict:
     return {"grads": [got], "err2": err2, "bound": bound}
 
 
-def _ddp_worker(rank: int, port: int, out_dir: str, configs: list[tuple[int, int]]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _ddp_worker(rank: int, world_size: int, configs: list[tuple[int, int]]) -> dict:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {cfg: (_check_single_parameter(rank, *cfg), _check_two_layers(rank, *cfg)) for cfg in configs}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    return {cfg: (_check_single_parameter(rank, *cfg), _check_two_layers(rank, *cfg)) for cfg in configs}
 
 
 DDP_CONFIGS = [(4, 64), (127, 128)]
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> list[dict]:
+def ddp_results() -> list[dict]:
     """Run a real two-process gloo group once (spawn costs seconds) for all hook configs."""
-    out = tmp_path_factory.mktemp("ddp")
-    mp.start_processes(_ddp_worker, args=(_free_port(), str(out), DDP_CONFIGS), nprocs=2, start_method="spawn")
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_group(_ddp_worker, 2, DDP_CONFIGS)
 
 
 @pytest.mark.parametrize("levels,bucket", DDP_CONFIGS)
