@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # pip prints a warning per package for the machine's local indexes; keep the real errors.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install data train test bench clean
+.PHONY: install data train sweep test bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,6 @@ bench: $(STAMP) data
 
 clean:
 	rm -rf $(VENV) mlflow.db build *.egg-info
+
+sweep: $(STAMP) data
+	$(BIN)/raygd sweep quickstart $(ARGS)

@@ -2,6 +2,9 @@
 
     raygd train configs/quickstart.yaml                      # one data-parallel run
     raygd train configs/quickstart.yaml --set train.step_size=0.1 --set train.num_workers=1
+    raygd sweep quickstart                                   # a Ray Tune sweep (tuning/presets/)
+    raygd sweep quickstart --resume                          # finish an interrupted sweep
+    raygd report quickstart                                  # rebuild its table and figures from MLflow
 
 Every config value is validated before Ray starts; a bad value exits with status 2
 and a message naming the field and what is allowed.
@@ -36,6 +39,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML run config with sections data, mechanism, train, tracking")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                        help="override one config value (repeatable), e.g. --set mechanism.name=dropconnect")
+    sweep = sub.add_parser(
+        "sweep", help="a Ray Tune sweep for the fastest (step size, batch size) per mechanism",
+        description="Run every trial of a sweep preset or YAML file on Ray Tune, stop each at its target, and "
+                    "print the fastest (step size, batch size) per mechanism with its speedup over vanilla SGD.",
+    )
+    sweep.add_argument("spec", help="preset name (quickstart, ...) or a sweep YAML file")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override the base run config (train.target_accuracy=0.85) or the sweep "
+                            "(sweep.search=random, sweep.space.seed=[0,1]); repeatable")
+    sweep.add_argument("--resume", action="store_true",
+                       help="finish the latest interrupted run of this sweep (no duplicate MLflow runs)")
+    report = sub.add_parser("report", help="rebuild a sweep's table and figures from MLflow")
+    report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
+    report.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default %(default)s)")
+    report.add_argument("--out", default=None, help="also write summary.md/csv and figures to this folder")
     return parser
 
 
@@ -82,10 +100,49 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_sweep(name: str, outcome, tracking_uri: str) -> None:
+    print(f"\nraygd sweep {name}: {len(outcome.records)} trials, "
+          f"{sum(r.reached for r in outcome.records)} reached the target")
+    print(outcome.table)
+    print(f"\nMLflow parent run {outcome.parent_run_id} in experiment {name!r} (summary.md, summary.csv, figures)")
+    print(f"see it with: {mlflow_ui_command(tracking_uri)}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tuning.spec import load_sweep_spec
+    from tuning.sweep import run_sweep
+
+    spec = load_sweep_spec(args.spec, args.overrides)
+    outcome = run_sweep(spec, resume=args.resume)
+    _print_sweep(spec.name, outcome, spec.tracking_uri)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from raygd.config import absolute_tracking_uri
+    from tuning import analysis
+    from tuning.sweep import finish_sweep, latest_sweep
+
+    uri = absolute_tracking_uri(args.tracking_uri)
+    outcome = finish_sweep(uri, latest_sweep(uri, args.experiment), args.experiment, log=False)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(outcome.table + "\n")
+        analysis.write_summary_csv(outcome.best_rows, out / "summary.csv")
+        analysis.write_trials_csv(outcome.records, out / "trials.csv")
+        analysis.plot_time_vs_batch(outcome.records, out / "time_vs_batch.png")
+        analysis.plot_speedup_bars(outcome.best_rows, out / "speedup.png")
+    _print_sweep(args.experiment, outcome, uri)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
     except (ConfigError, DataError) as err:
         print(f"raygd {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -1,0 +1,660 @@
+"""Sweep results as tables and figures: ranking, best pair per mechanism, speedups, loss ratios.
+
+Pure functions over trial records (one plain dict per Tune trial, see ``TrialRecord``); no Ray,
+no MLflow. The sweep driver and ``raygd report`` call them and log what they write.
+
+Conventions (DESIGN.md, "The science, as conventions"):
+
+- A *pair* is (mechanism, step_size γ, global_batch_size B); its trials differ only in seed.
+  Its score is the mean time to accuracy over its seeds, T̄ = (1/k) Σ_s T_s, and it counts as
+  reached only if every seed reached the target (one diverged or slow seed makes it inf):
+  a pair that sometimes fails is not a setting one can recommend.
+- Speedup of a mechanism M over the baseline V (vanilla SGD): S = T̄_V / T̄_M of the best
+  pairs. The paper's "31% speedup" is ambiguous; every row carries the ratio S, the
+  percentage (S − 1)·100 and the fraction of time saved 1 − T̄_M / T̄_V = 1 − 1/S.
+- Loss ratio (the paper's Figure 3): L(B_large) / L(B_small) after the same number of
+  passes, each batch size with its own tuned step size, per replication factor r.
+
+Try it: ``python -c "import tuning.analysis as a; help(a)"``; tests: ``pytest tests/test_analysis.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BASELINE = "vanilla"
+"""Display label of vanilla SGD, the mechanism speedups are measured against."""
+STATUS_ORDER = ("reached_target", "max_passes", "diverged", "error")
+"""Ranking order of trial outcomes: reached first, errors last."""
+N_BOOTSTRAP = 2000
+"""Bootstrap resamples behind the spread of a confirmed speedup."""
+
+# --------------------------------------------------------------------------- records
+
+
+def _opt_float(value: Any) -> float | None:
+    """None/'' → None, anything else → float (so CSV strings such as 'nan' parse too)."""
+    return None if value is None or value == "" else float(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None or value == "" else int(float(value))
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What one trial of a sweep produced (the dict a trial reports at its end)."""
+
+    trial_id: str
+    """Tune trial id; unique within a sweep."""
+    mechanism: str
+    """Display label, e.g. 'vanilla' or 'dropconnect(p=0.4)'."""
+    step_size: float
+    """Constant step size γ."""
+    global_batch_size: int
+    """B, summed over workers."""
+    status: str
+    """One of STATUS_ORDER."""
+    seed: int = 0
+    """Seed of this trial."""
+    replication: int = 1
+    """r of r-replicated data (1: the data set as is)."""
+    run_id: str | None = None
+    """MLflow run id of the trial's nested run."""
+    time_to_accuracy_s: float | None = None
+    """Training wall-clock seconds until the target accuracy; None when not reached."""
+    passes_to_accuracy: float | None = None
+    """Passes over the data until the target accuracy."""
+    updates_to_accuracy: int | None = None
+    """SGD updates until the target accuracy."""
+    final_train_loss: float | None = None
+    """Training loss at the end of the run (nan/None when diverged)."""
+    final_train_accuracy: float | None = None
+    """Training accuracy at the end of the run."""
+    passes: float | None = None
+    """Passes over the data the run made."""
+    train_time_s: float | None = None
+    """Training wall-clock seconds of the whole run."""
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUS_ORDER:
+            raise ValueError(f"trial {self.trial_id}: status {self.status!r} not in {STATUS_ORDER}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrialRecord:
+        """Build from a record dict (or a CSV row of strings); optional keys may be missing, extras are ignored."""
+        return cls(
+            trial_id=str(d["trial_id"]), mechanism=str(d["mechanism"]), step_size=float(d["step_size"]),
+            global_batch_size=int(float(d["global_batch_size"])), status=str(d["status"]),
+            seed=_opt_int(d.get("seed")) or 0, replication=_opt_int(d.get("replication")) or 1,
+            run_id=d.get("run_id") or None,
+            time_to_accuracy_s=_opt_float(d.get("time_to_accuracy_s")),
+            passes_to_accuracy=_opt_float(d.get("passes_to_accuracy")),
+            updates_to_accuracy=_opt_int(d.get("updates_to_accuracy")),
+            final_train_loss=_opt_float(d.get("final_train_loss")),
+            final_train_accuracy=_opt_float(d.get("final_train_accuracy")),
+            passes=_opt_float(d.get("passes")), train_time_s=_opt_float(d.get("train_time_s")),
+        )
+
+    @property
+    def reached(self) -> bool:
+        """status is reached_target and the time to accuracy is a finite number."""
+        return self.status == "reached_target" and _finite(self.time_to_accuracy_s)
+
+    @property
+    def pair(self) -> tuple[str, float, int]:
+        """(mechanism, step_size, global_batch_size)."""
+        return self.mechanism, self.step_size, self.global_batch_size
+
+
+def as_records(records: Iterable[TrialRecord | Mapping[str, Any]]) -> list[TrialRecord]:
+    """Records as ``TrialRecord`` s, checking trial ids are unique.
+
+    Raises:
+        ValueError: when a trial id occurs twice.
+    """
+    out = [r if isinstance(r, TrialRecord) else TrialRecord.from_dict(r) for r in records]
+    dups = sorted(tid for tid, n in Counter(r.trial_id for r in out).items() if n > 1)
+    if dups:
+        raise ValueError(f"duplicate trial ids: {dups}")
+    return out
+
+
+def _status_rank(r: TrialRecord) -> int:
+    """0 reached; a 'reached_target' without a finite time ranks with max_passes."""
+    return 0 if r.reached else max(1, STATUS_ORDER.index(r.status))
+
+
+def _key_or_inf(value: float | None) -> float:
+    return value if _finite(value) else math.inf
+
+
+def rank_trials(records: Iterable[TrialRecord | Mapping[str, Any]]) -> list[TrialRecord]:
+    """Trials fastest first.
+
+    Order: reached trials by ascending time_to_accuracy_s, then max_passes, diverged, error;
+    ties (and everything within an unreached group) by passes_to_accuracy, then trial_id.
+
+    Args:
+        records: trial records (dicts or ``TrialRecord``).
+    Returns:
+        The records, sorted.
+    """
+    return sorted(as_records(records), key=lambda r: (
+        _status_rank(r), _key_or_inf(r.time_to_accuracy_s) if r.reached else math.inf,
+        _key_or_inf(r.passes_to_accuracy), r.trial_id))
+
+
+# --------------------------------------------------------------------------- pairs and the best pair
+
+
+def _stdev(xs: Sequence[float]) -> float | None:
+    """Sample standard deviation sqrt(Σ(x − x̄)² / (k − 1)); None for fewer than two values."""
+    return statistics.stdev(xs) if len(xs) >= 2 else None
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """One (mechanism, step_size, global_batch_size) pair over its seeds."""
+
+    mechanism: str
+    step_size: float
+    global_batch_size: int
+    trials: tuple[TrialRecord, ...]
+    """The pair's trials, sorted by seed then trial id."""
+
+    @property
+    def n_seeds(self) -> int:
+        """Number of trials (one per seed)."""
+        return len(self.trials)
+
+    @property
+    def n_reached(self) -> int:
+        return sum(t.reached for t in self.trials)
+
+    @property
+    def reached(self) -> bool:
+        """Every seed reached the target."""
+        return self.n_reached == self.n_seeds > 0
+
+    @property
+    def score(self) -> float:
+        """Mean time to accuracy T̄ = (1/k) Σ_s T_s if every seed reached, else inf."""
+        return statistics.fmean(t.time_to_accuracy_s for t in self.trials) if self.reached else math.inf
+
+    @property
+    def time_std_s(self) -> float | None:
+        """Sample std of the times over seeds (None when unreached or a single seed)."""
+        return _stdev([t.time_to_accuracy_s for t in self.trials]) if self.reached else None
+
+    @property
+    def passes_to_accuracy(self) -> float | None:
+        """Mean passes to accuracy over seeds (None when unreached or a seed lacks it)."""
+        passes = [t.passes_to_accuracy for t in self.trials]
+        return statistics.fmean(passes) if self.reached and all(_finite(p) for p in passes) else None
+
+    def sort_key(self) -> tuple:
+        """Best first: lowest T̄; ties → smaller B, then smaller γ (fewer workers, more stable step).
+
+        Among unreached pairs (T̄ = inf): more seeds reached, then higher mean final training
+        accuracy first, so an unreached mechanism still shows its closest setting.
+        """
+        accs = [t.final_train_accuracy for t in self.trials if _finite(t.final_train_accuracy)]
+        acc = statistics.fmean(accs) if accs and not self.reached else -math.inf
+        return (self.score, -self.n_reached / max(1, self.n_seeds), -acc, self.global_batch_size, self.step_size)
+
+
+def _one_replication(records: list[TrialRecord], replication: int | None) -> list[TrialRecord]:
+    """Keep one replication factor: the given one, or the only one present (else ValueError)."""
+    if replication is not None:
+        return [r for r in records if r.replication == replication]
+    present = sorted({r.replication for r in records})
+    if len(present) > 1:
+        raise ValueError(f"records mix replication factors {present}; pass replication=")
+    return records
+
+
+def pair_stats(records: Iterable[TrialRecord | Mapping[str, Any]],
+               replication: int | None = None) -> list[PairStats]:
+    """Group trials into (mechanism, step_size, global_batch_size) pairs.
+
+    Args:
+        records: trial records.
+        replication: keep only this replication factor; None requires a single one in the records.
+    Returns:
+        One ``PairStats`` per pair, best first within each mechanism, mechanisms sorted by name.
+    """
+    groups: dict[tuple[str, float, int], list[TrialRecord]] = defaultdict(list)
+    for r in _one_replication(as_records(records), replication):
+        groups[r.pair].append(r)
+    pairs = [PairStats(*key, tuple(sorted(ts, key=lambda t: (t.seed, t.trial_id)))) for key, ts in groups.items()]
+    return sorted(pairs, key=lambda p: (p.mechanism, p.sort_key()))
+
+
+@dataclass(frozen=True)
+class BestRow:
+    """The fastest pair of one mechanism and its speedup over the baseline."""
+
+    mechanism: str
+    step_size: float
+    global_batch_size: int
+    time_to_accuracy_s: float | None
+    """Mean over seeds; None when the best pair did not reach the target."""
+    time_std_s: float | None
+    """Sample std over seeds; None with a single seed or unreached."""
+    passes_to_accuracy: float | None
+    n_seeds: int
+    n_pairs_tried: int
+    n_reached_pairs: int
+    speedup: float | None
+    """S = T̄_baseline / T̄_mechanism; None when either is unreached or there is no baseline."""
+    time_saved_frac: float | None
+    """1 − T̄_mechanism / T̄_baseline = 1 − 1/S."""
+    trial_ids: tuple[str, ...]
+
+    @property
+    def speedup_pct(self) -> float | None:
+        """(S − 1)·100: '31% speedup' read as 1.31× as fast."""
+        return None if self.speedup is None else (self.speedup - 1.0) * 100.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat dict with speedup_pct and trial ids joined by ';' (for CSV and MLflow)."""
+        d = asdict(self)
+        d["speedup_pct"] = self.speedup_pct
+        d["trial_ids"] = ";".join(self.trial_ids)
+        return d
+
+
+def _speedup(t_base: float | None, t_mech: float | None) -> tuple[float | None, float | None]:
+    """(S, time saved) = (T_b / T_m, 1 − T_m / T_b), or (None, None) unless both are finite and positive."""
+    if not (_finite(t_base) and _finite(t_mech)) or t_base <= 0 or t_mech <= 0:
+        return None, None
+    return t_base / t_mech, 1.0 - t_mech / t_base
+
+
+def best_per_mechanism(records: Iterable[TrialRecord | Mapping[str, Any]], baseline: str = BASELINE,
+                       replication: int | None = None) -> list[BestRow]:
+    """The fastest pair per mechanism (``PairStats.sort_key``) and its speedup over the baseline's.
+
+    Args:
+        records: trial records of a sweep.
+        baseline: the mechanism label speedups are measured against.
+        replication: as in ``pair_stats``.
+    Returns:
+        One row per mechanism: the baseline first, then by mean time to accuracy (unreached last).
+    """
+    by_mech: dict[str, list[PairStats]] = defaultdict(list)
+    for p in pair_stats(records, replication):
+        by_mech[p.mechanism].append(p)
+    base_time = by_mech[baseline][0].score if baseline in by_mech else None
+    rows = []
+    for mech, pairs in by_mech.items():
+        best = pairs[0]
+        t = best.score if best.reached else None
+        speedup, saved = _speedup(base_time, t)
+        rows.append(BestRow(
+            mechanism=mech, step_size=best.step_size, global_batch_size=best.global_batch_size,
+            time_to_accuracy_s=t, time_std_s=best.time_std_s, passes_to_accuracy=best.passes_to_accuracy,
+            n_seeds=best.n_seeds, n_pairs_tried=len(pairs), n_reached_pairs=sum(p.reached for p in pairs),
+            speedup=speedup, time_saved_frac=saved, trial_ids=tuple(tr.trial_id for tr in best.trials)))
+    return sorted(rows, key=lambda r: (r.mechanism != baseline, _key_or_inf(r.time_to_accuracy_s), r.mechanism))
+
+
+# --------------------------------------------------------------------------- confirm phase
+
+
+@dataclass(frozen=True)
+class ConfirmRow:
+    """A winner re-run with fresh seeds: mean ± sample std over the seeds that reached."""
+
+    mechanism: str
+    step_size: float
+    global_batch_size: int
+    n_seeds: int
+    reached_frac: float
+    time_mean_s: float | None
+    time_std_s: float | None
+    passes_mean: float | None
+    passes_std: float | None
+    speedup: float | None
+    """Ratio of means T̄_baseline / T̄_mechanism; None unless every seed of both reached."""
+    speedup_std: float | None
+    """Bootstrap std of the ratio of means (seeds resampled independently on both sides)."""
+    speedup_lo: float | None
+    """2.5% bootstrap percentile."""
+    speedup_hi: float | None
+    """97.5% bootstrap percentile."""
+
+
+def bootstrap_ratio(num: Sequence[float], den: Sequence[float], n_boot: int = N_BOOTSTRAP,
+                    seed: int = 0) -> tuple[float, float, float, float]:
+    """Ratio of means mean(num) / mean(den) and its bootstrap spread.
+
+    Each resample draws len(num) values of ``num`` and len(den) of ``den`` with replacement,
+    independently (different mechanisms' seeds are not paired), from ``np.random.default_rng(seed)``.
+    The ratio of means is used rather than the mean of per-seed ratios, which is biased upward
+    (Jensen: E[1/T] > 1/E[T]).
+
+    Returns:
+        (ratio, std over resamples, 2.5th percentile, 97.5th percentile).
+    """
+    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
+    rng = np.random.default_rng(seed)
+    ra = a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(axis=1)
+    rb = b[rng.integers(0, b.size, size=(n_boot, b.size))].mean(axis=1)
+    ratios = ra / rb
+    lo, hi = np.percentile(ratios, [2.5, 97.5])
+    return float(a.mean() / b.mean()), float(ratios.std(ddof=1)), float(lo), float(hi)
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
+    return (statistics.fmean(xs), _stdev(xs)) if xs else (None, None)
+
+
+def confirm_summary(records: Iterable[TrialRecord | Mapping[str, Any]], baseline: str = BASELINE,
+                    replication: int | None = None, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> list[ConfirmRow]:
+    """Per pair of a confirm phase: mean ± std of time and passes over reached seeds, and the speedup.
+
+    Times and passes average over the seeds that reached (``reached_frac`` says how many);
+    the speedup is stricter, as in ``best_per_mechanism``: defined only when every seed of the
+    pair and of the baseline's best pair reached. Spread: ``bootstrap_ratio``.
+
+    Args:
+        records: the confirm phase's trial records (several seeds per pair).
+        baseline: mechanism label of the reference.
+        replication: as in ``pair_stats``.
+        n_boot, seed: bootstrap resamples and the seed of its generator.
+    Returns:
+        One row per pair: baseline first, mechanisms by their best pair's score, best pair first within each.
+    """
+    pairs = pair_stats(records, replication)
+    mech_best = {p.mechanism: p.score for p in reversed(pairs)}
+    base = next((p for p in pairs if p.mechanism == baseline), None)
+    base_times = [t.time_to_accuracy_s for t in base.trials] if base is not None and base.reached else None
+    rows = []
+    for p in pairs:
+        reached = [t for t in p.trials if t.reached]
+        t_mean, t_std = _mean_std([t.time_to_accuracy_s for t in reached])
+        p_mean, p_std = _mean_std([t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)])
+        spread: tuple[float | None, ...] = (None, None, None, None)
+        if base_times is not None and p.reached:
+            spread = bootstrap_ratio(base_times, [t.time_to_accuracy_s for t in p.trials], n_boot, seed)
+        rows.append(ConfirmRow(p.mechanism, p.step_size, p.global_batch_size, p.n_seeds, p.n_reached / p.n_seeds,
+                               t_mean, t_std, p_mean, p_std, *spread))
+    ranked = sorted(enumerate(rows), key=lambda ir: (ir[1].mechanism != baseline, mech_best[ir[1].mechanism],
+                                                     ir[1].mechanism, ir[0]))  # ir[0]: pair_stats order
+    return [row for _, row in ranked]
+
+
+# --------------------------------------------------------------------------- loss ratio (Figure 3)
+
+
+@dataclass(frozen=True)
+class LossRatioRow:
+    """L(B_large) / L(B_small) for one (replication, mechanism), each B at its own tuned step size."""
+
+    replication: int
+    mechanism: str
+    small_batch: int
+    large_batch: int
+    small_step_size: float | None
+    large_step_size: float | None
+    ratio_mean: float | None
+    """Mean over paired seeds of L_large,s / L_small,s; None when a side has no finite loss."""
+    ratio_std: float | None
+    """Sample std over paired seeds; None for fewer than two."""
+    n_seeds: int
+    """Seeds with a finite loss on both sides."""
+    passes: float | None
+
+
+def _tuned_step(trials: list[TrialRecord]) -> tuple[float | None, dict[int, float]]:
+    """The step size of lowest mean finite loss over seeds, and its per-seed losses.
+
+    Step sizes where some seed diverged (nan/None loss) rank after all step sizes without;
+    ties → smaller step size.
+    """
+    by_step: dict[float, list[TrialRecord]] = defaultdict(list)
+    for t in trials:
+        by_step[t.step_size].append(t)
+    scored = []
+    for step, ts in by_step.items():
+        losses = [t.final_train_loss for t in ts if _finite(t.final_train_loss)]
+        if losses:
+            scored.append(((len(ts) - len(losses), statistics.fmean(losses), step), step, ts))
+    if not scored:
+        return None, {}
+    _, step, ts = min(scored, key=lambda s: s[0])
+    return step, {t.seed: t.final_train_loss for t in ts if _finite(t.final_train_loss)}
+
+
+def _check_passes(trials: list[TrialRecord], what: str, tol: float) -> float | None:
+    """The common ``passes`` of the trials with a finite loss; ValueError if they differ by more than tol."""
+    passes = [t.passes for t in trials if _finite(t.final_train_loss)]
+    if not passes or all(p is None for p in passes):
+        return None
+    if any(p is None for p in passes) or max(passes) - min(passes) > tol:
+        detail = sorted({(t.global_batch_size, t.step_size, t.passes) for t in trials}, key=str)
+        raise ValueError(f"{what}: trials ran different numbers of passes (B, step size, passes): {detail}")
+    return passes[0]
+
+
+def loss_ratios(records: Iterable[TrialRecord | Mapping[str, Any]], small_batch: int, large_batch: int,
+                passes_tol: float = 1e-6) -> list[LossRatioRow]:
+    """The paper's Figure 3: loss ratio L(B_large) / L(B_small) per replication r and mechanism.
+
+    For each side, the tuned step size γ*_B = argmin_γ mean_s L(B, γ, s) over finite losses
+    (``_tuned_step``); then per seed s present on both sides ρ_s = L(B_large, γ*_large, s) /
+    L(B_small, γ*_small, s), reported as mean ± sample std over those seeds. Diverged trials
+    (nan/None loss) are excluded; a side with no finite loss gives ratio None.
+
+    Args:
+        records: trial records with final_train_loss and passes.
+        small_batch, large_batch: the two global batch sizes compared.
+        passes_tol: largest allowed spread of ``passes`` within a (r, mechanism) group. With
+            max_steps = ⌈passes·n/B⌉ runs at different B differ by up to B/n passes; widen it then.
+    Returns:
+        One row per (replication, mechanism) with a trial at either batch size, sorted by mechanism then r.
+    Raises:
+        ValueError: when a group's non-diverged trials ran different numbers of passes.
+    """
+    groups: dict[tuple[int, str], list[TrialRecord]] = defaultdict(list)
+    for r in as_records(records):
+        if r.global_batch_size in (small_batch, large_batch):
+            groups[(r.replication, r.mechanism)].append(r)
+    rows = []
+    for (rep, mech), trials in groups.items():
+        passes = _check_passes(trials, f"replication {rep}, {mech}", passes_tol)
+        step_s, loss_s = _tuned_step([t for t in trials if t.global_batch_size == small_batch])
+        step_l, loss_l = _tuned_step([t for t in trials if t.global_batch_size == large_batch])
+        ratios = [loss_l[s] / loss_s[s] for s in sorted(loss_s.keys() & loss_l.keys()) if loss_s[s] > 0]
+        mean, std = _mean_std(ratios)
+        rows.append(LossRatioRow(rep, mech, small_batch, large_batch, step_s, step_l, mean, std, len(ratios), passes))
+    return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.replication))
+
+
+# --------------------------------------------------------------------------- tables and CSV
+
+
+def _fmt(x: float | None, spec: str, missing: str = "–") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def summary_markdown(best_rows: Sequence[BestRow], target_accuracy: float | None = None) -> str:
+    """A markdown table of ``best_per_mechanism`` rows ('not reached' where there is no time).
+
+    Args:
+        best_rows: the rows.
+        target_accuracy: shown in the title when given (e.g. 0.95).
+    Returns:
+        The markdown text, ending in a newline.
+    """
+    target = f" {target_accuracy:.4g} training accuracy" if target_accuracy is not None else " the target accuracy"
+    lines = [f"Fastest (step size, batch size) per mechanism: time to{target}, mean ± std over seeds.", "",
+             "| mechanism | step size | B | time to acc (s) | passes | speedup vs vanilla | time saved | seeds "
+             "| pairs reached/tried |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in best_rows:
+        time = "not reached" if r.time_to_accuracy_s is None else (
+            f"{r.time_to_accuracy_s:.4g}" + (f" ± {r.time_std_s:.2g}" if r.time_std_s is not None else ""))
+        speed = "–" if r.speedup is None else f"{r.speedup:.2f}× ({r.speedup_pct:+.0f}%)"
+        lines.append(f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {time} "
+                     f"| {_fmt(r.passes_to_accuracy, '.3g')} | {speed} | {_fmt(r.time_saved_frac, '.1%')} "
+                     f"| {r.n_seeds} | {r.n_reached_pairs}/{r.n_pairs_tried} |")
+    if not best_rows:
+        lines.append("| (no trials) | | | | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_text(best_rows: Sequence[BestRow], target_accuracy: float | None = None) -> str:
+    """The table for the terminal: the same markdown, which reads fine as plain text."""
+    return summary_markdown(best_rows, target_accuracy)
+
+
+def _write_csv(rows: list[dict[str, Any]], columns: list[str], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
+    return path
+
+
+def write_summary_csv(best_rows: Sequence[BestRow], path: str | Path) -> Path:
+    """Write the rows (``BestRow.as_dict``; None as '') to a CSV file; returns its path."""
+    columns = [f.name for f in fields(BestRow)] + ["speedup_pct"]
+    return _write_csv([r.as_dict() for r in best_rows], columns, path)
+
+
+def write_trials_csv(records: Iterable[TrialRecord | Mapping[str, Any]], path: str | Path) -> Path:
+    """Write every trial, ranked (``rank_trials``), to a CSV that ``TrialRecord.from_dict`` reads back."""
+    columns = [f.name for f in fields(TrialRecord)]
+    return _write_csv([asdict(r) for r in rank_trials(records)], columns, path)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figure(ncols: int = 1):
+    """A matplotlib Figure without pyplot's global state (no backend switching needed)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(5.5 * ncols, 4.0), layout="constrained")
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _log2_axis(ax, xs: Iterable[float]) -> None:
+    """Log2 x axis with the plotted values themselves as tick labels (256, not 2⁸)."""
+    ticks = sorted(set(xs))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.minorticks_off()
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
+def plot_time_vs_batch(records: Iterable[TrialRecord | Mapping[str, Any]], path: str | Path,
+                       replication: int | None = None) -> Path:
+    """Time to accuracy and passes to accuracy vs global batch size, one line per mechanism.
+
+    At each B the best step size (``PairStats.sort_key``) is plotted, with ± std over seeds;
+    pairs that did not reach the target are left out. x axis: log2.
+
+    Returns:
+        The written PNG path.
+    """
+    best: dict[tuple[str, int], PairStats] = {}
+    for p in pair_stats(records, replication):
+        best.setdefault((p.mechanism, p.global_batch_size), p)  # pair_stats lists best first
+    fig = _figure(2)
+    ax_t, ax_p = fig.subplots(1, 2)
+    drawn = False
+    for mech in sorted({m for m, _ in best}, key=lambda m: (m != BASELINE, m)):
+        pts = sorted((b, p) for (m, b), p in best.items() if m == mech and p.reached)
+        if pts:
+            drawn, bs = True, [b for b, _ in pts]
+            ax_t.errorbar(bs, [p.score for _, p in pts], yerr=[p.time_std_s or 0.0 for _, p in pts],
+                          marker="o", capsize=3, label=mech)
+            ax_p.plot(bs, [p.passes_to_accuracy or math.nan for _, p in pts], marker="o", label=mech)
+    for ax, ylabel in ((ax_t, "time to accuracy (s)"), (ax_p, "passes to accuracy")):
+        ax.set_xlabel("global batch size B")
+        ax.set_ylabel(ylabel)
+        if drawn:
+            _log2_axis(ax, [b for (_, b), p in best.items() if p.reached])
+            ax.legend(fontsize="small")
+        else:
+            _note(ax, "no pair reached the target")
+    return _save(fig, path)
+
+
+def plot_speedup_bars(best_rows: Sequence[BestRow], path: str | Path) -> Path:
+    """Bar per mechanism of its speedup over vanilla (best pair vs best pair); 'n/a' where undefined.
+
+    Returns:
+        The written PNG path.
+    """
+    fig = _figure()
+    ax = fig.subplots()
+    names = [r.mechanism for r in best_rows]
+    values = [r.speedup if r.speedup is not None else 0.0 for r in best_rows]
+    bars = ax.bar(range(len(names)), values, color=["0.6" if r.mechanism == BASELINE else "C0" for r in best_rows])
+    for bar, r in zip(bars, best_rows):
+        label = "n/a" if r.speedup is None else f"{r.speedup:.2f}×\nB={r.global_batch_size}"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize="small")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.margins(y=0.15)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("speedup vs vanilla (TTA ratio)")
+    if all(r.speedup is None for r in best_rows):
+        _note(ax, "no speedup defined (no reached baseline)")
+    return _save(fig, path)
+
+
+def plot_loss_ratio(loss_rows: Sequence[LossRatioRow], path: str | Path) -> Path:
+    """Loss ratio L(B_large)/L(B_small) vs replication factor r, one line per mechanism, ± std error bars.
+
+    Returns:
+        The written PNG path.
+    """
+    fig = _figure()
+    ax = fig.subplots()
+    drawn = False
+    for mech in sorted({r.mechanism for r in loss_rows}, key=lambda m: (m != BASELINE, m)):
+        pts = sorted((r.replication, r) for r in loss_rows if r.mechanism == mech and r.ratio_mean is not None)
+        if pts:
+            drawn = True
+            ax.errorbar([x for x, _ in pts], [r.ratio_mean for _, r in pts],
+                        yerr=[r.ratio_std or 0.0 for _, r in pts], marker="o", capsize=3, label=mech)
+    ax.set_xlabel("replication factor r")
+    if loss_rows:
+        ax.set_ylabel(f"loss ratio L(B={loss_rows[0].large_batch}) / L(B={loss_rows[0].small_batch})")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    if drawn:
+        _log2_axis(ax, [r.replication for r in loss_rows if r.ratio_mean is not None])
+        ax.legend(fontsize="small")
+    else:
+        _note(ax, "no finite loss ratio")
+    return _save(fig, path)

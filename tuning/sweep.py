@@ -1,0 +1,250 @@
+"""Ray Tune sweeps for the fastest wall-clock time to a target accuracy.
+
+A trial is a Tune function that builds and fits a ``TorchTrainer`` through
+``raygd.train.fit`` (the Train V2 pattern: Tune never receives a trainer object).
+Every trial stops at the target inside the training loop; rank zero's evaluations
+reach Tune through ``TuneReportCallback`` (for ASHA), and the trial's final summary
+is its last report. MLflow holds one parent run per sweep and one child run per
+trial (``mlflow.parentRunId``), created by raygd itself rather than Ray's MLflow
+callback, whose nesting does not give one child per trial under a parent we own.
+
+    raygd sweep quickstart                     # a preset from tuning/presets/
+    raygd sweep my-sweep.yaml --set train.target_accuracy=0.85
+    raygd sweep quickstart --resume            # finish the latest interrupted sweep
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raygd.config import ConfigError
+from raygd.tracking import PARENT_TAG, Tracker, create_run, provenance_tags
+from tuning import analysis
+from tuning.spec import SweepSpec, mechanism_label
+
+KIND_TAG, TRIAL_TAG, KEY_TAG, TUNE_DIR_TAG = "raygd.kind", "raygd.trial_id", "raygd.trial_key", "raygd.tune_dir"
+UNREACHED_PENALTY_S = 1e9
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list:
+    """All child runs of a sweep's parent run (any status)."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    return client.search_runs([parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=10000)
+
+
+def _trial_metrics(summary_metrics: dict[str, float], status: str) -> dict[str, Any]:
+    tta = summary_metrics.get("time_to_accuracy_s")
+    objective = tta if tta is not None and status == "reached_target" else UNREACHED_PENALTY_S
+    return {**summary_metrics, "status": status, "objective_s": objective}
+
+
+def trial_key(params: dict[str, Any]) -> str:
+    """A stable key for a trial's parameters: a resumed sweep finds its earlier child run by it."""
+    return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) -> None:
+    """One Tune trial: fit one run (or reuse a finished child run of this trial) and report its summary.
+
+    An interrupted sweep may re-run a trial: a child run with the same parameters that
+    finished is reported again without training; a partial one is deleted and redone, so
+    the parent keeps exactly one child per trial.
+    """
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raygd.train import fit
+
+    cfg = spec.run_config(params)
+    trial_id, key = tune.get_context().get_trial_id(), trial_key(params)
+    client = _client(cfg.tracking.tracking_uri)
+    for run in child_runs(cfg.tracking.tracking_uri, parent_run_id):
+        if run.data.tags.get(KEY_TAG) != key:
+            continue
+        if run.info.status == "FINISHED":  # finished before an interruption: report it, do not train again
+            tune.report(_trial_metrics(run.data.metrics, run.data.tags.get("raygd.status", "max_passes")))
+            return
+        client.delete_run(run.info.run_id)  # a partial run of an interrupted trial; this trial starts over
+    label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
+    cfg.tracking.run_name = (f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}"
+                             f"-s{cfg.train.seed}")
+    summary = fit(cfg, parent_run_id=parent_run_id, train_callbacks=[TuneReportCallback()],
+                  run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, "raygd.mechanism_label": label})
+    tune.report(_trial_metrics(summary.summary_metrics(), summary.status))
+
+
+def _param_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    pick = tune.grid_search if spec.search == "grid" else tune.choice
+    return {key: pick(values) for key, values in spec.space.items()}
+
+
+def _tune_config(spec: SweepSpec):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if spec.scheduler == "asha":
+        # Ranks trials by train accuracy at each evaluation; trials stop at the target themselves.
+        scheduler = ASHAScheduler(metric="train/accuracy", mode="max", time_attr="training_iteration",
+                                  max_t=10_000, grace_period=2, reduction_factor=2)
+    return tune.TuneConfig(num_samples=spec.num_samples if spec.search == "random" else 1,
+                           max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler)
+
+
+def _latest_unfinished_parent(spec: SweepSpec) -> tuple[str, str]:
+    client = _client(spec.tracking_uri)
+    exp = client.get_experiment_by_name(spec.name)
+    runs = [] if exp is None else client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep' and attributes.status = 'RUNNING'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ConfigError(f"--resume: sweep {spec.name!r} has no interrupted run in {spec.tracking_uri}; "
+                          "run it without --resume to start a new one.")
+    return runs[0].info.run_id, runs[0].data.tags[TUNE_DIR_TAG]
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep produced: its parent run, trial records, best rows and summary table."""
+
+    parent_run_id: str
+    records: list
+    best_rows: list
+    table: str
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
+    """Run (or resume) a sweep on Ray Tune and record it in MLflow; returns its summary."""
+    from ray import tune
+
+    from raygd.data import load_data
+    from raygd.train import ensure_ray
+
+    first = spec.run_config(spec.trial_params()[0])
+    load_data(first.data, first.train.seed)  # a missing or broken data set fails here, before Ray
+    per_trial = max(spec.run_config(p).train.num_workers * spec.run_config(p).train.cpus_per_worker
+                    for p in spec.trial_params())
+    if resume:
+        parent_run_id, tune_dir = _latest_unfinished_parent(spec)
+    else:
+        parent_run_id = create_run(spec.tracking_uri, spec.name, f"sweep-{spec.name}", _spec_params(spec),
+                                   provenance_tags({KIND_TAG: "sweep"}))
+        storage = Path(spec.storage_path or Path.home() / "ray_results").expanduser().resolve()
+        tune_dir = str(storage / f"{spec.name}-{parent_run_id[:12]}")
+        Tracker(spec.tracking_uri, parent_run_id, enabled=True).set_tags({TUNE_DIR_TAG: tune_dir})
+    ensure_ray(per_trial * spec.max_concurrent_trials)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, parent_run_id=parent_run_id),
+                                    {"cpu": 0, "memory": 2**20})  # the trial only waits on its workers
+    if resume and tune.Tuner.can_restore(tune_dir):
+        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
+    else:
+        path = Path(tune_dir)
+        tuner = tune.Tuner(trainable, param_space=_param_space(spec), tune_config=_tune_config(spec),
+                           run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent)))
+    tuner.fit()
+    return finish_sweep(spec.tracking_uri, parent_run_id, spec.name)
+
+
+def _spec_params(spec: SweepSpec) -> dict[str, Any]:
+    params = {f"base.{k}": v for k, v in spec.run_config(spec.trial_params()[0]).flat().items()
+              if not k.startswith(("train.step_size", "train.global_batch_size", "train.seed"))}
+    params.update({f"space.{k}": json.dumps(v) for k, v in spec.space.items()})
+    params.update(search=spec.search, scheduler=spec.scheduler, num_samples=spec.num_samples,
+                  num_trials=len(spec.trial_params()) if spec.search == "grid" else spec.num_samples)
+    return params
+
+
+def record_from_run(run) -> dict[str, Any]:
+    """An ``analysis.TrialRecord`` dict from an MLflow child run."""
+    p, m, t = run.data.params, run.data.metrics, run.data.tags
+    status = t.get("raygd.status", "error")
+    if run.info.status == "KILLED":
+        status = "max_passes"  # stopped early by the scheduler: did not reach the target
+    elif run.info.status == "FAILED" or status == "failed":
+        status = "error"
+    return {
+        "trial_id": t.get(TRIAL_TAG, run.info.run_id), "run_id": run.info.run_id,
+        "mechanism": t.get("raygd.mechanism_label", p.get("mechanism.name", "vanilla")),
+        "step_size": float(p.get("train.step_size", "nan")),
+        "global_batch_size": int(p.get("train.global_batch_size", 0)),
+        "seed": int(p.get("train.seed", 0)), "replication": int(p.get("data.replication", 1)),
+        "status": status, "time_to_accuracy_s": m.get("time_to_accuracy_s"),
+        "passes_to_accuracy": m.get("passes_to_accuracy"), "updates_to_accuracy": m.get("updates_to_accuracy"),
+        "final_train_loss": m.get("final_train_loss"), "final_train_accuracy": m.get("final_train_accuracy"),
+        "passes": m.get("passes"), "train_time_s": m.get("train_time_s"),
+    }
+
+
+def finish_sweep(tracking_uri: str, parent_run_id: str, name: str, log: bool = True) -> SweepOutcome:
+    """Close stray child runs, analyse the trials and log table, CSVs and figures to the parent run."""
+    client = _client(tracking_uri)
+    runs = child_runs(tracking_uri, parent_run_id)
+    for run in runs:
+        if run.info.status == "RUNNING":  # stopped by the scheduler: its trial actor was killed
+            client.set_terminated(run.info.run_id, "KILLED")
+    runs = child_runs(tracking_uri, parent_run_id)
+    records = [analysis.TrialRecord.from_dict(record_from_run(r)) for r in runs]
+    # With several replication factors the table ranks the unreplicated data (the smallest r).
+    replication = min((r.replication for r in records), default=1)
+    best = analysis.best_per_mechanism(records, replication=replication)
+    table = analysis.summary_markdown(best)
+    if log:
+        _log_outputs(client, parent_run_id, records, best, table)
+    return SweepOutcome(parent_run_id, records, best, table)
+
+
+def _log_outputs(client, parent_run_id: str, records: list, best: list, table: str) -> None:
+    tracker = Tracker(client.tracking_uri, parent_run_id, enabled=True)
+    metrics = {"num_trials": len(records), "num_reached": sum(r.reached for r in records)}
+    for row in best:
+        key = row.mechanism.replace("(", "_").replace(")", "").replace("=", "").replace(", ", "_")
+        if row.time_to_accuracy_s is not None and math.isfinite(row.time_to_accuracy_s):
+            metrics[f"best/{key}/time_to_accuracy_s"] = row.time_to_accuracy_s
+            metrics[f"best/{key}/global_batch_size"] = row.global_batch_size
+            metrics[f"best/{key}/step_size"] = row.step_size
+        if row.speedup is not None:
+            metrics[f"speedup/{key}"] = row.speedup
+    tracker.log_metrics(metrics, step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "summary.md").write_text(table + "\n")
+        analysis.write_summary_csv(best, out / "summary.csv")
+        analysis.write_trials_csv(records, out / "trials.csv")
+        reps = {r.replication for r in records}
+        analysis.plot_time_vs_batch(records, out / "time_vs_batch.png", replication=min(reps, default=1))
+        analysis.plot_speedup_bars(best, out / "speedup.png")
+        batches = sorted({r.global_batch_size for r in records})
+        if len(reps) > 1 and len(batches) > 1:
+            # runs at different B stop after ceil(passes * n / B) updates: passes agree to within B/n
+            rows = analysis.loss_ratios(records, small_batch=batches[0], large_batch=batches[-1], passes_tol=0.05)
+            analysis.plot_loss_ratio(rows, out / "loss_ratio_vs_r.png")
+        for path in sorted(out.iterdir()):
+            tracker.log_artifact(path)
+    tracker.finish("FINISHED")
+
+
+def latest_sweep(tracking_uri: str, experiment: str) -> str:
+    """The run id of the newest sweep parent run in ``experiment``."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = [] if exp is None else client.search_runs([exp.experiment_id], filter_string=f"tags.`{KIND_TAG}` = 'sweep'",
+                                                     order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise ConfigError(f"experiment {experiment!r} has no raygd sweep in {tracking_uri}.")
+    return runs[0].info.run_id
