@@ -57,3 +57,10 @@ def test_unknown_preset_lists_the_presets():
 )
 def test_mechanism_labels(mech, label):
     assert mechanism_label(mech) == label
+
+
+def test_relative_tracking_uri_is_fixed_at_load_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep_spec("quickstart")
+    monkeypatch.chdir("/")  # a Tune trial runs elsewhere: it must still see the driver's store
+    assert spec.run_config(spec.trial_params()[0]).tracking.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"

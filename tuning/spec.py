@@ -150,6 +150,10 @@ def load_sweep_spec(name_or_path: str, overrides: list[str] | None = None) -> Sw
         else:
             base_overrides.append(text)
     raw["base"] = apply_overrides(raw.get("base") or {}, base_overrides)
+    # Made absolute here, in the driver's working directory: Tune runs trials in their own folders.
+    tracking = raw["base"].setdefault("tracking", {})
+    if isinstance(tracking, dict):
+        tracking["tracking_uri"] = absolute_tracking_uri(tracking.get("tracking_uri", "sqlite:///mlflow.db"))
     known = {"name", "base", "space", "search", "num_samples", "scheduler", "max_concurrent_trials", "storage_path"}
     unknown = sorted(set(raw) - known)
     if unknown:
