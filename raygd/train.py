@@ -54,10 +54,12 @@ class RunSummary:
     diverged_at_step: int | None = None
     run_id: str | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    walls: dict[str, float] = field(default_factory=dict)
+    """Wall-clock timestamps (time.time()) of start-up events, for the overhead figures."""
 
     def summary_metrics(self) -> dict[str, float]:
         """The numeric fields worth logging as MLflow summary metrics."""
-        skip = {"status", "run_id", "extra"}
+        skip = {"status", "run_id", "extra", "walls"}
         out = {k: float(v) for k, v in asdict(self).items() if k not in skip and v is not None}
         out["reached_target"] = float(self.status == "reached_target")
         out["diverged"] = float(self.status == "diverged")
@@ -182,6 +184,7 @@ def run_worker(w: Worker, tracker: Tracker | None = None,
     window_steps, window_loss, first_bad_step = 0, 0.0, float("inf")
     status, tta, step = "max_passes", None, 0
     acc = loss_eval = float("nan")
+    first_step_wall = time.time()
     for step in range(1, max_steps + 1):
         t0 = time.perf_counter()
         loss_value = train_step(w, step - 1)
@@ -227,7 +230,7 @@ def run_worker(w: Worker, tracker: Tracker | None = None,
         passes_to_accuracy=step * tc.global_batch_size / data.n if tta is not None else None,
         updates_to_accuracy=step if tta is not None else None,
         diverged_at_step=first_bad_step if status == "diverged" else None,
-        extra=w.mechanism.metrics(),
+        extra=w.mechanism.metrics(), walls={"first_step": first_step_wall},
     )
 
 
@@ -237,6 +240,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
+    loop_entry_wall = time.time()
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(loop_config["threads"]))
@@ -255,6 +259,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             ray.train.report(metrics)
 
     summary = train_worker(cfg, data, rank, world_size, tracker, report=report, device=device)
+    summary.walls["loop_entry"] = loop_entry_wall
     return asdict(summary)
 
 
@@ -313,6 +318,7 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
+    fit_start_wall = time.time()
     tc = cfg.train
     data = data if data is not None else load_data(cfg.data, tc.seed)
     GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed)  # validates B <= n
@@ -339,6 +345,7 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
                                       callbacks=train_callbacks or [],
                                       logging_config=LoggingConfig(log_level="WARNING")),
         )
+        launch_wall = time.time()
         result = trainer.fit()
         summary = RunSummary(**result.return_value)
     except BaseException:
@@ -346,6 +353,14 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
         tracker.finish("FAILED")
         raise
     summary.run_id = run_id
+    walls = summary.walls
+    summary.extra.update({
+        "overhead/fit_setup_s": launch_wall - fit_start_wall,  # data, MLflow run, object store
+        "overhead/worker_start_s": walls["loop_entry"] - launch_wall,  # Train controller, actors, process group
+        "overhead/loop_setup_s": walls["first_step"] - walls["loop_entry"],  # data fetch, model, DDP
+        "overhead/fit_to_first_step_s": walls["first_step"] - fit_start_wall,
+    })
+    tracker.log_metrics(summary.extra, step=summary.steps)
     tracker.log_metrics(summary.summary_metrics(), step=summary.steps)
     tracker.set_tags({"raygd.status": summary.status})
     tracker.finish("FINISHED")

@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
 
     from raygd.train import fit
 
+    entry_wall = time.time()
     cfg = spec.run_config(params)
     trial_id, key = tune.get_context().get_trial_id(), trial_key(params)
     client = _client(cfg.tracking.tracking_uri)
@@ -84,6 +86,8 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
                              f"-s{cfg.train.seed}")
     summary = fit(cfg, parent_run_id=parent_run_id, train_callbacks=[TuneReportCallback()],
                   run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, "raygd.mechanism_label": label})
+    client.log_metric(summary.run_id, "overhead/trial_to_first_step_s", summary.walls["first_step"] - entry_wall,
+                      step=summary.steps)
     tune.report(_trial_metrics(summary.summary_metrics(), summary.status))
 
 
