@@ -1,0 +1,168 @@
+"""Cost of measuring gradient diversity, relative to a plain forward+backward (CPU threads).
+
+Per model and batch size B: plain forward+backward of the mean loss; raygd's exact norms
+(``GhostNorms``: the same forward+backward with per-example ‖g_i‖² fused in); torch.func
+per-example gradients (vmap of grad) and their norms; a naive loop of one backward per
+example. Then the online estimators inside a training step (forward, backward, SGD
+update): the in-step estimator (ghost norms + ‖Σg‖²) and the free two-batch estimator
+(‖G_b‖² of the local gradient before the all-reduce, ‖G_B‖² after it: two reads of the
+gradient, measured here on one process).
+
+Methods run round-robin (each rep runs every method once), so a burst of load from other
+processes hits all of them; the table gives the median over reps of each method's time over
+the plain time of the same rep (and the ratio of minima). torch.func and the naive loop run
+in rounds of their own, with their own plain baseline.
+glibc's allocator returns large blocks to the OS and page faults are expensive on some
+machines: compare with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``.
+
+    .venv/bin/python bench/diversity_overhead.py                      # mnist_cnn, logreg; B=64, 256
+    .venv/bin/python bench/diversity_overhead.py --smoke              # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raygd import diversity as D  # noqa: E402
+from raygd.models import build_model  # noqa: E402
+
+
+def plain_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+
+def ghost_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                ghost: D.GhostNorms | None = None) -> torch.Tensor:
+    """Per-example ‖g_i‖² (mean loss, so rescaled by B²) plus the usual .grad, one backward.
+
+    A training loop builds ``GhostNorms(model)`` once and enters it every step.
+    """
+    model.zero_grad(set_to_none=True)
+    with ghost or D.GhostNorms(model) as ghost:
+        F.cross_entropy(model(x), y).backward()
+    return ghost.sq_norms() * x.shape[0] ** 2
+
+
+def func_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return D.per_example_sq_norms(model, x, y, method="func")[0]
+
+
+def naive_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = torch.empty(x.shape[0], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        out[i] = sum(float(g.square().sum()) for g in grads)
+    return out
+
+
+def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """A plain SGD step, the step with the in-step estimator, the step with the free estimator's norms."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    b, ghost = x.shape[0], D.GhostNorms(model)
+
+    def plain_step() -> None:
+        plain_backward(model, x, y)
+        opt.step()
+
+    def in_step() -> D.Moments:
+        s = ghost_norms(model, x, y, ghost)
+        moments = D.in_step_moments(float(s.sum()), D.grad_sq_norm(model) * b**2, b)
+        opt.step()
+        return moments
+
+    def free_step() -> tuple[float, float]:
+        plain_backward(model, x, y)
+        norms = D.grad_sq_norm(model), D.grad_sq_norm(model)  # ‖G_b‖² before, ‖G_B‖² after the all-reduce
+        opt.step()
+        return norms
+
+    return {"step": plain_step, "step + in-step": in_step, "step + free": free_step,
+            "free norms only": lambda: (D.grad_sq_norm(model), D.grad_sq_norm(model))}
+
+
+def round_robin(methods: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
+    """Seconds per call by rep; every rep runs each method once, in order."""
+    for fn in methods.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(reps):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def check_agreement(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Largest relative difference of the ghost norms from the naive loop (float32)."""
+    ghost, naive = ghost_norms(model, x, y), naive_norms(model, x, y)
+    return float(((ghost - naive).abs() / naive).max())
+
+
+def table(title: str, runs: list[dict[str, list[float]]], baseline: str) -> str:
+    """Markdown rows for every method of every run, each compared with the baseline of its own
+    run: median ms, the median over reps of (time / baseline time in the same rep), the ratio
+    of minima, and the number of reps."""
+    lines = [f"\n{title}\n",
+             f"| method | median ms | × {baseline} (median of paired ratios) | × (ratio of minima) | reps |",
+             "|---|---:|---:|---:|---:|"]
+    seen = set()
+    for times in runs:
+        base = times[baseline]
+        for name, t in times.items():
+            if name in seen:
+                continue
+            seen.add(name)
+            paired = statistics.median(a / b for a, b in zip(t, base))
+            lines.append(f"| {name} | {statistics.median(t) * 1e3:.2f} | {paired:.3f} | {min(t) / min(base):.3f} | "
+                         f"{len(t)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mnist_cnn", "logreg"])
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=21, help="reps of the fast methods")
+    ap.add_argument("--slow-reps", type=int, default=3, help="reps of torch.func and the naive loop")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: B=16, 3 reps")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.batch_sizes, args.reps, args.slow_reps = [16], 3, 1
+    torch.set_num_threads(args.threads)
+    malloc = "tuned" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc default"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}")
+    for name in args.models:
+        for b in args.batch_sizes:
+            torch.manual_seed(0)
+            model = build_model(name, (1, 28, 28), 10)
+            x, y = torch.randn(b, 1, 28, 28), torch.randint(10, (b,))
+            print(f"\n## {name}, B={b}: ghost vs naive loop max relative difference "
+                  f"{check_agreement(model, x, y):.1e}")
+            ghost = D.GhostNorms(model)
+            plain = "plain forward+backward"
+            fast = {plain: lambda: plain_backward(model, x, y),
+                    "raygd exact norms (ghost)": lambda: ghost_norms(model, x, y, ghost)}
+            # The slow methods get their own rounds: they evict caches and would slow the next plain call.
+            slow = {plain: fast[plain], "torch.func vmap norms": lambda: func_norms(model, x, y),
+                    "naive per-example loop": lambda: naive_norms(model, x, y)}
+            runs = [round_robin(fast, args.reps), round_robin(slow, args.slow_reps)]
+            print(table("Per-example norms", runs, plain))
+            print(table("Online estimators in an SGD step", [round_robin(make_steps(model, x, y), args.reps)], "step"))
+
+
+if __name__ == "__main__":
+    main()
