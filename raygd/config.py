@@ -24,6 +24,7 @@ MECHANISMS = ("vanilla", "dropconnect", "sgld", "quantize")
 SAMPLING = ("shuffle", "with_replacement")
 DROPCONNECT_GRANULARITY = ("per_example", "per_group", "per_worker")
 DEVICES = ("auto", "cpu", "cuda")
+DIVERSITY_ESTIMATORS = ("none", "in_step", "free")
 
 
 class ConfigError(ValueError):
@@ -143,6 +144,9 @@ class TrainConfig:
     """auto (CUDA + NCCL when Ray sees GPUs, else CPU + gloo), cpu or cuda."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves for each worker; also the worker's torch threads."""
+    diversity_estimator: str = "none"
+    """Online B_D estimate logged at each evaluation: none, in_step (per-example norms of the
+    batch, ~1.03-1.1x a CNN step) or free (local B/P vs all-reduced B gradient norms, needs P > 1)."""
 
     def __post_init__(self) -> None:
         _choice("train.model", self.model, MODELS)
@@ -165,6 +169,10 @@ class TrainConfig:
         _choice("train.device", self.device, DEVICES)
         _require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker,
                  "must be an integer >= 1")
+        _choice("train.diversity_estimator", self.diversity_estimator, DIVERSITY_ESTIMATORS)
+        _require(self.diversity_estimator != "free" or self.num_workers > 1, "train.diversity_estimator",
+                 self.diversity_estimator, "free compares per-worker and all-reduced gradients: it needs "
+                 "train.num_workers > 1 (use in_step with one worker)")
 
     @property
     def batch_size_per_worker(self) -> int:
@@ -202,6 +210,11 @@ class RunConfig:
         if self.train.model == "logreg_binary":
             _require(self.data.num_classes == 2, "train.model", self.train.model,
                      "logreg_binary needs exactly two classes: set data.classes, e.g. [0, 1]")
+        est, mech = self.train.diversity_estimator, self.mechanism.name
+        _require(not (est == "in_step" and mech == "dropconnect"), "train.diversity_estimator", est,
+                 "in_step needs deterministic per-example gradients; with dropconnect use free")
+        _require(not (est == "free" and mech == "quantize"), "train.diversity_estimator", est,
+                 "free uses the DDP communication hook that quantize already takes; use in_step")
         if self.data.name == "synthetic":
             _require(self.train.model in ("logreg", "logreg_binary"), "train.model", self.train.model,
                      "synthetic data is a flat feature vector: use logreg or logreg_binary")

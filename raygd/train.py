@@ -15,6 +15,7 @@ from the same all-reduced numbers, so all ranks return together.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -111,6 +112,47 @@ class Worker:
     sampler: GlobalBatchSampler
     x_eval: torch.Tensor
     y_eval: torch.Tensor
+    estimator: Any = None
+
+
+class OnlineDiversity:
+    """B_D during training from this step's gradients, smoothed over steps (``raygd.diversity``).
+
+    ``in_step``: per-example squared norms of the batch (ghost norms, one backward) give
+    unbiased E‖g‖² and ‖μ‖². ``free``: ‖G_b‖² of each worker's B/P examples (read in a DDP
+    hook before the all-reduce) against ‖G_B‖² of the all-reduced gradient, no extra
+    backward. Both use the finite-population correction under ``shuffle`` sampling.
+    """
+
+    def __init__(self, cfg: RunConfig, n: int, model: torch.nn.Module, net: torch.nn.Module, world_size: int,
+                 device: torch.device):
+        from raygd import diversity as dv
+
+        self.dv, self.kind, self.n = dv, cfg.train.diversity_estimator, n
+        self.model, self.world_size, self.device, self.B = model, world_size, device, cfg.train.global_batch_size
+        self.b = self.B // world_size
+        self.population = n if cfg.data.sampling == "shuffle" else None
+        self.ema = dv.MomentsEMA(0.9)
+        self.ghost = dv.GhostNorms(model) if self.kind == "in_step" else None
+        self.local = dv.LocalGradNorm.register(net) if self.kind == "free" else None
+
+    def measuring(self):
+        return self.ghost if self.ghost is not None else contextlib.nullcontext()
+
+    def update(self) -> None:
+        dv, P = self.dv, self.world_size
+        big = dv.grad_sq_norm(self.model)
+        if self.kind == "in_step":
+            sum_sq = dv.mean_over_workers(float(self.ghost.sq_norms().sum()) * self.b**2, P, self.device) * P
+            moments = dv.in_step_moments(sum_sq, big * self.B**2, self.B, self.population)
+        else:
+            small = dv.mean_over_workers(self.local.pop(), P, self.device)
+            moments = dv.two_batch_moments(small, self.b, big, self.B, self.population)
+        self.ema.update(moments)
+
+    def metrics(self) -> dict[str, float]:
+        bound = self.ema.value.batch_bound
+        return {"diversity/batch_bound": bound, "diversity/delta": bound / self.n}
 
 
 def make_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int = 1,
@@ -135,18 +177,23 @@ def make_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int = 
         data = Dataset(data.x_train.to(device), data.y_train.to(device), data.x_test.to(device),
                        data.y_test.to(device), data.num_classes)
     ev = eval_indices(data.n, cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
+    estimator = OnlineDiversity(cfg, data.n, model, net, world_size, device) \
+        if tc.diversity_estimator != "none" else None
     return Worker(cfg, data, rank, world_size, device, model, net, mechanism,
                   torch.optim.SGD(model.parameters(), lr=tc.step_size),
                   GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed),
-                  data.x_train[ev], data.y_train[ev])
+                  data.x_train[ev], data.y_train[ev], estimator)
 
 
 def train_step(w: Worker, step: int) -> float:
     """One SGD update on the global batch of ``step`` (0-based); returns this rank's batch loss."""
     idx = w.sampler.worker_batch(step, w.rank, w.world_size).to(w.device)
-    loss = F.cross_entropy(w.net(w.data.x_train[idx]), w.data.y_train[idx])
     w.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    with w.estimator.measuring() if w.estimator else contextlib.nullcontext():
+        loss = F.cross_entropy(w.net(w.data.x_train[idx]), w.data.y_train[idx])
+        loss.backward()
+    if w.estimator:
+        w.estimator.update()  # before the mechanism changes the gradient
     w.mechanism.after_backward(w.model, step)
     w.optimizer.step()
     if w.device.type == "cuda":
@@ -204,7 +251,7 @@ def run_worker(w: Worker, tracker: Tracker | None = None,
             "train/batch_loss": batch_loss_sum / world_size / window_steps,
             "perf/samples_per_s": tc.global_batch_size * window_steps / window_clock,
             "perf/step_s": window_clock / window_steps, "progress/passes": step * tc.global_batch_size / data.n,
-            "time/train_s": clock, **w.mechanism.metrics(),
+            "time/train_s": clock, **w.mechanism.metrics(), **(w.estimator.metrics() if w.estimator else {}),
         }
         window_clock, window_steps, window_loss = 0.0, 0, 0.0
         tracker.log_metrics(metrics, step=step)

@@ -35,6 +35,10 @@ from raygd.config import ConfigError, RunConfig, absolute_tracking_uri, apply_ov
         (["optimizer.name=adam"], "optimizer"),
         (["train.step_size"], "train.step_size"),
         (["tracking.tracking_uri=mlruns"], "tracking.tracking_uri"),
+        (["train.diversity_estimator=exact"], "train.diversity_estimator"),
+        (["train.diversity_estimator=free", "train.num_workers=1"], "train.diversity_estimator"),
+        (["train.diversity_estimator=in_step", "mechanism.name=dropconnect"], "train.diversity_estimator"),
+        (["train.diversity_estimator=free", "mechanism.name=quantize"], "train.diversity_estimator"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

@@ -77,3 +77,30 @@ def test_two_workers_equal_one_worker_at_the_same_global_batch(idx_dir, model, s
         assert torch.equal(rank0[name], rank1[name])
         assert not torch.allclose(value, initial[name])  # the weights did move
         torch.testing.assert_close(rank0[name], value, rtol=1e-5, atol=1e-5)
+
+
+def _exact_bound(cfg, data, model):
+    from raygd.diversity import gradient_diversity
+
+    return gradient_diversity(model, data.x_train, data.y_train, dtype=torch.float64).batch_bound
+
+
+@pytest.mark.parametrize("estimator, world_size", [("in_step", 1), ("in_step", 2), ("free", 2)])
+def test_online_diversity_tracks_the_exact_bound(idx_dir, estimator, world_size):
+    # A tiny step size keeps w (nearly) fixed, so the smoothed estimate should approach the exact B_D at w.
+    cfg = _cfg(idx_dir, f"train.diversity_estimator={estimator}", f"train.num_workers={world_size}",
+               "train.step_size=1e-7", "train.target_accuracy=1.0", "train.max_passes=8",
+               "train.eval_every_steps=150", "data.sampling=with_replacement", "train.global_batch_size=64")
+    data = load_data(cfg.data, 0)
+    reports = run_group(_diversity_reports, world_size, cfg, data)[0] if world_size > 1 else \
+        _diversity_reports(0, 1, cfg, data)
+    exact = _exact_bound(cfg, data, make_worker(_cfg(idx_dir), data).model)  # same seed: same initial w
+    assert reports and all(math.isfinite(r["diversity/batch_bound"]) for r in reports)
+    assert reports[-1]["diversity/delta"] == pytest.approx(reports[-1]["diversity/batch_bound"] / data.n)
+    assert reports[-1]["diversity/batch_bound"] == pytest.approx(exact, rel=0.35 if estimator == "free" else 0.15)
+
+
+def _diversity_reports(rank, world_size, cfg, data):
+    reports = []
+    train_worker(cfg, data, rank, world_size, report=reports.append)
+    return reports
