@@ -5,6 +5,7 @@
     raygd sweep quickstart                                   # a Ray Tune sweep (tuning/presets/)
     raygd sweep quickstart --resume                          # finish an interrupted sweep
     raygd report quickstart                                  # rebuild its table and figures from MLflow
+    raygd diversity configs/quickstart.yaml --replication 1,2,4,8 --mechanism vanilla,sgld
 
 Every config value is validated before Ray starts; a bad value exits with status 2
 and a message naming the field and what is allowed.
@@ -50,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
                             "(sweep.search=random, sweep.space.seed=[0,1]); repeatable")
     sweep.add_argument("--resume", action="store_true",
                        help="finish the latest interrupted run of this sweep (no duplicate MLflow runs)")
+    div = sub.add_parser(
+        "diversity", help="measure gradient diversity and the batch-size bound B_D = n*Delta_D",
+        description="Exact B_D of the config's model and data at the initial weights, per replication factor "
+                    "and mechanism, and optionally along a training run; printed and recorded in MLflow.",
+    )
+    div.add_argument("config", help="YAML run config (data, train.model, mechanism parameters, tracking)")
+    div.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    div.add_argument("--replication", default="1", help="comma-separated r values, e.g. 1,2,4,8 (default 1)")
+    div.add_argument("--mechanism", default="vanilla",
+                     help="comma-separated mechanisms: vanilla,dropconnect,sgld,quantize (parameters from the config)")
+    div.add_argument("--along-training", action="store_true",
+                     help="also train (1 process, vanilla SGD) and measure B_D every --every updates")
+    div.add_argument("--every", type=int, default=50, help="updates between measurements along training")
     report = sub.add_parser("report", help="rebuild a sweep's table and figures from MLflow")
     report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
     report.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default %(default)s)")
@@ -139,10 +153,30 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diversity(args: argparse.Namespace) -> int:
+    from raygd import measure
+
+    cfg = load_run_config(args.config, args.overrides)
+    replications = measure.parse_list(args.replication, int, "--replication")
+    mechanisms = measure.check_mechanisms(args.mechanism.split(","))
+    if args.every < 1:
+        raise ConfigError(f"--every {args.every} is invalid: an integer >= 1.")
+    measure.load_data(cfg.data, cfg.train.seed)  # a missing or broken data set fails before any work
+    rows = measure.measure_replications(cfg, replications, mechanisms)
+    along = measure.measure_along_training(cfg, args.every) if args.along_training else []
+    run_id = measure.record(cfg, rows, along)
+    print(f"raygd diversity: {cfg.train.model} on {cfg.data.name}")
+    print(measure.table(rows + along))
+    print(f"\nMLflow run {run_id} in experiment {cfg.tracking.experiment_name!r}; "
+          f"see it with: {mlflow_ui_command(cfg.tracking.tracking_uri)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report}[args.command](args)
+        commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "diversity": cmd_diversity}
+        return commands[args.command](args)
     except (ConfigError, DataError) as err:
         print(f"raygd {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
