@@ -13,19 +13,19 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from tuning.spec import load_sweep_spec
-from tuning.sweep import KEY_TAG, child_runs, run_sweep
+from tuning.sweep import KEY_TAG, PHASE_TAG, child_runs, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _write_spec(tmp_path, idx_dir, sqlite_uri, name, space) -> Path:
+def _write_spec(tmp_path, idx_dir, sqlite_uri, name, space, **extra) -> Path:
     spec = {
         "name": name,
         "base": {"data": {"data_dir": str(idx_dir), "eval_size": 600},
                  "train": {"model": "logreg", "num_workers": 2, "target_accuracy": 0.9, "max_passes": 3,
                            "eval_every_steps": 4, "global_batch_size": 32},
                  "tracking": {"tracking_uri": sqlite_uri}},
-        "space": space, "storage_path": str(tmp_path / "ray_results"),
+        "space": space, "storage_path": str(tmp_path / "ray_results"), **extra,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -37,10 +37,17 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     # step size 1e-4 never reaches 90% in 3 passes: the sweep must rank it last, not crash.
     path = _write_spec(tmp_path, idx_dir, sqlite_uri, "it-sweep",
                        {"step_size": [0.05, 1e-4], "mechanism": [{"name": "vanilla"}, {"name": "sgld",
-                                                                                        "sgld_sigma": 0.001}]})
+                                                                                        "sgld_sigma": 0.001}]},
+                       confirm_seeds=[7])
     outcome = run_sweep(load_sweep_spec(str(path)))
     client = MlflowClient(sqlite_uri)
     children = child_runs(sqlite_uri, outcome.parent_run_id)
+    confirm = [c for c in children if c.data.tags[PHASE_TAG] == "confirm"]
+    children = [c for c in children if c.data.tags[PHASE_TAG] == "search"]
+    # the confirm phase re-runs each mechanism's winner (step 0.05) with the new seed
+    assert sorted((c.data.tags["raygd.mechanism_label"], c.data.params["train.step_size"], c.data.params["train.seed"])
+                  for c in confirm) == [("sgld(sigma=0.001)", "0.05", "7"), ("vanilla", "0.05", "7")]
+    assert "Confirmed with fresh seeds" in outcome.table
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags[KEY_TAG] for c in children}) == 4
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}

@@ -50,6 +50,8 @@ class SweepSpec:
     """Trials at once; each takes num_workers CPUs (+1 for the trial driver)."""
     storage_path: str | None = None
     """Tune experiment storage (default ~/ray_results); --resume reads it."""
+    confirm_seeds: list[int] = field(default_factory=list)
+    """After the search, re-run each mechanism's fastest pair with these new seeds (>= 3 for a spread)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -69,6 +71,9 @@ class SweepSpec:
         for key, values in self.space.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"space.{key} = {values!r} is invalid: a non-empty list of values.")
+        if not isinstance(self.confirm_seeds, list) or not all(isinstance(s, int) and s >= 0
+                                                               for s in self.confirm_seeds):
+            raise ConfigError(f"confirm_seeds = {self.confirm_seeds!r} is invalid: a list of integers >= 0.")
         for params in self.trial_params():
             self.run_config(params)  # every combination must be a valid run config
 
@@ -154,7 +159,8 @@ def load_sweep_spec(name_or_path: str, overrides: list[str] | None = None) -> Sw
     tracking = raw["base"].setdefault("tracking", {})
     if isinstance(tracking, dict):
         tracking["tracking_uri"] = absolute_tracking_uri(tracking.get("tracking_uri", "sqlite:///mlflow.db"))
-    known = {"name", "base", "space", "search", "num_samples", "scheduler", "max_concurrent_trials", "storage_path"}
+    known = {"name", "base", "space", "search", "num_samples", "scheduler", "max_concurrent_trials", "storage_path",
+             "confirm_seeds"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown sweep field(s) {unknown}: allowed fields are {', '.join(sorted(known))}.")

@@ -30,6 +30,7 @@ from tuning import analysis
 from tuning.spec import SweepSpec, mechanism_label
 
 KIND_TAG, TRIAL_TAG, KEY_TAG, TUNE_DIR_TAG = "raygd.kind", "raygd.trial_id", "raygd.trial_key", "raygd.tune_dir"
+PHASE_TAG = "raygd.phase"
 UNREACHED_PENALTY_S = 1e9
 
 
@@ -71,8 +72,10 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
     from raygd.train import fit
 
     entry_wall = time.time()
+    phase = "confirm" if "confirm" in params else "search"
+    params = params.get("confirm", params)
     cfg = spec.run_config(params)
-    trial_id, key = tune.get_context().get_trial_id(), trial_key(params)
+    trial_id, key = tune.get_context().get_trial_id(), trial_key({**params, "phase": phase})
     client = _client(cfg.tracking.tracking_uri)
     for run in child_runs(cfg.tracking.tracking_uri, parent_run_id):
         if run.data.tags.get(KEY_TAG) != key:
@@ -85,7 +88,7 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
     cfg.tracking.run_name = (f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}"
                              f"-s{cfg.train.seed}")
     summary = fit(cfg, parent_run_id=parent_run_id, train_callbacks=[TuneReportCallback()],
-                  run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, "raygd.mechanism_label": label})
+                  run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, "raygd.mechanism_label": label})
     client.log_metric(summary.run_id, "overhead/trial_to_first_step_s", summary.walls["first_step"] - entry_wall,
                       step=summary.steps)
     tune.report(_trial_metrics(summary.summary_metrics(), summary.status))
@@ -155,14 +158,41 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
     ensure_ray(per_trial * spec.max_concurrent_trials)
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, parent_run_id=parent_run_id),
                                     {"cpu": 0, "memory": 2**20})  # the trial only waits on its workers
+    _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume)
+    if spec.confirm_seeds:
+        winners = confirm_params(spec, finish_sweep(spec.tracking_uri, parent_run_id, spec.name, log=False).best_rows)
+        if winners:
+            _fit_tuner(trainable, tune_dir + "-confirm", {"confirm": tune.grid_search(winners)},
+                       tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials), resume)
+    return finish_sweep(spec.tracking_uri, parent_run_id, spec.name)
+
+
+def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume: bool) -> None:
+    from ray import tune
+
     if resume and tune.Tuner.can_restore(tune_dir):
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
     else:
         path = Path(tune_dir)
-        tuner = tune.Tuner(trainable, param_space=_param_space(spec), tune_config=_tune_config(spec),
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
                            run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent)))
     tuner.fit()
-    return finish_sweep(spec.tracking_uri, parent_run_id, spec.name)
+
+
+def confirm_params(spec: SweepSpec, best_rows: list) -> list[dict[str, Any]]:
+    """Trial params re-running each mechanism's fastest reached pair with every confirm seed."""
+    mechs = {mechanism_label(m): m for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
+    out = []
+    for row in best_rows:
+        if row.time_to_accuracy_s is None or not math.isfinite(row.time_to_accuracy_s) or row.mechanism not in mechs:
+            continue
+        for seed in spec.confirm_seeds:
+            params = {"step_size": row.step_size, "global_batch_size": row.global_batch_size,
+                      "mechanism": mechs[row.mechanism], "seed": seed}
+            if "replication" in spec.space:
+                params["replication"] = min(spec.space["replication"])
+            out.append(params)
+    return out
 
 
 def _spec_params(spec: SweepSpec) -> dict[str, Any]:
@@ -203,14 +233,35 @@ def finish_sweep(tracking_uri: str, parent_run_id: str, name: str, log: bool = T
         if run.info.status == "RUNNING":  # stopped by the scheduler: its trial actor was killed
             client.set_terminated(run.info.run_id, "KILLED")
     runs = child_runs(tracking_uri, parent_run_id)
+    confirm_runs = [r for r in runs if r.data.tags.get(PHASE_TAG) == "confirm"]
+    runs = [r for r in runs if r.data.tags.get(PHASE_TAG) != "confirm"]
     records = [analysis.TrialRecord.from_dict(record_from_run(r)) for r in runs]
     # With several replication factors the table ranks the unreplicated data (the smallest r).
     replication = min((r.replication for r in records), default=1)
     best = analysis.best_per_mechanism(records, replication=replication)
     table = analysis.summary_markdown(best)
+    if confirm_runs:
+        confirmed = analysis.confirm_summary([analysis.TrialRecord.from_dict(record_from_run(r))
+                                              for r in confirm_runs])
+        table += "\n\n" + confirm_markdown(confirmed)
     if log:
         _log_outputs(client, parent_run_id, records, best, table)
     return SweepOutcome(parent_run_id, records, best, table)
+
+
+def confirm_markdown(rows: list) -> str:
+    """The confirm phase as a table: mean ± std over fresh seeds, speedup with its bootstrap spread."""
+    def pm(mean, std, fmt):
+        return "–" if mean is None else f"{mean:{fmt}}" + ("" if std is None else f" ± {std:{fmt}}")
+
+    lines = ["Confirmed with fresh seeds (mean ± std over seeds; speedup = ratio of mean times, bootstrap std):",
+             "", "| mechanism | step size | B | seeds | reached | time to acc (s) | passes | speedup vs vanilla |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {r.n_seeds} | "
+                     f"{r.reached_frac:.0%} | {pm(r.time_mean_s, r.time_std_s, '.3g')} | "
+                     f"{pm(r.passes_mean, r.passes_std, '.3g')} | {pm(r.speedup, r.speedup_std, '.2f')} |")
+    return "\n".join(lines)
 
 
 def _log_outputs(client, parent_run_id: str, records: list, best: list, table: str) -> None:
