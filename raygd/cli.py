@@ -136,19 +136,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from raygd.config import absolute_tracking_uri
-    from tuning import analysis
-    from tuning.sweep import finish_sweep, latest_sweep
+    from tuning.sweep import finish_sweep, latest_sweep, write_outputs
 
     uri = absolute_tracking_uri(args.tracking_uri)
     outcome = finish_sweep(uri, latest_sweep(uri, args.experiment), args.experiment, log=False)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.md").write_text(outcome.table + "\n")
-        analysis.write_summary_csv(outcome.best_rows, out / "summary.csv")
-        analysis.write_trials_csv(outcome.records, out / "trials.csv")
-        analysis.plot_time_vs_batch(outcome.records, out / "time_vs_batch.png")
-        analysis.plot_speedup_bars(outcome.best_rows, out / "speedup.png")
+        write_outputs(Path(args.out), outcome.records, outcome.best_rows, outcome.table)
     _print_sweep(args.experiment, outcome, uri)
     return 0
 

@@ -61,6 +61,14 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     assert winner.time_to_accuracy_s == fastest.data.metrics["time_to_accuracy_s"]
     assert "vanilla" in outcome.table and "sgld(sigma=0.001)" in outcome.table
 
+    # `raygd report` rebuilds the same table and files from MLflow alone
+    from raygd.cli import main
+
+    assert main(["report", "it-sweep", "--tracking-uri", sqlite_uri, "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "summary.md").read_text().strip() == outcome.table.strip()
+    assert {"summary.csv", "trials.csv", "time_vs_batch.png", "speedup.png"} <= {
+        p.name for p in (tmp_path / "report").iterdir()}
+
 
 def _sweep_cmd(path, *extra):
     return [sys.executable, "-m", "raygd.cli", "sweep", str(path), *extra]

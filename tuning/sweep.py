@@ -226,10 +226,11 @@ def record_from_run(run) -> dict[str, Any]:
 
 
 def finish_sweep(tracking_uri: str, parent_run_id: str, name: str, log: bool = True) -> SweepOutcome:
-    """Close stray child runs, analyse the trials and log table, CSVs and figures to the parent run."""
+    """Analyse a sweep's child runs; with ``log``, first close stray child runs (stopped by the
+    scheduler) and afterwards log table, CSVs and figures to the parent run and end it."""
     client = _client(tracking_uri)
     runs = child_runs(tracking_uri, parent_run_id)
-    for run in runs:
+    for run in runs if log else []:  # only at the end of a sweep: a report must not touch a live one
         if run.info.status == "RUNNING":  # stopped by the scheduler: its trial actor was killed
             client.set_terminated(run.info.run_id, "KILLED")
     runs = child_runs(tracking_uri, parent_run_id)
@@ -277,21 +278,26 @@ def _log_outputs(client, parent_run_id: str, records: list, best: list, table: s
             metrics[f"speedup/{key}"] = row.speedup
     tracker.log_metrics(metrics, step=0)
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        (out / "summary.md").write_text(table + "\n")
-        analysis.write_summary_csv(best, out / "summary.csv")
-        analysis.write_trials_csv(records, out / "trials.csv")
-        reps = {r.replication for r in records}
-        analysis.plot_time_vs_batch(records, out / "time_vs_batch.png", replication=min(reps, default=1))
-        analysis.plot_speedup_bars(best, out / "speedup.png")
-        batches = sorted({r.global_batch_size for r in records})
-        if len(reps) > 1 and len(batches) > 1:
-            # runs at different B stop after ceil(passes * n / B) updates: passes agree to within B/n
-            rows = analysis.loss_ratios(records, small_batch=batches[0], large_batch=batches[-1], passes_tol=0.05)
-            analysis.plot_loss_ratio(rows, out / "loss_ratio_vs_r.png")
-        for path in sorted(out.iterdir()):
+        for path in write_outputs(Path(tmp), records, best, table):
             tracker.log_artifact(path)
     tracker.finish("FINISHED")
+
+
+def write_outputs(out: Path, records: list, best: list, table: str) -> list[Path]:
+    """summary.md, summary.csv, trials.csv and the figures of a sweep, written into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(table + "\n")
+    paths = [out / "summary.md", analysis.write_summary_csv(best, out / "summary.csv"),
+             analysis.write_trials_csv(records, out / "trials.csv")]
+    reps = {r.replication for r in records}
+    paths.append(analysis.plot_time_vs_batch(records, out / "time_vs_batch.png", replication=min(reps, default=1)))
+    paths.append(analysis.plot_speedup_bars(best, out / "speedup.png"))
+    batches = sorted({r.global_batch_size for r in records})
+    if len(reps) > 1 and len(batches) > 1:
+        # runs at different B stop after ceil(passes * n / B) updates: passes agree to within B/n
+        rows = analysis.loss_ratios(records, small_batch=batches[0], large_batch=batches[-1], passes_tol=0.05)
+        paths.append(analysis.plot_loss_ratio(rows, out / "loss_ratio_vs_r.png"))
+    return paths
 
 
 def latest_sweep(tracking_uri: str, experiment: str) -> str:
