@@ -23,6 +23,10 @@ from raygd.data import DataError
 EXIT_BAD_INPUT = 2
 
 
+def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raygd",
@@ -38,17 +42,15 @@ def _parser() -> argparse.ArgumentParser:
                     "print a summary and the MLflow run id.",
     )
     train.add_argument("config", help="YAML run config with sections data, mechanism, train, tracking")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                       help="override one config value (repeatable), e.g. --set mechanism.name=dropconnect")
+    _add_set(train, "override one config value (repeatable), e.g. --set mechanism.name=dropconnect")
     sweep = sub.add_parser(
         "sweep", help="a Ray Tune sweep for the fastest (step size, batch size) per mechanism",
         description="Run every trial of a sweep preset or YAML file on Ray Tune, stop each at its target, and "
                     "print the fastest (step size, batch size) per mechanism with its speedup over vanilla SGD.",
     )
     sweep.add_argument("spec", help="preset name (quickstart, ...) or a sweep YAML file")
-    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override the base run config (train.target_accuracy=0.85) or the sweep "
-                            "(sweep.search=random, sweep.space.seed=[0,1]); repeatable")
+    _add_set(sweep, "override the base run config (train.target_accuracy=0.85) or the sweep "
+                    "(sweep.search=random, sweep.space.seed=[0,1]); repeatable")
     sweep.add_argument("--resume", action="store_true",
                        help="finish the latest interrupted run of this sweep (no duplicate MLflow runs)")
     div = sub.add_parser(
@@ -57,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                     "and mechanism, and optionally along a training run; printed and recorded in MLflow.",
     )
     div.add_argument("config", help="YAML run config (data, train.model, mechanism parameters, tracking)")
-    div.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    _add_set(div, "override one config value (repeatable)")
     div.add_argument("--replication", default="1", help="comma-separated r values, e.g. 1,2,4,8 (default 1)")
     div.add_argument("--mechanism", default="vanilla",
                      help="comma-separated mechanisms: vanilla,dropconnect,sgld,quantize (parameters from the config)")
@@ -154,7 +156,6 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     mechanisms = measure.check_mechanisms(args.mechanism.split(","))
     if args.every < 1:
         raise ConfigError(f"--every {args.every} is invalid: an integer >= 1.")
-    measure.load_data(cfg.data, cfg.train.seed)  # a missing or broken data set fails before any work
     rows = measure.measure_replications(cfg, replications, mechanisms)
     along = measure.measure_along_training(cfg, args.every) if args.along_training else []
     run_id = measure.record(cfg, rows, along)

@@ -407,8 +407,7 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
         "overhead/loop_setup_s": walls["first_step"] - walls["loop_entry"],  # data fetch, model, DDP
         "overhead/fit_to_first_step_s": walls["first_step"] - fit_start_wall,
     })
-    tracker.log_metrics(summary.extra, step=summary.steps)
-    tracker.log_metrics(summary.summary_metrics(), step=summary.steps)
+    tracker.log_metrics({**summary.extra, **summary.summary_metrics()}, step=summary.steps)
     tracker.set_tags({"raygd.status": summary.status})
     tracker.finish("FINISHED")
     return summary

@@ -143,10 +143,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
     from raygd.data import load_data
     from raygd.train import ensure_ray
 
-    first = spec.run_config(spec.trial_params()[0])
-    load_data(first.data, first.train.seed)  # a missing or broken data set fails here, before Ray
-    per_trial = max(spec.run_config(p).train.num_workers * spec.run_config(p).train.cpus_per_worker
-                    for p in spec.trial_params())
+    configs = [spec.run_config(p) for p in spec.trial_params()]
+    load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
+    per_trial = max(c.train.num_workers * c.train.cpus_per_worker for c in configs)
     if resume:
         parent_run_id, tune_dir = _latest_unfinished_parent(spec)
     else:
