@@ -147,6 +147,12 @@ class TrainConfig:
     diversity_estimator: str = "none"
     """Online B_D estimate logged at each evaluation: none, in_step (per-example norms of the
     batch, ~1.03-1.1x a CNN step) or free (local B/P vs all-reduced B gradient norms, needs P > 1)."""
+    max_failures: int = 0
+    """Restarts of the worker group after a worker dies (Ray Train FailureConfig); -1 = unlimited.
+    A restart resumes from the last checkpoint."""
+    checkpoint_every_steps: int = 0
+    """Checkpoint (model, optimizer, RNG, step, training clock) every this many updates through Ray
+    Train. 0: at every evaluation when max_failures != 0, otherwise never. Paused out of the clock."""
 
     def __post_init__(self) -> None:
         _choice("train.model", self.model, MODELS)
@@ -173,6 +179,17 @@ class TrainConfig:
         _require(self.diversity_estimator != "free" or self.num_workers > 1, "train.diversity_estimator",
                  self.diversity_estimator, "free compares per-worker and all-reduced gradients: it needs "
                  "train.num_workers > 1 (use in_step with one worker)")
+        _require(self.max_failures >= -1, "train.max_failures", self.max_failures,
+                 "must be an integer >= 0, or -1 for unlimited restarts")
+        _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", self.checkpoint_every_steps,
+                 "must be an integer >= 1, or 0 (at every evaluation when train.max_failures != 0, else never)")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        """Updates between checkpoints (0 = never), after resolving the default."""
+        if self.checkpoint_every_steps:
+            return self.checkpoint_every_steps
+        return self.eval_every_steps if self.max_failures != 0 else 0
 
     @property
     def batch_size_per_worker(self) -> int:

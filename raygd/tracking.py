@@ -102,10 +102,34 @@ class Tracker:
         self.run_id = run_id
         self.enabled = bool(enabled and run_id and tracking_uri)
         self._client = _client(tracking_uri) if self.enabled else None
+        self.logged_through = 0
+        """Step metrics at steps <= this are not logged again (set on a restart, see ``resume_point``)."""
+
+    def resume_point(self, key: str) -> tuple[int, float | None]:
+        """The last step logged for ``key`` in this run and its value ((0, None) if none, or disabled).
+
+        After a restart the loop redoes the steps between its checkpoint and the failure;
+        ``log_metrics`` skips steps up to this one so the history has no duplicate steps.
+        """
+        if not self.enabled:
+            return 0, None
+        history = self._client.get_metric_history(self.run_id, key)
+        if not history:
+            return 0, None
+        last = max(history, key=lambda m: m.step)
+        return last.step, last.value
+
+    def next_attempt(self) -> int:
+        """Count this start of the training loop in the run's ``raygd.attempt`` tag; returns it (1 = first)."""
+        if not self.enabled:
+            return 1
+        attempt = int(self._client.get_run(self.run_id).data.tags.get("raygd.attempt", "0")) + 1
+        self.set_tags({"raygd.attempt": attempt})
+        return attempt
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log flat slash-named metrics at ``step`` (non-finite values are skipped)."""
-        if not self.enabled:
+        if not self.enabled or step <= self.logged_through:
             return
         from mlflow.entities import Metric
 

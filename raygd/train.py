@@ -201,6 +201,40 @@ def train_step(w: Worker, step: int) -> float:
     return float(loss.detach())
 
 
+def checkpoint_state(w: Worker, step: int, clock: float, eval_time: float) -> dict[str, Any]:
+    """Everything a restarted rank needs to continue exactly where ``step`` left off.
+
+    Model and optimizer are identical on every rank; the RNG states (torch's, the
+    mechanism's generators) are per rank. The sampler is a pure function of (seed, step),
+    so the step is its whole state.
+    """
+    state: dict[str, Any] = {
+        "step": step, "clock": clock, "eval_time": eval_time, "rank": w.rank, "world_size": w.world_size,
+        "model": w.model.state_dict(), "optimizer": w.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+        "mechanism_rng": {k: g.get_state() for k, g in vars(w.mechanism).items() if isinstance(g, torch.Generator)},
+        "estimator_ema": dict(vars(w.estimator.ema)) if w.estimator else None,
+    }
+    if w.device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(w.device)
+    return state
+
+
+def restore_state(w: Worker, state: dict[str, Any]) -> None:
+    """Load a ``checkpoint_state`` into a freshly built worker (same config, rank and world size)."""
+    if (state["rank"], state["world_size"]) != (w.rank, w.world_size):
+        raise ValueError(f"checkpoint of rank {state['rank']}/{state['world_size']} cannot restore "
+                         f"rank {w.rank}/{w.world_size}: train.num_workers must not change on resume")
+    w.model.load_state_dict(state["model"])
+    w.optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    for name, rng in state["mechanism_rng"].items():
+        getattr(w.mechanism, name).set_state(rng)
+    if w.estimator and state["estimator_ema"]:
+        vars(w.estimator.ema).update(state["estimator_ema"])
+    if "cuda_rng" in state and w.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], w.device)
+
+
 def train_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int = 1,
                  tracker: Tracker | None = None, report: Callable[[dict], None] | None = None,
                  device: torch.device | None = None) -> RunSummary:
@@ -221,18 +255,38 @@ def train_worker(cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int =
 
 
 def run_worker(w: Worker, tracker: Tracker | None = None,
-               report: Callable[[dict], None] | None = None) -> RunSummary:
-    """The training loop of ``train_worker`` on an already built ``Worker``."""
+               report: Callable[[dict], None] | None = None,
+               checkpoint: Callable[[dict, dict], None] | None = None,
+               resume: dict[str, Any] | None = None) -> RunSummary:
+    """The training loop of ``train_worker`` on an already built ``Worker``.
+
+    Args:
+        w: the built worker.
+        tracker: rank-zero MLflow logger; None logs nothing.
+        report: called with the metrics at every evaluation that is not a checkpoint.
+        checkpoint: called with (metrics, ``checkpoint_state``) every ``train.checkpoint_interval``
+            updates instead of ``report`` (not at the final evaluation); its time is paused out of the clock.
+        resume: a ``checkpoint_state`` to continue from (its step, clock, weights and RNG), plus
+            optionally ``restarts`` and ``lost_train_s`` (training time spent on work the restart
+            threw away, added to the clock so time-to-accuracy counts the time actually spent).
+    """
     tracker = tracker or Tracker(None, None, enabled=False)
     tc, data, world_size, device, model = w.cfg.train, w.data, w.world_size, w.device, w.model
     max_steps = max(1, math.ceil(tc.max_passes * data.n / tc.global_batch_size))
+    every_ckpt = tc.checkpoint_interval if checkpoint is not None else 0
 
     clock = eval_time = window_clock = 0.0
     window_steps, window_loss, first_bad_step = 0, 0.0, float("inf")
-    status, tta, step = "max_passes", None, 0
+    status, tta, step, start = "max_passes", None, 0, 0
+    resume = resume or {}
+    if "model" in resume:
+        restore_state(w, resume)
+        start, step, clock, eval_time = resume["step"], resume["step"], resume["clock"], resume["eval_time"]
+    lost = float(resume.get("lost_train_s", 0.0))
+    clock += lost
     acc = loss_eval = float("nan")
     first_step_wall = time.time()
-    for step in range(1, max_steps + 1):
+    for step in range(start + 1, max_steps + 1):
         t0 = time.perf_counter()
         loss_value = train_step(w, step - 1)
         dt = time.perf_counter() - t0
@@ -240,7 +294,8 @@ def run_worker(w: Worker, tracker: Tracker | None = None,
         window_loss += loss_value
         if not math.isfinite(loss_value):
             first_bad_step = min(first_bad_step, step)
-        if step % tc.eval_every_steps and step != max_steps:
+        save = bool(every_ckpt) and step % every_ckpt == 0 and step != max_steps
+        if step % tc.eval_every_steps and step != max_steps and not save:
             continue
         t_eval = time.perf_counter()
         loss_eval, acc = evaluate(model, w.x_eval, w.y_eval, world_size, device)
@@ -255,14 +310,18 @@ def run_worker(w: Worker, tracker: Tracker | None = None,
         }
         window_clock, window_steps, window_loss = 0.0, 0, 0.0
         tracker.log_metrics(metrics, step=step)
-        if report is not None:
+        diverged = bad_sum > 0 or not math.isfinite(loss_eval)
+        done = diverged or acc >= tc.target_accuracy
+        if save and not done:
+            checkpoint(dict(metrics, step=step), checkpoint_state(w, step, clock, eval_time))
+        elif report is not None:
             report(dict(metrics, step=step))
         eval_time += time.perf_counter() - t_eval
-        if bad_sum > 0 or not math.isfinite(loss_eval):
+        if diverged:
             status = "diverged"
             first_bad_step = int(bad_local) if bad_local else step
             break
-        if acc >= tc.target_accuracy:
+        if done:
             status, tta = "reached_target", clock
             break
 
@@ -277,12 +336,51 @@ def run_worker(w: Worker, tracker: Tracker | None = None,
         passes_to_accuracy=step * tc.global_batch_size / data.n if tta is not None else None,
         updates_to_accuracy=step if tta is not None else None,
         diverged_at_step=first_bad_step if status == "diverged" else None,
-        extra=w.mechanism.metrics(), walls={"first_step": first_step_wall},
+        extra={**w.mechanism.metrics(), "train/restarts": float(resume.get("restarts", 0)),
+               "time/lost_train_s": lost},
+        walls={"first_step": first_step_wall},
     )
 
 
+def _progress_line(metrics: dict[str, float]) -> str:
+    return (f"step {metrics['step']:>6}  passes {metrics['progress/passes']:6.2f}  "
+            f"train acc {metrics['train/accuracy']:.4f}  loss {metrics['train/loss']:.4f}  "
+            f"train time {metrics['time/train_s']:7.2f} s  {metrics['perf/samples_per_s']:8.0f} samples/s")
+
+
+MODEL_FILE = "model.pt"
+
+
+def load_checkpoint(folder: str | os.PathLike, rank: int) -> dict[str, Any]:
+    """This rank's ``checkpoint_state`` from a checkpoint folder (shared model + per-rank RNG file)."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    state = torch.load(folder / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+    state.update(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=False))
+    return state
+
+
+def save_checkpoint(folder: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Write a ``checkpoint_state``: rank 0 the shared model/optimizer/estimator, every rank its RNG."""
+    from pathlib import Path
+
+    shared = ("model", "optimizer", "estimator_ema")
+    if state["rank"] == 0:
+        torch.save({k: state[k] for k in shared}, Path(folder) / MODEL_FILE)
+    torch.save({k: v for k, v in state.items() if k not in shared}, Path(folder) / f"rank_{state['rank']}.pt")
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
-    """Ray Train entry point: unpack the config, fetch the data, run ``train_worker``."""
+    """Ray Train entry point: unpack the config, fetch the data, resume from a checkpoint, run the loop.
+
+    After a worker failure Ray Train restarts every worker here; the loop continues from the
+    last checkpoint (``ray.train.get_checkpoint``). Rank zero counts the attempt in the MLflow
+    run, skips re-logging the steps already in its metric history, and adds the training time
+    of the discarded steps (last logged ``time/train_s`` minus the checkpoint's clock) to the clock.
+    """
+    import tempfile
+
     import ray
     import ray.train
     import ray.train.torch
@@ -296,16 +394,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
     tracker = Tracker(cfg.tracking.tracking_uri, loop_config["run_id"], enabled=rank == 0)
 
+    resume: dict[str, Any] = {}
+    last = ray.train.get_checkpoint()
+    if last is not None:
+        with last.as_directory() as folder:
+            resume = load_checkpoint(folder, rank)
+    attempt = tracker.next_attempt()
+    if attempt > 1:
+        logged_step, logged_clock = tracker.resume_point("time/train_s")
+        tracker.logged_through = logged_step
+        resume["restarts"] = attempt - 1
+        resume["lost_train_s"] = max(0.0, (logged_clock or 0.0) - resume.get("clock", 0.0))
+        print(f"raygd: restart {attempt - 1}: resuming at step {resume.get('step', 0)} "
+              f"(metrics logged through step {logged_step})", file=sys.stderr, flush=True)
+
     def report(metrics: dict[str, float]) -> None:
-        if rank == 0:
-            print(f"step {metrics['step']:>6}  passes {metrics['progress/passes']:6.2f}  "
-                  f"train acc {metrics['train/accuracy']:.4f}  loss {metrics['train/loss']:.4f}  "
-                  f"train time {metrics['time/train_s']:7.2f} s  {metrics['perf/samples_per_s']:8.0f} samples/s",
-                  file=sys.stderr, flush=True)  # Train V2 echoes worker stdout twice, stderr once
+        if rank == 0:  # Train V2 echoes worker stdout twice, stderr once
+            print(_progress_line(metrics), file=sys.stderr, flush=True)
         if loop_config["report_to_ray"]:  # only Tune reads reports; each is a barrier across workers
             ray.train.report(metrics)
 
-    summary = train_worker(cfg, data, rank, world_size, tracker, report=report, device=device)
+    def checkpoint(metrics: dict[str, float], state: dict[str, Any]) -> None:
+        if rank == 0:
+            print(_progress_line(metrics) + "  [checkpoint]", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory(prefix="raygd-ckpt-") as folder:
+            save_checkpoint(folder, state)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=f"step_{state['step']:09d}")
+
+    w = make_worker(cfg, data, rank, world_size, device)
+    summary = run_worker(w, tracker, report=report, checkpoint=checkpoint, resume=resume)
     summary.walls["loop_entry"] = loop_entry_wall
     return asdict(summary)
 
@@ -361,7 +479,7 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
         The ``RunSummary`` of rank zero, with ``run_id`` set.
     """
     import ray
-    from ray.train import LoggingConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
     from ray.train import RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
@@ -390,6 +508,8 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
                                          resources_per_worker={"CPU": tc.cpus_per_worker}),
             run_config=TrainRunConfig(name=f"raygd-{run_id}", storage_path=storage_path,
                                       callbacks=train_callbacks or [],
+                                      failure_config=FailureConfig(max_failures=tc.max_failures),
+                                      checkpoint_config=CheckpointConfig(num_to_keep=1),
                                       logging_config=LoggingConfig(log_level="WARNING")),
         )
         launch_wall = time.time()

@@ -104,3 +104,61 @@ def _diversity_reports(rank, world_size, cfg, data):
     reports = []
     train_worker(cfg, data, rank, world_size, report=reports.append)
     return reports
+
+
+def _straight_and_resumed(rank, world_size, cfg, data, folder, resume_at):
+    """Final weights of one uninterrupted run, and of a fresh worker resumed from its checkpoint at ``resume_at``."""
+    from raygd.train import load_checkpoint, save_checkpoint
+
+    saved = []
+
+    def checkpoint(metrics, state):
+        saved.append(state["step"])
+        if state["step"] == resume_at:
+            save_checkpoint(folder, state)
+
+    w = make_worker(cfg, data, rank, world_size)
+    straight = run_worker(w, checkpoint=checkpoint)
+    if world_size > 1:
+        torch.distributed.barrier()  # every rank's file is written before any rank reads
+    w2 = make_worker(cfg, data, rank, world_size)
+    resumed = run_worker(w2, resume={**load_checkpoint(folder, rank), "restarts": 1, "lost_train_s": 100.0})
+    weights = [{k: v.detach().clone() for k, v in m.model.state_dict().items()} for m in (w, w2)]
+    return saved, straight, resumed, weights
+
+
+@pytest.mark.parametrize("model, mechanism, world_size", [
+    ("logreg", "vanilla", 1), ("mnist_cnn", "dropconnect", 1), ("mnist_cnn", "sgld", 1), ("logreg", "dropconnect", 2),
+])
+def test_resuming_from_a_checkpoint_continues_the_same_run(idx_dir, tmp_path, model, mechanism, world_size):
+    # 20 updates, a checkpoint every 5 (default: at every evaluation once max_failures != 0). The resumed
+    # run must end at exactly the same weights: sampler, torch RNG and the mechanism's per-rank generators
+    # restored. (QSGD resumes equal in distribution only: DDP rebuilds its gradient buckets after the first
+    # step of a fresh process, which reorders the buffer the quantizer draws over.)
+    cfg = _cfg(idx_dir, f"train.model={model}", f"mechanism.name={mechanism}", f"train.num_workers={world_size}",
+               "mechanism.dropconnect_granularity=per_worker", "mechanism.sgld_sigma=0.05",
+               "train.target_accuracy=1.0", f"train.max_passes={20 * 32 / 600}", "train.max_failures=1",
+               "train.step_size=0.002")  # small enough that 100% accuracy is not reached in 20 updates
+    data = load_data(cfg.data, 0)
+    args = (cfg, data, tmp_path, 10)
+    results = run_group(_straight_and_resumed, world_size, *args) if world_size > 1 else \
+        [_straight_and_resumed(0, 1, *args)]
+    for saved, straight, resumed, (w_straight, w_resumed) in results:
+        assert saved == [5, 10, 15]  # never at the final step
+        assert resumed.steps == straight.steps == 20
+        for name in w_straight:
+            torch.testing.assert_close(w_resumed[name], w_straight[name], rtol=0, atol=1e-6)
+        assert resumed.final_train_loss == pytest.approx(straight.final_train_loss, rel=1e-5)
+        # The clock resumes from the checkpoint's and counts the discarded work; restarts are recorded.
+        assert resumed.train_time_s > 100.0 > straight.train_time_s
+        assert resumed.extra["train/restarts"] == 1.0 and straight.extra["train/restarts"] == 0.0
+
+
+def test_checkpointing_is_off_unless_asked_for(idx_dir):
+    cfg = _cfg(idx_dir, "train.target_accuracy=1.0", "train.max_passes=1")
+    assert cfg.train.checkpoint_interval == 0
+    assert _cfg(idx_dir, "train.max_failures=2").train.checkpoint_interval == 5  # every evaluation
+    assert _cfg(idx_dir, "train.checkpoint_every_steps=7").train.checkpoint_interval == 7
+    saved = []
+    run_worker(make_worker(cfg, load_data(cfg.data, 0)), checkpoint=lambda m, s: saved.append(s))
+    assert saved == []

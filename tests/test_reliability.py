@@ -1,0 +1,69 @@
+"""Reliability on real Ray and MLflow: a Train worker killed mid-run resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from mlflow.tracking import MlflowClient
+
+from raygd.config import load_run_config
+from raygd.train import fit
+
+
+def _alive_train_workers() -> list:
+    import ray
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address  # this session's Ray, whatever else runs on the machine
+    return [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+            if a.class_name == "RayTrainWorker"]
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_session, idx_dir, sqlite_uri, tmp_path):
+    # A small step size keeps the run going for ~100 updates, checkpointed every 5 (a barrier each),
+    # so there is time to kill a worker after the first checkpoint and before the target.
+    cfg = load_run_config(None, [
+        f"data.data_dir={idx_dir}", "train.model=mnist_cnn", "train.num_workers=2", "train.global_batch_size=32",
+        "train.step_size=0.01", "train.target_accuracy=0.9", "train.eval_every_steps=5", "train.max_passes=40",
+        "train.max_failures=1", f"tracking.tracking_uri={sqlite_uri}", "tracking.experiment_name=kill",
+    ])
+    storage = tmp_path / "ray-storage"
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = fit(cfg, storage_path=str(storage))
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 240
+    while not any(storage.rglob("model.pt")):  # the first checkpoint is in storage
+        assert thread.is_alive() and time.monotonic() < deadline, f"no checkpoint was written: {outcome}"
+        time.sleep(0.05)
+    victims = _alive_train_workers()
+    assert len(victims) == 2, victims
+    killed_pid = max(victims, key=lambda a: a.pid).pid
+    os.kill(killed_pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+
+    summary = outcome["summary"]
+    assert summary.status == "reached_target" and summary.final_train_accuracy >= 0.9
+    assert summary.extra["train/restarts"] == 1.0
+    assert killed_pid not in {a.pid for a in _alive_train_workers()}
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raygd.attempt"] == "2"
+    assert run.data.metrics["train/restarts"] == 1.0
+    for key in ("train/loss", "train/accuracy", "time/train_s"):
+        history = client.get_metric_history(summary.run_id, key)
+        steps = [m.step for m in sorted(history, key=lambda m: m.timestamp)]
+        assert steps == sorted(set(steps)) and steps[-1] == summary.steps, (key, steps)
+    # The clock went on from the checkpoint: logged training time never goes backwards.
+    clock = [m.value for m in sorted(client.get_metric_history(summary.run_id, "time/train_s"), key=lambda m: m.step)]
+    assert clock == sorted(clock) and summary.time_to_accuracy_s >= clock[-2]
