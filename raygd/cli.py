@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from raygd.config import ConfigError, RunConfig, load_run_config
 from raygd.data import DataError
+from raygd.tracking import check_tracking_store
 
 EXIT_BAD_INPUT = 2
 
@@ -129,6 +130,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from tuning.sweep import run_sweep
 
     spec = load_sweep_spec(args.spec, args.overrides)
+    check_tracking_store(spec.tracking_uri)
+    from raygd.train import check_ray_address
+
+    check_ray_address()
     outcome = run_sweep(spec, resume=args.resume)
     _print_sweep(spec.name, outcome, spec.tracking_uri)
     return 0
@@ -141,6 +146,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from tuning.sweep import finish_sweep, latest_sweep, write_outputs
 
     uri = absolute_tracking_uri(args.tracking_uri)
+    check_tracking_store(uri)
     outcome = finish_sweep(uri, latest_sweep(uri, args.experiment), args.experiment, log=False)
     if args.out:
         write_outputs(Path(args.out), outcome.records, outcome.best_rows, outcome.table)
@@ -152,6 +158,7 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     from raygd import measure
 
     cfg = load_run_config(args.config, args.overrides)
+    check_tracking_store(cfg.tracking.tracking_uri)
     replications = measure.parse_list(args.replication, int, "--replication")
     mechanisms = measure.check_mechanisms(args.mechanism.split(","))
     if args.every < 1:

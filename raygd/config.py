@@ -353,7 +353,16 @@ def absolute_tracking_uri(uri: str, base: Path | None = None) -> str:
             f"tracking.tracking_uri = {uri!r} is invalid: use sqlite:///path/to/mlflow.db or http://host:port "
             "(plain file stores are not supported by MLflow 3 without opting in)."
         )
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower()
+    if scheme not in TRACKING_SCHEMES:
+        raise ConfigError(
+            f"tracking.tracking_uri = {uri!r} is invalid: the scheme {scheme!r} is not an MLflow tracking store; "
+            f"allowed schemes are {', '.join(TRACKING_SCHEMES)} (e.g. sqlite:///mlflow.db or http://127.0.0.1:5000)."
+        )
     return uri
+
+
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 
 
 def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

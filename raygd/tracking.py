@@ -29,6 +29,8 @@ def redact_uri(uri: str) -> str:
     if parts.password:
         netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
     query = re.sub(r"(?i)((?:token|password|secret|key)=)[^&]*", r"\1***", parts.query)
+    if (netloc, query) == (parts.netloc, parts.query):
+        return uri  # nothing secret; urlunsplit would also drop a slash of sqlite:////abs/path
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
@@ -60,6 +62,44 @@ def provenance_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
     }
     tags.update({k: str(v) for k, v in (extra or {}).items()})
     return tags
+
+
+def check_tracking_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before any Ray work, if the MLflow store cannot be written or reached.
+
+    ``sqlite:///path``: the folder must exist and be writable (and the file, if it exists).
+    ``http(s)://``: the server must answer (any HTTP status counts; only a failed connection fails).
+    Other database stores are left to MLflow. Raises ``ConfigError`` naming tracking.tracking_uri.
+    """
+    import os
+    import urllib.error
+    import urllib.request
+
+    from raygd.config import ConfigError
+
+    shown = redact_uri(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri[len("sqlite:///"):])
+        folder = path.parent
+        problem = (f"the folder {folder} does not exist" if not folder.is_dir()
+                   else f"the folder {folder} is not writable" if not os.access(folder, os.W_OK | os.X_OK)
+                   else f"{path} is a folder" if path.is_dir()
+                   else f"{path} is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
+        if problem:
+            raise ConfigError(f"tracking.tracking_uri = {shown!r} cannot be used: {problem}. Point it at a writable "
+                              "place, e.g. --set tracking.tracking_uri=sqlite:///mlflow.db (the working directory).")
+    elif urlsplit(tracking_uri).scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered (e.g. 401 behind auth, 404 on a proxy): reachable
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(
+                f"tracking.tracking_uri = {shown!r} cannot be reached ({reason}). Start the server first, e.g. "
+                "`mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db`, forward its "
+                "port if it runs on a cluster, or use a local store: --set tracking.tracking_uri=sqlite:///mlflow.db."
+            ) from None
 
 
 def _client(tracking_uri: str):

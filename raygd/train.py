@@ -31,7 +31,7 @@ from raygd.config import RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, eval_indices, load_data
 from raygd.mechanisms import build_mechanism
 from raygd.models import build_model
-from raygd.tracking import Tracker, create_run, provenance_tags
+from raygd.tracking import Tracker, check_tracking_store, create_run, provenance_tags
 
 EVAL_CHUNK = 2048
 
@@ -428,6 +428,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     return asdict(summary)
 
 
+def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> None:
+    """Fail fast with a ``ConfigError`` if ``$RAY_ADDRESS`` (or ``address``) names no reachable Ray cluster.
+
+    Accepts ``auto``, ``host:port`` (the GCS port, 6379 by default) and ``ray://host:port`` (Ray Client,
+    10001); a TCP connect with a timeout tells a typo or a missing port-forward from a slow start.
+    """
+    import socket
+
+    from raygd.config import ConfigError
+
+    address = address if address is not None else os.environ.get("RAY_ADDRESS", "")
+    if not address or address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[1] if address.startswith("ray://") else address
+    host, _, port = host_port.rpartition(":")
+    if "://" in host_port or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"RAY_ADDRESS = {address!r} is invalid: use host:port of the head node's GCS "
+                          "(e.g. 10.0.0.5:6379), ray://host:10001 for Ray Client, or auto; unset it for local Ray.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConfigError(f"RAY_ADDRESS = {address!r} cannot be reached ({err}): start the cluster "
+                          "(`ray start --head` or `ray up cluster/aws.yaml`), forward its port, or unset "
+                          "RAY_ADDRESS to run on local Ray.") from None
+
+
 def ensure_ray(num_cpus_needed: int) -> None:
     """Start local Ray (or join ``$RAY_ADDRESS``) unless this process is already connected."""
     import ray
@@ -485,6 +511,9 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
 
     fit_start_wall = time.time()
     tc = cfg.train
+    check_tracking_store(cfg.tracking.tracking_uri)
+    if not ray.is_initialized():
+        check_ray_address()
     data = data if data is not None else load_data(cfg.data, tc.seed)
     GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed)  # validates B <= n
     ensure_ray(tc.num_workers * tc.cpus_per_worker)
