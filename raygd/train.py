@@ -487,7 +487,7 @@ def default_run_name(cfg: RunConfig) -> str:
 
 def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | None = None,
         train_callbacks: list | None = None, storage_path: str | None = None,
-        run_tags: dict[str, str] | None = None) -> RunSummary:
+        run_tags: dict[str, str] | None = None, run_id: str | None = None) -> RunSummary:
     """Run one data-parallel SGD job on Ray Train and record it in MLflow.
 
     Data is loaded (and so validated) before Ray starts; the MLflow run is created
@@ -500,6 +500,9 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
         train_callbacks: Ray Train callbacks (e.g. Tune's ``TuneReportCallback``).
         storage_path: Ray Train storage (default ``~/ray_results``).
         run_tags: extra MLflow tags (e.g. the Tune trial id).
+        run_id: continue this unfinished MLflow run instead of creating one (a resumed sweep's trial):
+            the Ray Train run of the same name restores its last checkpoint from ``storage_path``, and
+            the loop logs only steps after those already recorded.
 
     Returns:
         The ``RunSummary`` of rank zero, with ``run_id`` set.
@@ -523,9 +526,10 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
               "train.batch_size_per_worker": tc.batch_size_per_worker}
     shape = {"cluster.num_workers": tc.num_workers, "cluster.cpus_per_worker": tc.cpus_per_worker,
              "cluster.use_gpu": use_gpu, "cluster.nodes": len(ray.nodes())}
-    run_id = create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
-                        cfg.tracking.run_name or default_run_name(cfg), params,
-                        {**provenance_tags(shape), **(run_tags or {})}, parent_run_id)
+    if run_id is None:
+        run_id = create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
+                            cfg.tracking.run_name or default_run_name(cfg), params,
+                            {**provenance_tags(shape), **(run_tags or {})}, parent_run_id)
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
     try:
         trainer = TorchTrainer(

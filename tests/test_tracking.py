@@ -52,3 +52,19 @@ def test_provenance_tags_name_versions_and_commit():
     for key in ("raygd.version", "raygd.git_commit", "ray.version", "torch.version", "mlflow.version"):
         assert tags[key]
     assert tags["cluster.num_workers"] == "2"
+
+
+@pytest.mark.parametrize("uri", ["sqlite:////abs/path/mlflow.db", "sqlite:///mlflow.db", "http://127.0.0.1:5000"])
+def test_uris_without_secrets_are_logged_unchanged(uri):
+    assert redact_uri(uri) == uri
+
+
+def test_store_checks_name_the_tracking_uri(tmp_path):
+    from raygd.config import ConfigError
+    from raygd.tracking import check_tracking_store
+
+    check_tracking_store(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a writable folder: fine
+    with pytest.raises(ConfigError, match="tracking.tracking_uri .* does not exist"):
+        check_tracking_store(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
+    with pytest.raises(ConfigError, match="tracking.tracking_uri = 'http://u:\\*\\*\\*@127.0.0.1:1' cannot be reached"):
+        check_tracking_store("http://u:pw@127.0.0.1:1")  # the password is not echoed either
