@@ -6,6 +6,7 @@
     raygd sweep quickstart --resume                          # finish an interrupted sweep
     raygd report quickstart                                  # rebuild its table and figures from MLflow
     raygd diversity configs/quickstart.yaml --replication 1,2,4,8 --mechanism vanilla,sgld
+    raygd submit --address http://127.0.0.1:8265 -- raygd sweep quickstart   # on a Ray cluster (cluster/)
 
 Every config value is validated before Ray starts; a bad value exits with status 2
 and a message naming the field and what is allowed.
@@ -17,6 +18,7 @@ import argparse
 import sys
 from urllib.parse import urlsplit
 
+from raygd import submit
 from raygd.config import ConfigError, RunConfig, load_run_config
 from raygd.data import DataError
 from raygd.tracking import check_tracking_store
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
     report.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default %(default)s)")
     report.add_argument("--out", default=None, help="also write summary.md/csv and figures to this folder")
+    submit.add_parser(sub)
     return parser
 
 
@@ -174,9 +177,12 @@ def cmd_diversity(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, entrypoint = submit.split_entrypoint(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(argv)
+    args.entrypoint = entrypoint
     try:
-        commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "diversity": cmd_diversity}
+        commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "diversity": cmd_diversity,
+                    "submit": submit.cmd_submit}
         return commands[args.command](args)
     except (ConfigError, DataError) as err:
         print(f"raygd {args.command}: error: {err}", file=sys.stderr)
