@@ -106,7 +106,7 @@ def main() -> int:
         config = fake_cluster_config(f"{node_ip()}:{gcs_port}", args.workers, args.idle_timeout_s)
         config_path.write_text(json.dumps(config))
         t_start = time.monotonic()
-        cluster.start_head(num_cpus=0, autoscaling_config=config_path, gcs_port=gcs_port)
+        cluster.start(head_cpus=0, autoscaling_config=config_path, gcs_port=gcs_port)
         print(f"head up in {time.monotonic() - t_start:.1f} s at {cluster.gcs_address}; "
               f"fake provider, worker type {WORKER_TYPE} (1 CPU), max {args.workers} nodes, "
               f"idle timeout {args.idle_timeout_s:g} s", flush=True)

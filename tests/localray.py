@@ -9,9 +9,8 @@ own, so the session id alone would miss them). Token authentication is on, with 
 file that lives in the cluster's folder.
 
     with LocalRayCluster(tmp_path) as cluster:
-        cluster.start_head(num_cpus=0)
-        cluster.add_node(num_cpus=1)
-        cluster.dashboard_url   # the Jobs API, for raygd submit --address
+        cluster.start(head_cpus=0, node_cpus=(1,))   # a head and a 1-CPU worker node
+        cluster.dashboard_url                         # the Jobs API, for raygd submit --address
 """
 
 from __future__ import annotations
@@ -61,7 +60,7 @@ def marked_pids(marker: str) -> list[int]:
     return pids
 
 
-def kill_marked(marker: str, grace_s: float = 10.0) -> int:
+def kill_marked(marker: str, grace_s: float = 3.0) -> int:
     """SIGTERM every process carrying ``marker``, SIGKILL what is left after ``grace_s``; returns the count."""
     pids = marked_pids(marker)
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
@@ -110,7 +109,7 @@ class LocalRayCluster:
         self.gcs_address: str | None = None
         self.dashboard_url: str | None = None
 
-    def _start(self, name: str, args: list[str], timeout_s: float) -> subprocess.Popen:
+    def _launch(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         temp_dir = Path(tempfile.mkdtemp(prefix=f"{name[:1]}", dir=self.root))
         log = self.root / f"{name}.log"
         ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
@@ -121,26 +120,26 @@ class LocalRayCluster:
             proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                     cwd=self.root)
         self.procs.append(proc)
-        wait_for_line(log, "This command will now block forever", proc, timeout_s)
-        return proc
+        return proc, log
 
-    def start_head(self, num_cpus: int = 0, autoscaling_config: Path | None = None, gcs_port: int | None = None,
-                   timeout_s: float = 120) -> None:
-        """Start the head (its dashboard, i.e. the Jobs API, on 127.0.0.1 only)."""
+    def start(self, head_cpus: int = 0, node_cpus: tuple[int, ...] = (), autoscaling_config: Path | None = None,
+              gcs_port: int | None = None, timeout_s: float = 180) -> None:
+        """Start the head (its dashboard, i.e. the Jobs API, on 127.0.0.1 only) and, at the same time, one
+        worker node per entry of ``node_cpus`` (``ray start --address`` waits for the head's GCS)."""
         gcs_port, dash_port = gcs_port or free_port(), free_port()
         args = ["--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
                 f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-                f"--object-manager-port={free_port()}", f"--num-cpus={num_cpus}"]
+                f"--object-manager-port={free_port()}", f"--num-cpus={head_cpus}"]
         if autoscaling_config is not None:
             args.append(f"--autoscaling-config={autoscaling_config}")
-        self._start("head", args, timeout_s)
         self.gcs_address = f"{node_ip()}:{gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{dash_port}"
-
-    def add_node(self, num_cpus: int = 1, timeout_s: float = 120) -> None:
-        """Join a worker node with its own temp dir (nodes on one machine must not share runtime_resources/)."""
-        assert self.gcs_address, "start_head() first"
-        self._start(f"node{len(self.procs)}", [f"--address={self.gcs_address}", f"--num-cpus={num_cpus}"], timeout_s)
+        started = [self._launch("head", args)]
+        # Worker nodes get their own temp dir: nodes on one machine must not share runtime_resources/.
+        started += [self._launch(f"node{i + 1}", [f"--address={self.gcs_address}", f"--num-cpus={cpus}"])
+                    for i, cpus in enumerate(node_cpus)]
+        for proc, log in started:
+            wait_for_line(log, "This command will now block forever", proc, timeout_s)
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token_path.read_text().strip()}"}
