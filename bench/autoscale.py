@@ -60,6 +60,7 @@ class Timeline(threading.Thread):
         super().__init__(daemon=True)
         self.cluster, self.period_s = cluster, period_s
         self.t0 = time.monotonic()
+        self.t0_wall = time.time()
         self.samples: list[tuple[float, int]] = []
         self.events: list[tuple[float, str]] = []
         self.stopped = threading.Event()
@@ -124,21 +125,38 @@ def main() -> int:
         timeline.mark(f"worker nodes now {timeline.nodes_now()}")
         timeline.stopped.set()
         timeline.join()
-        print_timeline(timeline)
+        events = autoscaler_events(cluster.root, timeline.t0_wall)
+        print_timeline(timeline, events)
         table = [line for line in sweep.stdout.splitlines() if line.startswith(("|", "raygd sweep"))]
         print("\n".join(table) or sweep.stdout[-2000:] + sweep.stderr[-3000:])
-        ok = sweep.returncode == 0 and peak >= args.workers and timeline.nodes_now() == 0
+        removed_idle = any("(idle)" in text for _, text in events)
+        ok = sweep.returncode == 0 and peak >= args.workers and timeline.nodes_now() == 0 and removed_idle
         print(f"\nverdict: nodes added {peak} (needed {args.workers}), sweep exit {sweep.returncode}, "
-              f"idle nodes left {timeline.nodes_now()} -> {'OK' if ok else 'FAILED'}")
+              f"idle nodes left {timeline.nodes_now()}, removed as idle by the autoscaler: {removed_idle} "
+              f"-> {'OK' if ok else 'FAILED'}")
     finally:
         stopped = cluster.stop()
-        print(f"stopped {stopped} processes started by this script (by PID); logs in {cluster.root}")
+        print(f"stopped {stopped} processes started by this script (by PID)"
+              + ("" if ok else f"; logs kept in {cluster.root}"))
+        if ok:
+            cluster.remove_files()
     return 0 if ok else 1
 
 
-def print_timeline(timeline: Timeline) -> None:
+def autoscaler_events(root: Path, t0_wall: float) -> list[tuple[float, str]]:
+    """The autoscaler's own ``:event_summary:`` lines from the head's monitor.log, in seconds since ``t0_wall``."""
+    events = []
+    for log in root.glob("h*/session_2*/logs/monitor.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            if ":event_summary:" in line:
+                stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+                events.append((stamp - t0_wall, "autoscaler: " + line.split(":event_summary:", 1)[1].strip()))
+    return events
+
+
+def print_timeline(timeline: Timeline, events: list[tuple[float, str]]) -> None:
     """One line per change in the worker node count, with the events in between."""
-    rows, last = [], None
+    rows, last = list(events), None
     for t, n in timeline.samples:
         if n != last:
             rows.append((t, f"worker nodes alive: {n}"))

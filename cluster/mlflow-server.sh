@@ -12,11 +12,17 @@ PORT="${1:-5000}"
 STATE="$HOME/mlflow"
 mkdir -p "$STATE/artifacts"
 PRIVATE_IP="$(hostname -I | awk '{print $1}')"
-if [ -f "$STATE/server.pid" ] && kill -0 "$(cat "$STATE/server.pid")" 2>/dev/null; then
-  kill "$(cat "$STATE/server.pid")" && sleep 2
+# A restart ends the previous server's whole session (gunicorn workers included), nothing else.
+if [ -f "$STATE/server.pid" ]; then
+  OLD="$(cat "$STATE/server.pid")"
+  pkill -TERM -s "$OLD" || true
+  for _ in $(seq 30); do pgrep -s "$OLD" > /dev/null || break; sleep 1; done
+  pkill -KILL -s "$OLD" || true
 fi
+# raygd tracks runs only: MLflow's GenAI job runner (extra worker processes) stays off.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 # gunicorn takes several --bind addresses: the private IP from --host, loopback from --gunicorn-opts.
-nohup mlflow server \
+setsid nohup mlflow server \
   --backend-store-uri "sqlite:///$STATE/mlflow.db" \
   --artifacts-destination "$STATE/artifacts" \
   --host "$PRIVATE_IP" --port "$PORT" --workers 2 \

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -169,6 +170,10 @@ class LocalRayCluster:
                 pass
         return count
 
+    def remove_files(self) -> None:
+        """Delete the cluster's folder (logs, temp dirs, token); call after ``stop()``."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
     def __enter__(self) -> LocalRayCluster:
         return self
 
@@ -185,7 +190,8 @@ class MlflowServer:
         self.marker = uuid.uuid4().hex
         root.mkdir(parents=True, exist_ok=True)
         self.log = root / "mlflow-server.log"
-        env = {**os.environ, MARKER_VAR: self.marker}
+        # MLflow's job runner (7 huey consumer processes, for GenAI jobs) is not needed to track runs.
+        env = {**os.environ, MARKER_VAR: self.marker, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",

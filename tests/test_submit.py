@@ -197,13 +197,15 @@ def cluster():
         yield cluster
     finally:
         markers = []
-        if cluster is not None:
-            cluster.stop()
-            markers.append(cluster.marker)
         if mlflow_server is not None:
             mlflow_server.stop()
             markers.append(mlflow_server.marker)
+        if cluster is not None:
+            cluster.stop()
+            markers.append(cluster.marker)
         assert all(marked_pids(m) == [] for m in markers), "processes left running"
+        if cluster is not None:
+            cluster.remove_files()
 
 
 def client_env(cluster: LocalRayCluster, tmp_path: Path) -> dict[str, str]:
