@@ -454,8 +454,17 @@ def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> Non
                           "RAY_ADDRESS to run on local Ray.") from None
 
 
-def ensure_ray(num_cpus_needed: int) -> None:
-    """Start local Ray (or join ``$RAY_ADDRESS``) unless this process is already connected."""
+def ensure_ray(num_cpus_needed: int, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
+    """Start local Ray (or join ``$RAY_ADDRESS``) unless this process is already connected.
+
+    A local start gets ``num_cpus`` (default: all cores, at least ``num_cpus_needed``) and its
+    dashboard a free port that every process of the cluster knows (``RAY_API_SERVER_ADDRESS``):
+    Ray Train's placement group cleaner finds its cluster through the State API, which fails when
+    several local Ray instances run on one machine, and then a trial that Tune stops early
+    (ASHA) keeps its workers' CPUs for good and the next trial never starts.
+    """
+    import socket
+
     import ray
 
     # Train V2 polls its workers every 2 s by default and a report (a barrier) waits for the poll;
@@ -464,9 +473,20 @@ def ensure_ray(num_cpus_needed: int) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, num_cpus_needed), log_to_driver=True)
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=log_to_driver)
+        return
+    num_cpus = num_cpus or max(os.cpu_count() or 1, num_cpus_needed)
+    if os.environ.get("RAY_API_SERVER_ADDRESS"):  # the user's choice
+        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver)
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # the raylet and so every worker inherit it
+    try:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=log_to_driver)
+    finally:  # a later local start in this process picks its own port
+        del os.environ["RAY_API_SERVER_ADDRESS"]
 
 
 def _use_gpu(device: str) -> bool:

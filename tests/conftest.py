@@ -35,7 +35,8 @@ def ray_session():
     """One real local Ray for the whole test session (each start costs ~5 s)."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-    ray.init(num_cpus=2, log_to_driver=False)
+    from raygd.train import ensure_ray
+
+    ensure_ray(2, num_cpus=2, log_to_driver=False)  # also lets Ray Train clean up trials Tune stops early
     yield ray
     ray.shutdown()

@@ -84,13 +84,14 @@ def test_duplicate_trial_ids_raise(fn):
         fn(records)
 
 
-def test_rank_orders_reached_by_time_then_max_passes_diverged_error():
+def test_rank_orders_reached_by_time_then_max_passes_stopped_diverged_error():
     records = [
         rec(trial_id="err", status="error"), rec(trial_id="div", status="diverged", loss=math.nan),
         rec(trial_id="slow", time=9.0), rec(trial_id="max", status="max_passes"),
+        rec(trial_id="asha", status="stopped_early", acc=0.3),
         rec(trial_id="fast", time=1.5), rec(trial_id="nan-time", status="reached_target", time=math.nan),
     ]
-    assert [r.trial_id for r in rank_trials(records)] == ["fast", "slow", "max", "nan-time", "div", "err"]
+    assert [r.trial_id for r in rank_trials(records)] == ["fast", "slow", "max", "nan-time", "asha", "div", "err"]
 
 
 def test_rank_ties_are_deterministic():
@@ -141,7 +142,7 @@ def test_rows_are_baseline_first_then_by_time():
     assert [r.mechanism for r in best_per_mechanism(_sweep())] == ["vanilla", "dc(p=0.4)", "sgld"]
 
 
-@pytest.mark.parametrize("bad_seed", ["max_passes", "diverged", "error"])
+@pytest.mark.parametrize("bad_seed", ["max_passes", "stopped_early", "diverged", "error"])
 def test_pair_with_one_failed_seed_is_unreached(bad_seed):
     records = seeds("vanilla", 0.1, 256, [1.0, 1.0]) + [rec("vanilla", 0.1, 256, seed=2, status=bad_seed)]
     records += seeds("vanilla", 0.2, 256, [5.0, 6.0, 7.0])

@@ -36,6 +36,21 @@ def test_grid_is_the_product_of_the_space():
         (["sweep.space.step_size=[]"], "space.step_size"),
         (["train.target_accuracy=2"], "train.target_accuracy"),
         (["sweep.space.mechanism=[{name: dropout}]"], "mechanism.name"),
+        (["sweep.space.step_size={low: 0.01, high: 1.0}"], "space.step_size"),  # a range needs random/optuna
+        (["sweep.search=random", "sweep.space.step_size={low: 1.0, high: 0.1}"], "space.step_size"),
+        (["sweep.search=random", "sweep.space.step_size={low: 0.1, high: .inf}"], "space.step_size"),
+        (["sweep.search=random", "sweep.space.global_batch_size={low: 64, high: 256}"], "space.global_batch_size"),
+        (["sweep.search=optuna", "sweep.num_samples=8"], "search"),  # lists only: a grid
+        (["sweep.search=optuna", "sweep.space.step_size={low: 0.01, high: 1.0, log: true}"], "num_samples"),
+        (["sweep.search=optuna", "sweep.num_samples=8", "sweep.space.step_size={low: 0.01, high: 1.0}",
+          "sweep.space.seed=[0, 1]"], "space.seed"),
+        (["sweep.num_samples=0"], "num_samples"),
+        (["sweep.search_seed=-1"], "search_seed"),
+        (["sweep.scheduler=asha", "sweep.asha_time_attr=training_iteration"], "asha_time_attr"),
+        (["sweep.scheduler=asha", "sweep.asha_grace_period=0"], "asha_grace_period"),
+        (["sweep.scheduler=asha", "sweep.asha_reduction_factor=1"], "asha_reduction_factor"),
+        (["sweep.space.mechanism=[{name: vanilla}, {name: vanilla}]"], "space.mechanism"),
+        (["sweep.asha=1"], "asha"),
     ],
 )
 def test_bad_sweeps_name_the_field(overrides, named):
@@ -64,3 +79,28 @@ def test_relative_tracking_uri_is_fixed_at_load_time(tmp_path, monkeypatch):
     spec = load_sweep_spec("quickstart")
     monkeypatch.chdir("/")  # a Tune trial runs elsewhere: it must still see the driver's store
     assert spec.run_config(spec.trial_params()[0]).tracking.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+@pytest.mark.parametrize("search", ["grid", "random", "optuna"])
+def test_optuna_grid_error_names_the_allowed_searches(search):
+    """A list-only space under optuna is rejected with the field and what would be allowed instead;
+    grid and random accept it."""
+    overrides = [f"sweep.search={search}", "sweep.num_samples=4"]
+    if search != "optuna":
+        assert load_sweep_spec("quickstart", overrides).search == search
+        return
+    with pytest.raises(ConfigError) as err:
+        load_sweep_spec("quickstart", overrides)
+    assert "search = 'optuna'" in str(err.value) and "grid and random" in str(err.value)
+    assert "space.step_size" in str(err.value)
+
+
+def test_a_range_is_validated_at_both_ends_and_decoded_by_label():
+    spec = load_sweep_spec("quickstart", ["sweep.search=optuna", "sweep.num_samples=6",
+                                          "sweep.space.step_size={low: 0.01, high: 1.0, log: true}"])
+    assert sorted({p["step_size"] for p in spec.trial_params()}) == [0.01, 1.0]
+    params = spec.decode({"step_size": 0.3, "mechanism": "dropconnect(p=0.4)", "global_batch_size": 64})
+    assert params["mechanism"] == {"name": "dropconnect", "drop_prob": 0.4}
+    assert spec.run_config(params).mechanism.drop_prob == 0.4
+    with pytest.raises(ConfigError, match="space.mechanism"):
+        spec.decode({"mechanism": "sgld(sigma=0.1)"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -9,11 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tuning.analysis import rank_trials
+from tuning.objective import UNREACHED_PENALTY_S
 from tuning.spec import load_sweep_spec
-from tuning.sweep import KEY_TAG, PHASE_TAG, child_runs, run_sweep
+from tuning.sweep import KEY_TAG, PHASE_TAG, TUNE_DIR_TAG, _param_space, _search_alg, child_runs, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,9 +38,10 @@ def _write_spec(tmp_path, idx_dir, sqlite_uri, name, space, **extra) -> Path:
 
 def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_session, tmp_path, idx_dir,
                                                                             sqlite_uri):
-    # step size 1e-4 never reaches 90% in 3 passes: the sweep must rank it last, not crash.
+    # step size 1e38 overflows float32 within two steps: those trials must be recorded as diverged,
+    # with the step, and ranked last, while the others finish.
     path = _write_spec(tmp_path, idx_dir, sqlite_uri, "it-sweep",
-                       {"step_size": [0.05, 1e-4], "mechanism": [{"name": "vanilla"}, {"name": "sgld",
+                       {"step_size": [0.05, 1e38], "mechanism": [{"name": "vanilla"}, {"name": "sgld",
                                                                                         "sgld_sigma": 0.001}]},
                        confirm_seeds=[7])
     outcome = run_sweep(load_sweep_spec(str(path)))
@@ -54,6 +59,13 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     assert {"summary.csv", "summary.md", "time_vs_batch.png", "speedup.png"} <= artifacts
     reached = [c for c in children if "time_to_accuracy_s" in c.data.metrics]
     assert {float(c.data.params["train.step_size"]) for c in reached} == {0.05}
+    diverged = [c for c in children if c.data.tags["raygd.status"] == "diverged"]
+    assert {float(c.data.params["train.step_size"]) for c in diverged} == {1e38} and len(diverged) == 2
+    for c in diverged:
+        assert 1 <= c.data.metrics["diverged_at_step"] <= c.data.metrics["steps"]
+    ranked = rank_trials(outcome.records)
+    assert [r.status for r in ranked] == ["reached_target"] * 2 + ["diverged"] * 2
+    assert {r.run_id for r in ranked[2:]} == {c.info.run_id for c in diverged}
     fastest = min(reached, key=lambda c: c.data.metrics["time_to_accuracy_s"])
     winner = min((r for r in outcome.best_rows if r.time_to_accuracy_s is not None),
                  key=lambda r: r.time_to_accuracy_s)
@@ -101,3 +113,71 @@ def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tm
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags[KEY_TAG] for c in children}) == 3
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def _suggestions(spec, n: int) -> list[dict]:
+    """The first n configs a fresh searcher built as the sweep builds it suggests (results not needed
+    for them: TPE's first trials are seeded random draws)."""
+    searcher = _search_alg(spec)
+    assert searcher.set_search_properties(None, None, _param_space(spec))
+    return [searcher.suggest(f"t{i}") for i in range(n)]
+
+
+def _optuna_spec(tmp_path, idx_dir, sqlite_uri, seed: int, **extra):
+    return load_sweep_spec(str(_write_spec(
+        tmp_path, idx_dir, sqlite_uri, "it-optuna", {"step_size": {"low": 1e-4, "high": 0.1, "log": True}},
+        search="optuna", num_samples=3, search_seed=seed, **extra)))
+
+
+@pytest.mark.parametrize("search", ["optuna", "random"])
+def test_searcher_suggestions_are_reproducible_from_the_seed(tmp_path, idx_dir, sqlite_uri, search):
+    def steps(seed):
+        spec = _optuna_spec(tmp_path, idx_dir, sqlite_uri, seed)
+        spec.search = search
+        if search == "optuna":
+            return [c["step_size"] for c in _suggestions(spec, 4)]
+        gen = _search_alg(spec)
+        gen.add_configurations({"x": {"run": lambda config: None, "config": _param_space(spec), "num_samples": 4}})
+        return [t.config["step_size"] for t in iter(lambda: gen.next_trial(), None)]
+
+    first = steps(0)
+    assert len(first) == 4 and all(1e-4 <= s <= 0.1 for s in first)
+    assert steps(0) == first and steps(1) != first
+
+
+def test_optuna_sweep_with_asha_stops_a_lagging_trial_and_the_next_one_still_runs(ray_session, tmp_path, idx_dir,
+                                                                                  sqlite_uri):
+    # Pick a searcher seed whose first suggestions are a step size that reaches 90% at the first evaluation
+    # (>= 0.01 here) and then a hopeless one (<= 3e-4: ~10% after 4 steps): ASHA, comparing train accuracy
+    # at 0.2 passes (step 4), must stop the second; the third must still start (nothing leaked) and end.
+    def fits(seed):
+        first, second, _ = (c["step_size"] for c in _suggestions(_optuna_spec(tmp_path, idx_dir, sqlite_uri, seed), 3))
+        return first >= 0.01 and second <= 3e-4
+
+    seed = next(s for s in range(500) if fits(s))
+    spec = _optuna_spec(tmp_path, idx_dir, sqlite_uri, seed, scheduler="asha", asha_time_attr="progress/passes",
+                        asha_grace_period=0.2)
+    expected = [c["step_size"] for c in _suggestions(spec, 3)]
+    outcome = run_sweep(spec)
+    children = sorted(child_runs(sqlite_uri, outcome.parent_run_id), key=lambda r: r.info.start_time)
+    assert [float(c.data.params["train.step_size"]) for c in children] == pytest.approx(expected, rel=1e-12)
+    first, stopped, last = children
+    assert (first.info.status, first.data.tags["raygd.status"]) == ("FINISHED", "reached_target")
+    assert (stopped.info.status, stopped.data.tags["raygd.status"]) == ("KILLED", "stopped_early")
+    assert stopped.data.tags["raygd.stopped_at_step"] == "4" and stopped.data.metrics["final_train_accuracy"] < 0.5
+    client = MlflowClient(sqlite_uri)
+    assert client.get_metric_history(last.info.run_id, "train/accuracy"), "the trial after the stop never trained"
+    assert last.info.status in ("FINISHED", "KILLED") and last.data.tags["raygd.status"] in (
+        "reached_target", "max_passes", "stopped_early")
+    ranked = [r.run_id for r in rank_trials(outcome.records)]
+    assert ranked.index(stopped.info.run_id) > ranked.index(first.info.run_id)
+
+    # what Optuna was told: the reached trial's time to accuracy, a finite penalty for the stopped one
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch()
+    searcher.restore_from_dir(client.get_run(outcome.parent_run_id).data.tags[TUNE_DIR_TAG])
+    values = [t.value for t in sorted(searcher._ot_study.trials, key=lambda t: t.number)]
+    assert values[0] == pytest.approx(first.data.metrics["time_to_accuracy_s"])
+    assert UNREACHED_PENALTY_S <= values[1] < 2 * UNREACHED_PENALTY_S
+    assert all(v is not None and math.isfinite(v) for v in values)

@@ -33,8 +33,8 @@ import numpy as np
 
 BASELINE = "vanilla"
 """Display label of vanilla SGD, the mechanism speedups are measured against."""
-STATUS_ORDER = ("reached_target", "max_passes", "diverged", "error")
-"""Ranking order of trial outcomes: reached first, errors last."""
+STATUS_ORDER = ("reached_target", "max_passes", "stopped_early", "diverged", "error")
+"""Ranking order of trial outcomes: reached first, errors last (stopped_early: stopped by ASHA for lagging)."""
 N_BOOTSTRAP = 2000
 """Bootstrap resamples behind the spread of a confirmed speedup."""
 

@@ -3,31 +3,58 @@
     name: quickstart                 # MLflow experiment and Tune experiment name
     base: {data: {...}, train: {...}}   # a raygd run config (see configs/quickstart.yaml)
     space:
-      step_size: [0.05, 0.2]
+      step_size: [0.05, 0.2]         # or, for random/optuna, a range: {low: 0.01, high: 1.0, log: true}
       global_batch_size: [64, 256]
       mechanism: [{name: vanilla}, {name: dropconnect, drop_prob: 0.4}]
       seed: [0]
       replication: [1]               # optional
-    search: grid                     # grid | random (num_samples draws)
+    search: grid                     # grid | random | optuna (both need num_samples draws)
+    num_samples: 16                  # random/optuna: trials drawn (required for optuna)
+    search_seed: 0                   # seeds random draws and Optuna's TPE sampler
     scheduler: none                  # none | asha (stops trials that lag in train accuracy)
 
-Every combination in the space is checked as a full ``RunConfig`` up front, so a typo
-fails with the field's name before any trial runs.
+Every combination in the space (for a range: both ends) is checked as a full ``RunConfig``
+up front, so a typo fails with the field's name before any trial runs.
+
+The objective (``tuning.objective``): search and ranking minimise ``time_to_accuracy_s``.
+A trial that does not reach the target still gives the searcher a finite value worse than
+any reached one: ``UNREACHED_PENALTY_S * (2 - train accuracy)`` for max_passes and
+stopped_early (so nearer misses rank first), ``3 * UNREACHED_PENALTY_S`` for diverged.
+
+Optuna (``search: optuna``) runs Ray Tune's ``OptunaSearch`` with a TPE sampler seeded by
+``search_seed``; the first draws are reproducible exactly, later ones given the same
+results (times are wall-clock, so equal results are not guaranteed). It needs a range to
+search (a space of lists only is a grid), and ``seed`` and ``replication`` must have one
+value each: they are conditions of the experiment, not hyperparameters to optimise
+(``confirm_seeds`` gives the spread over seeds).
+
+ASHA (``scheduler: asha``) compares trials on ``train/accuracy`` at rungs of
+``asha_time_attr``: ``time/train_s`` (the time-to-accuracy clock, the default) or
+``progress/passes`` (machine-independent decisions). Rungs are at
+``asha_grace_period * asha_reduction_factor**k``; a trial that reaches the target before
+the first rung is never compared, so keep the grace period below typical times to accuracy.
+A stopped trial's MLflow run ends KILLED with ``raygd.status = stopped_early``.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from raygd.config import ConfigError, RunConfig, absolute_tracking_uri, apply_overrides, parse_override, read_yaml
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-SEARCHES = ("grid", "random")
+SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
 SPACE_KEYS = ("step_size", "global_batch_size", "mechanism", "seed", "replication")
+RANGE_KEYS = ("step_size",)
+"""Space keys that may be a range {low, high, log} (random and optuna search) instead of a list."""
+CONDITION_KEYS = ("seed", "replication")
+"""Space keys that describe the experiment rather than tune it: one value each under optuna."""
+ASHA_TIME_ATTRS = ("time/train_s", "progress/passes")
 
 
 @dataclass
@@ -38,14 +65,23 @@ class SweepSpec:
     """Sweep name: the MLflow experiment and the Tune experiment folder."""
     base: dict[str, Any]
     """The run config every trial starts from (sections data/mechanism/train/tracking)."""
-    space: dict[str, list[Any]]
-    """Values per key: step_size, global_batch_size, mechanism (dicts), seed, replication."""
+    space: dict[str, Any]
+    """Values per key (step_size, global_batch_size, mechanism (dicts), seed, replication): a list,
+    or for step_size under random/optuna search a range {low, high, log}."""
     search: str = "grid"
-    """grid (every combination) or random (num_samples draws from the lists)."""
-    num_samples: int = 1
-    """random search: number of trials drawn."""
+    """grid (every combination), random (num_samples draws) or optuna (num_samples TPE suggestions)."""
+    num_samples: int | None = None
+    """random/optuna: number of trials (random: default 1; optuna: required)."""
+    search_seed: int = 0
+    """Seed of random search's draws and of Optuna's TPE sampler."""
     scheduler: str = "none"
-    """none, or asha: successive halving on train accuracy per evaluation."""
+    """none, or asha: successive halving on train accuracy at rungs of asha_time_attr."""
+    asha_time_attr: str = "time/train_s"
+    """ASHA's budget axis: time/train_s (training seconds) or progress/passes."""
+    asha_grace_period: float = 0.5
+    """ASHA's first rung, in units of asha_time_attr; no trial is stopped before it."""
+    asha_reduction_factor: float = 2.0
+    """ASHA keeps the best 1/reduction_factor of the trials recorded at each rung."""
     max_concurrent_trials: int = 1
     """Trials at once; each takes num_workers CPUs (+1 for the trial driver)."""
     storage_path: str | None = None
@@ -61,26 +97,92 @@ class SweepSpec:
             raise ConfigError(f"search = {self.search!r} is invalid: allowed values are {', '.join(SEARCHES)}.")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler = {self.scheduler!r} is invalid: allowed values are {', '.join(SCHEDULERS)}.")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ConfigError(f"num_samples = {self.num_samples!r} is invalid: an integer >= 1.")
-        if not isinstance(self.max_concurrent_trials, int) or self.max_concurrent_trials < 1:
-            raise ConfigError(f"max_concurrent_trials = {self.max_concurrent_trials!r} is invalid: an integer >= 1.")
+        self._check_numbers()
         unknown = sorted(set(self.space) - set(SPACE_KEYS))
         if unknown:
             raise ConfigError(f"space keys {unknown} are unknown: allowed keys are {', '.join(SPACE_KEYS)}.")
         for key, values in self.space.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"space.{key} = {values!r} is invalid: a non-empty list of values.")
+            self._check_space_entry(key, values)
+        if self.search == "optuna":
+            self._check_optuna()
+        labels = [mechanism_label(m) for m in self.space.get("mechanism", []) if isinstance(m, dict)]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"space.mechanism has duplicate entries {labels}: each mechanism setting once.")
         if not isinstance(self.confirm_seeds, list) or not all(isinstance(s, int) and s >= 0
                                                                for s in self.confirm_seeds):
             raise ConfigError(f"confirm_seeds = {self.confirm_seeds!r} is invalid: a list of integers >= 0.")
         for params in self.trial_params():
-            self.run_config(params)  # every combination must be a valid run config
+            self.run_config(params)  # every combination (each range's ends) must be a valid run config
+
+    def _check_numbers(self) -> None:
+        def positive_int(name: str, value: Any, optional: bool = False) -> None:
+            if not (optional and value is None) and (type(value) is not int or value < 1):
+                raise ConfigError(f"{name} = {value!r} is invalid: an integer >= 1.")
+
+        positive_int("num_samples", self.num_samples, optional=True)
+        positive_int("max_concurrent_trials", self.max_concurrent_trials)
+        if type(self.search_seed) is not int or self.search_seed < 0:
+            raise ConfigError(f"search_seed = {self.search_seed!r} is invalid: an integer >= 0.")
+        if self.asha_time_attr not in ASHA_TIME_ATTRS:
+            raise ConfigError(f"asha_time_attr = {self.asha_time_attr!r} is invalid: allowed values are "
+                              f"{', '.join(ASHA_TIME_ATTRS)}.")
+        if not isinstance(self.asha_grace_period, (int, float)) or not 0 < self.asha_grace_period < 1e6:
+            raise ConfigError(f"asha_grace_period = {self.asha_grace_period!r} is invalid: a number > 0 "
+                              f"(units of asha_time_attr).")
+        if not isinstance(self.asha_reduction_factor, (int, float)) or not 1 < self.asha_reduction_factor < 1e3:
+            raise ConfigError(f"asha_reduction_factor = {self.asha_reduction_factor!r} is invalid: a number > 1.")
+
+    def _check_space_entry(self, key: str, values: Any) -> None:
+        if isinstance(values, dict) and key in RANGE_KEYS:
+            if self.search == "grid":
+                raise ConfigError(f"space.{key} = {values!r} is a range: ranges need search random or optuna; "
+                                  f"with search = 'grid' give a list of values.")
+            extra = sorted(set(values) - {"low", "high", "log"})
+            low, high, log = values.get("low"), values.get("high"), values.get("log", False)
+            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                          for v in (low, high))
+            if extra or not numbers or not 0 < low < high or not isinstance(log, bool):
+                raise ConfigError(f"space.{key} = {values!r} is invalid: a range is {{low: a, high: b, log: "
+                                  f"true|false}} with 0 < a < b.")
+        elif not isinstance(values, list) or not values:
+            ranges = f", or a range {{low, high, log}} for {', '.join(RANGE_KEYS)}" if self.search != "grid" else ""
+            raise ConfigError(f"space.{key} = {values!r} is invalid: a non-empty list of values{ranges}.")
+
+    def _check_optuna(self) -> None:
+        if self.num_samples is None:
+            raise ConfigError("num_samples is required with search = 'optuna': the number of trials Optuna "
+                              "suggests (an integer >= 1).")
+        if not any(isinstance(self.space.get(k), dict) for k in RANGE_KEYS):
+            raise ConfigError("search = 'optuna' needs a range to search, e.g. space.step_size = {low: 0.01, high: "
+                              "1.0, log: true}; a space of lists only is a grid: allowed searches for it are grid "
+                              "and random.")
+        for key in CONDITION_KEYS:
+            if len(self.space.get(key, [None])) > 1:
+                raise ConfigError(f"space.{key} = {self.space[key]!r} is invalid with search = 'optuna': "
+                                  f"{' and '.join(CONDITION_KEYS)} are conditions, not hyperparameters; give one "
+                                  f"value (confirm_seeds re-runs the winners with more seeds).")
+
+    def _values(self, key: str) -> list[Any]:
+        """The listed values of a key, or a range's two ends."""
+        values = self.space[key]
+        return [values["low"], values["high"]] if isinstance(values, dict) else values
 
     def trial_params(self) -> list[dict[str, Any]]:
-        """Every combination of the space, as the dicts Tune's grid search will produce."""
+        """Every combination of the space, as the dicts Tune's grid search will produce
+        (a range contributes its two ends: what random and optuna search are validated with)."""
         keys = list(self.space)
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(self.space[k] for k in keys))]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(self._values(k) for k in keys))]
+
+    def decode(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Trial params as Tune gives them to a trial, mechanism labels (random/optuna) turned back into dicts."""
+        mech = params.get("mechanism")
+        if isinstance(mech, str):
+            by_label = {mechanism_label(m): m for m in self.space.get("mechanism", [])}
+            if mech not in by_label:
+                raise ConfigError(f"trial mechanism {mech!r} is not in space.mechanism: allowed are "
+                                  f"{', '.join(by_label)}.")
+            params = {**params, "mechanism": dict(by_label[mech])}
+        return params
 
     def run_config(self, params: dict[str, Any]) -> RunConfig:
         """The validated run config of one trial."""
@@ -159,8 +261,7 @@ def load_sweep_spec(name_or_path: str, overrides: list[str] | None = None) -> Sw
     tracking = raw["base"].setdefault("tracking", {})
     if isinstance(tracking, dict):
         tracking["tracking_uri"] = absolute_tracking_uri(tracking.get("tracking_uri", "sqlite:///mlflow.db"))
-    known = {"name", "base", "space", "search", "num_samples", "scheduler", "max_concurrent_trials", "storage_path",
-             "confirm_seeds"}
+    known = {f.name for f in fields(SweepSpec)} - {"extra"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown sweep field(s) {unknown}: allowed fields are {', '.join(sorted(known))}.")

@@ -3,10 +3,14 @@
 A trial is a Tune function that builds and fits a ``TorchTrainer`` through
 ``raygd.train.fit`` (the Train V2 pattern: Tune never receives a trainer object).
 Every trial stops at the target inside the training loop; rank zero's evaluations
-reach Tune through ``TuneReportCallback`` (for ASHA), and the trial's final summary
-is its last report. MLflow holds one parent run per sweep and one child run per
-trial (``mlflow.parentRunId``), created by raygd itself rather than Ray's MLflow
-callback, whose nesting does not give one child per trial under a parent we own.
+reach Tune through ``TuneReportCallback`` (with the provisional objective added, see
+``tuning.callbacks``), and the trial's final summary is its last report. Search is a
+grid, random draws, or Optuna's TPE (``OptunaSearch``) minimising ``objective_s``, the
+time to accuracy with a finite penalty for misses (``tuning.objective``); ASHA may stop
+trials that lag, and their MLflow runs are ended ``stopped_early`` as they stop.
+MLflow holds one parent run per sweep and one child run per trial (``mlflow.parentRunId``),
+created by raygd itself rather than Ray's MLflow callback, whose nesting does not give one
+child per trial under a parent we own.
 
     raygd sweep quickstart                     # a preset from tuning/presets/
     raygd sweep my-sweep.yaml --set train.target_accuracy=0.85
@@ -27,11 +31,11 @@ from typing import Any
 from raygd.config import ConfigError
 from raygd.tracking import PARENT_TAG, Tracker, create_run, provenance_tags
 from tuning import analysis
+from tuning.objective import objective_s
 from tuning.spec import SweepSpec, mechanism_label
 
 KIND_TAG, TRIAL_TAG, KEY_TAG, TUNE_DIR_TAG = "raygd.kind", "raygd.trial_id", "raygd.trial_key", "raygd.tune_dir"
-PHASE_TAG = "raygd.phase"
-UNREACHED_PENALTY_S = 1e9
+PHASE_TAG, STATUS_TAG, STOPPED_STEP_TAG = "raygd.phase", "raygd.status", "raygd.stopped_at_step"
 
 
 def _client(uri: str):
@@ -49,9 +53,14 @@ def child_runs(tracking_uri: str, parent_run_id: str) -> list:
 
 
 def _trial_metrics(summary_metrics: dict[str, float], status: str) -> dict[str, Any]:
-    tta = summary_metrics.get("time_to_accuracy_s")
-    objective = tta if tta is not None and status == "reached_target" else UNREACHED_PENALTY_S
-    return {**summary_metrics, "status": status, "objective_s": objective}
+    """A trial's final Tune result: its summary, status and objective, and the per-evaluation keys
+    (train/accuracy, time/train_s, progress/passes) that ASHA reads from every result."""
+    acc = summary_metrics.get("final_train_accuracy")
+    return {**summary_metrics, "status": status,
+            "objective_s": objective_s(status, summary_metrics.get("time_to_accuracy_s"), acc),
+            "train/accuracy": acc if acc is not None else float("nan"),
+            "time/train_s": summary_metrics.get("train_time_s", 0.0),
+            "progress/passes": summary_metrics.get("passes", 0.0)}
 
 
 def trial_key(params: dict[str, Any]) -> str:
@@ -67,13 +76,13 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
     the parent keeps exactly one child per trial.
     """
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from raygd.train import fit
+    from tuning.callbacks import TrialReportCallback
 
     entry_wall = time.time()
     phase = "confirm" if "confirm" in params else "search"
-    params = params.get("confirm", params)
+    params = spec.decode(params.get("confirm", params))
     cfg = spec.run_config(params)
     trial_id, key = tune.get_context().get_trial_id(), trial_key({**params, "phase": phase})
     client = _client(cfg.tracking.tracking_uri)
@@ -87,7 +96,7 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
     cfg.tracking.run_name = (f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}"
                              f"-s{cfg.train.seed}")
-    summary = fit(cfg, parent_run_id=parent_run_id, train_callbacks=[TuneReportCallback()],
+    summary = fit(cfg, parent_run_id=parent_run_id, train_callbacks=[TrialReportCallback()],
                   run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, "raygd.mechanism_label": label})
     client.log_metric(summary.run_id, "overhead/trial_to_first_step_s", summary.walls["first_step"] - entry_wall,
                       step=summary.steps)
@@ -95,10 +104,34 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
 
 
 def _param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's param space: grid_search over each list, or (random, optuna) a choice per list and a
+    (log-)uniform per range; mechanisms become their labels there, which Optuna can handle."""
     from ray import tune
 
-    pick = tune.grid_search if spec.search == "grid" else tune.choice
-    return {key: pick(values) for key, values in spec.space.items()}
+    if spec.search == "grid":
+        return {key: tune.grid_search(values) for key, values in spec.space.items()}
+    space: dict[str, Any] = {}
+    for key, values in spec.space.items():
+        if isinstance(values, dict):
+            space[key] = (tune.loguniform if values.get("log") else tune.uniform)(values["low"], values["high"])
+            continue
+        if key == "mechanism":
+            values = [mechanism_label(m) for m in values]
+        space[key] = values[0] if len(values) == 1 else tune.choice(values)
+    return space
+
+
+def _search_alg(spec: SweepSpec):
+    """Optuna's TPE (seeded) minimising objective_s, or Tune's seeded random draws; None for the grid."""
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric="objective_s", mode="min", seed=spec.search_seed)
+    if spec.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=spec.search_seed)
+    return None
 
 
 def _tune_config(spec: SweepSpec):
@@ -107,11 +140,13 @@ def _tune_config(spec: SweepSpec):
 
     scheduler = None
     if spec.scheduler == "asha":
-        # Ranks trials by train accuracy at each evaluation; trials stop at the target themselves.
-        scheduler = ASHAScheduler(metric="train/accuracy", mode="max", time_attr="training_iteration",
-                                  max_t=10_000, grace_period=2, reduction_factor=2)
-    return tune.TuneConfig(num_samples=spec.num_samples if spec.search == "random" else 1,
-                           max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler)
+        # Train accuracy at equal budget (training seconds by default: the objective's own clock);
+        # every evaluation is a Tune result, and trials also stop at the target by themselves.
+        scheduler = ASHAScheduler(metric="train/accuracy", mode="max", time_attr=spec.asha_time_attr, max_t=1e9,
+                                  grace_period=spec.asha_grace_period, reduction_factor=spec.asha_reduction_factor)
+    return tune.TuneConfig(num_samples=(spec.num_samples or 1) if spec.search != "grid" else 1,
+                           max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler,
+                           search_alg=_search_alg(spec))
 
 
 def _latest_unfinished_parent(spec: SweepSpec) -> tuple[str, str]:
@@ -142,6 +177,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
 
     from raygd.data import load_data
     from raygd.train import ensure_ray
+    from tuning.callbacks import TrialRecorder
 
     configs = [spec.run_config(p) for p in spec.trial_params()]
     load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
@@ -157,16 +193,17 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
     ensure_ray(per_trial * spec.max_concurrent_trials)
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, parent_run_id=parent_run_id),
                                     {"cpu": 0, "memory": 2**20})  # the trial only waits on its workers
-    _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume)
+    recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
+    _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder)
     if spec.confirm_seeds:
         winners = confirm_params(spec, finish_sweep(spec.tracking_uri, parent_run_id, spec.name, log=False).best_rows)
         if winners:
             _fit_tuner(trainable, tune_dir + "-confirm", {"confirm": tune.grid_search(winners)},
-                       tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials), resume)
+                       tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials), resume, recorder)
     return finish_sweep(spec.tracking_uri, parent_run_id, spec.name)
 
 
-def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume: bool) -> None:
+def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume: bool, recorder) -> None:
     from ray import tune
 
     if resume and tune.Tuner.can_restore(tune_dir):
@@ -174,7 +211,8 @@ def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume:
     else:
         path = Path(tune_dir)
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
-                           run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent)))
+                           run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent),
+                                                     callbacks=[recorder]))
     tuner.fit()
 
 
@@ -199,17 +237,21 @@ def _spec_params(spec: SweepSpec) -> dict[str, Any]:
               if not k.startswith(("train.step_size", "train.global_batch_size", "train.seed"))}
     params.update({f"space.{k}": json.dumps(v) for k, v in spec.space.items()})
     params.update(search=spec.search, scheduler=spec.scheduler, num_samples=spec.num_samples,
-                  num_trials=len(spec.trial_params()) if spec.search == "grid" else spec.num_samples)
+                  search_seed=spec.search_seed,
+                  num_trials=len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1)
+    if spec.scheduler == "asha":
+        params.update(asha_time_attr=spec.asha_time_attr, asha_grace_period=spec.asha_grace_period,
+                      asha_reduction_factor=spec.asha_reduction_factor)
     return params
 
 
 def record_from_run(run) -> dict[str, Any]:
     """An ``analysis.TrialRecord`` dict from an MLflow child run."""
     p, m, t = run.data.params, run.data.metrics, run.data.tags
-    status = t.get("raygd.status", "error")
-    if run.info.status == "KILLED":
-        status = "max_passes"  # stopped early by the scheduler: did not reach the target
-    elif run.info.status == "FAILED" or status == "failed":
+    status = t.get(STATUS_TAG)
+    if run.info.status != "FINISHED" and (STOPPED_STEP_TAG in t or (status is None and run.info.status == "KILLED")):
+        status = "stopped_early"  # stopped by the scheduler (untagged: by an older raygd)
+    elif status is None or status == "failed" or run.info.status == "FAILED":
         status = "error"
     return {
         "trial_id": t.get(TRIAL_TAG, run.info.run_id), "run_id": run.info.run_id,
@@ -225,13 +267,18 @@ def record_from_run(run) -> dict[str, Any]:
 
 
 def finish_sweep(tracking_uri: str, parent_run_id: str, name: str, log: bool = True) -> SweepOutcome:
-    """Analyse a sweep's child runs; with ``log``, first close stray child runs (stopped by the
-    scheduler) and afterwards log table, CSVs and figures to the parent run and end it."""
+    """Analyse a sweep's child runs; with ``log``, first end child runs nothing else ended (their
+    trial died unrecorded) and afterwards log table, CSVs and figures to the parent run and end it."""
     client = _client(tracking_uri)
     runs = child_runs(tracking_uri, parent_run_id)
     for run in runs if log else []:  # only at the end of a sweep: a report must not touch a live one
-        if run.info.status == "RUNNING":  # stopped by the scheduler: its trial actor was killed
+        if run.info.status != "FINISHED" and STOPPED_STEP_TAG in run.data.tags:
+            # stopped by the scheduler (TrialRecorder); the dying trial's fit() may have marked it failed since
+            client.set_tag(run.info.run_id, STATUS_TAG, "stopped_early")
             client.set_terminated(run.info.run_id, "KILLED")
+        elif run.info.status == "RUNNING":  # TrialRecorder ends stopped and errored trials; this one died
+            client.set_tag(run.info.run_id, STATUS_TAG, "failed")
+            client.set_terminated(run.info.run_id, "FAILED")
     runs = child_runs(tracking_uri, parent_run_id)
     confirm_runs = [r for r in runs if r.data.tags.get(PHASE_TAG) == "confirm"]
     runs = [r for r in runs if r.data.tags.get(PHASE_TAG) != "confirm"]
