@@ -41,6 +41,7 @@ WORKING_DIR_EXCLUDES = [
 MAX_WORKING_DIR_BYTES = 100 * 2**20
 """Ray's own limit is 512 MiB zipped; data belongs on the nodes or in cloud storage, not in the upload."""
 TRACKED_COMMANDS = ("train", "sweep", "diversity")
+REMOTE_TRACKING_SCHEMES = ("http", "https", "postgresql", "mysql", "mssql", "databricks")
 JOB_FLAGS = ("status", "logs", "stop")
 FIX_REACH = ("Start the port forward to the head's dashboard first (`ray dashboard cluster/aws.yaml`, or "
              "`kubectl port-forward svc/raygd-head-svc 8265:8265`) or pass --address http://HOST:8265")
@@ -93,7 +94,8 @@ def resolve_address(flag: str | None) -> str:
     env_http = os.environ.get("RAY_ADDRESS", "")
     raw = flag or os.environ.get("RAY_API_SERVER_ADDRESS") or (env_http if "://" in env_http else "") \
         or DEFAULT_ADDRESS
-    source = "--address" if flag else "the environment" if raw != DEFAULT_ADDRESS else "the default address"
+    source = ("--address" if flag else "$RAY_API_SERVER_ADDRESS" if os.environ.get("RAY_API_SERVER_ADDRESS")
+              else "$RAY_ADDRESS" if raw != DEFAULT_ADDRESS else "the default")
     text = raw.strip().rstrip("/")
     if "://" not in text:
         text = "http://" + text
@@ -104,8 +106,8 @@ def resolve_address(flag: str | None) -> str:
         port = -1
     if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 or text in ("http://auto",):
         raise ConfigError(
-            f"--address {raw!r} (from {source}) is not a Ray Jobs API address: it must be the head's dashboard URL, "
-            "http(s)://HOST:PORT, e.g. http://127.0.0.1:8265 after `ray dashboard cluster/aws.yaml` "
+            f"address {raw!r} (from {source}) is not a Ray Jobs API address: pass --address with the head's "
+            "dashboard URL, http(s)://HOST:PORT, e.g. http://127.0.0.1:8265 after `ray dashboard cluster/aws.yaml` "
             "(ray:// client addresses and the GCS port 6379 are not the Jobs API).")
     return text if port or parts.scheme == "https" else f"{text}:8265"
 
@@ -156,6 +158,18 @@ def check_working_dir(folder: str, extra_excludes: list[str]) -> tuple[Path, lis
             f"(limit {MAX_WORKING_DIR_BYTES / 2**20:.0f} MiB): leave large files out with --exclude PATTERN or "
             "a .rayignore file; data belongs on the nodes (RAYGD_DATA_DIR) or in cloud storage.")
     return path, excludes, size, files
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI given to submit must be a server or database the cluster's nodes can all reach."""
+    if uri == CLUSTER_TRACKING_URI:
+        return
+    scheme = urlsplit(uri).scheme
+    if scheme not in REMOTE_TRACKING_SCHEMES:
+        raise ConfigError(
+            f"--tracking-uri {uri!r} is not reachable from every node of a cluster: use the MLflow server the "
+            "nodes share (http://HEAD_PRIVATE_IP:5000, or leave --tracking-uri out to use the cluster's "
+            f"$MLFLOW_TRACKING_URI) or a database URI ({', '.join(REMOTE_TRACKING_SCHEMES[2:])}).")
 
 
 def build_entrypoint(command: list[str], tracking_uri: str) -> str:
@@ -308,6 +322,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     address = resolve_address(args.address)
     if manage:
         return run_job_command(args, connect(address))
+    check_tracking_uri(args.tracking_uri)
     path, excludes, size, files = check_working_dir(args.working_dir, args.exclude)
     entrypoint = build_entrypoint(command, args.tracking_uri)
     client = connect(address)

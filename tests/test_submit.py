@@ -91,7 +91,7 @@ def test_resolve_address(monkeypatch, flag, env, expected):
 
 @pytest.mark.parametrize("flag", ["ray://head:10001", "auto", "http://h:port", "ftp://h:21", "http://:8265"])
 def test_resolve_address_rejects_what_is_not_a_jobs_api_url(flag):
-    with pytest.raises(ConfigError, match="--address"):
+    with pytest.raises(ConfigError, match="from --address"):
         resolve_address(flag)
 
 
@@ -146,6 +146,8 @@ def test_working_dir_excludes_leave_out_venv_git_and_mlflow_stores(tmp_path):
     (["--address", "http://127.0.0.1:{closed}", "--", "raygd", "sweep", "q"],
      {"RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "RAY_AUTH_TOKEN_PATH"),
     (["--address", "http://127.0.0.1:{closed}", "raygd", "sweep", "q", "--set", "a=1"], {}, "without `--`"),
+    (["--address", "http://127.0.0.1:{closed}", "--tracking-uri", "sqlite:///mlflow.db", "--", "raygd", "sweep",
+      "q"], {}, "--tracking-uri 'sqlite:///mlflow.db'"),
     (["--status", "raysubmit_x", "--", "raygd", "sweep", "q"], {}, "not both"),
     ([], {}, "needs a command after `--`"),
     (["--logs", "raysubmit_x", "--follow", "--stop", "raysubmit_y"], {}, None),  # argparse: not allowed together
