@@ -87,25 +87,32 @@ def _sweep_cmd(path, *extra):
 
 
 def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tmp_path, idx_dir, sqlite_uri):
+    # Small step sizes and a checkpoint every other update keep each trial training for seconds,
+    # so the kill lands inside the second trial's loop, after it has logged and checkpointed.
     path = _write_spec(tmp_path, idx_dir, sqlite_uri, "resume-sweep",
-                       {"step_size": [0.05, 0.1, 0.2], "mechanism": [{"name": "vanilla"}]})
+                       {"step_size": [0.0005, 0.001, 0.002], "mechanism": [{"name": "vanilla"}]})
+    spec = yaml.safe_load(path.read_text())
+    spec["base"]["train"].update(checkpoint_every_steps=2, target_accuracy=0.99, max_passes=2)
+    path.write_text(yaml.safe_dump(spec))
     env = dict(os.environ, RAY_ADDRESS="")
     proc = subprocess.Popen(_sweep_cmd(path), cwd=tmp_path, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = MlflowClient(sqlite_uri)
     deadline = time.time() + 300
-    parent = None
-    while time.time() < deadline:  # kill once the first trial has finished and the second has started
+    parent = partial = None
+    while time.time() < deadline:  # kill once the first trial has finished and the second is training
         exp = client.get_experiment_by_name("resume-sweep")
         runs = client.search_runs([exp.experiment_id]) if exp else []
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        if sum(r.info.status == "FINISHED" for r in children) >= 1 and len(children) >= 2:
-            parent = children[0].data.tags["mlflow.parentRunId"]
+        running = [r for r in children if r.info.status == "RUNNING" and "train/loss" in r.data.metrics]
+        if sum(r.info.status == "FINISHED" for r in children) >= 1 and running:
+            parent, partial = children[0].data.tags["mlflow.parentRunId"], running[0].info.run_id
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     assert parent, "the sweep did not get going"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (same process group)
     proc.wait()
+    logged_before = [m.step for m in client.get_metric_history(partial, "train/loss")]
     done = subprocess.run(_sweep_cmd(path, "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -113,6 +120,12 @@ def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tm
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags[KEY_TAG] for c in children}) == 3
     assert client.get_run(parent).info.status == "FINISHED"
+    # The interrupted trial's run was reattached, not recreated: same run, continued from its checkpoint.
+    reattached = client.get_run(partial)
+    assert partial in {c.info.run_id for c in children} and reattached.data.tags["raygd.attempt"] == "2"
+    assert reattached.data.metrics["train/restarts"] == 1.0
+    steps = [m.step for m in sorted(client.get_metric_history(partial, "train/loss"), key=lambda m: m.timestamp)]
+    assert steps[:len(logged_before)] == sorted(logged_before) and steps == sorted(set(steps)), steps
 
 
 def _suggestions(spec, n: int) -> list[dict]:

@@ -72,8 +72,12 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
     """One Tune trial: fit one run (or reuse a finished child run of this trial) and report its summary.
 
     An interrupted sweep may re-run a trial: a child run with the same parameters that
-    finished is reported again without training; a partial one is deleted and redone, so
-    the parent keeps exactly one child per trial.
+    finished is reported again without training. A partial one is reattached when the
+    trial checkpoints (``train.max_failures`` or ``train.checkpoint_every_steps``): the same
+    MLflow run continues from the Ray Train checkpoint of the same name, logging only the
+    steps after those already recorded. Without checkpoints it is deleted and redone from
+    step 0, so that its time-to-accuracy is not charged for the work the kill threw away.
+    Either way the parent keeps exactly one child per trial.
     """
     from ray import tune
 
@@ -86,18 +90,23 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
     cfg = spec.run_config(params)
     trial_id, key = tune.get_context().get_trial_id(), trial_key({**params, "phase": phase})
     client = _client(cfg.tracking.tracking_uri)
+    reattach = None
     for run in child_runs(cfg.tracking.tracking_uri, parent_run_id):
         if run.data.tags.get(KEY_TAG) != key:
             continue
         if run.info.status == "FINISHED":  # finished before an interruption: report it, do not train again
             tune.report(_trial_metrics(run.data.metrics, run.data.tags.get("raygd.status", "max_passes")))
             return
-        client.delete_run(run.info.run_id)  # a partial run of an interrupted trial; this trial starts over
+        if cfg.train.checkpoint_interval and reattach is None:
+            reattach = run.info.run_id  # a partial run of an interrupted trial: continue it from its checkpoint
+        else:
+            client.delete_run(run.info.run_id)  # nothing to continue from: this trial starts over
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
     cfg.tracking.run_name = (f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}"
                              f"-s{cfg.train.seed}")
     summary = fit(cfg, parent_run_id=parent_run_id, train_callbacks=[TrialReportCallback()],
-                  run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, "raygd.mechanism_label": label})
+                  run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, "raygd.mechanism_label": label},
+                  run_id=reattach)
     client.log_metric(summary.run_id, "overhead/trial_to_first_step_s", summary.walls["first_step"] - entry_wall,
                       step=summary.steps)
     tune.report(_trial_metrics(summary.summary_metrics(), summary.status))
