@@ -29,6 +29,7 @@ from pathlib import Path
 
 BIN = Path(sys.executable).parent
 MARKER_VAR = "RAYGD_TEST_CLUSTER_ID"
+READY_LINE = "This command will now block forever"
 
 
 def free_port() -> int:
@@ -126,21 +127,38 @@ class LocalRayCluster:
     def start(self, head_cpus: int = 0, node_cpus: tuple[int, ...] = (), autoscaling_config: Path | None = None,
               gcs_port: int | None = None, timeout_s: float = 180) -> None:
         """Start the head (its dashboard, i.e. the Jobs API, on 127.0.0.1 only) and, at the same time, one
-        worker node per entry of ``node_cpus`` (``ray start --address`` waits for the head's GCS)."""
-        gcs_port, dash_port = gcs_port or free_port(), free_port()
-        args = ["--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
-                f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-                f"--object-manager-port={free_port()}", f"--num-cpus={head_cpus}"]
-        if autoscaling_config is not None:
-            args.append(f"--autoscaling-config={autoscaling_config}")
-        self.gcs_address = f"{node_ip()}:{gcs_port}"
-        self.dashboard_url = f"http://127.0.0.1:{dash_port}"
-        started = [self._launch("head", args)]
-        # Worker nodes get their own temp dir: nodes on one machine must not share runtime_resources/.
-        started += [self._launch(f"node{i + 1}", [f"--address={self.gcs_address}", f"--num-cpus={cpus}"])
-                    for i, cpus in enumerate(node_cpus)]
-        for proc, log in started:
-            wait_for_line(log, "This command will now block forever", proc, timeout_s)
+        worker node per entry of ``node_cpus`` (``ray start --address`` waits for the head's GCS).
+
+        A node whose ``ray start`` exits during start-up (a free port taken by someone else between
+        choosing and binding it, on a busy machine) is started once more with new ports.
+        """
+        fixed_gcs_port = gcs_port
+        for attempt in (1, 2):
+            gcs_port, dash_port = fixed_gcs_port or free_port(), free_port()
+            args = ["--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+                    f"--object-manager-port={free_port()}", f"--num-cpus={head_cpus}"]
+            if autoscaling_config is not None:
+                args.append(f"--autoscaling-config={autoscaling_config}")
+            self.gcs_address = f"{node_ip()}:{gcs_port}"
+            self.dashboard_url = f"http://127.0.0.1:{dash_port}"
+            head = self._launch(f"head{attempt}", args)
+            # Worker nodes get their own temp dir: nodes on one machine must not share runtime_resources/.
+            node_args = [[f"--address={self.gcs_address}", f"--num-cpus={cpus}"] for cpus in node_cpus]
+            nodes = [self._launch(f"node{i + 1}-{attempt}", a) for i, a in enumerate(node_args)]
+            try:
+                wait_for_line(head[1], READY_LINE, head[0], timeout_s)
+                break
+            except RuntimeError:
+                kill_marked(self.marker)  # this attempt's head and nodes
+                if attempt == 2:
+                    raise
+        for i, (proc, log) in enumerate(nodes):
+            try:
+                wait_for_line(log, READY_LINE, proc, timeout_s)
+            except RuntimeError:
+                proc, log = self._launch(f"node{i + 1}-again", node_args[i])
+                wait_for_line(log, READY_LINE, proc, timeout_s)
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token_path.read_text().strip()}"}
