@@ -35,7 +35,12 @@ def redact_uri(uri: str) -> str:
 
 
 def git_commit(cwd: Path | None = None) -> str:
-    """The git commit of the working tree (``-dirty`` if modified), or ``unknown``."""
+    """The git commit of the working tree (``-dirty`` if modified), ``$RAYGD_GIT_COMMIT`` where the tree
+    has no ``.git`` (a job shipped by ``raygd submit``), or ``unknown``."""
+    import os
+
+    if os.environ.get("RAYGD_GIT_COMMIT"):
+        return os.environ["RAYGD_GIT_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:

@@ -68,3 +68,12 @@ def test_store_checks_name_the_tracking_uri(tmp_path):
         check_tracking_store(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
     with pytest.raises(ConfigError, match="tracking.tracking_uri = 'http://u:\\*\\*\\*@127.0.0.1:1' cannot be reached"):
         check_tracking_store("http://u:pw@127.0.0.1:1")  # the password is not echoed either
+
+
+def test_a_shipped_job_records_the_commit_it_was_submitted_from(monkeypatch):
+    from raygd.tracking import git_commit
+
+    monkeypatch.setenv("RAYGD_GIT_COMMIT", "abc123-dirty")
+    assert provenance_tags()["raygd.git_commit"] == "abc123-dirty"
+    monkeypatch.delenv("RAYGD_GIT_COMMIT")
+    assert git_commit() != "abc123-dirty"
