@@ -342,6 +342,13 @@ def run_worker(w: Worker, tracker: Tracker | None = None,
     )
 
 
+def _say(line: str) -> None:
+    """One line to the worker's stderr, shown once by the driver: Train V2 patches ``print`` to also
+    log it through the root logger (shown a second time), so write to the stream directly."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def _progress_line(metrics: dict[str, float]) -> str:
     return (f"step {metrics['step']:>6}  passes {metrics['progress/passes']:6.2f}  "
             f"train acc {metrics['train/accuracy']:.4f}  loss {metrics['train/loss']:.4f}  "
@@ -405,18 +412,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         tracker.logged_through = logged_step
         resume["restarts"] = attempt - 1
         resume["lost_train_s"] = max(0.0, (logged_clock or 0.0) - resume.get("clock", 0.0))
-        print(f"raygd: restart {attempt - 1}: resuming at step {resume.get('step', 0)} "
-              f"(metrics logged through step {logged_step})", file=sys.stderr, flush=True)
+        _say(f"raygd: restart {attempt - 1}: resuming at step {resume.get('step', 0)} "
+             f"(metrics logged through step {logged_step})")
 
     def report(metrics: dict[str, float]) -> None:
-        if rank == 0:  # Train V2 echoes worker stdout twice, stderr once
-            print(_progress_line(metrics), file=sys.stderr, flush=True)
+        if rank == 0:
+            _say(_progress_line(metrics))
         if loop_config["report_to_ray"]:  # only Tune reads reports; each is a barrier across workers
             ray.train.report(metrics)
 
     def checkpoint(metrics: dict[str, float], state: dict[str, Any]) -> None:
         if rank == 0:
-            print(_progress_line(metrics) + "  [checkpoint]", file=sys.stderr, flush=True)
+            _say(_progress_line(metrics) + "  [checkpoint]")
         with tempfile.TemporaryDirectory(prefix="raygd-ckpt-") as folder:
             save_checkpoint(folder, state)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
