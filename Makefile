@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # pip prints a warning per package for the machine's local indexes; keep the real errors.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install data train sweep test bench clean
+.PHONY: install data train sweep test bench clean paper
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,3 +43,7 @@ clean:
 
 sweep: $(STAMP) data
 	$(BIN)/raygd sweep quickstart $(ARGS)
+
+# The paper's experiments (issue #7): make paper EXP=fig3a|dropconnect|batch-scaling|bound [ARGS=...]
+paper: $(STAMP) data
+	$(BIN)/python bench/paper/run.py $(EXP) $(ARGS)

@@ -1,0 +1,312 @@
+"""Pure functions behind bench/paper/run.py: the paper's numbers from trial records and measurements.
+
+No Ray, no MLflow: curves, records and bounds in, rows, markdown and PNG figures out.
+Tests: ``pytest tests/test_paper.py``.
+
+- Figure 3a, loss ratio averaged over iterations: for one seed,
+  ρ̄ = (1/K) Σ_k L_large(p_k) / L_small(p_k) over the K evaluation points p_k > 0 (in passes)
+  of the large batch; the small batch's curve, evaluated more often, is linearly interpolated in
+  passes. Each B has its own tuned step size γ*_B = argmin_γ mean_seeds mean_k L(B, γ, p_k)
+  (fastest convergence = lowest average loss along the run); diverged runs rank last.
+- Figures 1-2: per batch size, the best step size's passes and time to accuracy; per-pass
+  speedup S_pass(B) = t_pass(B_min) / t_pass(B), t_pass = training seconds / passes.
+- Bound vs observed: the best batch size a sweep found against B_D = nΔ_D.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BASELINE = "vanilla"
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def _pm(mean: float | None, std: float | None, fmt: str = ".3g") -> str:
+    return "–" if mean is None else f"{mean:{fmt}}" + ("" if std is None else f" ± {std:{fmt}}")
+
+
+# --------------------------------------------------------------------------- Figure 3a
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Training loss of one run at its evaluation points (passes over the data, ascending)."""
+
+    passes: tuple[float, ...]
+    loss: tuple[float, ...]
+
+    @property
+    def finite(self) -> bool:
+        """Non-empty and every loss finite (a diverged run is not)."""
+        return bool(self.loss) and all(math.isfinite(v) for v in self.loss)
+
+    def mean_loss(self) -> float:
+        """Mean loss over the evaluation points after the start (inf when not finite)."""
+        vals = [v for p, v in zip(self.passes, self.loss) if p > 0]
+        return statistics.fmean(vals) if vals and self.finite else math.inf
+
+
+def mean_loss_ratio(small: Curve, large: Curve) -> float | None:
+    """ρ̄ = (1/K) Σ_k L_large(p_k) / L_small(p_k) over the large batch's points 0 < p_k ≤ max(small.passes).
+
+    L_small is linearly interpolated in passes (``np.interp``). None when either curve is not finite,
+    no point overlaps, or an interpolated small-batch loss is ≤ 0.
+    """
+    if not (small.finite and large.finite):
+        return None
+    pts = [(p, v) for p, v in zip(large.passes, large.loss) if 0 < p <= max(small.passes) + 1e-9]
+    if not pts:
+        return None
+    at = np.interp([p for p, _ in pts], small.passes, small.loss)
+    if np.any(at <= 0):
+        return None
+    return float(np.mean([v / s for (_, v), s in zip(pts, at)]))
+
+
+def tuned_step(curves_by_step: Mapping[float, Sequence[Curve]]) -> float | None:
+    """γ* = argmin_γ mean over seeds of ``Curve.mean_loss``; a γ with a non-finite seed ranks last,
+    ties → the smaller γ; None when no γ has a finite curve."""
+    scored = []
+    for step, curves in curves_by_step.items():
+        losses = [c.mean_loss() for c in curves]
+        n_bad = sum(not math.isfinite(v) for v in losses)
+        good = [v for v in losses if math.isfinite(v)]
+        if good:
+            scored.append((n_bad, statistics.fmean(good), step))
+    return min(scored)[2] if scored else None
+
+
+@dataclass(frozen=True)
+class Fig3aRow:
+    """Loss ratio of one (replication, mechanism): mean ± std over seeds."""
+
+    replication: int
+    mechanism: str
+    small_step: float | None
+    large_step: float | None
+    ratio_mean: float | None
+    ratio_std: float | None
+    final_ratio_mean: float | None
+    final_ratio_std: float | None
+    n_seeds: int
+    edge_steps: str
+    """Which tuned step sizes lie at an end of the grid ('' when none)."""
+
+
+def fig3a_rows(runs: Iterable[Mapping[str, Any]], small_batch: int, large_batch: int) -> list[Fig3aRow]:
+    """Figure 3a rows from runs {replication, mechanism, global_batch_size, step_size, seed, curve: Curve}.
+
+    Per (r, mechanism): γ* per batch size (``tuned_step``), then per seed present at both γ*
+    the averaged ratio ``mean_loss_ratio`` and the final-point ratio L_large(end) / L_small(end).
+    """
+    groups: dict[tuple[int, str], dict[int, dict[float, dict[int, Curve]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict)))
+    runs = list(runs)
+    grid = sorted({float(r["step_size"]) for r in runs})
+    for r in runs:
+        if r["global_batch_size"] in (small_batch, large_batch):
+            groups[(int(r["replication"]), r["mechanism"])][r["global_batch_size"]][float(r["step_size"])][
+                int(r["seed"])] = r["curve"]
+    rows = []
+    for (rep, mech), by_b in groups.items():
+        steps = {b: tuned_step({g: list(s.values()) for g, s in by_b[b].items()}) for b in (small_batch, large_batch)}
+        ratios, finals = [], []
+        if steps[small_batch] is not None and steps[large_batch] is not None:
+            small, large = by_b[small_batch][steps[small_batch]], by_b[large_batch][steps[large_batch]]
+            for seed in sorted(small.keys() & large.keys()):
+                rho = mean_loss_ratio(small[seed], large[seed])
+                if rho is not None:
+                    ratios.append(rho)
+                    finals.append(large[seed].loss[-1] / small[seed].loss[-1])
+        edges = [f"B={b}: γ={s:g}" for b, s in steps.items() if s is not None and grid and s in (grid[0], grid[-1])]
+        rows.append(Fig3aRow(rep, mech, steps[small_batch], steps[large_batch], *_mean_std(ratios),
+                             *_mean_std(finals), len(ratios), "; ".join(edges)))
+    return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.replication))
+
+
+def _g(x: float | None) -> str:
+    return "–" if x is None else f"{x:g}"
+
+
+def fig3a_markdown(rows: Sequence[Fig3aRow], small_batch: int, large_batch: int) -> str:
+    lines = [f"Loss ratio L(B={large_batch}) / L(B={small_batch}), averaged over the evaluation points of training "
+             f"(and at the end), each B at its tuned step size; mean ± std over seeds.", "",
+             "| mechanism | r | γ*(B small) | γ*(B large) | avg loss ratio | final loss ratio | seeds "
+             "| tuned γ at grid edge |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        lines.append(f"| {r.mechanism} | {r.replication} | {_g(r.small_step)} | {_g(r.large_step)} | "
+                     f"{_pm(r.ratio_mean, r.ratio_std)} | {_pm(r.final_ratio_mean, r.final_ratio_std)} | "
+                     f"{r.n_seeds} | {r.edge_steps or '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- Figures 1-2
+
+
+@dataclass(frozen=True)
+class ScalingRow:
+    """Batch size B at its best step size: passes and time to accuracy, time per pass, per-pass speedup."""
+
+    global_batch_size: int
+    step_size: float
+    n_seeds: int
+    passes_mean: float | None
+    passes_std: float | None
+    time_mean_s: float | None
+    time_std_s: float | None
+    pass_time_s: float | None
+    pass_speedup: float | None
+
+
+def scaling_rows(pairs: Iterable[Any]) -> list[ScalingRow]:
+    """Rows from ``tuning.analysis.pair_stats`` output of one mechanism (best pair first per B).
+
+    t_pass = mean over the pair's trials of train_time_s / passes; the per-pass speedup is
+    t_pass(smallest B) / t_pass(B). Time and passes to accuracy: over the seeds that reached.
+    """
+    best: dict[int, Any] = {}
+    for p in pairs:
+        best.setdefault(p.global_batch_size, p)
+    rows = []
+    for b in sorted(best):
+        p = best[b]
+        reached = [t for t in p.trials if t.reached]
+        per_pass = [t.train_time_s / t.passes for t in p.trials if _finite(t.train_time_s) and _finite(t.passes)
+                    and t.passes > 0]
+        rows.append(ScalingRow(b, p.step_size, p.n_seeds,
+                               *_mean_std([t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)]),
+                               *_mean_std([t.time_to_accuracy_s for t in reached]),
+                               statistics.fmean(per_pass) if per_pass else None, None))
+    base = rows[0].pass_time_s if rows else None
+    return [ScalingRow(**{**r.__dict__, "pass_speedup": base / r.pass_time_s if base and r.pass_time_s else None})
+            for r in rows]
+
+
+def scaling_markdown(rows: Sequence[ScalingRow], target: float | None) -> str:
+    lines = [f"Vanilla SGD per batch size at its best step size (target train accuracy {target}); "
+             "mean ± std over seeds that reached.", "",
+             "| B | step size | seeds | passes to acc | time to acc (s) | s per pass | per-pass speedup |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.global_batch_size} | {r.step_size:g} | {r.n_seeds} | {_pm(r.passes_mean, r.passes_std)} | "
+                     f"{_pm(r.time_mean_s, r.time_std_s)} | {_pm(r.pass_time_s, None)} | "
+                     f"{_pm(r.pass_speedup, None, '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- bound vs observed
+
+
+@dataclass(frozen=True)
+class BoundRow:
+    """One setting: B_D at the initial weights, the smallest B_D along training, the best B a sweep found."""
+
+    setting: str
+    bound_init: float | None
+    bound_min_along: float | None
+    best_batch: int | None
+    best_source: str
+    ratio_best_to_bound: float | None
+    """best_batch / bound_init."""
+
+
+def bound_vs_best(bounds: Mapping[str, float | None], along_min: Mapping[str, float | None],
+                  best: Mapping[str, tuple[int | None, str]]) -> list[BoundRow]:
+    """Join B_D per setting with the best batch size found per setting (None: that sweep was not run)."""
+    rows = []
+    for setting in dict.fromkeys([*bounds, *best]):
+        b_d, (b_best, source) = bounds.get(setting), best.get(setting, (None, "not run"))
+        ratio = b_best / b_d if b_best is not None and _finite(b_d) and b_d > 0 else None
+        rows.append(BoundRow(setting, b_d, along_min.get(setting), b_best, source, ratio))
+    return rows
+
+
+def bound_markdown(rows: Sequence[BoundRow]) -> str:
+    lines = ["| setting | B_D at w0 | min B_D along training | best B found | found by | best B / B_D(w0) |",
+             "|---|---:|---:|---:|---|---:|"]
+    for r in rows:
+        best = "not run yet" if r.best_batch is None else str(r.best_batch)
+        lines.append(f"| {r.setting} | {_pm(r.bound_init, None, '.4g')} | {_pm(r.bound_min_along, None, '.4g')} | "
+                     f"{best} | {r.best_source} | {_pm(r.ratio_best_to_bound, None, '.3g')} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _figure(ncols: int = 1):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(5.5 * ncols, 4.0), layout="constrained")
+
+
+def plot_fig3a(rows: Sequence[Fig3aRow], path: Path, small_batch: int, large_batch: int) -> Path:
+    fig = _figure()
+    ax = fig.subplots()
+    for mech in dict.fromkeys(r.mechanism for r in rows):
+        pts = [r for r in rows if r.mechanism == mech and r.ratio_mean is not None]
+        if pts:
+            ax.errorbar([r.replication for r in pts], [r.ratio_mean for r in pts],
+                        yerr=[r.ratio_std or 0.0 for r in pts], marker="o", capsize=3, label=mech)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set(xlabel="replication factor r", ylabel=f"avg loss ratio L(B={large_batch}) / L(B={small_batch})",
+           title="Figure 3a: logistic regression, Fashion-MNIST 0 vs 6")
+    ax.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_scaling(rows: Sequence[ScalingRow], path: Path) -> Path:
+    fig = _figure(2)
+    ax_s, ax_p = fig.subplots(1, 2)
+    bs = [r.global_batch_size for r in rows]
+    ax_s.plot(bs, [r.pass_speedup or math.nan for r in rows], marker="o")
+    ax_s.set(xscale="log", xlabel="global batch size B", ylabel="per-pass speedup vs smallest B",
+             title="Figure 1: speedup per pass")
+    ax_p.errorbar(bs, [r.passes_mean or math.nan for r in rows], yerr=[r.passes_std or 0.0 for r in rows],
+                  marker="o", capsize=3)
+    ax_p.set(xscale="log", xlabel="global batch size B", ylabel="passes to target accuracy",
+             title="Figure 2: passes to accuracy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_bound(along: Sequence[tuple[float, float]], rows: Sequence[BoundRow], path: Path) -> Path:
+    """B_D along training (vanilla) with the best batch sizes found as horizontal lines."""
+    fig = _figure()
+    ax = fig.subplots()
+    if along:
+        ax.plot([p for p, _ in along], [b for _, b in along], marker="o", label="B_D (vanilla) along training")
+    for i, r in enumerate(rows):
+        if r.bound_init is not None and r.setting != BASELINE:
+            ax.axhline(r.bound_init, color=f"C{i + 1}", ls=":", label=f"B_D at w0, {r.setting}")
+        if r.best_batch is not None:
+            ax.axhline(r.best_batch, color=f"C{i + 1}", ls="--", label=f"best B found, {r.setting}")
+    ax.set(yscale="log", xlabel="passes over the data", ylabel="batch size",
+           title="bound B_D = nΔ_D vs best batch size found")
+    ax.legend(fontsize="x-small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

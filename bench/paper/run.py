@@ -1,0 +1,297 @@
+"""Reproduce the paper's experiments (issue #7) with raygd; each writes a table and a figure.
+
+    python bench/paper/run.py fig3a          # Figure 3a: loss ratio vs replication (logistic regression)
+    python bench/paper/run.py dropconnect    # section 4: DropConnect speedup, CNN on 2 workers (Ray Tune)
+    python bench/paper/run.py batch-scaling  # Figures 1-2: per-pass speedup and passes to accuracy vs B
+    python bench/paper/run.py bound          # B_D at w0 and along training vs the best B the sweeps found
+    python bench/paper/run.py fig3a --set 'sweep.space.seed=[0,1]'   # scaled down (any --set of raygd sweep)
+    python bench/paper/run.py dropconnect --report-only             # rebuild from the latest MLflow parent run
+
+Search spaces and seeds are fixed in tuning/presets/paper-*.yaml and bench/paper/bound.yaml.
+Outputs: bench/paper/out/<experiment>/ (table.md, figure.png, ...), also logged to the
+experiment's MLflow parent run; the MLflow store defaults to bench/paper/out/mlflow.db.
+
+fig3a runs its trials in this process by default (``--engine inprocess``: raygd's own
+``make_worker``/``train_step``/``evaluate`` with one worker; raygd's sampler gives P=1 and P=2
+the same examples and the same weights, and the loss ratio does not depend on wall-clock),
+evaluating every run at the same points in passes; ``--engine ray`` runs the same grid as a
+Ray Tune sweep (``tuning.sweep.run_sweep``), for a cluster. The CNN sweeps always use Ray Tune:
+their result is wall-clock time to accuracy on 2 workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import results  # noqa: E402
+
+OUT = HERE / "out"
+DEFAULT_URI = f"sqlite:///{OUT / 'mlflow.db'}"
+PRESETS = {"fig3a": "paper-fig3a", "dropconnect": "paper-dropconnect", "batch-scaling": "paper-batch-scaling"}
+BOUND_CONFIG = HERE / "bound.yaml"
+BOUND_EVERY = 20
+BOUND_DROP_PROBS = (0.4, 0.5)
+
+
+def _spec(name: str, args: argparse.Namespace):
+    from tuning.spec import load_sweep_spec
+
+    return load_sweep_spec(PRESETS[name], [f"tracking.tracking_uri={args.tracking_uri}", *args.overrides])
+
+
+def _log_to_parent(uri: str, run_id: str, paths: list[Path]) -> None:
+    from raygd.tracking import Tracker
+
+    tracker = Tracker(uri, run_id, enabled=True)
+    for path in paths:
+        tracker.log_artifact(path)
+
+
+def _emit(name: str, table: str, paths: list[Path], uri: str, run_id: str, extra: str = "") -> None:
+    out = OUT / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(table)
+    _log_to_parent(uri, run_id, [out / "table.md", *paths])
+    print(f"\n== {name} ==\n{table}{extra}")
+    print("figures: " + ", ".join(str(p.relative_to(HERE.parent.parent)) for p in paths))
+    print(f"MLflow parent run {run_id} (store {uri})")
+
+
+# --------------------------------------------------------------------------- Figure 3a
+
+
+def _run_inprocess_trial(cfg, data, grid_examples: int, parent_run_id: str, label: str, trial: str,
+                         tags: dict[str, str]) -> None:
+    """One trial in this process: SGD with the config's B and step size, evaluated every grid_examples."""
+    from raygd.tracking import Tracker, create_run
+    from raygd.train import evaluate, make_worker, train_step
+
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1))
+    tc = cfg.train
+    run_id = create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
+                        f"{trial}-{label}-B{tc.global_batch_size}-lr{tc.step_size:g}-s{tc.seed}",
+                        {**cfg.flat(), "engine": "inprocess"},
+                        {**tags, "raygd.trial_id": trial, "raygd.mechanism_label": label},
+                        parent_run_id=parent_run_id)
+    tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
+    w = make_worker(cfg, data)
+    max_steps = max(1, math.ceil(tc.max_passes * data.n / tc.global_batch_size))
+    status, loss, acc, t0 = "max_passes", math.nan, math.nan, time.perf_counter()
+    for step in range(1, max_steps + 1):
+        train_step(w, step - 1)
+        if (step * tc.global_batch_size) % grid_examples and step != max_steps:
+            continue
+        loss, acc = evaluate(w.model, w.x_eval, w.y_eval, 1, w.device)
+        if not math.isfinite(loss):
+            status = "diverged"
+            break
+        tracker.log_metrics({"train/loss": loss, "train/accuracy": acc,
+                             "progress/passes": step * tc.global_batch_size / data.n}, step=step)
+    passes = step * tc.global_batch_size / data.n
+    summary = {"passes": passes, "train_time_s": time.perf_counter() - t0, "final_train_accuracy": acc}
+    if math.isfinite(loss):
+        summary["final_train_loss"] = loss
+    tracker.log_metrics(summary, step=step)
+    tracker.set_tags({"raygd.status": status})
+    tracker.finish("FINISHED")
+
+
+def _fig3a_inprocess(spec) -> str:
+    from raygd.data import load_data
+    from raygd.tracking import create_run, provenance_tags
+    from tuning.spec import mechanism_label
+
+    params_all = spec.trial_params()
+    b_max = max(spec.space["global_batch_size"])
+    grid_examples = spec.run_config(params_all[0]).train.eval_every_steps * b_max
+    parent = create_run(spec.tracking_uri, spec.name, f"sweep-{spec.name}",
+                        {"engine": "inprocess", "num_trials": len(params_all), "eval_every_examples": grid_examples,
+                         **{f"space.{k}": json.dumps(v) for k, v in spec.space.items()}},
+                        provenance_tags({"raygd.kind": "sweep"}))
+    cache: dict = {}
+    tags = provenance_tags()  # git and library versions: once, not per trial (0.3 s each)
+    start = time.time()
+    for i, params in enumerate(params_all):
+        cfg = spec.run_config(params)
+        key = (cfg.data.replication, cfg.train.seed)
+        if key not in cache:
+            cache = {key: load_data(cfg.data, cfg.train.seed)}  # params vary seed and r slowest: keep one
+        _run_inprocess_trial(cfg, cache[key], grid_examples, parent, mechanism_label(params["mechanism"]),
+                             f"t{i:04d}", tags)
+        if (i + 1) % 20 == 0:
+            print(f"  fig3a: {i + 1}/{len(params_all)} runs, {time.time() - start:.0f} s", flush=True)
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(spec.tracking_uri).set_terminated(parent, "FINISHED")
+    return parent
+
+
+def _curves(uri: str, parent: str) -> list[dict]:
+    """Every child run of ``parent`` with its loss curve (train/loss against progress/passes)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.sweep import child_runs
+
+    client, out = MlflowClient(uri), []
+    for run in child_runs(uri, parent):
+        p, rid = run.data.params, run.info.run_id
+        passes = {m.step: m.value for m in client.get_metric_history(rid, "progress/passes")}
+        loss = {m.step: m.value for m in client.get_metric_history(rid, "train/loss")}
+        steps = sorted(passes.keys() & loss.keys())
+        curve = results.Curve(tuple(passes[s] for s in steps), tuple(loss[s] for s in steps))
+        if run.data.tags.get("raygd.status") == "diverged":
+            curve = results.Curve(curve.passes + (math.inf,), curve.loss + (math.nan,))
+        out.append({"replication": int(p.get("data.replication", 1)),
+                    "mechanism": run.data.tags.get("raygd.mechanism_label", p.get("mechanism.name")),
+                    "global_batch_size": int(p["train.global_batch_size"]), "step_size": float(p["train.step_size"]),
+                    "seed": int(p["train.seed"]), "curve": curve})
+    return out
+
+
+def exp_fig3a(args: argparse.Namespace) -> None:
+    from tuning.sweep import latest_sweep, run_sweep
+
+    spec = _spec("fig3a", args)
+    if args.report_only:
+        parent = latest_sweep(spec.tracking_uri, spec.name)
+    elif args.engine == "ray":
+        parent = run_sweep(spec).parent_run_id
+    else:
+        parent = _fig3a_inprocess(spec)
+    small, large = min(spec.space["global_batch_size"]), max(spec.space["global_batch_size"])
+    rows = results.fig3a_rows(_curves(spec.tracking_uri, parent), small, large)
+    fig = results.plot_fig3a(rows, OUT / "fig3a" / "figure.png", small, large)
+    _emit("fig3a", results.fig3a_markdown(rows, small, large), [fig], spec.tracking_uri, parent)
+
+
+# --------------------------------------------------------------------------- CNN sweeps
+
+
+def _sweep_outcome(name: str, args: argparse.Namespace):
+    from tuning.sweep import finish_sweep, latest_sweep, run_sweep
+
+    spec = _spec(name, args)
+    if args.report_only:
+        return spec, finish_sweep(spec.tracking_uri, latest_sweep(spec.tracking_uri, spec.name), spec.name, log=False)
+    return spec, run_sweep(spec)
+
+
+def exp_dropconnect(args: argparse.Namespace) -> None:
+    from tuning.sweep import write_outputs
+
+    spec, outcome = _sweep_outcome("dropconnect", args)
+    out = OUT / "dropconnect"
+    paths = write_outputs(out, outcome.records, outcome.best_rows, outcome.table)
+    figs = [p for p in paths if p.suffix == ".png" and p.name in ("speedup.png", "time_vs_batch.png")]
+    _emit("dropconnect", outcome.table + "\n", figs, spec.tracking_uri, outcome.parent_run_id)
+
+
+def exp_batch_scaling(args: argparse.Namespace) -> None:
+    from tuning import analysis
+
+    spec, outcome = _sweep_outcome("batch-scaling", args)
+    pairs = [p for p in analysis.pair_stats(outcome.records) if p.mechanism == results.BASELINE]
+    rows = results.scaling_rows(pairs)
+    fig = results.plot_scaling(rows, OUT / "batch-scaling" / "figure.png")
+    target = spec.run_config(spec.trial_params()[0]).train.target_accuracy
+    _emit("batch-scaling", results.scaling_markdown(rows, target), [fig], spec.tracking_uri, outcome.parent_run_id)
+
+
+# --------------------------------------------------------------------------- bound
+
+
+def _best_batches(uri: str) -> dict[str, tuple[int | None, str]]:
+    """Best B per setting from the latest paper-dropconnect / paper-batch-scaling sweeps in MLflow."""
+    from raygd.config import ConfigError
+    from tuning.sweep import finish_sweep, latest_sweep
+
+    best: dict[str, tuple[int | None, str]] = {}
+    for name in ("paper-dropconnect", "paper-batch-scaling"):
+        try:
+            outcome = finish_sweep(uri, latest_sweep(uri, name), name, log=False)
+        except ConfigError:
+            continue
+        for row in outcome.best_rows:
+            setting = "vanilla" if row.mechanism == "vanilla" else row.mechanism.split(",")[0] + ")"
+            if setting not in best and row.time_to_accuracy_s is not None:
+                best[setting] = (row.global_batch_size, f"{name} sweep")
+    return best
+
+
+def exp_bound(args: argparse.Namespace) -> None:
+    from raygd import measure
+    from raygd.config import load_run_config
+
+    cfg = load_run_config(str(BOUND_CONFIG), [f"tracking.tracking_uri={args.tracking_uri}", *args.overrides])
+    t0 = time.time()
+    rows = measure.measure_replications(cfg, [1], ["vanilla"])
+    # DropConnect's B_D is a Monte Carlo over per-example masks of the CNN's fc weights (~3M draws per
+    # example and draw): on 2 cores only a subset is affordable; vanilla is measured on it too, like for like.
+    sub = cfg if not args.dc_sample else dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, train_size=args.dc_sample))
+    if args.dc_sample:
+        rows += [dataclasses.replace(r, mechanism=f"vanilla_n{args.dc_sample}")
+                 for r in measure.measure_replications(sub, [1], ["vanilla"])]
+    for p in BOUND_DROP_PROBS:
+        mcfg = dataclasses.replace(sub, mechanism=dataclasses.replace(cfg.mechanism, drop_prob=p))
+        rows += [dataclasses.replace(r, mechanism=f"dropconnect_p{p:g}")
+                 for r in measure.measure_replications(mcfg, [1], ["dropconnect"])]
+    print(f"  bound: CNN at w0 measured in {time.time() - t0:.0f} s", flush=True)
+    along = measure.measure_along_training(cfg, BOUND_EVERY)
+    print(f"  bound: along training measured in {time.time() - t0:.0f} s", flush=True)
+    from tuning.spec import load_sweep_spec
+
+    spec3 = load_sweep_spec(PRESETS["fig3a"], [f"tracking.tracking_uri={args.tracking_uri}"])  # its own config
+    cfg3 = spec3.run_config(spec3.trial_params()[0])
+    lr_rows = [dataclasses.replace(r, mechanism=f"logreg-{r.mechanism}") for r in measure.measure_replications(
+        cfg3, sorted(spec3.space["replication"]), ["vanilla", "dropconnect"])]
+    run_id = measure.record(cfg, rows + lr_rows, along)
+    bounds = {r.mechanism.replace("dropconnect_p", "dropconnect(p=") + (")" if "_p" in r.mechanism else ""):
+              r.batch_bound for r in rows}
+    best = _best_batches(cfg.tracking.tracking_uri)
+    table_rows = results.bound_vs_best(bounds, {"vanilla": min(r.batch_bound for r in along)}, best)
+    fig = results.plot_bound([(r.passes, r.batch_bound) for r in along], table_rows, OUT / "bound" / "figure.png")
+    b3 = sorted(spec3.space["global_batch_size"])
+    dc_n = f"a random subset of n={args.dc_sample}" if args.dc_sample else "the same data"
+    table = (f"MNIST CNN on Fashion-MNIST (n={rows[0].n}), exact B_D = nΔ_D; DropConnect: per-example masks, "
+             f"Monte Carlo, on {dc_n} (its own B_D = nΔ_D there). Along training: vanilla SGD, "
+             f"B={cfg.train.global_batch_size}, step size "
+             f"{cfg.train.step_size:g}, every {BOUND_EVERY} updates.\n\n" + results.bound_markdown(table_rows)
+             + "\nB_D along training (vanilla):\n\n" + measure.table(along)
+             + f"\n\nFigure 3a's logistic regression at w0 (compare with its B = {b3}):\n\n"
+             + measure.table(lr_rows) + "\n")
+    _emit("bound", table, [fig], cfg.tracking.tracking_uri, run_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment", choices=["fig3a", "dropconnect", "batch-scaling", "bound"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="raygd overrides (section.field=value, sweep.space.seed=[0,1]); repeatable")
+    parser.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store (default %(default)s)")
+    parser.add_argument("--engine", choices=["inprocess", "ray"], default="inprocess",
+                        help="fig3a only: run trials in this process (default) or as a Ray Tune sweep")
+    parser.add_argument("--dc-sample", type=int, default=0,
+                        help="bound only: measure DropConnect's B_D on a random subset of this size (0: all data)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild table and figure from the latest MLflow parent run, run nothing")
+    args = parser.parse_args(argv)
+    OUT.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    {"fig3a": exp_fig3a, "dropconnect": exp_dropconnect, "batch-scaling": exp_batch_scaling,
+     "bound": exp_bound}[args.experiment](args)
+    print(f"wall time {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
