@@ -10,23 +10,118 @@ reads, from each trial's MLflow child run, the start-up breakdown raygd records:
 - ``overhead/loop_setup_s``: loop entry -> first step (data fetch, model, DDP wrap);
 
 and prints them with the sweep's wall time and the fraction of it spent in training steps.
+On Linux it also samples /proc and prints the CPU seconds each kind of Ray process used per
+trial (on 2 cores the sum bounds the start-up wall time from below, whatever the load).
 
-    .venv/bin/python bench/sweep_overhead.py [--preset quickstart] [--set k=v ...]
+``--ab reuse`` runs the sweep twice in one Ray session, without and then with Tune reusing
+the trial actor (``tuning.sweep.REUSE_TRIAL_ACTORS``), and prints the ratio of the medians.
+
+    .venv/bin/python bench/sweep_overhead.py [--preset quickstart] [--set k=v ...] [--ab reuse]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import tuning.sweep as sweep  # noqa: E402
 from tuning.spec import load_sweep_spec  # noqa: E402
-from tuning.sweep import child_runs, run_sweep  # noqa: E402
 
 KEYS = ("overhead/trial_to_first_step_s", "overhead/fit_setup_s", "overhead/worker_start_s", "overhead/loop_setup_s")
+
+
+class ProcessCpu:
+    """CPU seconds of every process under this one (the local Ray cluster is), by process title,
+    sampled from /proc every ``interval_s``; a process that ends between samples loses its last bit."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.tick, self.interval_s, self.last, self.title = os.sysconf("SC_CLK_TCK"), interval_s, {}, {}
+        self.enabled = Path("/proc/self/stat").exists()
+        if self.enabled:
+            threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.sample()
+            time.sleep(self.interval_s)
+
+    def sample(self) -> None:
+        stats = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                text = Path(f"/proc/{pid}/stat").read_text()
+                fields = text[text.rindex(")") + 2:].split()
+                stats[int(pid)] = (int(fields[1]), int(fields[11]) + int(fields[12]), fields[19])
+            except (OSError, ValueError, IndexError):
+                continue
+        children = collections.defaultdict(list)
+        for pid, (ppid, _, _) in stats.items():
+            children[ppid].append(pid)
+        todo = [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            todo.extend(children[pid])
+            if pid not in stats:
+                continue
+            key = (pid, stats[pid][2])
+            self.last[key] = max(self.last.get(key, 0), stats[pid][1])
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_text().split("\0")[0]
+            except OSError:
+                continue
+            if title.startswith("ray::") or key not in self.title:  # Ray actors retitle themselves
+                self.title[key] = title.split(".")[0] if title.startswith("ray::") else Path(title).name
+
+    def snapshot(self) -> dict:
+        self.sample()
+        return dict(self.last)
+
+    def by_title(self, before: dict, after: dict) -> collections.Counter:
+        out = collections.Counter()
+        for key, ticks in after.items():
+            out[self.title.get(key, "?")] += (ticks - before.get(key, 0)) / self.tick
+        return out
+
+
+def run_once(spec, cpu: ProcessCpu) -> dict:
+    before, start = cpu.snapshot(), time.perf_counter()
+    outcome = sweep.run_sweep(spec)
+    wall = time.perf_counter() - start
+    time.sleep(2)  # let the last trial's processes end
+    runs = sweep.child_runs(spec.tracking_uri, outcome.parent_run_id)
+    return {"spec": spec, "runs": runs, "wall": wall, "cpu": cpu.by_title(before, cpu.snapshot())}
+
+
+def report(result: dict) -> dict[str, float]:
+    spec, runs, wall = result["spec"], result["runs"], result["wall"]
+    train_s = sum(r.data.metrics.get("train_time_s", 0.0) for r in runs)
+    eval_s = sum(r.data.metrics.get("eval_time_s", 0.0) for r in runs)
+    print(f"\nsweep {spec.name}: {len(runs)} trials, wall {wall:.1f} s (includes Ray start and the final analysis)")
+    print("| per trial | median s | min s | max s |\n|---|---:|---:|---:|")
+    medians = {}
+    for key in KEYS:
+        values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
+        if values:
+            medians[key] = statistics.median(values)
+            print(f"| {key} | {medians[key]:.2f} | {min(values):.2f} | {max(values):.2f} |")
+    print(f"\ntraining steps: {train_s:.1f} s = {train_s / wall:.1%} of the sweep wall time; "
+          f"evaluation {eval_s:.1f} s; everything else (start-up, Tune, MLflow) "
+          f"{(wall - train_s - eval_s) / len(runs):.1f} s per trial")
+    if result["cpu"]:
+        total = sum(result["cpu"].values())
+        print(f"\nCPU seconds per trial by process ({total / len(runs):.1f} s in all; Ray start included):")
+        print("| process | CPU s per trial |\n|---|---:|")
+        for title, seconds in result["cpu"].most_common(12):
+            print(f"| {title} | {seconds / len(runs):.2f} |")
+        medians["cpu_per_trial_s"] = total / len(runs)
+    return medians
 
 
 def main() -> None:
@@ -34,23 +129,23 @@ def main() -> None:
     parser.add_argument("--preset", default="quickstart")
     parser.add_argument("--set", dest="overrides", action="append",
                         default=["sweep.space.mechanism=[{name: vanilla}]", "sweep.name=bench-sweep-overhead"])
+    parser.add_argument("--ab", choices=["reuse"], help="compare without/with reuse of the trial actor")
     args = parser.parse_args()
-    spec = load_sweep_spec(args.preset, args.overrides)
-    start = time.perf_counter()
-    outcome = run_sweep(spec)
-    wall = time.perf_counter() - start
-    runs = child_runs(spec.tracking_uri, outcome.parent_run_id)
-    train_s = sum(r.data.metrics.get("train_time_s", 0.0) for r in runs)
-    eval_s = sum(r.data.metrics.get("eval_time_s", 0.0) for r in runs)
-    print(f"\nsweep {spec.name}: {len(runs)} trials, wall {wall:.1f} s (includes Ray start and the final analysis)")
-    print("| per trial | median s | min s | max s |\n|---|---:|---:|---:|")
-    for key in KEYS:
-        values = [r.data.metrics[key] for r in runs if key in r.data.metrics]
-        if values:
-            print(f"| {key} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |")
-    print(f"\ntraining steps: {train_s:.1f} s = {train_s / wall:.1%} of the sweep wall time; "
-          f"evaluation {eval_s:.1f} s; everything else (start-up, Tune, MLflow) "
-          f"{(wall - train_s - eval_s) / len(runs):.1f} s per trial")
+    cpu = ProcessCpu()
+    if not args.ab:
+        report(run_once(load_sweep_spec(args.preset, args.overrides), cpu))
+        return
+    figures = {}
+    for reuse in (False, True):
+        sweep.REUSE_TRIAL_ACTORS = reuse
+        spec = load_sweep_spec(args.preset, [*args.overrides, f"sweep.name=bench-sweep-overhead-reuse-{reuse}"])
+        print(f"\n=== reuse_actors={reuse}")
+        figures[reuse] = report(run_once(spec, cpu))
+    print("\n| figure (median per trial) | reuse off | reuse on | on / off |\n|---|---:|---:|---:|")
+    for key in figures[False]:
+        if key in figures[True]:
+            off, on = figures[False][key], figures[True][key]
+            print(f"| {key} | {off:.2f} | {on:.2f} | {on / off:.2f} |")
 
 
 if __name__ == "__main__":
