@@ -147,20 +147,20 @@ class Tracker:
         self.run_id = run_id
         self.enabled = bool(enabled and run_id and tracking_uri)
         self._client = _client(tracking_uri) if self.enabled else None
-        self.logged_through = 0
+        self.logged_through = -1
         """Step metrics at steps <= this are not logged again (set on a restart, see ``resume_point``)."""
 
     def resume_point(self, key: str) -> tuple[int, float | None]:
-        """The last step logged for ``key`` in this run and its value ((0, None) if none, or disabled).
+        """The last step logged for ``key`` in this run and its value ((-1, None) if none, or disabled).
 
         After a restart the loop redoes the steps between its checkpoint and the failure;
         ``log_metrics`` skips steps up to this one so the history has no duplicate steps.
         """
         if not self.enabled:
-            return 0, None
+            return -1, None
         history = self._client.get_metric_history(self.run_id, key)
         if not history:
-            return 0, None
+            return -1, None
         last = max(history, key=lambda m: m.step)
         return last.step, last.value
 

@@ -77,3 +77,18 @@ def test_a_shipped_job_records_the_commit_it_was_submitted_from(monkeypatch):
     assert provenance_tags()["raygd.git_commit"] == "abc123-dirty"
     monkeypatch.delenv("RAYGD_GIT_COMMIT")
     assert git_commit() != "abc123-dirty"
+
+
+def test_a_restarted_tracker_logs_only_steps_after_those_recorded(sqlite_uri):
+    run_id = create_run(sqlite_uri, "exp", "r", {}, {})
+    first = Tracker(sqlite_uri, run_id, enabled=True)
+    assert first.resume_point("train/loss") == (-1, None)
+    for step in (0, 5, 10):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    again = Tracker(sqlite_uri, run_id, enabled=True)
+    again.logged_through = again.resume_point("train/loss")[0]
+    assert again.logged_through == 10
+    for step in (5, 10, 15):  # redone after the checkpoint at step 5
+        again.log_metrics({"train/loss": 100.0 + step}, step=step)
+    history = MlflowClient(sqlite_uri).get_metric_history(run_id, "train/loss")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (5, 5.0), (10, 10.0), (15, 115.0)]
