@@ -2,9 +2,9 @@
 
 A trial is a Tune function that builds and fits a ``TorchTrainer`` through
 ``raygd.train.fit`` (the Train V2 pattern: Tune never receives a trainer object).
-Every trial stops at the target inside the training loop; rank zero's evaluations
-reach Tune through ``TuneReportCallback`` (with the provisional objective added, see
-``tuning.callbacks``), and the trial's final summary is its last report. Search is a
+Every trial stops at the target inside the training loop; with a scheduler (ASHA), rank
+zero's evaluations reach Tune through ``TuneReportCallback`` (with the provisional objective
+added, see ``tuning.callbacks``), and the trial's final summary is its last report. Search is a
 grid, random draws, or Optuna's TPE (``OptunaSearch``) minimising ``objective_s``, the
 time to accuracy with a finite penalty for misses (``tuning.objective``); ASHA may stop
 trials that lag, and their MLflow runs are ended ``stopped_early`` as they stop.
@@ -124,7 +124,10 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
     cfg.tracking.run_name = (f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}"
                              f"-s{cfg.train.seed}")
-    summary = fit(cfg, data=_trial_data(cfg), parent_run_id=parent_run_id, train_callbacks=[TrialReportCallback()],
+    # Evaluations reach Tune only for a scheduler: each report is a barrier across the workers, and the
+    # channel to the trial is one more actor process per trial; a searcher needs only the final report.
+    callbacks = [TrialReportCallback()] if spec.scheduler != "none" else None
+    summary = fit(cfg, data=_trial_data(cfg), parent_run_id=parent_run_id, train_callbacks=callbacks,
                   run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, "raygd.mechanism_label": label},
                   run_id=reattach)
     client.log_metric(summary.run_id, "overhead/trial_to_first_step_s", summary.walls["first_step"] - entry_wall,
