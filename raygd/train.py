@@ -485,17 +485,20 @@ def ensure_ray(num_cpus_needed: int, num_cpus: int | None = None, log_to_driver:
     num_cpus = num_cpus or max(os.cpu_count() or 1, num_cpus_needed)
     # One local node is never preempted; the watcher is one more actor process per fit (~1.8 CPU s).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    if os.environ.get("RAY_API_SERVER_ADDRESS"):  # the user's choice
-        ray.init(num_cpus=num_cpus, log_to_driver=log_to_driver)
-        return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # the raylet and so every worker inherit it
+    # The raylet and so every worker inherit it; a user's value (say, for `raygd submit` to a remote
+    # cluster) would send the cleaner's queries there, and it would remove placement groups in use.
+    given = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     try:
         ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=log_to_driver)
-    finally:  # a later local start in this process picks its own port
-        del os.environ["RAY_API_SERVER_ADDRESS"]
+    finally:  # this process keeps the user's value; a later local start picks its own port
+        if given is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = given
 
 
 def _use_gpu(device: str) -> bool:

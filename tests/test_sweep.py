@@ -194,3 +194,19 @@ def test_optuna_sweep_with_asha_stops_a_lagging_trial_and_the_next_one_still_run
     assert values[0] == pytest.approx(first.data.metrics["time_to_accuracy_s"])
     assert UNREACHED_PENALTY_S <= values[1] < 2 * UNREACHED_PENALTY_S
     assert all(v is not None and math.isfinite(v) for v in values)
+
+
+def test_local_ray_workers_query_their_own_cluster(ray_session):
+    """Ray Train's placement group cleaner (what frees a stopped trial's CPUs) asks the State API from a
+    worker; with several local Ray instances on the machine it must still reach this one."""
+    ray = ray_session
+
+    @ray.remote
+    def ask():
+        from ray.util.state import list_nodes
+
+        return os.environ.get("RAY_API_SERVER_ADDRESS"), [n.node_id for n in list_nodes()]
+
+    url, nodes = ray.get(ask.remote())
+    assert url == f"http://{ray._private.worker.get_dashboard_url()}"
+    assert nodes == [ray.get_runtime_context().get_node_id()]
