@@ -194,6 +194,10 @@ class Tracker:
         if self.enabled:
             self._client.log_artifact(self.run_id, str(path))
 
+    def status(self) -> str | None:
+        """The run's MLflow status (RUNNING, FINISHED, FAILED, KILLED), or None when disabled."""
+        return self._client.get_run(self.run_id).info.status if self.enabled else None
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with an MLflow status: FINISHED, FAILED or KILLED."""
         if self.enabled:

@@ -92,3 +92,11 @@ def test_a_restarted_tracker_logs_only_steps_after_those_recorded(sqlite_uri):
         again.log_metrics({"train/loss": 100.0 + step}, step=step)
     history = MlflowClient(sqlite_uri).get_metric_history(run_id, "train/loss")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.0), (5, 5.0), (10, 10.0), (15, 115.0)]
+
+
+def test_tracker_reads_the_run_status(sqlite_uri):
+    run_id = create_run(sqlite_uri, "exp", "r", {}, {})
+    tracker = Tracker(sqlite_uri, run_id, enabled=True)
+    assert tracker.status() == "RUNNING"
+    tracker.finish("KILLED")
+    assert tracker.status() == "KILLED" and Tracker(sqlite_uri, run_id, enabled=False).status() is None
