@@ -581,9 +581,10 @@ def fit(cfg: RunConfig, *, data: Dataset | None = None, parent_run_id: str | Non
         result = trainer.fit()
         summary = RunSummary(**result.return_value)
     except BaseException:
-        if tracker.status() == "RUNNING":  # not already ended by someone else (a sweep's early stop)
-            tracker.set_tags({"raygd.status": "failed"})
-            tracker.finish("FAILED")
+        with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
+            if tracker.status() == "RUNNING":  # not already ended by someone else (a sweep's early stop)
+                tracker.set_tags({"raygd.status": "failed"})
+                tracker.finish("FAILED")
         raise
     summary.run_id = run_id
     walls = summary.walls
