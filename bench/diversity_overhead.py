@@ -1,27 +1,34 @@
 """Cost of measuring gradient diversity, relative to a plain forward+backward (CPU threads).
 
 Per model and batch size B: plain forward+backward of the mean loss; raygd's exact norms
-(``GhostNorms``: the same forward+backward with per-example ‖g_i‖² fused in); torch.func
-per-example gradients (vmap of grad) and their norms; a naive loop of one backward per
-example. Then the online estimators inside a training step (forward, backward, SGD
-update): the in-step estimator (ghost norms + ‖Σg‖²) and the free two-batch estimator
-(‖G_b‖² of the local gradient before the all-reduce, ‖G_B‖² after it: two reads of the
-gradient, measured here on one process).
+(``GhostNorms``: the same forward+backward with per-example ‖g_i‖² fused in; logistic
+regression takes the closed form ‖∂L/∂z_i‖²(‖x_i‖² + 1) from its logits' gradient);
+``per_example_sq_norms`` (the exact Δ_D path: norms and Σg, for logistic regression one
+forward and no backward); torch.func per-example gradients (vmap of grad) and their norms; a
+naive loop of one backward per example. Then the online estimators inside a training step
+(forward, backward, SGD update): the in-step estimator (ghost norms + ‖Σg‖²) and the free
+two-batch estimator (‖G_b‖² of the local gradient before the all-reduce, ‖G_B‖² after it: two
+reads of the gradient, measured here on one process); and the free estimator as training runs
+it, DDP's C++ all-reduce against ``LocalGradNorm``'s Python communication hook, on a one-rank
+gloo group (no network: what remains is the hook's own cost).
 
 Methods run round-robin (each rep runs every method once), so a burst of load from other
 processes hits all of them; the table gives the median over reps of each method's time over
 the plain time of the same rep (and the ratio of minima). torch.func and the naive loop run
 in rounds of their own, with their own plain baseline.
 glibc's allocator returns large blocks to the OS and page faults are expensive on some
-machines: compare with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``.
+machines: ``--malloc tuned`` (the default) re-runs the script with
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``, ``--malloc default`` without them.
 
     .venv/bin/python bench/diversity_overhead.py                      # mnist_cnn, logreg; B=64, 256
+    .venv/bin/python bench/diversity_overhead.py --malloc default     # glibc's own allocator settings
     .venv/bin/python bench/diversity_overhead.py --smoke              # seconds
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -30,11 +37,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raygd import diversity as D  # noqa: E402
 from raygd.models import build_model  # noqa: E402
+
+MALLOC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+"""Keep freed blocks in the heap instead of returning them to the OS (each return costs page faults)."""
 
 
 def plain_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -52,6 +63,11 @@ def ghost_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     with ghost or D.GhostNorms(model) as ghost:
         F.cross_entropy(model(x), y).backward()
     return ghost.sq_norms() * x.shape[0] ** 2
+
+
+def exact_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``per_example_sq_norms``: what ``gradient_diversity`` runs per batch (norms and Σ_i g_i)."""
+    return D.per_example_sq_norms(model, x, y)[0]
 
 
 def func_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -76,9 +92,11 @@ def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
         plain_backward(model, x, y)
         opt.step()
 
-    def in_step() -> D.Moments:
-        s = ghost_norms(model, x, y, ghost)
-        moments = D.in_step_moments(float(s.sum()), D.grad_sq_norm(model) * b**2, b)
+    def in_step() -> D.Moments:  # as raygd.train.OnlineDiversity.update at P = 1
+        model.zero_grad(set_to_none=True)
+        with ghost:
+            F.cross_entropy(model(x), y).backward()
+        moments = D.in_step_moments(float(ghost.sq_norms().sum()) * b**2, D.grad_sq_norm(model) * b**2, b)
         opt.step()
         return moments
 
@@ -90,6 +108,33 @@ def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
 
     return {"step": plain_step, "step + in-step": in_step, "step + free": free_step,
             "free norms only": lambda: (D.grad_sq_norm(model), D.grad_sq_norm(model))}
+
+
+def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """SGD steps under DDP on a one-rank gloo group: DDP's own all-reduce, and the free estimator as
+    ``raygd.train`` runs it (``LocalGradNorm`` hook, ‖G_B‖² after the all-reduce, two-batch moments)."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    twin = copy.deepcopy(model)
+    plain, free = torch.nn.parallel.DistributedDataParallel(model), torch.nn.parallel.DistributedDataParallel(twin)
+    local = D.LocalGradNorm.register(free)
+    opts = torch.optim.SGD(model.parameters(), lr=1e-4), torch.optim.SGD(twin.parameters(), lr=1e-4)
+    b = x.shape[0]
+
+    def ddp_step() -> None:
+        opts[0].zero_grad(set_to_none=True)
+        F.cross_entropy(plain(x), y).backward()
+        opts[0].step()
+
+    def free_step() -> D.Moments:
+        opts[1].zero_grad(set_to_none=True)
+        F.cross_entropy(free(x), y).backward()
+        small = D.mean_over_workers(local.pop(), 1)
+        moments = D.two_batch_moments(small, b // 2, D.grad_sq_norm(twin), b)  # as if b were B/2 per rank
+        opts[1].step()
+        return moments
+
+    return {"DDP step (P=1)": ddp_step, "DDP step + free (LocalGradNorm hook)": free_step}
 
 
 def round_robin(methods: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
@@ -139,7 +184,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=21, help="reps of the fast methods")
     ap.add_argument("--slow-reps", type=int, default=3, help="reps of torch.func and the naive loop")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: B=16, 3 reps")
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="glibc settings: re-run the script with (tuned) or without (default) the MALLOC_ variables")
     args = ap.parse_args(argv)
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNED}
+    if args.malloc == "tuned":
+        env.update(MALLOC_TUNED)
+    if env != dict(os.environ):  # glibc reads these at start-up: only a fresh process sees them
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.smoke:
         args.batch_sizes, args.reps, args.slow_reps = [16], 3, 1
     torch.set_num_threads(args.threads)
@@ -155,13 +207,16 @@ def main(argv: list[str] | None = None) -> None:
             ghost = D.GhostNorms(model)
             plain = "plain forward+backward"
             fast = {plain: lambda: plain_backward(model, x, y),
-                    "raygd exact norms (ghost)": lambda: ghost_norms(model, x, y, ghost)}
+                    "raygd exact norms (GhostNorms)": lambda: ghost_norms(model, x, y, ghost),
+                    "raygd per_example_sq_norms": lambda: exact_norms(model, x, y)}
             # The slow methods get their own rounds: they evict caches and would slow the next plain call.
             slow = {plain: fast[plain], "torch.func vmap norms": lambda: func_norms(model, x, y),
                     "naive per-example loop": lambda: naive_norms(model, x, y)}
             runs = [round_robin(fast, args.reps), round_robin(slow, args.slow_reps)]
             print(table("Per-example norms", runs, plain))
             print(table("Online estimators in an SGD step", [round_robin(make_steps(model, x, y), args.reps)], "step"))
+            ddp = make_ddp_steps(model, x, y)
+            print(table("Free estimator under DDP", [round_robin(ddp, args.reps)], next(iter(ddp))))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ What is here:
   produces the summed gradient. ``per_example_sq_norms`` adds torch.func per-example
   gradients for the remaining parameters (e.g. GroupNorm) and ``gradient_diversity`` runs
   it over a data set in batches.
+- ``linear_softmax_sq_norms``: the closed form ‖g_i‖² = ‖p_i − e_{y_i}‖²(‖x_i‖² + 1) for logistic
+  regression (``linear_softmax`` recognises it), taken by the exact path and by ``GhostNorms``.
 - ``sgld_diversity``, ``quantized_diversity``, ``dropconnect_diversity``: B_D^DIM with the
   per-example surrogates of ``raygd.mechanisms`` (ratio of expectations, see each docstring).
 - ``differential_diversity``: Definition 2 between two parameter vectors.
@@ -55,6 +57,7 @@ from torch.func import functional_call, grad, vmap
 
 from raygd.config import MechanismConfig
 from raygd.mechanisms import DropConnectLinear, dropconnect_masks
+from raygd.models import BinaryLogisticRegression, LogisticRegression
 
 CHUNK_BYTES = 4 * 2**20
 """Largest block of per-example gradients (or Gram matrices) a ghost layer holds at once."""
@@ -117,13 +120,21 @@ class Moments(NamedTuple):
 # --------------------------------------------------------------------------- checks
 
 
-def check_per_example(model: nn.Module) -> None:
+def mode_sensitive_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the BatchNorm and DropConnectLinear layers, whose mode ``check_per_example`` checks."""
+    kinds = (nn.modules.batchnorm._BatchNorm, DropConnectLinear)
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
+
+
+def check_per_example(model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None) -> None:
     """Raise ValueError if a layer makes per-example gradients undefined or random.
 
     BatchNorm in train mode mixes the examples of a batch through its statistics; a
     DropConnectLinear in train mode draws masks (its diversity is ``dropconnect_diversity``).
+    ``layers``: check only these (name, layer) pairs, e.g. ``mode_sensitive_layers(model)`` kept
+    from an earlier call (default: every layer of ``model``).
     """
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if layers is None else layers:
         kind = type(m).__name__
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
             raise ValueError(
@@ -152,6 +163,39 @@ GHOST_LINEAR = (nn.Linear, DropConnectLinear, nn.modules.linear.NonDynamicallyQu
 def ghost_supported(m: nn.Module) -> bool:
     """An nn.Linear (or DropConnectLinear) or a groups=1 nn.Conv2d with numeric padding."""
     return type(m) in GHOST_LINEAR or _ghost_geometry(m) is not None
+
+
+class LinearSoftmax(NamedTuple):
+    """The one nn.Linear of a linear softmax model: its name in the model, the layer, and whether the
+    logits are [0, z] with z its single output (``BinaryLogisticRegression``)."""
+
+    name: str
+    layer: nn.Linear
+    binary: bool
+
+
+def linear_softmax(model: nn.Module) -> LinearSoftmax | None:
+    """The layer of a model whose logits are one nn.Linear of the flattened input, else None.
+
+    Recognised by exact type (a subclass may change forward): raygd's ``LogisticRegression`` and
+    ``BinaryLogisticRegression``, a bare nn.Linear (2-D input) and nn.Sequential(nn.Flatten(), nn.Linear),
+    each with no other parameters. Their per-example norms have a closed form (``linear_softmax_sq_norms``).
+    """
+    kind = type(model)
+    if kind is nn.Linear:
+        found = LinearSoftmax("", model, False)
+    elif kind in (LogisticRegression, BinaryLogisticRegression):
+        found = LinearSoftmax("linear", model.linear, kind is BinaryLogisticRegression)
+    elif (kind is nn.Sequential and len(model) == 2 and type(model[0]) is nn.Flatten
+          and (model[0].start_dim, model[0].end_dim) == (1, -1)):
+        found = LinearSoftmax("1", model[1], False)
+    else:
+        return None
+    if type(found.layer) is not nn.Linear or (found.binary and found.layer.out_features != 1):
+        return None
+    if len(list(model.parameters())) != len(list(found.layer.parameters())):
+        return None
+    return found
 
 
 # --------------------------------------------------------------------------- ghost norms
@@ -187,7 +231,7 @@ def ghost_route(positions: int, fan_in: int, fan_out: int) -> str:
 
 def _row_sq_norms(t: torch.Tensor) -> torch.Tensor:
     """‖t_i‖² per row i over all other dims (vector_norm needs no temporary the size of t)."""
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
+    return torch.linalg.vector_norm(t if t.dim() == 2 else t.reshape(t.shape[0], -1), dim=1).square()
 
 
 def _chunk(n: int, bytes_per_example: int) -> int:
@@ -202,6 +246,14 @@ def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         ga, gd = a[s:s + c] @ a[s:s + c].transpose(1, 2), d[s:s + c] @ d[s:s + c].transpose(1, 2)
         out[s:s + c] = (ga * gd).sum((1, 2))
     return out
+
+
+def _linear_sq_norms(x: torch.Tensor, gy: torch.Tensor, need_w: bool, need_b: bool) -> torch.Tensor:
+    """‖g_i‖² of y = x Wᵀ + b for x (N, d), gy = ∂L/∂y (N, k): ‖x_i‖²‖gy_i‖² for W, ‖gy_i‖² for b."""
+    d2 = _row_sq_norms(gy)
+    if need_w:
+        return torch.addcmul(d2, _row_sq_norms(x), d2) if need_b else _row_sq_norms(x) * d2
+    return d2 if need_b else torch.zeros_like(d2)
 
 
 class _GhostLinear(torch.autograd.Function):
@@ -222,10 +274,7 @@ class _GhostLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.dim() == 2:  # the common case, with as few kernel launches as possible
-            d2 = _row_sq_norms(gy)
-            if need_w:  # ‖x_i‖²‖δ_i‖² (+ ‖δ_i‖² for the bias)
-                sq = torch.addcmul(d2, _row_sq_norms(x), d2) if need_b else _row_sq_norms(x) * d2
-            ctx.acc.add(sq if need_w else d2 if need_b else torch.zeros_like(d2), ctx.name)
+            ctx.acc.add(_linear_sq_norms(x, gy, need_w, need_b), ctx.name)
             return (gy @ weight if need_x else None, gy.T @ x if need_w else None,
                     gy.sum(0) if need_b else None, None, None)
         n = x.shape[0]
@@ -319,7 +368,9 @@ class _GhostConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _ghost_forward(module: nn.Module, name: str, ghost: GhostNorms):  # noqa: ANN202
+def _ghost_forward(module: nn.Module, name: str, ghost: GhostNorms, light: bool = False):  # noqa: ANN202
+    """The forward GhostNorms patches in; ``light``: the layer of a ``linear_softmax`` model, whose
+    output gradient is kept (C++ retain_grad, no autograd.Function) for the closed form."""
     geometry = None if type(module) in GHOST_LINEAR else _ghost_geometry(module)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -329,6 +380,12 @@ def _ghost_forward(module: nn.Module, name: str, ghost: GhostNorms):  # noqa: AN
         ghost._called.add(name)
         if x.dim() < 2:
             raise ValueError(f"layer {name!r} got an unbatched input of shape {tuple(x.shape)}.")
+        if geometry is None and light and x.dim() == 2:
+            out = F.linear(x, module.weight, module.bias)
+            if out.requires_grad:  # backward fills out.grad = ∂L/∂z; GhostNorms.sq_norms reads it
+                out.retain_grad()
+                ghost._logits = (name, x, out)
+            return out
         if geometry is None:
             return _GhostLinear.apply(x, module.weight, module.bias, ghost._acc, name)
         if module.padding_mode != "zeros":
@@ -353,6 +410,12 @@ class GhostNorms:
     mean loss each example contributes g_i/N. ``uncovered`` lists trainable parameters the
     ghost path does not see (e.g. GroupNorm); their norms come from ``per_example_sq_norms``.
     The model (not a DDP wrapper) is patched; DDP around it works unchanged.
+
+    A ``linear_softmax`` model (logistic regression) takes a lighter route with the same result:
+    its layer keeps the gradient of its output z (``retain_grad``) and ``sq_norms`` applies the
+    closed form ‖∂L/∂z_i‖²(‖x_i‖² + 1), whatever the loss scale (mean cross entropy:
+    ∂L/∂z_i = (p_i − e_{y_i})/N; binary model: (σ(z_i) − y_i)/N), so a step pays a few small
+    kernels instead of a Python autograd.Function (bench/diversity_overhead.py).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -369,24 +432,38 @@ class GhostNorms:
                                      "use per_example_sq_norms(..., method='func').")
         self._acc, self._called = _Accumulator(), set()
         self._saved: dict[str, object] = {}
+        closed = linear_softmax(model)
+        self._logits: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        self._forwards = {name: _ghost_forward(m, name, self, light=closed is not None and m is closed.layer)
+                          for name, m in self.layers.items()}
+        self._mode_sensitive = mode_sensitive_layers(model)
 
+    # Entered every training step: the patch goes through the layers' __dict__ (nn.Module's
+    # __setattr__/__delattr__ cost microseconds, which a logistic-regression step feels).
     def __enter__(self) -> GhostNorms:
-        check_per_example(self.model)
-        self._acc, self._called = _Accumulator(), set()
+        check_per_example(self.model, self._mode_sensitive)
+        self._acc, self._called, self._logits = _Accumulator(), set(), None
         for name, m in self.layers.items():
-            self._saved[name] = vars(m).get("forward")  # an instance-level forward, rarely set
-            m.forward = _ghost_forward(m, name, self)
+            self._saved[name] = m.__dict__.get("forward")  # an instance-level forward, rarely set
+            m.__dict__["forward"] = self._forwards[name]
         return self
 
     def __exit__(self, *exc: object) -> None:
         for name, m in self.layers.items():
-            del m.forward
-            if self._saved.get(name) is not None:
-                m.forward = self._saved[name]
-        self._saved = {}
+            saved = self._saved.pop(name, None)
+            if saved is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = saved
 
     def sq_norms(self) -> torch.Tensor | None:
         """(N,) float64 per-example squared norms over the covered parameters; None before backward."""
+        if self._logits is not None and self._logits[2].grad is not None:
+            name, x, z = self._logits
+            layer = self.layers[name]
+            bias = layer.bias is not None and layer.bias.requires_grad
+            self._acc.add(_linear_sq_norms(x, z.grad, layer.weight.requires_grad, bias), name)
+            self._logits = None
         return self._acc.total()
 
 
@@ -459,6 +536,42 @@ def _func_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: P
 # --------------------------------------------------------------------------- exact Δ_D
 
 
+def linear_softmax_sq_norms(found: LinearSoftmax, x: torch.Tensor, y: torch.Tensor, params: Params,
+                            buffers: Params) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Closed-form s_i = ‖∇f_i‖² and G = Σ_i ∇f_i of a ``linear_softmax`` model, f_i its cross entropy.
+
+    With a_i = x_i flattened, z_i = W a_i + b, p_i = softmax(z_i) and δ_i = p_i − e_{y_i} = ∂f_i/∂z_i:
+    ∇_W f_i = δ_i a_iᵀ and ∇_b f_i = δ_i, so s_i = ‖δ_i‖²(‖a_i‖² + 1) (no +1 without a trainable
+    bias, no ‖a_i‖² with a frozen weight) and G = (δᵀA, Σ_i δ_i). Binary model, logits [0, z_i]
+    with z_i = w·a_i + b: f_i = log(1 + e^{z_i}) − y_i z_i, so δ_i = σ(z_i) − y_i (y_i ∈ {0, 1}), a
+    scalar, and s_i = (σ(z_i) − y_i)²(‖a_i‖² + 1), half of ‖p_i − e_{y_i}‖²(‖a_i‖² + 1) over its two
+    logits. One forward, no backward.
+
+    Args:
+        found: ``linear_softmax(model)``.
+        x, y: N examples and labels; params, buffers: as from ``functional_state``.
+
+    Returns:
+        (s, G) as ``per_example_sq_norms``.
+    """
+    prefix = f"{found.name}." if found.name else ""
+    weight = params.get(f"{prefix}weight", buffers.get(f"{prefix}weight"))
+    bias = params.get(f"{prefix}bias", buffers.get(f"{prefix}bias"))
+    with torch.no_grad():
+        a = x.flatten(1).to(weight.dtype)
+        z = F.linear(a, weight, bias)
+        if found.binary:
+            if bool(((y != 0) & (y != 1)).any()):
+                raise ValueError("binary logistic regression needs labels in {0, 1}.")
+            delta = torch.sigmoid(z) - y.unsqueeze(1).to(z.dtype)
+        else:
+            delta = torch.softmax(z, 1)
+            delta[torch.arange(z.shape[0], device=z.device), y] -= 1
+        sq = _linear_sq_norms(a, delta, f"{prefix}weight" in params, f"{prefix}bias" in params)
+        grads = {f"{prefix}weight": delta.T @ a, f"{prefix}bias": delta.sum(0)}
+    return sq.to(torch.float64), [grads[n] for n in params]
+
+
 def per_example_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
                          params: Params | None = None, buffers: Params | None = None,
                          method: str = "ghost") -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -467,7 +580,9 @@ def per_example_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     ``method="ghost"``: one forward and one backward of Σ_i f_i with ``GhostNorms`` give G and
     the norms of the Linear/Conv2d parameters; the other trainable parameters (``uncovered``,
     e.g. GroupNorm) get torch.func per-example gradients, a second batched pass that stops at
-    the earliest such parameter. ``method="func"``: torch.func for all parameters.
+    the earliest such parameter. A ``linear_softmax`` model (logistic regression) takes the
+    closed form instead (``linear_softmax_sq_norms``: one forward, no backward).
+    ``method="func"``: torch.func for all parameters.
 
     Args:
         model: maps x to logits; f_i is the cross entropy of example i.
@@ -485,6 +600,9 @@ def per_example_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
         return _func_sq_norms(model, x, y, params, buffers, list(params))
     if method != "ghost":
         raise ValueError(f"method = {method!r} is invalid: use 'ghost' or 'func'.")
+    closed = linear_softmax(model)
+    if closed is not None and (closed.name or x.dim() == 2):
+        return linear_softmax_sq_norms(closed, x, y, params, buffers)
     ghost = GhostNorms(model)
     with ghost:
         loss = F.cross_entropy(functional_call(model, (params, buffers), (x,)), y, reduction="sum")
@@ -532,7 +650,8 @@ def gradient_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ba
     """Exact Δ_D(w) = Σ_i‖∇f_i(w)‖² / ‖Σ_i ∇f_i(w)‖² and B_D = nΔ_D over (x, y), one pass.
 
     Cost with ``method="ghost"``: about 1.1-1.3x one forward+backward per batch for Linear/Conv2d
-    models (see bench/diversity_overhead.py), plus a torch.func pass for uncovered layers.
+    models, plus a torch.func pass for uncovered layers; about 1.0x for logistic regression
+    (closed form, no backward). See bench/diversity_overhead.py.
 
     Args:
         model: maps x to logits, in eval mode if it has BatchNorm or DropConnect layers.
@@ -752,8 +871,14 @@ def mean_over_workers(value: float, world_size: int, device: torch.device | str 
 
 
 def grad_sq_norm(model: nn.Module) -> float:
-    """Σ over parameters of ‖p.grad‖² (float64), e.g. ‖G_B‖² after DDP's all-reduce."""
-    return _sq_norm(p.grad for p in model.parameters() if p.grad is not None)
+    """Σ over parameters of ‖p.grad‖², e.g. ‖G_B‖² after DDP's all-reduce.
+
+    One fused kernel for all the norms (``torch._foreach_norm``, as ``clip_grad_norm_`` uses), squared
+    and summed in float64: fewer kernel launches than a dot product per tensor, which a small
+    model's training step (the free and in-step estimators read this every step) feels.
+    """
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads)) if grads else 0.0
 
 
 class MomentsEMA:
@@ -805,7 +930,7 @@ class LocalGradNorm:
         self.process_group = process_group
         self.inner_hook = inner_hook or allreduce_hook
         self.inner_state = inner_state if inner_hook is not None else process_group
-        self._sq: torch.Tensor | None = None
+        self._parts: list[torch.Tensor] = []
 
     @classmethod
     def register(cls, ddp_model: nn.parallel.DistributedDataParallel, inner_hook: Callable | None = None,
@@ -816,13 +941,13 @@ class LocalGradNorm:
         return state
 
     def add(self, buffer: torch.Tensor) -> None:
-        sq = _dot(buffer).to(torch.float64)
-        self._sq = sq if self._sq is None else self._sq + sq
+        """Record ‖buffer‖² (one kernel: the hook runs inside every backward; summed at ``pop``)."""
+        self._parts.append(torch.dot(buffer, buffer))  # a bucket's buffer is flat and contiguous
 
     def pop(self) -> float:
         """‖G_b‖² accumulated since the last pop (0.0 if no bucket was seen)."""
-        value = 0.0 if self._sq is None else float(self._sq)
-        self._sq = None
+        value = math.fsum(float(sq) for sq in self._parts)
+        self._parts = []
         return value
 
 

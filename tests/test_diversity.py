@@ -180,6 +180,109 @@ def test_ghost_norms_leave_the_gradients_unchanged_and_scale_with_the_mean_loss(
     assert "forward" not in vars(model.features[0])  # the patch is undone on exit
 
 
+# --------------------------------------------------------------------------- closed form: logistic regression
+
+
+def _frozen(model: nn.Module, name: str) -> nn.Module:
+    model.get_parameter(name).requires_grad_(False)
+    return model
+
+
+# (case, builder, input shape, classes): each is a linear softmax model the closed form must take
+CLOSED_FORM_CASES = [
+    ("logreg", lambda: build_model("logreg", (1, 6, 5), 4), (1, 6, 5), 4),
+    ("logreg_binary", lambda: build_model("logreg_binary", (1, 6, 5), 2), (1, 6, 5), 2),
+    ("linear_no_bias", lambda: nn.Linear(30, 4, bias=False), (30,), 4),
+    ("flatten_linear", lambda: nn.Sequential(nn.Flatten(), nn.Linear(30, 3)), (5, 6), 3),
+    ("logreg_frozen_bias", lambda: _frozen(build_model("logreg", (30,), 4), "linear.bias"), (30,), 4),
+    ("binary_frozen_weight", lambda: _frozen(build_model("logreg_binary", (30,), 2), "linear.weight"), (30,), 2),
+]
+
+
+def trainable_brute_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``brute_grads`` restricted to the trainable parameters (frozen ones held fixed)."""
+    trainable = [p.requires_grad for p in model.parameters()]
+    g = brute_grads(model, x, y)
+    sizes = [p.numel() for p in model.parameters()]
+    return torch.cat([part for part, keep in zip(g.split(sizes, 1), trainable) if keep], 1)
+
+
+@pytest.mark.parametrize("case,build,shape,k", CLOSED_FORM_CASES, ids=[c[0] for c in CLOSED_FORM_CASES])
+def test_closed_form_matches_a_per_example_loop(case, build, shape, k, monkeypatch):
+    torch.manual_seed(3)
+    model = build()
+    x, y = 2 * torch.randn(9, *shape), torch.randint(k, (9,))
+    assert D.linear_softmax(model) is not None
+    calls = []
+    closed_form = D.linear_softmax_sq_norms
+    monkeypatch.setattr(D, "linear_softmax_sq_norms", lambda *a: calls.append(1) or closed_form(*a))
+    g = trainable_brute_grads(model, x, y)
+    got = D.gradient_diversity(model, x, y, batch_size=4, dtype=F64)
+    assert len(calls) == 3  # every batch took the closed form, no backward
+    assert rel(got.delta, brute_diversity(g)) < 1e-10
+    params, buffers = D.functional_state(model, F64)
+    sq, summed = D.per_example_sq_norms(model, x.to(F64), y, params=params, buffers=buffers)
+    assert torch.allclose(sq, g.square().sum(1), rtol=1e-10, atol=0)
+    assert torch.allclose(torch.cat([s.reshape(-1) for s in summed]), g.sum(0), rtol=1e-10, atol=1e-12)
+    # In a training step (mean loss, float32): the light GhostNorms route, same gradients as without it.
+    F.cross_entropy(model(x), y).backward()
+    plain = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    with D.GhostNorms(model) as ghost:
+        F.cross_entropy(model(x), y).backward()
+    assert ghost._logits is not None  # the light route kept the logits (no autograd.Function ran)
+    assert torch.allclose(ghost.sq_norms() * 9**2, g.square().sum(1), rtol=1e-5, atol=0)
+    assert all(torch.equal(p.grad, e) for p, e in zip([p for p in model.parameters() if p.requires_grad], plain))
+
+
+def test_binary_closed_form_is_the_logistic_loss_derivative():
+    """Logits [0, z]: ‖g_i‖² = (σ(z_i) − y_i)²(‖x_i‖² + 1), half of ‖p_i − e_{y_i}‖²(‖x_i‖² + 1)."""
+    torch.manual_seed(0)
+    model = build_model("logreg_binary", (7,), 2).to(F64)
+    x, y = torch.randn(6, 7, dtype=F64), torch.tensor([0, 1, 1, 0, 1, 0])
+    z = model.linear(x).detach().squeeze(1)
+    expected = (torch.sigmoid(z) - y).square() * (x.square().sum(1) + 1)
+    p = torch.softmax(model(x).detach(), 1)
+    assert torch.allclose(expected, 0.5 * (p - F.one_hot(y, 2)).square().sum(1) * (x.square().sum(1) + 1))
+    assert torch.allclose(D.per_example_sq_norms(model, x, y)[0], expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"labels in \{0, 1\}"):
+        D.per_example_sq_norms(model, x, torch.tensor([0, 1, 2, 0, 1, 0]))
+
+
+class ShiftedLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1.0
+
+
+class LogRegWithTemperature(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear, self.temperature = nn.Linear(12, 3), nn.Parameter(torch.tensor(2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1)) * self.temperature
+
+
+NOT_CLOSED_FORM = [
+    ("linear_relu", lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 3), nn.ReLU())),
+    ("linear_subclass", lambda: nn.Sequential(nn.Flatten(), ShiftedLinear(12, 3))),
+    ("extra_parameter", LogRegWithTemperature),
+    ("flatten_from_dim_2", lambda: nn.Sequential(nn.Flatten(2), nn.Linear(4, 3))),
+    ("dropconnect_eval", lambda: nn.Sequential(nn.Flatten(), DropConnectLinear(12, 3, p=0.5)).eval()),
+]
+
+
+@pytest.mark.parametrize("case,build", NOT_CLOSED_FORM, ids=[c[0] for c in NOT_CLOSED_FORM])
+def test_other_models_keep_the_ghost_path_and_stay_exact(case, build):
+    torch.manual_seed(0)
+    model = build()
+    x, y = torch.randn(7, 3, 4), torch.randint(3, (7,))
+    if case == "flatten_from_dim_2":
+        y = torch.randint(3, (7, 3))  # logits (N, 3 classes, 3 positions)
+    assert D.linear_softmax(model) is None
+    assert rel(D.gradient_diversity(model, x, y, dtype=F64).delta, brute_diversity(brute_grads(model, x, y))) < 1e-5
+
+
 def test_batchnorm_in_train_mode_is_a_clear_error_and_eval_mode_is_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
