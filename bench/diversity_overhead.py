@@ -5,12 +5,12 @@ Per model and batch size B: plain forward+backward of the mean loss; raygd's exa
 regression takes the closed form ‖∂L/∂z_i‖²(‖x_i‖² + 1) from its logits' gradient);
 ``per_example_sq_norms`` (the exact Δ_D path: norms and Σg, for logistic regression one
 forward and no backward); torch.func per-example gradients (vmap of grad) and their norms; a
-naive loop of one backward per example. Then the online estimators inside a training step
-(forward, backward, SGD update): the in-step estimator (ghost norms + ‖Σg‖²) and the free
-two-batch estimator (‖G_b‖² of the local gradient before the all-reduce, ‖G_B‖² after it: two
-reads of the gradient, measured here on one process); and the free estimator as training runs
-it, DDP's C++ all-reduce against ``LocalGradNorm``'s Python communication hook, on a one-rank
-gloo group (no network: what remains is the hook's own cost).
+naive loop of one backward per example. Then the online estimators as ``raygd.train`` runs
+them, per measured SGD update (forward, backward, update) and per block of
+``train.diversity_every_steps`` updates of which one is measured (what training pays): the
+in-step estimator (ghost norms + ‖Σg‖²) against a plain step, and the free two-batch estimator
+(backward under DDP's ``no_sync``, ‖G_b‖², ``reduce_gradients``, ‖G_B‖²) against a DDP step,
+on a one-rank gloo group (no network: what remains is the estimator's own cost).
 
 Methods run round-robin (each rep runs every method once), so a burst of load from other
 processes hits all of them; the table gives the median over reps of each method's time over
@@ -28,7 +28,6 @@ machines: ``--malloc tuned`` (the default) re-runs the script with
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raygd import diversity as D  # noqa: E402
+from raygd.config import TrainConfig  # noqa: E402
 from raygd.models import build_model  # noqa: E402
 
 MALLOC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
@@ -83,8 +83,10 @@ def naive_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     return out
 
 
-def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """A plain SGD step, the step with the in-step estimator, the step with the free estimator's norms."""
+def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, every: int) -> dict[str, Callable[[], object]]:
+    """A plain SGD step and the step the in-step estimator measures (as ``raygd.train.OnlineDiversity``
+    at P = 1); then ``every`` plain steps against ``every`` steps of which the first is measured
+    (``train.diversity_every_steps``)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     b, ghost = x.shape[0], D.GhostNorms(model)
 
@@ -92,7 +94,7 @@ def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
         plain_backward(model, x, y)
         opt.step()
 
-    def in_step() -> D.Moments:  # as raygd.train.OnlineDiversity.update at P = 1
+    def in_step() -> D.Moments:
         model.zero_grad(set_to_none=True)
         with ghost:
             F.cross_entropy(model(x), y).backward()
@@ -100,41 +102,58 @@ def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict
         opt.step()
         return moments
 
-    def free_step() -> tuple[float, float]:
-        plain_backward(model, x, y)
-        norms = D.grad_sq_norm(model), D.grad_sq_norm(model)  # ‖G_b‖² before, ‖G_B‖² after the all-reduce
-        opt.step()
-        return norms
+    def plain_block() -> None:
+        for _ in range(every):
+            plain_step()
 
-    return {"step": plain_step, "step + in-step": in_step, "step + free": free_step,
-            "free norms only": lambda: (D.grad_sq_norm(model), D.grad_sq_norm(model))}
+    def measured_block() -> None:
+        in_step()
+        for _ in range(every - 1):
+            plain_step()
+
+    return {"step": plain_step, "measured step (in-step)": in_step,
+            f"{every} steps": plain_block, f"{every} steps, 1 measured (in-step)": measured_block}
 
 
-def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """SGD steps under DDP on a one-rank gloo group: DDP's own all-reduce, and the free estimator as
-    ``raygd.train`` runs it (``LocalGradNorm`` hook, ‖G_B‖² after the all-reduce, two-batch moments)."""
+def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                   every: int) -> dict[str, Callable[[], object]]:
+    """SGD steps under DDP on a one-rank gloo group (no network: what remains is the estimator's own
+    cost): DDP's step, and the step the free estimator measures as ``raygd.train`` runs it (backward
+    under ``no_sync``, ‖G_b‖², ``reduce_gradients``, an all-reduce of ‖G_b‖², ‖G_B‖²); then blocks
+    of ``every`` steps, the first one measured."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    twin = copy.deepcopy(model)
-    plain, free = torch.nn.parallel.DistributedDataParallel(model), torch.nn.parallel.DistributedDataParallel(twin)
-    local = D.LocalGradNorm.register(free)
-    opts = torch.optim.SGD(model.parameters(), lr=1e-4), torch.optim.SGD(twin.parameters(), lr=1e-4)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     b = x.shape[0]
 
     def ddp_step() -> None:
-        opts[0].zero_grad(set_to_none=True)
-        F.cross_entropy(plain(x), y).backward()
-        opts[0].step()
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(ddp(x), y).backward()
+        opt.step()
 
     def free_step() -> D.Moments:
-        opts[1].zero_grad(set_to_none=True)
-        F.cross_entropy(free(x), y).backward()
-        small = D.mean_over_workers(local.pop(), 1)
-        moments = D.two_batch_moments(small, b // 2, D.grad_sq_norm(twin), b)  # as if b were B/2 per rank
-        opts[1].step()
+        opt.zero_grad(set_to_none=True)
+        with ddp.no_sync():
+            F.cross_entropy(ddp(x), y).backward()
+        small = torch.tensor([D.grad_sq_norm(model)], dtype=torch.float64)
+        D.reduce_gradients(model, 1)
+        dist.all_reduce(small)  # mean_over_workers, which skips the collective at P = 1
+        moments = D.two_batch_moments(float(small), b // 2, D.grad_sq_norm(model), b)  # as if b were B/2
+        opt.step()
         return moments
 
-    return {"DDP step (P=1)": ddp_step, "DDP step + free (LocalGradNorm hook)": free_step}
+    def plain_block() -> None:
+        for _ in range(every):
+            ddp_step()
+
+    def measured_block() -> None:
+        free_step()
+        for _ in range(every - 1):
+            ddp_step()
+
+    return {"DDP step (P=1)": ddp_step, "measured DDP step (free)": free_step,
+            f"{every} DDP steps": plain_block, f"{every} DDP steps, 1 measured (free)": measured_block}
 
 
 def round_robin(methods: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
@@ -154,6 +173,16 @@ def check_agreement(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     """Largest relative difference of the ghost norms from the naive loop (float32)."""
     ghost, naive = ghost_norms(model, x, y), naive_norms(model, x, y)
     return float(((ghost - naive).abs() / naive).max())
+
+
+def _pairs(methods: dict[str, Callable[[], object]], reps: int) -> list[dict[str, list[float]]]:
+    """Round-robin the first two methods (one update) and the last two (a block of updates) separately,
+    the block's times renamed so that ``table`` compares each with its own baseline."""
+    names = list(methods)
+    single = round_robin({n: methods[n] for n in names[:2]}, reps)
+    block = round_robin({n: methods[n] for n in names[2:]}, max(3, reps // 2))
+    base = next(iter(single))
+    return [single, {base: block[names[2]], names[2]: block[names[2]], names[3]: block[names[3]]}]
 
 
 def table(title: str, runs: list[dict[str, list[float]]], baseline: str) -> str:
@@ -183,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=21, help="reps of the fast methods")
     ap.add_argument("--slow-reps", type=int, default=3, help="reps of torch.func and the naive loop")
+    ap.add_argument("--every", type=int, default=TrainConfig.diversity_every_steps,
+                    help="train.diversity_every_steps: updates per measured update (default %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: B=16, 3 reps")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
                     help="glibc settings: re-run the script with (tuned) or without (default) the MALLOC_ variables")
@@ -214,9 +245,11 @@ def main(argv: list[str] | None = None) -> None:
                     "naive per-example loop": lambda: naive_norms(model, x, y)}
             runs = [round_robin(fast, args.reps), round_robin(slow, args.slow_reps)]
             print(table("Per-example norms", runs, plain))
-            print(table("Online estimators in an SGD step", [round_robin(make_steps(model, x, y), args.reps)], "step"))
-            ddp = make_ddp_steps(model, x, y)
-            print(table("Free estimator under DDP", [round_robin(ddp, args.reps)], next(iter(ddp))))
+            every = args.every
+            steps = make_steps(model, x, y, every)
+            print(table("In-step estimator in an SGD step", _pairs(steps, args.reps), "step"))
+            ddp = make_ddp_steps(model, x, y, every)
+            print(table("Free estimator under DDP", _pairs(ddp, args.reps), "DDP step (P=1)"))
 
 
 if __name__ == "__main__":

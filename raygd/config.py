@@ -146,7 +146,11 @@ class TrainConfig:
     """CPUs Ray reserves for each worker; also the worker's torch threads."""
     diversity_estimator: str = "none"
     """Online B_D estimate logged at each evaluation: none, in_step (per-example norms of the
-    batch, ~1.03-1.1x a CNN step) or free (local B/P vs all-reduced B gradient norms, needs P > 1)."""
+    batch) or free (local B/P vs all-reduced B gradient norms, needs P > 1)."""
+    diversity_every_steps: int = 10
+    """The online estimator measures one update in this many (the first, then every k-th), smoothed
+    over measurements (EMA, decay 0.9). 1 measures every update: lowest variance, but a measured
+    update costs ~1.07x (CNN) to ~1.3x (logistic regression) a plain one (bench/diversity_overhead.py)."""
     max_failures: int = 0
     """Restarts of the worker group after a worker dies (Ray Train FailureConfig); -1 = unlimited.
     A restart resumes from the last checkpoint."""
@@ -179,6 +183,8 @@ class TrainConfig:
         _require(self.diversity_estimator != "free" or self.num_workers > 1, "train.diversity_estimator",
                  self.diversity_estimator, "free compares per-worker and all-reduced gradients: it needs "
                  "train.num_workers > 1 (use in_step with one worker)")
+        _require(self.diversity_every_steps >= 1, "train.diversity_every_steps", self.diversity_every_steps,
+                 "must be an integer >= 1 (1 = measure every update)")
         _require(self.max_failures >= -1, "train.max_failures", self.max_failures,
                  "must be an integer >= 0, or -1 for unlimited restarts")
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", self.checkpoint_every_steps,

@@ -22,7 +22,7 @@ What is here:
 - ``differential_diversity``: Definition 2 between two parameter vectors.
 - Online estimators for the training loop: ``in_step_moments`` (per-example norms of the
   batch), ``two_batch_moments`` (local vs all-reduced gradient norms, no extra backward),
-  ``MomentsEMA`` (smoothing over steps) and the ``LocalGradNorm`` DDP hook.
+  ``MomentsEMA`` (smoothing over steps) and ``reduce_gradients`` (DDP's all-reduce, by hand).
 
 Per-example gradients are undefined when a layer mixes examples (BatchNorm in train mode)
 and random under a DropConnectLinear in train mode; both raise ``ValueError``: measure
@@ -32,14 +32,20 @@ Training-loop use (P workers, global batch B, b = B/P per worker, mean loss; n_w
 ``shuffle`` sampling, None for ``with_replacement``):
 
     ghost, ema = GhostNorms(model), MomentsEMA(0.9)        # once; model = the module DDP wraps
-    local_norms = LocalGradNorm.register(ddp)              # once, P > 1 (free estimator)
     with ghost:                                            # in-step: this step's per-example norms
         F.cross_entropy(ddp(x), y).backward()
     big = grad_sq_norm(model)                              # ‖G_B‖², before mechanism.after_backward
     sum_sq = mean_over_workers(float(ghost.sq_norms().sum()) * b**2, P) * P
-    in_step = in_step_moments(sum_sq, big * B**2, B, n_wor)
-    free = two_batch_moments(mean_over_workers(local_norms.pop(), P), b, big, B, n_wor)
-    batch_bound = ema.update(in_step).batch_bound          # or ema.update(free)
+    batch_bound = ema.update(in_step_moments(sum_sq, big * B**2, B, n_wor)).batch_bound
+
+    with ddp.no_sync():                                    # free (P > 1): skip DDP's all-reduce ...
+        F.cross_entropy(ddp(x), y).backward()
+    small = grad_sq_norm(model)                            # ‖G_b‖² of this rank's b examples
+    reduce_gradients(model, P)                             # ... and do it here: now ‖G_B‖²
+    free = two_batch_moments(mean_over_workers(small, P), b, grad_sq_norm(model), B, n_wor)
+
+A step that is not measured runs as usual (DDP's overlapped C++ all-reduce, no context):
+``raygd.train`` measures one update in ``train.diversity_every_steps``.
 """
 
 from __future__ import annotations
@@ -912,47 +918,15 @@ class MomentsEMA:
         return Moments(self._num / correction, self._den / correction)
 
 
-class LocalGradNorm:
-    """DDP communication-hook state recording ‖G_b‖² of this rank's gradient before the all-reduce.
-
-        norms = LocalGradNorm.register(ddp_model)        # instead of the default all-reduce
-        loss.backward(); local = norms.pop()              # ‖G_b‖², b = B/P local examples
-
-    Each bucket's squared norm is accumulated (one extra read of the gradient, no extra
-    communication), then the bucket goes to ``inner_hook`` (default: DDP's own all-reduce
-    hook, mean over ranks). Pass another hook (e.g. the QSGD hook) to keep it.
-    """
-
-    def __init__(self, process_group: dist.ProcessGroup | None = None, inner_hook: Callable | None = None,
-                 inner_state: object = None) -> None:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        self.process_group = process_group
-        self.inner_hook = inner_hook or allreduce_hook
-        self.inner_state = inner_state if inner_hook is not None else process_group
-        self._parts: list[torch.Tensor] = []
-
-    @classmethod
-    def register(cls, ddp_model: nn.parallel.DistributedDataParallel, inner_hook: Callable | None = None,
-                 inner_state: object = None) -> LocalGradNorm:
-        """Create the state and register ``local_grad_norm_hook`` on ``ddp_model``."""
-        state = cls(ddp_model.process_group, inner_hook, inner_state)
-        ddp_model.register_comm_hook(state, local_grad_norm_hook)
-        return state
-
-    def add(self, buffer: torch.Tensor) -> None:
-        """Record ‖buffer‖² (one kernel: the hook runs inside every backward; summed at ``pop``)."""
-        self._parts.append(torch.dot(buffer, buffer))  # a bucket's buffer is flat and contiguous
-
-    def pop(self) -> float:
-        """‖G_b‖² accumulated since the last pop (0.0 if no bucket was seen)."""
-        value = math.fsum(float(sq) for sq in self._parts)
-        self._parts = []
-        return value
-
-
-def local_grad_norm_hook(state: LocalGradNorm, bucket):  # noqa: ANN001, ANN201
-    """DDP hook: add ‖bucket‖² to ``state`` then run its inner hook (annotations left out: DDP
-    checks the hook's annotations against real classes)."""
-    state.add(bucket.buffer())
-    return state.inner_hook(state.inner_state, bucket)
+def reduce_gradients(model: nn.Module, world_size: int) -> None:
+    """Average every ``.grad`` over the ranks in place, in one flat all-reduce: what DDP does after a
+    backward, for a backward run under ``ddp.no_sync()`` (the free estimator reads the local
+    gradient in between). A no-op without a process group."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or not dist.is_initialized():
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))

@@ -116,12 +116,15 @@ class Worker:
 
 
 class OnlineDiversity:
-    """B_D during training from this step's gradients, smoothed over steps (``raygd.diversity``).
+    """B_D during training from the gradients of one update in ``train.diversity_every_steps``,
+    smoothed over the measured updates (``raygd.diversity``).
 
     ``in_step``: per-example squared norms of the batch (ghost norms, one backward) give
-    unbiased E‖g‖² and ‖μ‖². ``free``: ‖G_b‖² of each worker's B/P examples (read in a DDP
-    hook before the all-reduce) against ‖G_B‖² of the all-reduced gradient, no extra
-    backward. Both use the finite-population correction under ``shuffle`` sampling.
+    unbiased E‖g‖² and ‖μ‖². ``free``: the measured update's backward runs under DDP's
+    ``no_sync``; ‖G_b‖² of each worker's B/P examples is read, the gradients are all-reduced by
+    hand (``reduce_gradients``) and ‖G_B‖² read: no extra backward, and updates not measured
+    keep DDP's overlapped all-reduce untouched. Both use the finite-population correction
+    under ``shuffle`` sampling.
     """
 
     def __init__(self, cfg: RunConfig, n: int, model: torch.nn.Module, net: torch.nn.Module, world_size: int,
@@ -129,25 +132,36 @@ class OnlineDiversity:
         from raygd import diversity as dv
 
         self.dv, self.kind, self.n = dv, cfg.train.diversity_estimator, n
-        self.model, self.world_size, self.device, self.B = model, world_size, device, cfg.train.global_batch_size
+        self.every = cfg.train.diversity_every_steps
+        self.model, self.net, self.world_size, self.device = model, net, world_size, device
+        self.B = cfg.train.global_batch_size
         self.b = self.B // world_size
         self.population = n if cfg.data.sampling == "shuffle" else None
         self.ema = dv.MomentsEMA(0.9)
         self.ghost = dv.GhostNorms(model) if self.kind == "in_step" else None
-        self.local = dv.LocalGradNorm.register(net) if self.kind == "free" else None
+
+    def due(self, step: int) -> bool:
+        """Whether update ``step`` (0-based) is measured."""
+        return step % self.every == 0
 
     def measuring(self):
-        return self.ghost if self.ghost is not None else contextlib.nullcontext()
+        """The context a measured update's forward and backward run in."""
+        if self.ghost is not None:
+            return self.ghost
+        return self.net.no_sync() if self.world_size > 1 else contextlib.nullcontext()
 
     def update(self) -> None:
+        """After a measured backward (before the mechanism changes the gradient)."""
         dv, P = self.dv, self.world_size
-        big = dv.grad_sq_norm(self.model)
         if self.kind == "in_step":
+            big = dv.grad_sq_norm(self.model)
             sum_sq = dv.mean_over_workers(float(self.ghost.sq_norms().sum()) * self.b**2, P, self.device) * P
             moments = dv.in_step_moments(sum_sq, big * self.B**2, self.B, self.population)
         else:
-            small = dv.mean_over_workers(self.local.pop(), P, self.device)
-            moments = dv.two_batch_moments(small, self.b, big, self.B, self.population)
+            small = dv.grad_sq_norm(self.model)
+            dv.reduce_gradients(self.model, P)
+            small = dv.mean_over_workers(small, P, self.device)
+            moments = dv.two_batch_moments(small, self.b, dv.grad_sq_norm(self.model), self.B, self.population)
         self.ema.update(moments)
 
     def metrics(self) -> dict[str, float]:
@@ -189,11 +203,12 @@ def train_step(w: Worker, step: int) -> float:
     """One SGD update on the global batch of ``step`` (0-based); returns this rank's batch loss."""
     idx = w.sampler.worker_batch(step, w.rank, w.world_size).to(w.device)
     w.optimizer.zero_grad(set_to_none=True)
-    with w.estimator.measuring() if w.estimator else contextlib.nullcontext():
+    estimator = w.estimator if w.estimator is not None and w.estimator.due(step) else None
+    with estimator.measuring() if estimator else contextlib.nullcontext():
         loss = F.cross_entropy(w.net(w.data.x_train[idx]), w.data.y_train[idx])
         loss.backward()
-    if w.estimator:
-        w.estimator.update()  # before the mechanism changes the gradient
+    if estimator:
+        estimator.update()  # before the mechanism changes the gradient
     w.mechanism.after_backward(w.model, step)
     w.optimizer.step()
     if w.device.type == "cuda":

@@ -39,6 +39,7 @@ from raygd.config import ConfigError, RunConfig, absolute_tracking_uri, apply_ov
         (["train.diversity_estimator=free", "train.num_workers=1"], "train.diversity_estimator"),
         (["train.diversity_estimator=in_step", "mechanism.name=dropconnect"], "train.diversity_estimator"),
         (["train.diversity_estimator=free", "mechanism.name=quantize"], "train.diversity_estimator"),
+        (["train.diversity_every_steps=0"], "train.diversity_every_steps"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):

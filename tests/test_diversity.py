@@ -3,6 +3,7 @@ cases, mechanisms, differential diversity and the online estimators."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -554,21 +555,26 @@ def _ddp_estimators(rank: int, world_size: int) -> dict:
     torch.manual_seed(0)
     model = build_model("logreg", (20,), 3)
     ddp = nn.parallel.DistributedDataParallel(model)
-    norms = D.LocalGradNorm.register(ddp)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(16, 20, generator=g), torch.randint(3, (16,), generator=g)
     mine = slice(rank * 8, (rank + 1) * 8)
-    with D.GhostNorms(model) as ghost:
+    with D.GhostNorms(model) as ghost, ddp.no_sync():
         F.cross_entropy(ddp(x[mine]), y[mine]).backward()
-    local = norms.pop()
+    local = D.grad_sq_norm(model)  # DDP skipped its all-reduce: this rank's own gradient
+    D.reduce_gradients(model, world_size)
     sum_sq = D.mean_over_workers(float(ghost.sq_norms().sum()) * 8**2, world_size) * world_size
     big = D.grad_sq_norm(model)
     small = D.mean_over_workers(local, world_size)
-    return {"local": local, "small": small, "big": big, "sum_sq": sum_sq, "popped_again": norms.pop(),
-            "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()])}
+    with_ddp = copy.deepcopy(model)  # the same step through DDP's own all-reduce, for comparison
+    ddp2 = nn.parallel.DistributedDataParallel(with_ddp)
+    with_ddp.zero_grad(set_to_none=True)
+    F.cross_entropy(ddp2(x[mine]), y[mine]).backward()
+    return {"local": local, "small": small, "big": big, "sum_sq": sum_sq,
+            "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+            "ddp_grad": torch.cat([p.grad.reshape(-1) for p in with_ddp.parameters()])}
 
 
-def test_ddp_hook_records_local_norms_and_the_estimators_use_the_global_batch():
+def test_no_sync_reads_local_norms_and_reduce_gradients_does_what_ddp_does():
     out = run_group(_ddp_estimators, 2)
     torch.manual_seed(0)
     model = build_model("logreg", (20,), 3)
@@ -578,8 +584,8 @@ def test_ddp_hook_records_local_norms_and_the_estimators_use_the_global_batch():
     halves = [per_example[r * 8:(r + 1) * 8].mean(0) for r in range(2)]
     for rank in range(2):
         assert out[rank]["local"] == pytest.approx(float(halves[rank].square().sum()), rel=1e-5)
-        assert out[rank]["popped_again"] == 0.0
         assert torch.allclose(out[rank]["grad"].to(F64), per_example.mean(0), atol=1e-6)
+        torch.testing.assert_close(out[rank]["grad"], out[rank]["ddp_grad"], rtol=1e-6, atol=1e-7)
         assert out[rank]["big"] == pytest.approx(float(per_example.mean(0).square().sum()), rel=1e-5)
         assert out[rank]["sum_sq"] == pytest.approx(float(per_example.square().sum()), rel=1e-5)
     small = sum(float(h.square().sum()) for h in halves) / 2

@@ -90,7 +90,8 @@ def test_online_diversity_tracks_the_exact_bound(idx_dir, estimator, world_size)
     # A tiny step size keeps w (nearly) fixed, so the smoothed estimate should approach the exact B_D at w.
     cfg = _cfg(idx_dir, f"train.diversity_estimator={estimator}", f"train.num_workers={world_size}",
                "train.step_size=1e-7", "train.target_accuracy=1.0", "train.max_passes=8",
-               "train.eval_every_steps=150", "data.sampling=with_replacement", "train.global_batch_size=64")
+               "train.eval_every_steps=150", "train.diversity_every_steps=1", "data.sampling=with_replacement",
+               "train.global_batch_size=64")
     data = load_data(cfg.data, 0)
     reports = run_group(_diversity_reports, world_size, cfg, data)[0] if world_size > 1 else \
         _diversity_reports(0, 1, cfg, data)
@@ -98,6 +99,30 @@ def test_online_diversity_tracks_the_exact_bound(idx_dir, estimator, world_size)
     assert reports and all(math.isfinite(r["diversity/batch_bound"]) for r in reports)
     assert reports[-1]["diversity/delta"] == pytest.approx(reports[-1]["diversity/batch_bound"] / data.n)
     assert reports[-1]["diversity/batch_bound"] == pytest.approx(exact, rel=0.35 if estimator == "free" else 0.15)
+
+
+def _measured_run(rank, world_size, cfg, data):
+    w = make_worker(cfg, data, rank, world_size)
+    summary = run_worker(w)
+    ema_steps = w.estimator.ema.steps if w.estimator else 0
+    return summary.steps, ema_steps, {k: v.detach().clone() for k, v in w.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("estimator", ["free", "in_step"])
+def test_the_online_estimator_measures_every_kth_update_and_leaves_training_unchanged(idx_dir, estimator):
+    # 20 updates at P=2, measuring updates 0, 3, ..., 18 (7 of them): the free estimator's measured
+    # updates skip DDP's all-reduce and reduce by hand, which must give the same weights as DDP.
+    common = ["train.num_workers=2", "train.target_accuracy=1.0", f"train.max_passes={20 * 32 / 600}",
+              "train.step_size=0.05", "train.eval_every_steps=100"]
+    data = load_data(_cfg(idx_dir).data, 0)
+    (steps, _, plain), _ = run_group(_measured_run, 2, _cfg(idx_dir, *common), data)
+    (steps_m, measured, weights), (_, measured1, weights1) = run_group(
+        _measured_run, 2, _cfg(idx_dir, *common, f"train.diversity_estimator={estimator}",
+                               "train.diversity_every_steps=3"), data)
+    assert steps == steps_m == 20 and measured == measured1 == 7
+    for name, value in plain.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
+        assert torch.equal(weights[name], weights1[name])
 
 
 def _diversity_reports(rank, world_size, cfg, data):
