@@ -200,8 +200,8 @@ def scaling_rows(pairs: Iterable[Any]) -> list[ScalingRow]:
             for r in rows]
 
 
-def scaling_markdown(rows: Sequence[ScalingRow], target: float | None) -> str:
-    lines = [f"Vanilla SGD per batch size at its best step size (target train accuracy {target}); "
+def scaling_markdown(rows: Sequence[ScalingRow], target: float | None, label: str = "Vanilla SGD") -> str:
+    lines = [f"{label} per batch size at its best step size (target train accuracy {target}); "
              "mean ± std over seeds that reached.", "",
              "| B | step size | seeds | passes to acc | time to acc (s) | s per pass | per-pass speedup |",
              "|---:|---:|---:|---:|---:|---:|---:|"]

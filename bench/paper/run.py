@@ -186,13 +186,20 @@ def _sweep_outcome(name: str, args: argparse.Namespace):
 
 
 def exp_dropconnect(args: argparse.Namespace) -> None:
+    from tuning import analysis
     from tuning.sweep import write_outputs
 
     spec, outcome = _sweep_outcome("dropconnect", args)
     out = OUT / "dropconnect"
     paths = write_outputs(out, outcome.records, outcome.best_rows, outcome.table)
     figs = [p for p in paths if p.suffix == ".png" and p.name in ("speedup.png", "time_vs_batch.png")]
-    _emit("dropconnect", outcome.table + "\n", figs, spec.tracking_uri, outcome.parent_run_id)
+    by_mechanism: dict[str, list] = {}
+    for pair in analysis.pair_stats(outcome.records):
+        by_mechanism.setdefault(pair.mechanism, []).append(pair)
+    target = spec.run_config(spec.trial_params()[0]).train.target_accuracy
+    per_batch = "\n".join(results.scaling_markdown(results.scaling_rows(pairs), target, label=mechanism)
+                          for mechanism, pairs in by_mechanism.items())
+    _emit("dropconnect", outcome.table + "\n\n" + per_batch, figs, spec.tracking_uri, outcome.parent_run_id)
 
 
 def exp_batch_scaling(args: argparse.Namespace) -> None:
