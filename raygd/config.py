@@ -237,7 +237,8 @@ class RunConfig:
         _require(not (est == "in_step" and mech == "dropconnect"), "train.diversity_estimator", est,
                  "in_step needs deterministic per-example gradients; with dropconnect use free")
         _require(not (est == "free" and mech == "quantize"), "train.diversity_estimator", est,
-                 "free uses the DDP communication hook that quantize already takes; use in_step")
+                 "free's measured updates all-reduce the exact gradient by hand, bypassing quantize's "
+                 "DDP communication hook; use in_step")
         if self.data.name == "synthetic":
             _require(self.train.model in ("logreg", "logreg_binary"), "train.model", self.train.model,
                      "synthetic data is a flat feature vector: use logreg or logreg_binary")
