@@ -15,7 +15,9 @@ and a message naming the field and what is allowed.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from raygd import submit
@@ -85,7 +87,19 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     """The command that opens the MLflow UI on this store, bound to loopback."""
     if urlsplit(tracking_uri).scheme in ("http", "https"):
         return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    return f"{mlflow_executable()} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def mlflow_executable() -> str:
+    """``mlflow`` when the shell finds this environment's; else its path (``.venv/bin/mlflow`` after
+    ``make``, whose venv is not activated)."""
+    mine = Path(sys.executable).parent / "mlflow"
+    if not mine.exists() or shutil.which("mlflow") == str(mine):
+        return "mlflow"
+    try:
+        return str(mine.relative_to(Path.cwd()))
+    except ValueError:
+        return str(mine)
 
 
 def print_summary(cfg: RunConfig, summary) -> None:

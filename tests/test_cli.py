@@ -45,3 +45,20 @@ def test_bad_input_exits_2_naming_it_and_records_nothing(tmp_path, idx_dir, over
     assert "Started a local Ray" not in out.stderr
     assert MlflowClient(f"sqlite:///{db}").search_runs([e.experiment_id for e in
                                                         MlflowClient(f"sqlite:///{db}").search_experiments()]) == []
+
+
+def test_the_printed_mlflow_ui_command_runs_from_where_it_was_printed(tmp_path):
+    # After `make`, the venv is not activated: the command must name an mlflow that exists (not rely on PATH).
+    import shutil
+
+    from raygd.cli import mlflow_ui_command
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = mlflow_ui_command(uri).split()
+    exe = command[0]
+    assert (Path(exe).is_file() if "/" in exe else shutil.which(exe) is not None), command
+    assert command[1:] == ["ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", "5000"]
+    out = subprocess.run([exe if "/" not in exe or Path(exe).is_absolute() else str(Path.cwd() / exe), "--version"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "version" in out.stdout.lower()
+    assert mlflow_ui_command("http://127.0.0.1:5000") == "open http://127.0.0.1:5000 in a browser"
