@@ -119,7 +119,7 @@ def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                    every: int) -> dict[str, Callable[[], object]]:
     """SGD steps under DDP on a one-rank gloo group (no network: what remains is the estimator's own
     cost): DDP's step, and the step the free estimator measures as ``raygd.train`` runs it (backward
-    under ``no_sync``, ‖G_b‖², ``reduce_gradients``, an all-reduce of ‖G_b‖², ‖G_B‖²); then blocks
+    under ``no_sync``, then ``reduce_gradients``: ‖G_b‖², one flat all-reduce, ‖G_B‖²); then blocks
     of ``every`` steps, the first one measured."""
     if not dist.is_initialized():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -136,10 +136,8 @@ def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         opt.zero_grad(set_to_none=True)
         with ddp.no_sync():
             F.cross_entropy(ddp(x), y).backward()
-        small = torch.tensor([D.grad_sq_norm(model)], dtype=torch.float64)
-        D.reduce_gradients(model, 1)
-        dist.all_reduce(small)  # mean_over_workers, which skips the collective at P = 1
-        moments = D.two_batch_moments(float(small), b // 2, D.grad_sq_norm(model), b)  # as if b were B/2
+        small, big = D.reduce_gradients(model, 1)
+        moments = D.two_batch_moments(small, b // 2, big, b)  # as if b were B/2
         opt.step()
         return moments
 

@@ -40,9 +40,8 @@ Training-loop use (P workers, global batch B, b = B/P per worker, mean loss; n_w
 
     with ddp.no_sync():                                    # free (P > 1): skip DDP's all-reduce ...
         F.cross_entropy(ddp(x), y).backward()
-    small = grad_sq_norm(model)                            # ‖G_b‖² of this rank's b examples
-    reduce_gradients(model, P)                             # ... and do it here: now ‖G_B‖²
-    free = two_batch_moments(mean_over_workers(small, P), b, grad_sq_norm(model), B, n_wor)
+    small, big = reduce_gradients(model, P)                # ... do it here, reading ‖G_b‖² and ‖G_B‖²
+    free = two_batch_moments(small, b, big, B, n_wor)
 
 A step that is not measured runs as usual (DDP's overlapped C++ all-reduce, no context):
 ``raygd.train`` measures one update in ``train.diversity_every_steps``.
@@ -918,15 +917,26 @@ class MomentsEMA:
         return Moments(self._num / correction, self._den / correction)
 
 
-def reduce_gradients(model: nn.Module, world_size: int) -> None:
-    """Average every ``.grad`` over the ranks in place, in one flat all-reduce: what DDP does after a
-    backward, for a backward run under ``ddp.no_sync()`` (the free estimator reads the local
-    gradient in between). A no-op without a process group."""
+def reduce_gradients(model: nn.Module, world_size: int) -> tuple[float, float]:
+    """The free estimator's two norms around DDP's all-reduce, done by hand in one flat all-reduce.
+
+    For a backward run under ``ddp.no_sync()``: reads ‖G_b‖² of this rank's gradient, averages every
+    ``.grad`` over the ranks in place (what DDP does after a backward) and reads ‖G_B‖² of the result.
+    ‖G_b‖² rides in the same all-reduce as one extra entry, so the measured update pays one collective,
+    like an ordinary one. Without a process group the gradients stay as they are.
+
+    Returns:
+        (mean over ranks of ‖G_b‖², ‖G_B‖²).
+    """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads or not dist.is_initialized():
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size
-    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
-        g.copy_(part.view_as(g))
+    if not grads:
+        return 0.0, 0.0
+    flat = torch.cat([g.reshape(-1) for g in grads] + [grads[0].new_zeros(1)])
+    body = flat[:-1]
+    flat[-1] = torch.dot(body, body)
+    if dist.is_initialized():
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= world_size
+        for g, part in zip(grads, body.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+    return float(flat[-1]), float(torch.dot(body, body))

@@ -122,7 +122,7 @@ class OnlineDiversity:
     ``in_step``: per-example squared norms of the batch (ghost norms, one backward) give
     unbiased E‖g‖² and ‖μ‖². ``free``: the measured update's backward runs under DDP's
     ``no_sync``; ‖G_b‖² of each worker's B/P examples is read, the gradients are all-reduced by
-    hand (``reduce_gradients``) and ‖G_B‖² read: no extra backward, and updates not measured
+    hand (``reduce_gradients``, one collective) and ‖G_B‖² read: no extra backward, and updates not measured
     keep DDP's overlapped all-reduce untouched. Both use the finite-population correction
     under ``shuffle`` sampling.
     """
@@ -158,10 +158,8 @@ class OnlineDiversity:
             sum_sq = dv.mean_over_workers(float(self.ghost.sq_norms().sum()) * self.b**2, P, self.device) * P
             moments = dv.in_step_moments(sum_sq, big * self.B**2, self.B, self.population)
         else:
-            small = dv.grad_sq_norm(self.model)
-            dv.reduce_gradients(self.model, P)
-            small = dv.mean_over_workers(small, P, self.device)
-            moments = dv.two_batch_moments(small, self.b, dv.grad_sq_norm(self.model), self.B, self.population)
+            small, big = dv.reduce_gradients(self.model, P)
+            moments = dv.two_batch_moments(small, self.b, big, self.B, self.population)
         self.ema.update(moments)
 
     def metrics(self) -> dict[str, float]:

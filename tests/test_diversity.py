@@ -561,15 +561,13 @@ def _ddp_estimators(rank: int, world_size: int) -> dict:
     with D.GhostNorms(model) as ghost, ddp.no_sync():
         F.cross_entropy(ddp(x[mine]), y[mine]).backward()
     local = D.grad_sq_norm(model)  # DDP skipped its all-reduce: this rank's own gradient
-    D.reduce_gradients(model, world_size)
+    small, big = D.reduce_gradients(model, world_size)
     sum_sq = D.mean_over_workers(float(ghost.sq_norms().sum()) * 8**2, world_size) * world_size
-    big = D.grad_sq_norm(model)
-    small = D.mean_over_workers(local, world_size)
     with_ddp = copy.deepcopy(model)  # the same step through DDP's own all-reduce, for comparison
     ddp2 = nn.parallel.DistributedDataParallel(with_ddp)
     with_ddp.zero_grad(set_to_none=True)
     F.cross_entropy(ddp2(x[mine]), y[mine]).backward()
-    return {"local": local, "small": small, "big": big, "sum_sq": sum_sq,
+    return {"local": local, "small": small, "big": big, "big_after": D.grad_sq_norm(model), "sum_sq": sum_sq,
             "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
             "ddp_grad": torch.cat([p.grad.reshape(-1) for p in with_ddp.parameters()])}
 
@@ -587,6 +585,7 @@ def test_no_sync_reads_local_norms_and_reduce_gradients_does_what_ddp_does():
         assert torch.allclose(out[rank]["grad"].to(F64), per_example.mean(0), atol=1e-6)
         torch.testing.assert_close(out[rank]["grad"], out[rank]["ddp_grad"], rtol=1e-6, atol=1e-7)
         assert out[rank]["big"] == pytest.approx(float(per_example.mean(0).square().sum()), rel=1e-5)
+        assert out[rank]["big_after"] == pytest.approx(out[rank]["big"], rel=1e-6)  # the reduced .grad
         assert out[rank]["sum_sq"] == pytest.approx(float(per_example.square().sum()), rel=1e-5)
     small = sum(float(h.square().sum()) for h in halves) / 2
-    assert out[0]["small"] == pytest.approx(small, rel=1e-5)
+    assert out[0]["small"] == pytest.approx(small, rel=1e-5) and out[1]["small"] == pytest.approx(small, rel=1e-5)
