@@ -83,6 +83,21 @@ def naive_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     return out
 
 
+def _blocks(plain: Callable[[], object], measured: Callable[[], object], every: int, label: str,
+            estimator: str) -> dict[str, Callable[[], object]]:
+    """``every`` plain updates, and ``every`` updates of which the first is measured (as in training)."""
+    def plain_block() -> None:
+        for _ in range(every):
+            plain()
+
+    def measured_block() -> None:
+        measured()
+        for _ in range(every - 1):
+            plain()
+
+    return {label: plain_block, f"{label}, 1 measured {estimator}": measured_block}
+
+
 def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, every: int) -> dict[str, Callable[[], object]]:
     """A plain SGD step and the step the in-step estimator measures (as ``raygd.train.OnlineDiversity``
     at P = 1); then ``every`` plain steps against ``every`` steps of which the first is measured
@@ -102,17 +117,8 @@ def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, every: 
         opt.step()
         return moments
 
-    def plain_block() -> None:
-        for _ in range(every):
-            plain_step()
-
-    def measured_block() -> None:
-        in_step()
-        for _ in range(every - 1):
-            plain_step()
-
     return {"step": plain_step, "measured step (in-step)": in_step,
-            f"{every} steps": plain_block, f"{every} steps, 1 measured (in-step)": measured_block}
+            **_blocks(plain_step, in_step, every, f"{every} steps", "(in-step)")}
 
 
 def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -141,17 +147,8 @@ def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         opt.step()
         return moments
 
-    def plain_block() -> None:
-        for _ in range(every):
-            ddp_step()
-
-    def measured_block() -> None:
-        free_step()
-        for _ in range(every - 1):
-            ddp_step()
-
     return {"DDP step (P=1)": ddp_step, "measured DDP step (free)": free_step,
-            f"{every} DDP steps": plain_block, f"{every} DDP steps, 1 measured (free)": measured_block}
+            **_blocks(ddp_step, free_step, every, f"{every} DDP steps", "(free)")}
 
 
 def round_robin(methods: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:

@@ -150,7 +150,7 @@ class TrainConfig:
     diversity_every_steps: int = 10
     """The online estimator measures one update in this many (the first, then every k-th), smoothed
     over measurements (EMA, decay 0.9). 1 measures every update: lowest variance, but a measured
-    update costs ~1.07x (CNN) to ~1.3x (logistic regression) a plain one (bench/diversity_overhead.py)."""
+    update costs ~1.05x (CNN) to ~1.3x (logistic regression) a plain one (bench/diversity_overhead.py)."""
     max_failures: int = 0
     """Restarts of the worker group after a worker dies (Ray Train FailureConfig); -1 = unlimited.
     A restart resumes from the last checkpoint."""

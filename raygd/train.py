@@ -146,9 +146,7 @@ class OnlineDiversity:
 
     def measuring(self):
         """The context a measured update's forward and backward run in."""
-        if self.ghost is not None:
-            return self.ghost
-        return self.net.no_sync() if self.world_size > 1 else contextlib.nullcontext()
+        return self.ghost if self.ghost is not None else self.net.no_sync()  # free: P > 1, so net is DDP
 
     def update(self) -> None:
         """After a measured backward (before the mechanism changes the gradient)."""

@@ -145,17 +145,21 @@ def _g(x: float | None) -> str:
     return "–" if x is None else f"{x:g}"
 
 
-def fig3a_markdown(rows: Sequence[Fig3aRow], small_batch: int, large_batch: int) -> str:
-    lines = [f"Loss ratio L(B={large_batch}) / L(B={small_batch}), averaged over the evaluation points of training "
-             f"(and at the end), each B at its tuned step size; mean ± std over seeds.", "",
-             "| mechanism | r | γ*(B small) | γ*(B large) | avg loss ratio | final loss ratio | seeds "
-             "| tuned γ at grid edge |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in rows:
-        lines.append(f"| {r.mechanism} | {r.replication} | {_g(r.small_step)} | {_g(r.large_step)} | "
-                     f"{_pm(r.ratio_mean, r.ratio_std)} | {_pm(r.final_ratio_mean, r.final_ratio_std)} | "
-                     f"{r.n_seeds} | {r.edge_steps or '–'} |")
+def _table(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> str:
+    """A markdown table; ``align`` has one letter per column, l (left) or r (right)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if a == "l" else "---:" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def fig3a_markdown(rows: Sequence[Fig3aRow], small_batch: int, large_batch: int) -> str:
+    intro = (f"Loss ratio L(B={large_batch}) / L(B={small_batch}), averaged over the evaluation points of training "
+             f"(and at the end), each B at its tuned step size; mean ± std over seeds.\n\n")
+    return intro + _table(
+        ["mechanism", "r", "γ*(B small)", "γ*(B large)", "avg loss ratio", "final loss ratio", "seeds",
+         "tuned γ at grid edge"], "lrrrrrrl",
+        [[r.mechanism, r.replication, _g(r.small_step), _g(r.large_step), _pm(r.ratio_mean, r.ratio_std),
+          _pm(r.final_ratio_mean, r.final_ratio_std), r.n_seeds, r.edge_steps or "–"] for r in rows])
 
 
 # --------------------------------------------------------------------------- Figures 1-2
@@ -201,15 +205,13 @@ def scaling_rows(pairs: Iterable[Any]) -> list[ScalingRow]:
 
 
 def scaling_markdown(rows: Sequence[ScalingRow], target: float | None, label: str = "Vanilla SGD") -> str:
-    lines = [f"{label} per batch size at its best step size (target train accuracy {target}); "
-             "mean ± std over seeds that reached.", "",
-             "| B | step size | seeds | passes to acc | time to acc (s) | s per pass | per-pass speedup |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r.global_batch_size} | {r.step_size:g} | {r.n_seeds} | {_pm(r.passes_mean, r.passes_std)} | "
-                     f"{_pm(r.time_mean_s, r.time_std_s)} | {_pm(r.pass_time_s, None)} | "
-                     f"{_pm(r.pass_speedup, None, '.2f')} |")
-    return "\n".join(lines) + "\n"
+    intro = (f"{label} per batch size at its best step size (target train accuracy {target}); "
+             "mean ± std over seeds that reached.\n\n")
+    return intro + _table(
+        ["B", "step size", "seeds", "passes to acc", "time to acc (s)", "s per pass", "per-pass speedup"], "rrrrrrr",
+        [[r.global_batch_size, f"{r.step_size:g}", r.n_seeds, _pm(r.passes_mean, r.passes_std),
+          _pm(r.time_mean_s, r.time_std_s), _pm(r.pass_time_s, None), _pm(r.pass_speedup, None, ".2f")]
+         for r in rows])
 
 
 # --------------------------------------------------------------------------- bound vs observed
@@ -240,13 +242,11 @@ def bound_vs_best(bounds: Mapping[str, float | None], along_min: Mapping[str, fl
 
 
 def bound_markdown(rows: Sequence[BoundRow]) -> str:
-    lines = ["| setting | B_D at w0 | min B_D along training | best B found | found by | best B / B_D(w0) |",
-             "|---|---:|---:|---:|---|---:|"]
-    for r in rows:
-        best = "not run yet" if r.best_batch is None else str(r.best_batch)
-        lines.append(f"| {r.setting} | {_pm(r.bound_init, None, '.4g')} | {_pm(r.bound_min_along, None, '.4g')} | "
-                     f"{best} | {r.best_source} | {_pm(r.ratio_best_to_bound, None, '.3g')} |")
-    return "\n".join(lines) + "\n"
+    return _table(
+        ["setting", "B_D at w0", "min B_D along training", "best B found", "found by", "best B / B_D(w0)"], "lrrrlr",
+        [[r.setting, _pm(r.bound_init, None, ".4g"), _pm(r.bound_min_along, None, ".4g"),
+          "not run yet" if r.best_batch is None else r.best_batch, r.best_source,
+          _pm(r.ratio_best_to_bound, None, ".3g")] for r in rows])
 
 
 # --------------------------------------------------------------------------- figures
