@@ -5,7 +5,7 @@ Per model and batch size B: plain forward+backward of the mean loss; raygd's exa
 regression takes the closed form ‖∂L/∂z_i‖²(‖x_i‖² + 1) from its logits' gradient);
 ``per_example_sq_norms`` (the exact Δ_D path: norms and Σg, for logistic regression one
 forward and no backward); torch.func per-example gradients (vmap of grad) and their norms; a
-naive loop of one backward per example. Then the online estimators as ``raygd.train`` runs
+naive loop of one backward per example. Then the online estimators as ``raygd.loop`` runs
 them, per measured SGD update (forward, backward, update) and per block of
 ``train.diversity_every_steps`` updates of which one is measured (what training pays): the
 in-step estimator (ghost norms + ‖Σg‖²) against a plain step, and the free two-batch estimator
@@ -99,7 +99,7 @@ def _blocks(plain: Callable[[], object], measured: Callable[[], object], every: 
 
 
 def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, every: int) -> dict[str, Callable[[], object]]:
-    """A plain SGD step and the step the in-step estimator measures (as ``raygd.train.OnlineDiversity``
+    """A plain SGD step and the step the in-step estimator measures (as ``raygd.loop.OnlineDiversity``
     at P = 1); then ``every`` plain steps against ``every`` steps of which the first is measured
     (``train.diversity_every_steps``)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -124,7 +124,7 @@ def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, every: 
 def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
                    every: int) -> dict[str, Callable[[], object]]:
     """SGD steps under DDP on a one-rank gloo group (no network: what remains is the estimator's own
-    cost): DDP's step, and the step the free estimator measures as ``raygd.train`` runs it (backward
+    cost): DDP's step, and the step the free estimator measures as ``raygd.loop`` runs it (backward
     under ``no_sync``, then ``reduce_gradients``: ‖G_b‖², one flat all-reduce, ‖G_B‖²); then blocks
     of ``every`` steps, the first one measured."""
     if not dist.is_initialized():

@@ -148,7 +148,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     spec = load_sweep_spec(args.spec, args.overrides)
     check_tracking_store(spec.tracking_uri)
-    from raygd.train import check_ray_address
+    from raygd.ray_env import check_ray_address
 
     check_ray_address()
     outcome = run_sweep(spec, resume=args.resume)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,23 +96,25 @@ def measure_replications(cfg: RunConfig, replications: list[int], mechanisms: li
 
 
 def measure_along_training(cfg: RunConfig, every: int) -> list[DiversityRow]:
-    """Exact vanilla B_D every ``every`` updates of in-process SGD (one worker, the config's B)."""
-    from raygd.train import make_worker, train_step
+    """Exact vanilla B_D every ``every`` updates of in-process SGD (raygd's loop, one worker, the config's B),
+    at the initial weights and after the last update; trains for ``train.max_passes`` whatever the accuracy."""
+    from raygd.loop import build_state, every_steps, run_loop
 
     single = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1, diversity_estimator="none"),
                                  mechanism=MechanismConfig())
     data = load_data(cfg.data, cfg.train.seed)
-    worker = make_worker(single, data)
-    steps = max(1, math.ceil(cfg.train.max_passes * data.n / cfg.train.global_batch_size))
+    state = build_state(single, data)
     rows, g = [], torch.Generator().manual_seed(0)
-    for step in range(steps + 1):
-        if step % every == 0 or step == steps:
-            bound = measure(worker.model, data, single.mechanism, g)
-            passes = step * cfg.train.global_batch_size / data.n
-            rows.append(DiversityRow(cfg.data.replication, "vanilla", passes, step, data.n, bound / data.n, bound,
-                                     ESTIMATOR["vanilla"]))
-        if step < steps:
-            train_step(worker, step)
+
+    def row(step: int) -> None:
+        bound = measure(state.model, data, single.mechanism, g)
+        passes = step * cfg.train.global_batch_size / data.n
+        rows.append(DiversityRow(cfg.data.replication, "vanilla", passes, step, data.n, bound / data.n, bound,
+                                 ESTIMATOR["vanilla"]))
+
+    row(0)
+    run_loop(state, report=lambda metrics: row(int(metrics["step"])), eval_due=every_steps(every),
+             stop_at_target=False)
     return rows
 
 

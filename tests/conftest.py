@@ -35,7 +35,7 @@ def ray_session():
     """One real local Ray for the whole test session (each start costs ~5 s)."""
     import ray
 
-    from raygd.train import ensure_ray
+    from raygd.ray_env import ensure_ray
 
     ensure_ray(2, num_cpus=2, log_to_driver=False)  # also lets Ray Train clean up trials Tune stops early
     yield ray

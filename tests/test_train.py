@@ -10,7 +10,7 @@ from dist import run_group
 
 from raygd.config import load_run_config
 from raygd.data import load_data
-from raygd.train import make_worker, run_worker, train_worker
+from raygd.loop import build_state, run_loop, train_rank
 
 
 def _cfg(idx_dir, *overrides):
@@ -20,7 +20,7 @@ def _cfg(idx_dir, *overrides):
 
 def test_reaches_target_and_accounts_passes(idx_dir):
     cfg = _cfg(idx_dir, "train.target_accuracy=0.9", "train.step_size=0.05")
-    summary = train_worker(cfg, load_data(cfg.data, 0))
+    summary = train_rank(cfg, load_data(cfg.data, 0))
     assert summary.status == "reached_target" and summary.final_train_accuracy >= 0.9
     assert summary.updates_to_accuracy == summary.steps and summary.steps % 5 == 0
     assert summary.passes_to_accuracy == pytest.approx(summary.steps * 32 / 600)
@@ -30,14 +30,14 @@ def test_reaches_target_and_accounts_passes(idx_dir):
 
 def test_unreached_target_ends_at_max_passes_without_a_time(idx_dir):
     cfg = _cfg(idx_dir, "train.target_accuracy=1.0", "train.step_size=1e-6", "train.max_passes=1")
-    summary = train_worker(cfg, load_data(cfg.data, 0))
+    summary = train_rank(cfg, load_data(cfg.data, 0))
     assert summary.status == "max_passes" and summary.time_to_accuracy_s is None
     assert summary.steps == math.ceil(600 / 32) and summary.passes_to_accuracy is None
 
 
 def test_divergence_ends_the_run_with_its_step(idx_dir):
     cfg = _cfg(idx_dir, "train.model=mnist_cnn", "train.step_size=50", "train.target_accuracy=0.99")
-    summary = train_worker(cfg, load_data(cfg.data, 0))
+    summary = train_rank(cfg, load_data(cfg.data, 0))
     assert summary.status == "diverged" and summary.time_to_accuracy_s is None
     assert 1 <= summary.diverged_at_step <= summary.steps <= 10
     assert summary.summary_metrics()["diverged"] == 1.0
@@ -48,7 +48,7 @@ def test_evaluation_is_paused_out_of_the_clock(idx_dir):
     cfg = _cfg(idx_dir, "train.eval_every_steps=1", "train.target_accuracy=1.0", "train.max_passes=2",
                "train.step_size=1e-6", "data.eval_size=300", "train.model=mnist_cnn", "train.max_passes=0.5")
     reports = []
-    summary = train_worker(cfg, load_data(cfg.data, 0), report=reports.append)
+    summary = train_rank(cfg, load_data(cfg.data, 0), report=reports.append)
     assert len(reports) == summary.steps
     assert summary.eval_time_s > 0
     assert reports[-1]["time/train_s"] == pytest.approx(summary.train_time_s)
@@ -56,8 +56,8 @@ def test_evaluation_is_paused_out_of_the_clock(idx_dir):
 
 
 def _final_weights(rank, world_size, cfg, data):
-    w = make_worker(cfg, data, rank, world_size)
-    summary = run_worker(w)
+    w = build_state(cfg, data, rank, world_size)
+    summary = run_loop(w)
     return summary.steps, {k: v.detach().clone() for k, v in w.model.state_dict().items()}
 
 
@@ -72,7 +72,7 @@ def test_two_workers_equal_one_worker_at_the_same_global_batch(idx_dir, model, s
     steps1, single = _final_weights(0, 1, cfg1, data)
     (steps_a, rank0), (_, rank1) = run_group(_final_weights, 2, cfg2, data)
     assert steps1 == steps_a == 20
-    initial = make_worker(cfg1, data).model.state_dict()
+    initial = build_state(cfg1, data).model.state_dict()
     for name, value in single.items():
         assert torch.equal(rank0[name], rank1[name])
         assert not torch.allclose(value, initial[name])  # the weights did move
@@ -95,15 +95,15 @@ def test_online_diversity_tracks_the_exact_bound(idx_dir, estimator, world_size)
     data = load_data(cfg.data, 0)
     reports = run_group(_diversity_reports, world_size, cfg, data)[0] if world_size > 1 else \
         _diversity_reports(0, 1, cfg, data)
-    exact = _exact_bound(cfg, data, make_worker(_cfg(idx_dir), data).model)  # same seed: same initial w
+    exact = _exact_bound(cfg, data, build_state(_cfg(idx_dir), data).model)  # same seed: same initial w
     assert reports and all(math.isfinite(r["diversity/batch_bound"]) for r in reports)
     assert reports[-1]["diversity/delta"] == pytest.approx(reports[-1]["diversity/batch_bound"] / data.n)
     assert reports[-1]["diversity/batch_bound"] == pytest.approx(exact, rel=0.35 if estimator == "free" else 0.15)
 
 
 def _measured_run(rank, world_size, cfg, data):
-    w = make_worker(cfg, data, rank, world_size)
-    summary = run_worker(w)
+    w = build_state(cfg, data, rank, world_size)
+    summary = run_loop(w)
     ema_steps = w.estimator.ema.steps if w.estimator else 0
     return summary.steps, ema_steps, {k: v.detach().clone() for k, v in w.model.state_dict().items()}
 
@@ -127,13 +127,13 @@ def test_the_online_estimator_measures_every_kth_update_and_leaves_training_unch
 
 def _diversity_reports(rank, world_size, cfg, data):
     reports = []
-    train_worker(cfg, data, rank, world_size, report=reports.append)
+    train_rank(cfg, data, rank, world_size, report=reports.append)
     return reports
 
 
 def _straight_and_resumed(rank, world_size, cfg, data, folder, resume_at):
     """Final weights of one uninterrupted run, and of a fresh worker resumed from its checkpoint at ``resume_at``."""
-    from raygd.train import load_checkpoint, save_checkpoint
+    from raygd.checkpoint import load_checkpoint, save_checkpoint
 
     saved = []
 
@@ -142,12 +142,12 @@ def _straight_and_resumed(rank, world_size, cfg, data, folder, resume_at):
         if state["step"] == resume_at:
             save_checkpoint(folder, state)
 
-    w = make_worker(cfg, data, rank, world_size)
-    straight = run_worker(w, checkpoint=checkpoint)
+    w = build_state(cfg, data, rank, world_size)
+    straight = run_loop(w, checkpoint=checkpoint)
     if world_size > 1:
         torch.distributed.barrier()  # every rank's file is written before any rank reads
-    w2 = make_worker(cfg, data, rank, world_size)
-    resumed = run_worker(w2, resume={**load_checkpoint(folder, rank), "restarts": 1, "lost_train_s": 100.0})
+    w2 = build_state(cfg, data, rank, world_size)
+    resumed = run_loop(w2, resume={**load_checkpoint(folder, rank), "restarts": 1, "lost_train_s": 100.0})
     weights = [{k: v.detach().clone() for k, v in m.model.state_dict().items()} for m in (w, w2)]
     return saved, straight, resumed, weights
 
@@ -185,5 +185,5 @@ def test_checkpointing_is_off_unless_asked_for(idx_dir):
     assert _cfg(idx_dir, "train.max_failures=2").train.checkpoint_interval == 5  # every evaluation
     assert _cfg(idx_dir, "train.checkpoint_every_steps=7").train.checkpoint_interval == 7
     saved = []
-    run_worker(make_worker(cfg, load_data(cfg.data, 0)), checkpoint=lambda m, s: saved.append(s))
+    run_loop(build_state(cfg, load_data(cfg.data, 0)), checkpoint=lambda m, s: saved.append(s))
     assert saved == []

@@ -208,7 +208,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
     from ray import tune
 
     from raygd.data import load_data
-    from raygd.train import ensure_ray
+    from raygd.ray_env import ensure_ray
     from tuning.callbacks import TrialRecorder
 
     configs = [spec.run_config(p) for p in spec.trial_params()]

@@ -12,7 +12,7 @@ Outputs: bench/paper/out/<experiment>/ (table.md, figure.png, ...), also logged 
 experiment's MLflow parent run; the MLflow store defaults to bench/paper/out/mlflow.db.
 
 fig3a runs its trials in this process by default (``--engine inprocess``: raygd's own
-``make_worker``/``train_step``/``evaluate`` with one worker; raygd's sampler gives P=1 and P=2
+``raygd.loop.run_loop`` with one worker; raygd's sampler gives P=1 and P=2
 the same examples and the same weights, and the loss ratio does not depend on wall-clock),
 evaluating every run at the same points in passes; ``--engine ray`` runs the same grid as a
 Ray Tune sweep (``tuning.sweep.run_sweep``), for a cluster. The CNN sweeps always use Ray Tune:
@@ -71,9 +71,10 @@ def _emit(name: str, table: str, paths: list[Path], uri: str, run_id: str, extra
 
 def _run_inprocess_trial(cfg, data, grid_examples: int, parent_run_id: str, label: str, trial: str,
                          tags: dict[str, str]) -> None:
-    """One trial in this process: SGD with the config's B and step size, evaluated every grid_examples."""
+    """One trial in this process: raygd's loop with the config's B and step size, evaluated every grid_examples,
+    trained for max_passes whatever the accuracy."""
+    from raygd.loop import build_state, run_loop
     from raygd.tracking import Tracker, create_run
-    from raygd.train import evaluate, make_worker, train_step
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1))
     tc = cfg.train
@@ -83,25 +84,10 @@ def _run_inprocess_trial(cfg, data, grid_examples: int, parent_run_id: str, labe
                         {**tags, "raygd.trial_id": trial, "raygd.mechanism_label": label},
                         parent_run_id=parent_run_id)
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
-    w = make_worker(cfg, data)
-    max_steps = max(1, math.ceil(tc.max_passes * data.n / tc.global_batch_size))
-    status, loss, acc, t0 = "max_passes", math.nan, math.nan, time.perf_counter()
-    for step in range(1, max_steps + 1):
-        train_step(w, step - 1)
-        if (step * tc.global_batch_size) % grid_examples and step != max_steps:
-            continue
-        loss, acc = evaluate(w.model, w.x_eval, w.y_eval, 1, w.device)
-        if not math.isfinite(loss):
-            status = "diverged"
-            break
-        tracker.log_metrics({"train/loss": loss, "train/accuracy": acc,
-                             "progress/passes": step * tc.global_batch_size / data.n}, step=step)
-    passes = step * tc.global_batch_size / data.n
-    summary = {"passes": passes, "train_time_s": time.perf_counter() - t0, "final_train_accuracy": acc}
-    if math.isfinite(loss):
-        summary["final_train_loss"] = loss
-    tracker.log_metrics(summary, step=step)
-    tracker.set_tags({"raygd.status": status})
+    summary = run_loop(build_state(cfg, data), tracker, stop_at_target=False,
+                       eval_due=lambda step: (step * tc.global_batch_size) % grid_examples == 0)
+    tracker.log_metrics(summary.summary_metrics(), step=summary.steps)
+    tracker.set_tags({"raygd.status": summary.status})
     tracker.finish("FINISHED")
 
 

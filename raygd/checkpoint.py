@@ -1,0 +1,77 @@
+"""Checkpoints of one rank's training state: what to save, how to restore it, the files on disk.
+
+A checkpoint holds everything a restarted rank needs to continue exactly where its step left
+off. Model and optimizer are identical on every rank (rank 0 writes them once, ``model.pt``);
+the RNG states (torch's, the mechanism's generators) differ per rank (``rank_<r>.pt``). The
+sampler is a pure function of (seed, step), so the step is its whole state. Ray Train merges the
+ranks' folders into one checkpoint (``raygd.train.train_loop_per_worker``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from raygd.loop import TrainState
+
+MODEL_FILE = "model.pt"
+SHARED_KEYS = ("model", "optimizer", "estimator_ema")
+
+
+def checkpoint_state(state: TrainState, step: int, clock: float, eval_time: float) -> dict[str, Any]:
+    """This rank's state after update ``step``, with the training clock and evaluation seconds so far."""
+    out: dict[str, Any] = {
+        "step": step,
+        "clock": clock,
+        "eval_time": eval_time,
+        "rank": state.rank,
+        "world_size": state.world_size,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "mechanism_rng": {
+            k: g.get_state() for k, g in vars(state.mechanism).items() if isinstance(g, torch.Generator)
+        },
+        "estimator_ema": dict(vars(state.estimator.ema)) if state.estimator else None,
+    }
+    if state.device.type == "cuda":
+        out["cuda_rng"] = torch.cuda.get_rng_state(state.device)
+    return out
+
+
+def restore_state(state: TrainState, saved: dict[str, Any]) -> None:
+    """Load a ``checkpoint_state`` into a freshly built state (same config, rank and world size)."""
+    if (saved["rank"], saved["world_size"]) != (state.rank, state.world_size):
+        raise ValueError(
+            f"checkpoint of rank {saved['rank']}/{saved['world_size']} cannot restore "
+            f"rank {state.rank}/{state.world_size}: train.num_workers must not change on resume"
+        )
+    state.model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    torch.set_rng_state(saved["torch_rng"])
+    for name, rng in saved["mechanism_rng"].items():
+        getattr(state.mechanism, name).set_state(rng)
+    if state.estimator and saved["estimator_ema"]:
+        vars(state.estimator.ema).update(saved["estimator_ema"])
+    if "cuda_rng" in saved and state.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"], state.device)
+
+
+def save_checkpoint(folder: str | os.PathLike, saved: dict[str, Any]) -> None:
+    """Write a ``checkpoint_state``: rank 0 the shared model/optimizer/estimator, every rank its own file."""
+    if saved["rank"] == 0:
+        torch.save({k: saved[k] for k in SHARED_KEYS}, Path(folder) / MODEL_FILE)
+    own = {k: v for k, v in saved.items() if k not in SHARED_KEYS}
+    torch.save(own, Path(folder) / f"rank_{saved['rank']}.pt")
+
+
+def load_checkpoint(folder: str | os.PathLike, rank: int) -> dict[str, Any]:
+    """This rank's ``checkpoint_state`` from a checkpoint folder (shared model + per-rank file)."""
+    folder = Path(folder)
+    saved = torch.load(folder / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
+    saved.update(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=False))
+    return saved

@@ -1,0 +1,455 @@
+"""One rank's SGD loop: its state, one update, evaluation, and the loop that ties them together.
+
+The loop runs unchanged in-process (world size 1), under any torch process group (tests and
+benchmarks spawn gloo groups) and inside Ray Train, where ``raygd.train.train_loop_per_worker``
+wraps it; ``raygd.measure`` and the paper driver call it too, with their own evaluation schedule.
+
+    state = build_state(cfg, data)          # model, mechanism, DDP, optimizer, sampler
+    summary = run_loop(state, tracker)       # until the target, max passes or divergence
+
+The clock: time-to-accuracy is wall-clock seconds spent in training steps (sampling, forward,
+backward, all-reduce, update) until the training accuracy measured on a fixed sample of the
+training set reaches the target. Evaluation, reporting and checkpoints are paused out of the
+clock; both figures are logged. Every rank takes the stop decision from the same all-reduced
+numbers (accuracy, and the first step at which any rank saw a non-finite loss or weights), so all
+ranks return together and agree on ``diverged_at_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raygd.config import RunConfig
+from raygd.data import Dataset, GlobalBatchSampler, eval_indices
+from raygd.mechanisms import Mechanism, build_mechanism
+from raygd.models import build_model
+from raygd.tracking import Tracker
+
+EVAL_CHUNK = 2048
+
+Report = Callable[[dict[str, float]], None]
+Checkpoint = Callable[[dict[str, float], dict[str, Any]], None]
+
+
+@dataclass
+class RunSummary:
+    """What one run produced; ``status`` is reached_target, max_passes or diverged."""
+
+    status: str
+    steps: int
+    passes: float
+    train_time_s: float
+    eval_time_s: float
+    final_train_accuracy: float
+    final_train_loss: float
+    final_test_accuracy: float
+    samples_per_s: float
+    time_to_accuracy_s: float | None = None
+    passes_to_accuracy: float | None = None
+    updates_to_accuracy: int | None = None
+    diverged_at_step: int | None = None
+    run_id: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+    walls: dict[str, float] = field(default_factory=dict)
+    """Wall-clock timestamps (time.time()) of start-up events, for the overhead figures."""
+
+    def summary_metrics(self) -> dict[str, float]:
+        """The numeric fields worth logging as MLflow summary metrics."""
+        skip = {"status", "run_id", "extra", "walls"}
+        out = {k: float(v) for k, v in asdict(self).items() if k not in skip and v is not None}
+        out["reached_target"] = float(self.status == "reached_target")
+        out["diverged"] = float(self.status == "diverged")
+        return out
+
+
+def all_reduce(values: list[float], world_size: int, device: torch.device, op: str = "sum") -> list[float]:
+    """Reduce a few floats over all ranks with one collective (``op``: sum or min; identity at world size 1)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
+    return t.tolist()
+
+
+@torch.no_grad()
+def _eval_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """This rank's summed cross-entropy, number correct and count over (x, y)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0.0
+    for start in range(0, x.shape[0], EVAL_CHUNK):
+        logits = model(x[start : start + EVAL_CHUNK])
+        target = y[start : start + EVAL_CHUNK]
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += float((logits.argmax(1) == target).sum())
+    model.train(was_training)
+    return [loss_sum, correct, float(x.shape[0])]
+
+
+def evaluate(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, world_size: int, device: torch.device
+) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy over this rank's examples, summed over all ranks."""
+    loss_sum, correct, count = all_reduce(_eval_sums(model, x, y), world_size, device)
+    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
+
+
+def _params_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+class OnlineDiversity:
+    """B_D during training from the gradients of one update in ``train.diversity_every_steps``,
+    smoothed over the measured updates (``raygd.diversity``).
+
+    ``in_step``: per-example squared norms of the batch (ghost norms, one backward) give
+    unbiased E‖g‖² and ‖μ‖². ``free``: the measured update's backward runs under DDP's
+    ``no_sync``; ‖G_b‖² of each worker's B/P examples is read, the gradients are all-reduced by
+    hand (``reduce_gradients``, one collective) and ‖G_B‖² read: no extra backward, and updates not measured
+    keep DDP's overlapped all-reduce untouched. Both use the finite-population correction
+    under ``shuffle`` sampling.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        n: int,
+        model: torch.nn.Module,
+        net: torch.nn.Module,
+        world_size: int,
+        device: torch.device,
+    ):
+        from raygd import diversity as dv
+
+        self.dv, self.kind, self.n = dv, cfg.train.diversity_estimator, n
+        self.every = cfg.train.diversity_every_steps
+        self.model, self.net, self.world_size, self.device = model, net, world_size, device
+        self.B = cfg.train.global_batch_size
+        self.b = self.B // world_size
+        self.population = n if cfg.data.sampling == "shuffle" else None
+        self.ema = dv.MomentsEMA(0.9)
+        self.ghost = dv.GhostNorms(model) if self.kind == "in_step" else None
+
+    def due(self, step: int) -> bool:
+        """Whether update ``step`` (0-based) is measured."""
+        return step % self.every == 0
+
+    def measuring(self):
+        """The context a measured update's forward and backward run in."""
+        return self.ghost if self.ghost is not None else self.net.no_sync()  # free: P > 1, so net is DDP
+
+    def update(self) -> None:
+        """After a measured backward (before the mechanism changes the gradient)."""
+        dv, P = self.dv, self.world_size
+        if self.kind == "in_step":
+            big = dv.grad_sq_norm(self.model)
+            sum_sq = dv.mean_over_workers(float(self.ghost.sq_norms().sum()) * self.b**2, P, self.device) * P
+            moments = dv.in_step_moments(sum_sq, big * self.B**2, self.B, self.population)
+        else:
+            small, big = dv.reduce_gradients(self.model, P)
+            moments = dv.two_batch_moments(small, self.b, big, self.B, self.population)
+        self.ema.update(moments)
+
+    def metrics(self) -> dict[str, float]:
+        bound = self.ema.value.batch_bound
+        return {"diversity/batch_bound": bound, "diversity/delta": bound / self.n}
+
+
+@dataclass
+class TrainState:
+    """One rank's training state: the model (unwrapped) and ``net`` that runs steps (DDP when
+    P > 1), the mechanism, optimizer, sampler, this rank's slice of the evaluation sample, and the
+    online diversity estimator (None when off)."""
+
+    cfg: RunConfig
+    data: Dataset
+    rank: int
+    world_size: int
+    device: torch.device
+    model: torch.nn.Module
+    net: torch.nn.Module
+    mechanism: Mechanism
+    optimizer: torch.optim.Optimizer
+    sampler: GlobalBatchSampler
+    x_eval: torch.Tensor
+    y_eval: torch.Tensor
+    estimator: OnlineDiversity | None = None
+
+
+def build_state(
+    cfg: RunConfig, data: Dataset, rank: int = 0, world_size: int = 1, device: torch.device | None = None
+) -> TrainState:
+    """Build this rank's model (same initial weights on every rank), mechanism, DDP wrapper and sampler.
+
+    Everything is rebuilt from the config: torch's RNG is seeded from ``train.seed`` first, so a
+    state built in a process that trained before is the state a fresh process would build.
+    world_size > 1 needs an initialised torch process group.
+    """
+    device = device or torch.device("cpu")
+    tc = cfg.train
+    torch.manual_seed(tc.seed)
+    model = build_model(tc.model, data.input_shape, data.num_classes)
+    mechanism = build_mechanism(cfg.mechanism)
+    model = mechanism.setup(
+        model, seed=tc.seed, rank=rank, world_size=world_size, global_batch_size=tc.global_batch_size, device=device
+    ).to(device)
+    net = model
+    if world_size > 1:
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        mechanism.attach_ddp(net)
+    if device.type != "cpu":
+        data = Dataset(
+            data.x_train.to(device),
+            data.y_train.to(device),
+            data.x_test.to(device),
+            data.y_test.to(device),
+            data.num_classes,
+        )
+    ev = eval_indices(data.n, cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
+    estimator = (
+        OnlineDiversity(cfg, data.n, model, net, world_size, device) if tc.diversity_estimator != "none" else None
+    )
+    return TrainState(
+        cfg,
+        data,
+        rank,
+        world_size,
+        device,
+        model,
+        net,
+        mechanism,
+        torch.optim.SGD(model.parameters(), lr=tc.step_size),
+        GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed),
+        data.x_train[ev],
+        data.y_train[ev],
+        estimator,
+    )
+
+
+def train_step(state: TrainState, step: int) -> float:
+    """One SGD update on the global batch of ``step`` (0-based); returns this rank's batch loss."""
+    idx = state.sampler.worker_batch(step, state.rank, state.world_size).to(state.device)
+    state.optimizer.zero_grad(set_to_none=True)
+    estimator = state.estimator if state.estimator is not None and state.estimator.due(step) else None
+    with estimator.measuring() if estimator else contextlib.nullcontext():
+        loss = F.cross_entropy(state.net(state.data.x_train[idx]), state.data.y_train[idx])
+        loss.backward()
+    if estimator:
+        estimator.update()  # before the mechanism changes the gradient
+    state.mechanism.after_backward(state.model, step)
+    state.optimizer.step()
+    if state.device.type == "cuda":
+        torch.cuda.synchronize(state.device)
+    return float(loss.detach())
+
+
+@dataclass
+class Clock:
+    """Seconds spent training (the time-to-accuracy clock) and evaluating, plus the steps since the
+    last evaluation (its window gives ``perf/*`` and ``train/batch_loss``)."""
+
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    window_s: float = 0.0
+    window_steps: int = 0
+    window_loss: float = 0.0
+
+    def add_step(self, seconds: float, loss: float) -> None:
+        self.train_s += seconds
+        self.window_s += seconds
+        self.window_steps += 1
+        self.window_loss += loss
+
+    def close_window(self) -> None:
+        self.window_s, self.window_steps, self.window_loss = 0.0, 0, 0.0
+
+
+def every_steps(k: int) -> Callable[[int], bool]:
+    """The default evaluation schedule: after every ``k``-th update (the last update always evaluates)."""
+    return lambda step: step % k == 0
+
+
+@dataclass
+class Evaluation:
+    """One evaluation's metrics and the decisions every rank takes from them."""
+
+    metrics: dict[str, float]
+    accuracy: float
+    loss: float
+    diverged_at_step: int | None
+
+
+def _evaluation(state: TrainState, step: int, clock: Clock, first_bad_step: float) -> Evaluation:
+    """Evaluate on the fixed training sample; one sum and one min all-reduce across ranks.
+
+    A rank's first bad step is the first update whose batch loss was not finite (or this step if the
+    weights are not); the run diverged at the earliest such step over all ranks.
+    """
+    tc, n, P = state.cfg.train, state.data.n, state.world_size
+    if math.isinf(first_bad_step) and not _params_finite(state.model):
+        first_bad_step = step
+    sums = _eval_sums(state.model, state.x_eval, state.y_eval) + [clock.window_loss]
+    loss_sum, correct, count, batch_loss_sum = all_reduce(sums, P, state.device)
+    (bad,) = all_reduce([first_bad_step], P, state.device, op="min")
+    loss, acc = loss_sum / max(count, 1.0), correct / max(count, 1.0)
+    estimator = state.estimator.metrics() if state.estimator else {}
+    metrics = {
+        "train/loss": loss,
+        "train/accuracy": acc,
+        "train/batch_loss": batch_loss_sum / P / clock.window_steps,
+        "perf/samples_per_s": tc.global_batch_size * clock.window_steps / clock.window_s,
+        "perf/step_s": clock.window_s / clock.window_steps,
+        "progress/passes": step * tc.global_batch_size / n,
+        "time/train_s": clock.train_s,
+        **state.mechanism.metrics(),
+        **estimator,
+    }
+    clock.close_window()
+    diverged_at = int(bad) if math.isfinite(bad) else (step if not math.isfinite(loss) else None)
+    return Evaluation(metrics, acc, loss, diverged_at)
+
+
+def _resume(state: TrainState, resume: dict[str, Any]) -> tuple[int, Clock]:
+    """Restore a checkpoint (if any) into ``state``; the step to continue after and the clock."""
+    from raygd.checkpoint import restore_state
+
+    clock, start = Clock(), 0
+    if "model" in resume:
+        restore_state(state, resume)
+        start, clock.train_s, clock.eval_s = resume["step"], resume["clock"], resume["eval_time"]
+    clock.train_s += float(resume.get("lost_train_s", 0.0))
+    return start, clock
+
+
+def run_loop(
+    state: TrainState,
+    tracker: Tracker | None = None,
+    report: Report | None = None,
+    checkpoint: Checkpoint | None = None,
+    resume: dict[str, Any] | None = None,
+    *,
+    eval_due: Callable[[int], bool] | None = None,
+    stop_at_target: bool = True,
+) -> RunSummary:
+    """Train ``state`` until the target accuracy, ``train.max_passes`` or divergence.
+
+    Args:
+        state: the built ``TrainState`` of this rank.
+        tracker: rank-zero MLflow logger; None logs nothing.
+        report: called with the metrics (and ``step``) at every evaluation that is not a checkpoint.
+        checkpoint: called with (metrics, ``checkpoint_state``) every ``train.checkpoint_interval``
+            updates instead of ``report`` (not at the final evaluation); its time is paused out of the clock.
+        resume: a ``checkpoint_state`` to continue from (its step, clock, weights and RNG), plus
+            optionally ``restarts`` and ``lost_train_s`` (training time spent on work the restart
+            threw away, added to the clock so time-to-accuracy counts the time actually spent).
+        eval_due: the evaluation schedule, a predicate on the 1-based update count (default: every
+            ``train.eval_every_steps``); the last update always evaluates.
+        stop_at_target: False trains to ``max_passes`` whatever the accuracy (diversity along training).
+
+    Returns:
+        The run's ``RunSummary`` (the same decisions on every rank).
+    """
+    from raygd.checkpoint import checkpoint_state
+
+    tracker = tracker or Tracker(None, None, enabled=False)
+    tc, n = state.cfg.train, state.data.n
+    max_steps = max(1, math.ceil(tc.max_passes * n / tc.global_batch_size))
+    eval_due = eval_due or every_steps(tc.eval_every_steps)
+    ckpt_every = tc.checkpoint_interval if checkpoint is not None else 0
+    resume = resume or {}
+    start, clock = _resume(state, resume)
+    status, step, first_bad_step, last = "max_passes", start, math.inf, None
+    first_step_wall = time.time()
+    for step in range(start + 1, max_steps + 1):
+        t0 = time.perf_counter()
+        loss = train_step(state, step - 1)
+        clock.add_step(time.perf_counter() - t0, loss)
+        if not math.isfinite(loss):
+            first_bad_step = min(first_bad_step, step)
+        save = bool(ckpt_every) and step % ckpt_every == 0 and step != max_steps
+        if not (save or eval_due(step) or step == max_steps):
+            continue
+        t_eval = time.perf_counter()
+        last = _evaluation(state, step, clock, first_bad_step)
+        tracker.log_metrics(last.metrics, step=step)
+        reached = stop_at_target and last.accuracy >= tc.target_accuracy
+        done = last.diverged_at_step is not None or reached
+        if save and not done:
+            checkpoint(dict(last.metrics, step=step), checkpoint_state(state, step, clock.train_s, clock.eval_s))
+        elif report is not None:
+            report(dict(last.metrics, step=step))
+        clock.eval_s += time.perf_counter() - t_eval
+        if done:
+            status = "diverged" if last.diverged_at_step is not None else "reached_target"
+            break
+    return _summary(state, status, step, clock, last, resume, first_step_wall)
+
+
+def _summary(
+    state: TrainState,
+    status: str,
+    step: int,
+    clock: Clock,
+    last: Evaluation | None,
+    resume: dict[str, Any],
+    first_step_wall: float,
+) -> RunSummary:
+    """Evaluate on the test set (every rank its slice) and assemble the ``RunSummary``."""
+    tc, n, rank, P = state.cfg.train, state.data.n, state.rank, state.world_size
+    t_eval = time.perf_counter()
+    _, test_acc = evaluate(state.model, state.data.x_test[rank::P], state.data.y_test[rank::P], P, state.device)
+    clock.eval_s += time.perf_counter() - t_eval
+    reached = status == "reached_target"
+    passes = step * tc.global_batch_size / n
+    return RunSummary(
+        status=status,
+        steps=step,
+        passes=passes,
+        train_time_s=clock.train_s,
+        eval_time_s=clock.eval_s,
+        final_train_accuracy=last.accuracy if last else math.nan,
+        final_train_loss=last.loss if last else math.nan,
+        final_test_accuracy=test_acc,
+        samples_per_s=tc.global_batch_size * step / clock.train_s if clock.train_s > 0 else 0.0,
+        time_to_accuracy_s=clock.train_s if reached else None,
+        passes_to_accuracy=passes if reached else None,
+        updates_to_accuracy=step if reached else None,
+        diverged_at_step=last.diverged_at_step if status == "diverged" and last else None,
+        extra={
+            **state.mechanism.metrics(),
+            "train/restarts": float(resume.get("restarts", 0)),
+            "time/lost_train_s": float(resume.get("lost_train_s", 0.0)),
+        },
+        walls={"first_step": first_step_wall},
+    )
+
+
+def train_rank(
+    cfg: RunConfig,
+    data: Dataset,
+    rank: int = 0,
+    world_size: int = 1,
+    tracker: Tracker | None = None,
+    report: Report | None = None,
+    device: torch.device | None = None,
+) -> RunSummary:
+    """Build this rank's state and run the loop (in-process, or in any torch process group).
+
+    Args:
+        cfg: the run config (identical on every rank).
+        data: the full training/test tensors (every rank holds them; each uses its slice).
+        rank, world_size: this worker's place; world_size > 1 needs an initialised process group.
+        tracker: rank-zero MLflow logger (no-op elsewhere); None logs nothing.
+        report: called with the metrics dict at every evaluation on every rank.
+        device: where to train; default CPU.
+    """
+    return run_loop(build_state(cfg, data, rank, world_size, device), tracker, report)
