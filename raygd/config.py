@@ -18,9 +18,12 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from raygd.mechanisms import REGISTRY as _MECHANISM_REGISTRY
+
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "synthetic")
 MODELS = ("logreg", "logreg_binary", "mnist_cnn", "convnet", "resnet")
-MECHANISMS = ("vanilla", "dropconnect", "sgld", "quantize")
+MECHANISMS = tuple(_MECHANISM_REGISTRY)
+"""Registered mechanism names (``raygd.mechanisms.REGISTRY``, which imports without torch)."""
 SAMPLING = ("shuffle", "with_replacement")
 DROPCONNECT_GRANULARITY = ("per_example", "per_group", "per_worker")
 DEVICES = ("auto", "cpu", "cuda")
@@ -233,12 +236,9 @@ class RunConfig:
         if self.train.model == "logreg_binary":
             _require(self.data.num_classes == 2, "train.model", self.train.model,
                      "logreg_binary needs exactly two classes: set data.classes, e.g. [0, 1]")
-        est, mech = self.train.diversity_estimator, self.mechanism.name
-        _require(not (est == "in_step" and mech == "dropconnect"), "train.diversity_estimator", est,
-                 "in_step needs deterministic per-example gradients; with dropconnect use free")
-        _require(not (est == "free" and mech == "quantize"), "train.diversity_estimator", est,
-                 "free's measured updates all-reduce the exact gradient by hand, bypassing quantize's "
-                 "DDP communication hook; use in_step")
+        est = self.train.diversity_estimator
+        excluded = _MECHANISM_REGISTRY[self.mechanism.name].excluded_estimators.get(est)
+        _require(excluded is None, "train.diversity_estimator", est, excluded or "")
         if self.data.name == "synthetic":
             _require(self.train.model in ("logreg", "logreg_binary"), "train.model", self.train.model,
                      "synthetic data is a flat feature vector: use logreg or logreg_binary")

@@ -26,6 +26,7 @@ import torch
 
 from raygd.config import MECHANISMS, ConfigError, MechanismConfig, RunConfig
 from raygd.data import Dataset, load_data
+from raygd.mechanisms import build_mechanism, mechanism_class
 
 
 @dataclass
@@ -42,10 +43,6 @@ class DiversityRow:
     estimator: str
 
 
-ESTIMATOR = {"vanilla": "exact (ghost norms)", "sgld": "exact (closed form)",
-             "quantize": "exact (QSGD variance)", "dropconnect": "Monte Carlo (8 mask draws)"}
-
-
 def parse_list(text: str, kind: type, name: str, allowed: tuple[str, ...] | None = None) -> list:
     """``"1,2,4"`` -> [1, 2, 4]; errors name the flag and what is allowed."""
     try:
@@ -60,21 +57,12 @@ def parse_list(text: str, kind: type, name: str, allowed: tuple[str, ...] | None
 
 
 def measure(model: torch.nn.Module, data: Dataset, mech: MechanismConfig, generator: torch.Generator) -> float:
-    """B_D of ``model`` on all of ``data``'s training examples under mechanism ``mech`` (float64)."""
-    from raygd import diversity as dv
-
+    """B_D of ``model`` on all of ``data``'s training examples under mechanism ``mech`` (float64): the
+    mechanism's ``surrogate_diversity`` (its ``estimator`` says how)."""
     was_training = model.training
     model.eval()  # exact per-example gradients: DropConnect layers act as plain Linear layers
-    x, y = data.x_train, data.y_train
-    if mech.name == "vanilla":
-        result = dv.gradient_diversity(model, x, y, dtype=torch.float64)
-    elif mech.name == "sgld":
-        base = dv.gradient_diversity(model, x, y, dtype=torch.float64)
-        result = dv.sgld_diversity(base, mech.sgld_sigma, sum(p.numel() for p in model.parameters()))
-    elif mech.name == "quantize":
-        result = dv.quantized_diversity(model, x, y, mech.quant_levels, mech.quant_bucket_size, dtype=torch.float64)
-    else:
-        result = dv.dropconnect_diversity(model, x, y, mech.drop_prob, generator=generator, dtype=torch.float64)
+    result = build_mechanism(mech).surrogate_diversity(model, data.x_train, data.y_train, generator=generator,
+                                                      dtype=torch.float64)
     model.train(was_training)
     return result.batch_bound
 
@@ -91,7 +79,7 @@ def measure_replications(cfg: RunConfig, replications: list[int], mechanisms: li
         for name in mechanisms:
             mech = dataclasses.replace(cfg.mechanism, name=name)
             bound = measure(model, data, mech, torch.Generator().manual_seed(cfg.train.seed))
-            rows.append(DiversityRow(r, name, 0.0, 0, data.n, bound / data.n, bound, ESTIMATOR[name]))
+            rows.append(DiversityRow(r, name, 0.0, 0, data.n, bound / data.n, bound, mechanism_class(name).estimator))
     return rows
 
 
@@ -110,7 +98,7 @@ def measure_along_training(cfg: RunConfig, every: int) -> list[DiversityRow]:
         bound = measure(state.model, data, single.mechanism, g)
         passes = step * cfg.train.global_batch_size / data.n
         rows.append(DiversityRow(cfg.data.replication, "vanilla", passes, step, data.n, bound / data.n, bound,
-                                 ESTIMATOR["vanilla"]))
+                                 mechanism_class("vanilla").estimator))
 
     row(0)
     run_loop(state, report=lambda metrics: row(int(metrics["step"])), eval_due=every_steps(every),

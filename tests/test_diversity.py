@@ -15,9 +15,13 @@ from torch import nn
 from torch.func import functional_call
 
 from raygd import diversity as D
-from raygd.config import MODELS, DataConfig
+from raygd.config import MODELS, DataConfig, MechanismConfig
 from raygd.data import GlobalBatchSampler, load_data, replicate
-from raygd.mechanisms import DropConnectLinear, dropconnect_masks, qsgd_quantize
+from raygd.diversity import ghost as ghost_module
+from raygd.diversity import per_example as per_example_module
+from raygd.mechanisms import build_mechanism
+from raygd.mechanisms.dropconnect_linear import DropConnectLinear, dropconnect_masks
+from raygd.mechanisms.qsgd import qsgd_quantize
 from raygd.models import MnistCNN, build_model
 
 SHAPES = {"logreg": (1, 28, 28), "logreg_binary": (1, 28, 28), "mnist_cnn": (1, 28, 28),
@@ -150,8 +154,8 @@ def test_ghost_routes_match_a_per_example_loop(case, build, shape, route, monkey
     model = build()
     x, y = torch.randn(10, *shape), torch.randint(3, (10,))
     gram_calls = []
-    gram = D._gram_sq_norms
-    monkeypatch.setattr(D, "_gram_sq_norms", lambda a, d: gram_calls.append(a.shape) or gram(a, d))
+    gram = ghost_module._gram_sq_norms
+    monkeypatch.setattr(ghost_module, "_gram_sq_norms", lambda a, d: gram_calls.append(a.shape) or gram(a, d))
     ghost = D.GhostNorms(model)
     assert bool(ghost.uncovered) == (case == "conv_groups_fallback")
     g = brute_grads(model, x, y)
@@ -215,8 +219,8 @@ def test_closed_form_matches_a_per_example_loop(case, build, shape, k, monkeypat
     x, y = 2 * torch.randn(9, *shape), torch.randint(k, (9,))
     assert D.linear_softmax(model) is not None
     calls = []
-    closed_form = D.linear_softmax_sq_norms
-    monkeypatch.setattr(D, "linear_softmax_sq_norms", lambda *a: calls.append(1) or closed_form(*a))
+    closed_form = per_example_module.linear_softmax_sq_norms
+    monkeypatch.setattr(per_example_module, "linear_softmax_sq_norms", lambda *a: calls.append(1) or closed_form(*a))
     g = trainable_brute_grads(model, x, y)
     got = D.gradient_diversity(model, x, y, batch_size=4, dtype=F64)
     assert len(calls) == 3  # every batch took the closed form, no backward
@@ -398,19 +402,18 @@ def test_dropconnect_masked_per_example_gradients_match_a_loop():
 
 
 @pytest.mark.parametrize("state", ["untrained", "trained"])
-@pytest.mark.parametrize("mechanism", ["dropconnect", "sgld", "quantize"])
+@pytest.mark.parametrize("mechanism", [MechanismConfig(name="dropconnect", drop_prob=0.5),
+                                       MechanismConfig(name="sgld", sgld_sigma=0.01),
+                                       MechanismConfig(name="quantize", quant_levels=4, quant_bucket_size=512)],
+                         ids=["dropconnect", "sgld", "quantize"])
 def test_mechanisms_do_not_lower_the_batch_bound(data, logreg_at, mechanism, state):
     model = logreg_at[state]
     x, y = data.x_train[:128], data.y_train[:128]
     base = D.gradient_diversity(model, x, y, dtype=F64)
     assert base.batch_bound <= base.n  # the paper's condition for B^DIM >= B_D
-    if mechanism == "sgld":
-        got = D.sgld_diversity(base, 0.01, sum(p.numel() for p in model.parameters()))
-    elif mechanism == "quantize":
-        got = D.quantized_diversity(model, x, y, levels=4, bucket_size=512, dtype=F64)
-    else:
-        got = D.dropconnect_diversity(model, x, y, 0.5, num_draws=4, dtype=F64)
-    print(f"{mechanism} at {state} w: B_D = {base.batch_bound:.2f}, B_D^DIM = {got.batch_bound:.2f}")
+    got = build_mechanism(mechanism).surrogate_diversity(model, x, y, generator=torch.Generator().manual_seed(0),
+                                                         dtype=F64)
+    print(f"{mechanism.name} at {state} w: B_D = {base.batch_bound:.2f}, B_D^DIM = {got.batch_bound:.2f}")
     assert base.batch_bound < got.batch_bound <= base.n
 
 
@@ -546,6 +549,18 @@ def test_moments_ema_is_a_ratio_of_means():
     assert got.batch_bound == math.inf  # ‖μ‖² estimate <= 0
     with pytest.raises(ValueError):
         D.MomentsEMA(decay=1.0)
+
+
+def test_moments_ema_state_dict_round_trip_continues_exactly():
+    ema = D.MomentsEMA(decay=0.7)
+    for m in [D.Moments(4.0, 2.0), D.Moments(5.0, 1.5), D.Moments(math.nan, 1.0)]:
+        ema.update(m)
+    state = ema.state_dict()
+    assert all(isinstance(v, (int, float)) for v in state.values())  # plain numbers: torch.save/load as is
+    restored = D.MomentsEMA()
+    restored.load_state_dict(state)
+    assert restored.value == ema.value and restored.steps == ema.steps == 2
+    assert restored.update(D.Moments(6.0, 0.5)) == ema.update(D.Moments(6.0, 0.5))
 
 
 # --------------------------------------------------------------------------- under DDP

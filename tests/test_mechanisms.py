@@ -11,19 +11,10 @@ from dist import run_group
 from torch import nn
 
 from raygd.config import MechanismConfig
-from raygd.mechanisms import (
-    SGLD,
-    DropConnect,
-    DropConnectLinear,
-    Quantize,
-    Vanilla,
-    build_mechanism,
-    dropconnect_masks,
-    qsgd_decode,
-    qsgd_encode,
-    qsgd_quantize,
-    sgld_noise_like,
-)
+from raygd.mechanisms import SGLD, DropConnect, Quantize, Vanilla, build_mechanism
+from raygd.mechanisms.dropconnect_linear import DropConnectLinear, dropconnect_masks
+from raygd.mechanisms.qsgd import qsgd_decode, qsgd_encode, qsgd_quantize
+from raygd.mechanisms.sgld import sgld_noise_like
 
 CPU = torch.device("cpu")
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from raygd.config import ConfigError, RunConfig, absolute_tracking_uri, apply_overrides, parse_override, read_yaml
+from raygd.mechanisms import mechanism_label
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 SEARCHES = ("grid", "random", "optuna")
@@ -210,20 +211,6 @@ class SweepSpec:
     @property
     def tracking_uri(self) -> str:
         return self.run_config(self.trial_params()[0]).tracking.tracking_uri
-
-
-def mechanism_label(mech: dict[str, Any]) -> str:
-    """A short display label: ``vanilla``, ``dropconnect(p=0.4)``, ``sgld(sigma=0.01)``, ``quantize(s=16)``."""
-    name = mech.get("name", "vanilla")
-    detail = {"dropconnect": ("drop_prob", "p"), "sgld": ("sgld_sigma", "sigma"), "quantize": ("quant_levels", "s")}
-    if name in detail:
-        key, short = detail[name]
-        defaults = {"drop_prob": 0.5, "sgld_sigma": 0.01, "quant_levels": 16}
-        label = f"{name}({short}={mech.get(key, defaults[key]):g})"
-        if name == "dropconnect" and mech.get("dropconnect_granularity", "per_example") != "per_example":
-            label = label[:-1] + f", {mech['dropconnect_granularity']})"
-        return label
-    return name
 
 
 def resolve_spec_path(name_or_path: str) -> Path:

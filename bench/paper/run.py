@@ -205,6 +205,7 @@ def exp_batch_scaling(args: argparse.Namespace) -> None:
 def _best_batches(uri: str) -> dict[str, tuple[int | None, str]]:
     """Best B per setting from the latest paper-dropconnect / paper-batch-scaling sweeps in MLflow."""
     from raygd.config import ConfigError
+    from raygd.mechanisms import parse_label, surrogate_label
     from tuning.sweep import finish_sweep, latest_sweep
 
     best: dict[str, tuple[int | None, str]] = {}
@@ -214,7 +215,7 @@ def _best_batches(uri: str) -> dict[str, tuple[int | None, str]]:
         except ConfigError:
             continue
         for row in outcome.best_rows:
-            setting = "vanilla" if row.mechanism == "vanilla" else row.mechanism.split(",")[0] + ")"
+            setting = surrogate_label(parse_label(row.mechanism))  # dropconnect(p=0.4, per_group) -> (p=0.4)
             if setting not in best and row.time_to_accuracy_s is not None:
                 best[setting] = (row.global_batch_size, f"{name} sweep")
     return best
@@ -223,10 +224,12 @@ def _best_batches(uri: str) -> dict[str, tuple[int | None, str]]:
 def exp_bound(args: argparse.Namespace) -> None:
     from raygd import measure
     from raygd.config import load_run_config
+    from raygd.mechanisms import surrogate_label
 
     cfg = load_run_config(str(BOUND_CONFIG), [f"tracking.tracking_uri={args.tracking_uri}", *args.overrides])
     t0 = time.time()
     rows = measure.measure_replications(cfg, [1], ["vanilla"])
+    bounds = {"vanilla": rows[0].batch_bound}
     # DropConnect's B_D is a Monte Carlo over per-example masks of the CNN's fc weights (~3M draws per
     # example and draw): on 2 cores only a subset is affordable; vanilla is measured on it too, like for like.
     sub = cfg if not args.dc_sample else dataclasses.replace(
@@ -234,10 +237,12 @@ def exp_bound(args: argparse.Namespace) -> None:
     if args.dc_sample:
         rows += [dataclasses.replace(r, mechanism=f"vanilla_n{args.dc_sample}")
                  for r in measure.measure_replications(sub, [1], ["vanilla"])]
+        bounds[rows[-1].mechanism] = rows[-1].batch_bound
     for p in BOUND_DROP_PROBS:
-        mcfg = dataclasses.replace(sub, mechanism=dataclasses.replace(cfg.mechanism, drop_prob=p))
+        mech = dataclasses.replace(cfg.mechanism, name="dropconnect", drop_prob=p)
         rows += [dataclasses.replace(r, mechanism=f"dropconnect_p{p:g}")
-                 for r in measure.measure_replications(mcfg, [1], ["dropconnect"])]
+                 for r in measure.measure_replications(dataclasses.replace(sub, mechanism=mech), [1], ["dropconnect"])]
+        bounds[surrogate_label(mech)] = rows[-1].batch_bound
     print(f"  bound: CNN at w0 measured in {time.time() - t0:.0f} s", flush=True)
     along = measure.measure_along_training(cfg, BOUND_EVERY)
     print(f"  bound: along training measured in {time.time() - t0:.0f} s", flush=True)
@@ -248,8 +253,6 @@ def exp_bound(args: argparse.Namespace) -> None:
     lr_rows = [dataclasses.replace(r, mechanism=f"logreg-{r.mechanism}") for r in measure.measure_replications(
         cfg3, sorted(spec3.space["replication"]), ["vanilla", "dropconnect"])]
     run_id = measure.record(cfg, rows + lr_rows, along)
-    bounds = {r.mechanism.replace("dropconnect_p", "dropconnect(p=") + (")" if "_p" in r.mechanism else ""):
-              r.batch_bound for r in rows}
     best = _best_batches(cfg.tracking.tracking_uri)
     table_rows = results.bound_vs_best(bounds, {"vanilla": min(r.batch_bound for r in along)}, best)
     fig = results.plot_bound([(r.passes, r.batch_bound) for r in along], table_rows, OUT / "bound" / "figure.png")

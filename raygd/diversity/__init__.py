@@ -1,0 +1,94 @@
+"""Gradient diversity Δ_D and the batch-size bound B_D = nΔ_D: exact, under mechanisms, online.
+
+Definitions (Yin et al., "Gradient Diversity", Definitions 1 and 2), with g_i = ∇f_i(w) the
+gradient of example i's cross-entropy loss:
+
+    Δ_D(w) = Σ_i ‖g_i‖² / ‖Σ_i g_i‖²,   B_D(w) = n Δ_D(w) = E‖g‖² / ‖E g‖² = 1 + tr(Σ)/‖μ‖²,
+
+where E, μ and Σ are over the uniform distribution on the n examples; tr(Σ)/‖μ‖² is
+McCandlish et al.'s simple noise scale.
+
+What is here, one module per concept (every public name is re-exported: ``dv.X`` works):
+
+- ``ghost``: ``GhostNorms``, per-example ‖g_i‖² of every nn.Linear / nn.Conv2d parameter fused
+  into one ordinary backward pass ("ghost" norms, custom autograd functions); the same backward
+  produces the summed gradient.
+- ``per_example``: ``per_example_sq_norms`` adds torch.func per-example gradients for the
+  remaining parameters (e.g. GroupNorm); ``linear_softmax_sq_norms``, the closed form
+  ‖g_i‖² = ‖p_i − e_{y_i}‖²(‖x_i‖² + 1) for logistic regression (``linear_softmax`` recognises
+  it), taken by the exact path and by ``GhostNorms``.
+- ``exact``: ``gradient_diversity`` over a data set in batches; ``sgld_diversity``,
+  ``quantized_diversity``, ``dropconnect_diversity``: B_D^DIM with the per-example surrogates of
+  ``raygd.mechanisms`` (ratio of expectations, see each docstring); ``differential_diversity``:
+  Definition 2 between two parameter vectors.
+- ``online``: estimators for the training loop, ``in_step_moments`` (per-example norms of the
+  batch), ``two_batch_moments`` (local vs all-reduced gradient norms, no extra backward),
+  ``MomentsEMA`` (smoothing over steps) and ``reduce_gradients`` (DDP's all-reduce, by hand).
+
+Per-example gradients are undefined when a layer mixes examples (BatchNorm in train mode)
+and random under a DropConnectLinear in train mode; both raise ``ValueError``: measure
+with ``model.eval()``. Run the benchmark with ``python bench/diversity_overhead.py``.
+
+Training-loop use (P workers, global batch B, b = B/P per worker, mean loss; n_wor = n for
+``shuffle`` sampling, None for ``with_replacement``):
+
+    ghost, ema = GhostNorms(model), MomentsEMA(0.9)        # once; model = the module DDP wraps
+    with ghost:                                            # in-step: this step's per-example norms
+        F.cross_entropy(ddp(x), y).backward()
+    big = grad_sq_norm(model)                              # ‖G_B‖², before mechanism.after_backward
+    sum_sq = mean_over_workers(float(ghost.sq_norms().sum()) * b**2, P) * P
+    batch_bound = ema.update(in_step_moments(sum_sq, big * B**2, B, n_wor)).batch_bound
+
+    with ddp.no_sync():                                    # free (P > 1): skip DDP's all-reduce ...
+        F.cross_entropy(ddp(x), y).backward()
+    small, big = reduce_gradients(model, P)                # ... do it here, reading ‖G_b‖² and ‖G_B‖²
+    free = two_batch_moments(small, b, big, B, n_wor)
+
+A step that is not measured runs as usual (DDP's overlapped C++ all-reduce, no context):
+``raygd.loop`` measures one update in ``train.diversity_every_steps``.
+"""
+
+from raygd.diversity.exact import (
+    Diversity,
+    differential_diversity,
+    dropconnect_diversity,
+    gradient_diversity,
+    qsgd_variance,
+    quantized_diversity,
+    sgld_diversity,
+)
+from raygd.diversity.ghost import (
+    GHOST_LINEAR,
+    GhostNorms,
+    LinearSoftmax,
+    check_per_example,
+    ghost_route,
+    ghost_supported,
+    linear_softmax,
+    mode_sensitive_layers,
+)
+from raygd.diversity.online import (
+    Moments,
+    MomentsEMA,
+    grad_sq_norm,
+    in_step_moments,
+    mean_over_workers,
+    reduce_gradients,
+    two_batch_moments,
+)
+from raygd.diversity.per_example import (
+    Params,
+    functional_state,
+    linear_softmax_sq_norms,
+    per_example_grads,
+    per_example_sq_norms,
+)
+
+__all__ = [
+    "GHOST_LINEAR", "Diversity", "GhostNorms", "LinearSoftmax", "Moments", "MomentsEMA", "Params",
+    "check_per_example", "differential_diversity", "dropconnect_diversity", "functional_state", "ghost_route",
+    "ghost_supported", "grad_sq_norm", "gradient_diversity", "in_step_moments", "linear_softmax",
+    "linear_softmax_sq_norms", "mean_over_workers", "mode_sensitive_layers", "per_example_grads",
+    "per_example_sq_norms", "qsgd_variance", "quantized_diversity", "reduce_gradients", "sgld_diversity",
+    "two_batch_moments",
+]
