@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from raygd.config import RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, eval_indices
+from raygd.diversity.online import OnlineDiversity
 from raygd.mechanisms import Mechanism, build_mechanism
 from raygd.models import build_model
 from raygd.tracking import Tracker
@@ -104,63 +105,6 @@ def evaluate(
 
 def _params_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
-class OnlineDiversity:
-    """B_D during training from the gradients of one update in ``train.diversity_every_steps``,
-    smoothed over the measured updates (``raygd.diversity``).
-
-    ``in_step``: per-example squared norms of the batch (ghost norms, one backward) give
-    unbiased E‖g‖² and ‖μ‖². ``free``: the measured update's backward runs under DDP's
-    ``no_sync``; ‖G_b‖² of each worker's B/P examples is read, the gradients are all-reduced by
-    hand (``reduce_gradients``, one collective) and ‖G_B‖² read: no extra backward, and updates not measured
-    keep DDP's overlapped all-reduce untouched. Both use the finite-population correction
-    under ``shuffle`` sampling.
-    """
-
-    def __init__(
-        self,
-        cfg: RunConfig,
-        n: int,
-        model: torch.nn.Module,
-        net: torch.nn.Module,
-        world_size: int,
-        device: torch.device,
-    ):
-        from raygd import diversity as dv
-
-        self.dv, self.kind, self.n = dv, cfg.train.diversity_estimator, n
-        self.every = cfg.train.diversity_every_steps
-        self.model, self.net, self.world_size, self.device = model, net, world_size, device
-        self.B = cfg.train.global_batch_size
-        self.b = self.B // world_size
-        self.population = n if cfg.data.sampling == "shuffle" else None
-        self.ema = dv.MomentsEMA(0.9)
-        self.ghost = dv.GhostNorms(model) if self.kind == "in_step" else None
-
-    def due(self, step: int) -> bool:
-        """Whether update ``step`` (0-based) is measured."""
-        return step % self.every == 0
-
-    def measuring(self):
-        """The context a measured update's forward and backward run in."""
-        return self.ghost if self.ghost is not None else self.net.no_sync()  # free: P > 1, so net is DDP
-
-    def update(self) -> None:
-        """After a measured backward (before the mechanism changes the gradient)."""
-        dv, P = self.dv, self.world_size
-        if self.kind == "in_step":
-            big = dv.grad_sq_norm(self.model)
-            sum_sq = dv.mean_over_workers(float(self.ghost.sq_norms().sum()) * self.b**2, P, self.device) * P
-            moments = dv.in_step_moments(sum_sq, big * self.B**2, self.B, self.population)
-        else:
-            small, big = dv.reduce_gradients(self.model, P)
-            moments = dv.two_batch_moments(small, self.b, big, self.B, self.population)
-        self.ema.update(moments)
-
-    def metrics(self) -> dict[str, float]:
-        bound = self.ema.value.batch_bound
-        return {"diversity/batch_bound": bound, "diversity/delta": bound / self.n}
 
 
 @dataclass

@@ -70,6 +70,7 @@ from raygd.diversity.ghost import (
 from raygd.diversity.online import (
     Moments,
     MomentsEMA,
+    OnlineDiversity,
     grad_sq_norm,
     in_step_moments,
     mean_over_workers,
@@ -85,7 +86,7 @@ from raygd.diversity.per_example import (
 )
 
 __all__ = [
-    "GHOST_LINEAR", "Diversity", "GhostNorms", "LinearSoftmax", "Moments", "MomentsEMA", "Params",
+    "GHOST_LINEAR", "Diversity", "GhostNorms", "LinearSoftmax", "Moments", "MomentsEMA", "OnlineDiversity", "Params",
     "check_per_example", "differential_diversity", "dropconnect_diversity", "functional_state", "ghost_route",
     "ghost_supported", "grad_sq_norm", "gradient_diversity", "in_step_moments", "linear_softmax",
     "linear_softmax_sq_norms", "mean_over_workers", "mode_sensitive_layers", "per_example_grads",

@@ -4,17 +4,22 @@ B_D = E‖g‖² / ‖E g‖²; a step gives unbiased estimates of both moments 
 per-example norms (``in_step_moments``, with ``GhostNorms``) or from the local and all-reduced
 gradient norms (``two_batch_moments``, McCandlish et al.'s two-batch estimator: no extra backward,
 via ``reduce_gradients``, DDP's all-reduce done by hand). ``MomentsEMA`` smooths the ratio over
-steps. Hand-written: these are small formulas on top of torch.distributed, tied to raygd's step.
+steps; ``OnlineDiversity`` runs one of the two in ``raygd.loop``'s step. Hand-written: these are small formulas on top of torch.distributed, tied to raygd's step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from raygd.diversity.ghost import GhostNorms
+
+if TYPE_CHECKING:
+    from raygd.config import RunConfig
 
 
 class Moments(NamedTuple):
@@ -164,3 +169,58 @@ def reduce_gradients(model: nn.Module, world_size: int) -> tuple[float, float]:
         for g, part in zip(grads, body.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view_as(g))
     return float(flat[-1]), float(torch.dot(body, body))
+
+
+class OnlineDiversity:
+    """B_D during training from the gradients of one update in ``train.diversity_every_steps``,
+    smoothed over the measured updates; ``raygd.loop`` runs it.
+
+    ``in_step``: per-example squared norms of the batch (ghost norms, one backward) give
+    unbiased E‖g‖² and ‖μ‖². ``free``: the measured update's backward runs under DDP's
+    ``no_sync``; ‖G_b‖² of each worker's B/P examples is read, the gradients are all-reduced by
+    hand (``reduce_gradients``, one collective) and ‖G_B‖² read: no extra backward, and updates not measured
+    keep DDP's overlapped all-reduce untouched. Both use the finite-population correction
+    under ``shuffle`` sampling.
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        n: int,
+        model: torch.nn.Module,
+        net: torch.nn.Module,
+        world_size: int,
+        device: torch.device,
+    ):
+        self.kind, self.n = cfg.train.diversity_estimator, n
+        self.every = cfg.train.diversity_every_steps
+        self.model, self.net, self.world_size, self.device = model, net, world_size, device
+        self.B = cfg.train.global_batch_size
+        self.b = self.B // world_size
+        self.population = n if cfg.data.sampling == "shuffle" else None
+        self.ema = MomentsEMA(0.9)
+        self.ghost = GhostNorms(model) if self.kind == "in_step" else None
+
+    def due(self, step: int) -> bool:
+        """Whether update ``step`` (0-based) is measured."""
+        return step % self.every == 0
+
+    def measuring(self):
+        """The context a measured update's forward and backward run in."""
+        return self.ghost if self.ghost is not None else self.net.no_sync()  # free: P > 1, so net is DDP
+
+    def update(self) -> None:
+        """After a measured backward (before the mechanism changes the gradient)."""
+        P = self.world_size
+        if self.kind == "in_step":
+            big = grad_sq_norm(self.model)
+            sum_sq = mean_over_workers(float(self.ghost.sq_norms().sum()) * self.b**2, P, self.device) * P
+            moments = in_step_moments(sum_sq, big * self.B**2, self.B, self.population)
+        else:
+            small, big = reduce_gradients(self.model, P)
+            moments = two_batch_moments(small, self.b, big, self.B, self.population)
+        self.ema.update(moments)
+
+    def metrics(self) -> dict[str, float]:
+        bound = self.ema.value.batch_bound
+        return {"diversity/batch_bound": bound, "diversity/delta": bound / self.n}
