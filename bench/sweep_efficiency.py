@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from raygd.records import child_runs  # noqa: E402
 from tuning.spec import load_sweep_spec  # noqa: E402
-from tuning.sweep import child_runs, run_sweep  # noqa: E402
+from tuning.sweep import run_sweep  # noqa: E402
 
 GRID = ["sweep.space.step_size=[0.02, 0.1, 0.4]", "sweep.space.global_batch_size=[64, 256]",
         "sweep.space.mechanism=[{name: vanilla}]", "train.max_passes=6", "train.eval_every_steps=10"]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tuning.sweep as sweep  # noqa: E402
+from raygd.records import child_runs  # noqa: E402
 from tuning.spec import load_sweep_spec  # noqa: E402
 
 KEYS = ("overhead/trial_to_first_step_s", "overhead/fit_setup_s", "overhead/worker_start_s", "overhead/loop_setup_s")
@@ -95,7 +96,7 @@ def run_once(spec, cpu: ProcessCpu) -> dict:
     outcome = sweep.run_sweep(spec)
     wall = time.perf_counter() - start
     time.sleep(2)  # let the last trial's processes end
-    runs = sweep.child_runs(spec.tracking_uri, outcome.parent_run_id)
+    runs = child_runs(spec.tracking_uri, outcome.parent_run_id)
     return {"spec": spec, "runs": runs, "wall": wall, "cpu": cpu.by_title(before, cpu.snapshot())}
 
 

@@ -160,11 +160,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from raygd.config import absolute_tracking_uri
-    from tuning.sweep import finish_sweep, latest_sweep, write_outputs
+    from raygd.records import latest_sweep
+    from tuning.report import collect_sweep, write_outputs
 
     uri = absolute_tracking_uri(args.tracking_uri)
     check_tracking_store(uri)
-    outcome = finish_sweep(uri, latest_sweep(uri, args.experiment), args.experiment, log=False)
+    outcome = collect_sweep(uri, latest_sweep(uri, args.experiment))
     if args.out:
         write_outputs(Path(args.out), outcome.records, outcome.best_rows, outcome.table)
     _print_sweep(args.experiment, outcome, uri)

@@ -18,8 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from raygd import __version__
-
-PARENT_TAG = "mlflow.parentRunId"
+from raygd.records import ATTEMPT_TAG, GIT_COMMIT_TAG, PARENT_TAG, VERSION_TAG
 
 
 def redact_uri(uri: str) -> str:
@@ -59,8 +58,8 @@ def provenance_tags(extra: dict[str, Any] | None = None) -> dict[str, str]:
     import torch
 
     tags = {
-        "raygd.version": __version__,
-        "raygd.git_commit": git_commit(Path(__file__).resolve().parent),
+        VERSION_TAG: __version__,
+        GIT_COMMIT_TAG: git_commit(Path(__file__).resolve().parent),
         "ray.version": ray.__version__,
         "torch.version": torch.__version__,
         "mlflow.version": mlflow.__version__,
@@ -168,8 +167,8 @@ class Tracker:
         """Count this start of the training loop in the run's ``raygd.attempt`` tag; returns it (1 = first)."""
         if not self.enabled:
             return 1
-        attempt = int(self._client.get_run(self.run_id).data.tags.get("raygd.attempt", "0")) + 1
-        self.set_tags({"raygd.attempt": attempt})
+        attempt = int(self._client.get_run(self.run_id).data.tags.get(ATTEMPT_TAG, "0")) + 1
+        self.set_tags({ATTEMPT_TAG: attempt})
         return attempt
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from raygd.records import Status
 from tuning.objective import UNREACHED_PENALTY_S, objective_s, provisional_objective
 
 
@@ -28,3 +29,9 @@ def test_reached_is_its_time_and_misses_rank_nearer_first():
 def test_provisional_objective_of_an_evaluation():
     assert provisional_objective({"train/loss": 0.3, "train/accuracy": 0.75}) == objective_s("running", None, 0.75)
     assert provisional_objective({"train/loss": math.nan, "train/accuracy": 0.1}) == objective_s("diverged", None, 0)
+
+
+@pytest.mark.parametrize("acc", [None, 0.0, 0.9, 1.0])
+def test_failed_has_the_penalty_of_the_legacy_error(acc):
+    assert objective_s(Status.FAILED, None, acc) == objective_s("failed", None, acc) == objective_s("error", None, acc)
+    assert objective_s("failed", None, acc) == 4 * UNREACHED_PENALTY_S

@@ -12,7 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "paper"))
 import results  # noqa: E402
 
-from tuning import analysis  # noqa: E402
+from raygd.records import TrialRecord  # noqa: E402
+from tuning import stats  # noqa: E402
 
 
 def _interp_loop(xs: list[float], ys: list[float], x: float) -> float:
@@ -81,11 +82,11 @@ def test_scaling_rows_per_pass_speedup_against_smallest_batch():
     recs = []
     for b, t_pass, passes in ((64, 4.0, 2.0), (256, 2.0, 3.0), (1024, 1.0, 6.0)):
         for seed in range(2):
-            recs.append(analysis.TrialRecord(
+            recs.append(TrialRecord(
                 trial_id=f"{b}-{seed}", mechanism="vanilla", step_size=0.1, global_batch_size=b, seed=seed,
                 status="reached_target", time_to_accuracy_s=t_pass * passes, passes_to_accuracy=passes,
                 passes=passes, train_time_s=t_pass * passes))
-    rows = results.scaling_rows(analysis.pair_stats(recs))
+    rows = results.scaling_rows(stats.pair_stats(recs))
     assert [r.global_batch_size for r in rows] == [64, 256, 1024]
     assert [r.pass_speedup for r in rows] == pytest.approx([1.0, 2.0, 4.0])
     assert [r.passes_mean for r in rows] == pytest.approx([2.0, 3.0, 6.0])

@@ -14,10 +14,11 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tuning.analysis import rank_trials
+from raygd.records import KEY_TAG, PHASE_TAG, TUNE_DIR_TAG, child_runs
 from tuning.objective import UNREACHED_PENALTY_S
 from tuning.spec import load_sweep_spec
-from tuning.sweep import KEY_TAG, PHASE_TAG, TUNE_DIR_TAG, _param_space, _search_alg, child_runs, run_sweep
+from tuning.stats import rank_trials
+from tuning.sweep import _param_space, _search_alg, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

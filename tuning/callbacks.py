@@ -9,7 +9,7 @@
   end the MLflow run as it should; the recorder ends it as KILLED with ``raygd.status =
   stopped_early``, the step it was stopped at (``raygd.stopped_at_step``) and its last metrics.
   As the trial actor dies, ``fit`` may still mark the run FAILED; the stopped-at tag survives
-  that, and ``tuning.sweep.finish_sweep`` restores KILLED/stopped_early at the end of the sweep.
+  that, and ``tuning.report.close_sweep`` restores KILLED/stopped_early at the end of the sweep.
   A trial actor that died otherwise is ended FAILED.
 
 Imported only inside a sweep (it imports Ray Tune).
@@ -24,11 +24,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from raygd.tracking import PARENT_TAG
+from raygd.records import STATUS_TAG, STOPPED_STEP_TAG, Status, child_runs, end_run, mlflow_client
 from tuning.objective import provisional_objective
-
-# the same tags as tuning.sweep (not imported from there: the Train controller imports this module)
-STATUS_TAG, TRIAL_TAG, STOPPED_STEP_TAG = "raygd.status", "raygd.trial_id", "raygd.stopped_at_step"
 
 
 class TrialReportCallback(TuneReportCallback):
@@ -52,14 +49,8 @@ class TrialRecorder(Callback):
         self.tracking_uri, self.parent_run_id = tracking_uri, parent_run_id
 
     def _running_child(self, trial_id: str):
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=self.tracking_uri)
-        experiment_id = client.get_run(self.parent_run_id).info.experiment_id
-        runs = client.search_runs([experiment_id], filter_string=(
-            f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}' "
-            "and attributes.status = 'RUNNING'"), max_results=1)
-        return client, (runs[0] if runs else None)
+        runs = child_runs(self.tracking_uri, self.parent_run_id, trial_id=trial_id, running_only=True)
+        return mlflow_client(self.tracking_uri), (runs[0] if runs else None)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
@@ -77,12 +68,11 @@ class TrialRecorder(Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in summary.items()
                    if isinstance(v, (int, float)) and math.isfinite(v)]
-        client.log_batch(run.info.run_id, metrics=metrics,
-                         tags=[RunTag(STATUS_TAG, "stopped_early"), RunTag(STOPPED_STEP_TAG, str(step))])
-        client.set_terminated(run.info.run_id, "KILLED")
+        client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag(STATUS_TAG, Status.STOPPED_EARLY.value),
+                                                                  RunTag(STOPPED_STEP_TAG, str(step))])
+        client.set_terminated(run.info.run_id, Status.STOPPED_EARLY.run_status)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         client, run = self._running_child(trial.trial_id)
         if run is not None:  # fit() ends its run FAILED itself unless the trial actor died
-            client.set_tag(run.info.run_id, STATUS_TAG, "failed")
-            client.set_terminated(run.info.run_id, "FAILED")
+            end_run(client, run.info.run_id, Status.FAILED)

@@ -181,7 +181,7 @@ class ScalingRow:
 
 
 def scaling_rows(pairs: Iterable[Any]) -> list[ScalingRow]:
-    """Rows from ``tuning.analysis.pair_stats`` output of one mechanism (best pair first per B).
+    """Rows from ``tuning.stats.pair_stats`` output of one mechanism (best pair first per B).
 
     t_pass = mean over the pair's trials of train_time_s / passes; the per-pass speedup is
     t_pass(smallest B) / t_pass(B). Time and passes to accuracy: over the seeds that reached.

@@ -34,6 +34,17 @@ sys.path.insert(0, str(HERE))
 
 import results  # noqa: E402
 
+from raygd.records import (  # noqa: E402
+    KIND_TAG,
+    MECHANISM_LABEL_TAG,
+    STATUS_TAG,
+    SWEEP_KIND,
+    TRIAL_TAG,
+    Status,
+    child_runs,
+    latest_sweep,
+)
+
 OUT = HERE / "out"
 DEFAULT_URI = f"sqlite:///{OUT / 'mlflow.db'}"
 PRESETS = {"fig3a": "paper-fig3a", "dropconnect": "paper-dropconnect", "batch-scaling": "paper-batch-scaling"}
@@ -81,13 +92,13 @@ def _run_inprocess_trial(cfg, data, grid_examples: int, parent_run_id: str, labe
     run_id = create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
                         f"{trial}-{label}-B{tc.global_batch_size}-lr{tc.step_size:g}-s{tc.seed}",
                         {**cfg.flat(), "engine": "inprocess"},
-                        {**tags, "raygd.trial_id": trial, "raygd.mechanism_label": label},
+                        {**tags, TRIAL_TAG: trial, MECHANISM_LABEL_TAG: label},
                         parent_run_id=parent_run_id)
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
     summary = run_loop(build_state(cfg, data), tracker, stop_at_target=False,
                        eval_due=lambda step: (step * tc.global_batch_size) % grid_examples == 0)
     tracker.log_metrics(summary.summary_metrics(), step=summary.steps)
-    tracker.set_tags({"raygd.status": summary.status})
+    tracker.set_tags({STATUS_TAG: summary.status})
     tracker.finish("FINISHED")
 
 
@@ -102,7 +113,7 @@ def _fig3a_inprocess(spec) -> str:
     parent = create_run(spec.tracking_uri, spec.name, f"sweep-{spec.name}",
                         {"engine": "inprocess", "num_trials": len(params_all), "eval_every_examples": grid_examples,
                          **{f"space.{k}": json.dumps(v) for k, v in spec.space.items()}},
-                        provenance_tags({"raygd.kind": "sweep"}))
+                        provenance_tags({KIND_TAG: SWEEP_KIND}))
     cache: dict = {}
     tags = provenance_tags()  # git and library versions: once, not per trial (0.3 s each)
     start = time.time()
@@ -125,8 +136,6 @@ def _curves(uri: str, parent: str) -> list[dict]:
     """Every child run of ``parent`` with its loss curve (train/loss against progress/passes)."""
     from mlflow.tracking import MlflowClient
 
-    from tuning.sweep import child_runs
-
     client, out = MlflowClient(uri), []
     for run in child_runs(uri, parent):
         p, rid = run.data.params, run.info.run_id
@@ -134,17 +143,17 @@ def _curves(uri: str, parent: str) -> list[dict]:
         loss = {m.step: m.value for m in client.get_metric_history(rid, "train/loss")}
         steps = sorted(passes.keys() & loss.keys())
         curve = results.Curve(tuple(passes[s] for s in steps), tuple(loss[s] for s in steps))
-        if run.data.tags.get("raygd.status") == "diverged":
+        if run.data.tags.get(STATUS_TAG) == Status.DIVERGED:
             curve = results.Curve(curve.passes + (math.inf,), curve.loss + (math.nan,))
         out.append({"replication": int(p.get("data.replication", 1)),
-                    "mechanism": run.data.tags.get("raygd.mechanism_label", p.get("mechanism.name")),
+                    "mechanism": run.data.tags.get(MECHANISM_LABEL_TAG, p.get("mechanism.name")),
                     "global_batch_size": int(p["train.global_batch_size"]), "step_size": float(p["train.step_size"]),
                     "seed": int(p["train.seed"]), "curve": curve})
     return out
 
 
 def exp_fig3a(args: argparse.Namespace) -> None:
-    from tuning.sweep import latest_sweep, run_sweep
+    from tuning.sweep import run_sweep
 
     spec = _spec("fig3a", args)
     if args.report_only:
@@ -163,24 +172,25 @@ def exp_fig3a(args: argparse.Namespace) -> None:
 
 
 def _sweep_outcome(name: str, args: argparse.Namespace):
-    from tuning.sweep import finish_sweep, latest_sweep, run_sweep
+    from tuning.report import collect_sweep
+    from tuning.sweep import run_sweep
 
     spec = _spec(name, args)
     if args.report_only:
-        return spec, finish_sweep(spec.tracking_uri, latest_sweep(spec.tracking_uri, spec.name), spec.name, log=False)
+        return spec, collect_sweep(spec.tracking_uri, latest_sweep(spec.tracking_uri, spec.name))
     return spec, run_sweep(spec)
 
 
 def exp_dropconnect(args: argparse.Namespace) -> None:
-    from tuning import analysis
-    from tuning.sweep import write_outputs
+    from tuning import stats
+    from tuning.report import write_outputs
 
     spec, outcome = _sweep_outcome("dropconnect", args)
     out = OUT / "dropconnect"
     paths = write_outputs(out, outcome.records, outcome.best_rows, outcome.table)
     figs = [p for p in paths if p.suffix == ".png" and p.name in ("speedup.png", "time_vs_batch.png")]
     by_mechanism: dict[str, list] = {}
-    for pair in analysis.pair_stats(outcome.records):
+    for pair in stats.pair_stats(outcome.records):
         by_mechanism.setdefault(pair.mechanism, []).append(pair)
     target = spec.run_config(spec.trial_params()[0]).train.target_accuracy
     per_batch = "\n".join(results.scaling_markdown(results.scaling_rows(pairs), target, label=mechanism)
@@ -189,10 +199,10 @@ def exp_dropconnect(args: argparse.Namespace) -> None:
 
 
 def exp_batch_scaling(args: argparse.Namespace) -> None:
-    from tuning import analysis
+    from tuning import stats
 
     spec, outcome = _sweep_outcome("batch-scaling", args)
-    pairs = [p for p in analysis.pair_stats(outcome.records) if p.mechanism == results.BASELINE]
+    pairs = [p for p in stats.pair_stats(outcome.records) if p.mechanism == results.BASELINE]
     rows = results.scaling_rows(pairs)
     fig = results.plot_scaling(rows, OUT / "batch-scaling" / "figure.png")
     target = spec.run_config(spec.trial_params()[0]).train.target_accuracy
@@ -206,12 +216,12 @@ def _best_batches(uri: str) -> dict[str, tuple[int | None, str]]:
     """Best B per setting from the latest paper-dropconnect / paper-batch-scaling sweeps in MLflow."""
     from raygd.config import ConfigError
     from raygd.mechanisms import parse_label, surrogate_label
-    from tuning.sweep import finish_sweep, latest_sweep
+    from tuning.report import collect_sweep
 
     best: dict[str, tuple[int | None, str]] = {}
     for name in ("paper-dropconnect", "paper-batch-scaling"):
         try:
-            outcome = finish_sweep(uri, latest_sweep(uri, name), name, log=False)
+            outcome = collect_sweep(uri, latest_sweep(uri, name))
         except ConfigError:
             continue
         for row in outcome.best_rows:

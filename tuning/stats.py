@@ -1,7 +1,7 @@
-"""Sweep results as tables and figures: ranking, best pair per mechanism, speedups, loss ratios.
+"""Sweep statistics: ranking, pairs over seeds, the best pair per mechanism, speedups, loss ratios.
 
-Pure functions over trial records (one plain dict per Tune trial, see ``TrialRecord``); no Ray,
-no MLflow. The sweep driver and ``raygd report`` call them and log what they write.
+Pure functions over trial records (``raygd.records.TrialRecord``, or the plain dicts a trial
+reports); no Ray, no MLflow. ``tuning.tables`` and ``tuning.figures`` show what they compute.
 
 Conventions (DESIGN.md, "The science, as conventions"):
 
@@ -15,109 +15,32 @@ Conventions (DESIGN.md, "The science, as conventions"):
 - Loss ratio (the paper's Figure 3): L(B_large) / L(B_small) after the same number of
   passes, each batch size with its own tuned step size, per replication factor r.
 
-Try it: ``python -c "import tuning.analysis as a; help(a)"``; tests: ``pytest tests/test_analysis.py``.
+Try it: ``python -c "import tuning.stats as s; help(s)"``; tests: ``pytest tests/test_stats.py``.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
+from raygd.records import STATUS_ORDER, TrialRecord
+
 BASELINE = "vanilla"
 """Display label of vanilla SGD, the mechanism speedups are measured against."""
-STATUS_ORDER = ("reached_target", "max_passes", "stopped_early", "diverged", "error")
-"""Ranking order of trial outcomes: reached first, errors last (stopped_early: stopped by ASHA for lagging)."""
 N_BOOTSTRAP = 2000
 """Bootstrap resamples behind the spread of a confirmed speedup."""
 
-# --------------------------------------------------------------------------- records
-
-
-def _opt_float(value: Any) -> float | None:
-    """None/'' → None, anything else → float (so CSV strings such as 'nan' parse too)."""
-    return None if value is None or value == "" else float(value)
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None or value == "" else int(float(value))
+# --------------------------------------------------------------------------- ranking
 
 
 def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class TrialRecord:
-    """What one trial of a sweep produced (the dict a trial reports at its end)."""
-
-    trial_id: str
-    """Tune trial id; unique within a sweep."""
-    mechanism: str
-    """Display label, e.g. 'vanilla' or 'dropconnect(p=0.4)'."""
-    step_size: float
-    """Constant step size γ."""
-    global_batch_size: int
-    """B, summed over workers."""
-    status: str
-    """One of STATUS_ORDER."""
-    seed: int = 0
-    """Seed of this trial."""
-    replication: int = 1
-    """r of r-replicated data (1: the data set as is)."""
-    run_id: str | None = None
-    """MLflow run id of the trial's nested run."""
-    time_to_accuracy_s: float | None = None
-    """Training wall-clock seconds until the target accuracy; None when not reached."""
-    passes_to_accuracy: float | None = None
-    """Passes over the data until the target accuracy."""
-    updates_to_accuracy: int | None = None
-    """SGD updates until the target accuracy."""
-    final_train_loss: float | None = None
-    """Training loss at the end of the run (nan/None when diverged)."""
-    final_train_accuracy: float | None = None
-    """Training accuracy at the end of the run."""
-    passes: float | None = None
-    """Passes over the data the run made."""
-    train_time_s: float | None = None
-    """Training wall-clock seconds of the whole run."""
-
-    def __post_init__(self) -> None:
-        if self.status not in STATUS_ORDER:
-            raise ValueError(f"trial {self.trial_id}: status {self.status!r} not in {STATUS_ORDER}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> TrialRecord:
-        """Build from a record dict (or a CSV row of strings); optional keys may be missing, extras are ignored."""
-        return cls(
-            trial_id=str(d["trial_id"]), mechanism=str(d["mechanism"]), step_size=float(d["step_size"]),
-            global_batch_size=int(float(d["global_batch_size"])), status=str(d["status"]),
-            seed=_opt_int(d.get("seed")) or 0, replication=_opt_int(d.get("replication")) or 1,
-            run_id=d.get("run_id") or None,
-            time_to_accuracy_s=_opt_float(d.get("time_to_accuracy_s")),
-            passes_to_accuracy=_opt_float(d.get("passes_to_accuracy")),
-            updates_to_accuracy=_opt_int(d.get("updates_to_accuracy")),
-            final_train_loss=_opt_float(d.get("final_train_loss")),
-            final_train_accuracy=_opt_float(d.get("final_train_accuracy")),
-            passes=_opt_float(d.get("passes")), train_time_s=_opt_float(d.get("train_time_s")),
-        )
-
-    @property
-    def reached(self) -> bool:
-        """status is reached_target and the time to accuracy is a finite number."""
-        return self.status == "reached_target" and _finite(self.time_to_accuracy_s)
-
-    @property
-    def pair(self) -> tuple[str, float, int]:
-        """(mechanism, step_size, global_batch_size)."""
-        return self.mechanism, self.step_size, self.global_batch_size
 
 
 def as_records(records: Iterable[TrialRecord | Mapping[str, Any]]) -> list[TrialRecord]:
@@ -145,7 +68,7 @@ def _key_or_inf(value: float | None) -> float:
 def rank_trials(records: Iterable[TrialRecord | Mapping[str, Any]]) -> list[TrialRecord]:
     """Trials fastest first.
 
-    Order: reached trials by ascending time_to_accuracy_s, then max_passes, diverged, error;
+    Order: reached trials by ascending time_to_accuracy_s, then max_passes, stopped_early, diverged, failed;
     ties (and everything within an unreached group) by passes_to_accuracy, then trial_id.
 
     Args:
@@ -484,177 +407,3 @@ def loss_ratios(records: Iterable[TrialRecord | Mapping[str, Any]], small_batch:
         mean, std = _mean_std(ratios)
         rows.append(LossRatioRow(rep, mech, small_batch, large_batch, step_s, step_l, mean, std, len(ratios), passes))
     return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.replication))
-
-
-# --------------------------------------------------------------------------- tables and CSV
-
-
-def _fmt(x: float | None, spec: str, missing: str = "–") -> str:
-    return missing if x is None else format(x, spec)
-
-
-def summary_markdown(best_rows: Sequence[BestRow], target_accuracy: float | None = None) -> str:
-    """A markdown table of ``best_per_mechanism`` rows ('not reached' where there is no time).
-
-    Args:
-        best_rows: the rows.
-        target_accuracy: shown in the title when given (e.g. 0.95).
-    Returns:
-        The markdown text, ending in a newline.
-    """
-    target = f" {target_accuracy:.4g} training accuracy" if target_accuracy is not None else " the target accuracy"
-    lines = [f"Fastest (step size, batch size) per mechanism: time to{target}, mean ± std over seeds.", "",
-             "| mechanism | step size | B | time to acc (s) | passes | speedup vs vanilla | time saved | seeds "
-             "| pairs reached/tried |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in best_rows:
-        time = "not reached" if r.time_to_accuracy_s is None else (
-            f"{r.time_to_accuracy_s:.4g}" + (f" ± {r.time_std_s:.2g}" if r.time_std_s is not None else ""))
-        speed = "–" if r.speedup is None else f"{r.speedup:.2f}× ({r.speedup_pct:+.0f}%)"
-        lines.append(f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {time} "
-                     f"| {_fmt(r.passes_to_accuracy, '.3g')} | {speed} | {_fmt(r.time_saved_frac, '.1%')} "
-                     f"| {r.n_seeds} | {r.n_reached_pairs}/{r.n_pairs_tried} |")
-    if not best_rows:
-        lines.append("| (no trials) | | | | | | | | |")
-    return "\n".join(lines) + "\n"
-
-
-def summary_text(best_rows: Sequence[BestRow], target_accuracy: float | None = None) -> str:
-    """The table for the terminal: the same markdown, which reads fine as plain text."""
-    return summary_markdown(best_rows, target_accuracy)
-
-
-def _write_csv(rows: list[dict[str, Any]], columns: list[str], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in row.items()} for row in rows)
-    return path
-
-
-def write_summary_csv(best_rows: Sequence[BestRow], path: str | Path) -> Path:
-    """Write the rows (``BestRow.as_dict``; None as '') to a CSV file; returns its path."""
-    columns = [f.name for f in fields(BestRow)] + ["speedup_pct"]
-    return _write_csv([r.as_dict() for r in best_rows], columns, path)
-
-
-def write_trials_csv(records: Iterable[TrialRecord | Mapping[str, Any]], path: str | Path) -> Path:
-    """Write every trial, ranked (``rank_trials``), to a CSV that ``TrialRecord.from_dict`` reads back."""
-    columns = [f.name for f in fields(TrialRecord)]
-    return _write_csv([asdict(r) for r in rank_trials(records)], columns, path)
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def _figure(ncols: int = 1):
-    """A matplotlib Figure without pyplot's global state (no backend switching needed)."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(5.5 * ncols, 4.0), layout="constrained")
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _log2_axis(ax, xs: Iterable[float]) -> None:
-    """Log2 x axis with the plotted values themselves as tick labels (256, not 2⁸)."""
-    ticks = sorted(set(xs))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
-    ax.minorticks_off()
-
-
-def _note(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
-
-
-def plot_time_vs_batch(records: Iterable[TrialRecord | Mapping[str, Any]], path: str | Path,
-                       replication: int | None = None) -> Path:
-    """Time to accuracy and passes to accuracy vs global batch size, one line per mechanism.
-
-    At each B the best step size (``PairStats.sort_key``) is plotted, with ± std over seeds;
-    pairs that did not reach the target are left out. x axis: log2.
-
-    Returns:
-        The written PNG path.
-    """
-    best: dict[tuple[str, int], PairStats] = {}
-    for p in pair_stats(records, replication):
-        best.setdefault((p.mechanism, p.global_batch_size), p)  # pair_stats lists best first
-    fig = _figure(2)
-    ax_t, ax_p = fig.subplots(1, 2)
-    drawn = False
-    for mech in sorted({m for m, _ in best}, key=lambda m: (m != BASELINE, m)):
-        pts = sorted((b, p) for (m, b), p in best.items() if m == mech and p.reached)
-        if pts:
-            drawn, bs = True, [b for b, _ in pts]
-            ax_t.errorbar(bs, [p.score for _, p in pts], yerr=[p.time_std_s or 0.0 for _, p in pts],
-                          marker="o", capsize=3, label=mech)
-            ax_p.plot(bs, [p.passes_to_accuracy or math.nan for _, p in pts], marker="o", label=mech)
-    for ax, ylabel in ((ax_t, "time to accuracy (s)"), (ax_p, "passes to accuracy")):
-        ax.set_xlabel("global batch size B")
-        ax.set_ylabel(ylabel)
-        if drawn:
-            _log2_axis(ax, [b for (_, b), p in best.items() if p.reached])
-            ax.legend(fontsize="small")
-        else:
-            _note(ax, "no pair reached the target")
-    return _save(fig, path)
-
-
-def plot_speedup_bars(best_rows: Sequence[BestRow], path: str | Path) -> Path:
-    """Bar per mechanism of its speedup over vanilla (best pair vs best pair); 'n/a' where undefined.
-
-    Returns:
-        The written PNG path.
-    """
-    fig = _figure()
-    ax = fig.subplots()
-    names = [r.mechanism for r in best_rows]
-    values = [r.speedup if r.speedup is not None else 0.0 for r in best_rows]
-    bars = ax.bar(range(len(names)), values, color=["0.6" if r.mechanism == BASELINE else "C0" for r in best_rows])
-    for bar, r in zip(bars, best_rows):
-        label = "n/a" if r.speedup is None else f"{r.speedup:.2f}×\nB={r.global_batch_size}"
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize="small")
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.margins(y=0.15)
-    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-    ax.set_ylabel("speedup vs vanilla (TTA ratio)")
-    if all(r.speedup is None for r in best_rows):
-        _note(ax, "no speedup defined (no reached baseline)")
-    return _save(fig, path)
-
-
-def plot_loss_ratio(loss_rows: Sequence[LossRatioRow], path: str | Path) -> Path:
-    """Loss ratio L(B_large)/L(B_small) vs replication factor r, one line per mechanism, ± std error bars.
-
-    Returns:
-        The written PNG path.
-    """
-    fig = _figure()
-    ax = fig.subplots()
-    drawn = False
-    for mech in sorted({r.mechanism for r in loss_rows}, key=lambda m: (m != BASELINE, m)):
-        pts = sorted((r.replication, r) for r in loss_rows if r.mechanism == mech and r.ratio_mean is not None)
-        if pts:
-            drawn = True
-            ax.errorbar([x for x, _ in pts], [r.ratio_mean for _, r in pts],
-                        yerr=[r.ratio_std or 0.0 for _, r in pts], marker="o", capsize=3, label=mech)
-    ax.set_xlabel("replication factor r")
-    if loss_rows:
-        ax.set_ylabel(f"loss ratio L(B={loss_rows[0].large_batch}) / L(B={loss_rows[0].small_batch})")
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    if drawn:
-        _log2_axis(ax, [r.replication for r in loss_rows if r.ratio_mean is not None])
-        ax.legend(fontsize="small")
-    else:
-        _note(ax, "no finite loss ratio")
-    return _save(fig, path)

@@ -1,77 +1,29 @@
-"""Tests for tuning/analysis.py: ranking, best pairs, speedups, spreads, loss ratios, tables, figures."""
+"""Tests for tuning/stats.py: ranking, best pairs, speedups, spreads, loss ratios."""
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 import statistics
 
 import numpy as np
 import pytest
+from trials import loss_record as _loss
+from trials import rec, seeds
+from trials import sweep_records as _sweep
 
-from tuning.analysis import (
+from tuning.stats import (
     BestRow,
-    TrialRecord,
     best_per_mechanism,
     bootstrap_ratio,
     confirm_summary,
     loss_ratios,
     pair_stats,
-    plot_loss_ratio,
-    plot_speedup_bars,
-    plot_time_vs_batch,
     rank_trials,
-    summary_markdown,
-    summary_text,
-    write_summary_csv,
-    write_trials_csv,
 )
+from tuning.tables import summary_markdown, write_trials_csv
 
-_ids = itertools.count()
-
-
-def rec(mechanism="vanilla", step_size=0.1, global_batch_size=256, seed=0, time=None, status=None, **kw) -> dict:
-    """A trial record dict; a given time means the target was reached."""
-    status = status or ("reached_target" if time is not None else "max_passes")
-    reached = status == "reached_target" and time is not None
-    d = {"trial_id": kw.pop("trial_id", f"t_{next(_ids):05d}"), "run_id": "r", "mechanism": mechanism,
-         "step_size": step_size, "global_batch_size": global_batch_size, "seed": seed,
-         "replication": kw.pop("replication", 1), "status": status, "time_to_accuracy_s": time,
-         "passes_to_accuracy": kw.pop("passes_to_accuracy", time / 10 if reached else None),
-         "updates_to_accuracy": 100 if reached else None, "final_train_loss": kw.pop("loss", 0.4),
-         "final_train_accuracy": kw.pop("acc", 0.96 if reached else 0.8), "passes": kw.pop("passes", 5.0),
-         "train_time_s": time or 50.0}
-    assert not kw, kw
-    return d
-
-
-def seeds(mechanism, step_size, batch, times, **kw) -> list[dict]:
-    """One record per seed; a None time is a seed that did not reach (max_passes)."""
-    return [rec(mechanism, step_size, batch, seed=s, time=t, **kw) for s, t in enumerate(times)]
-
-
-# --------------------------------------------------------------------------- records and ranking
-
-
-def test_from_dict_tolerates_missing_optional_keys():
-    r = TrialRecord.from_dict({"trial_id": "x", "mechanism": "vanilla", "step_size": 0.1,
-                               "global_batch_size": 64, "status": "max_passes", "extra": 1})
-    assert (r.seed, r.replication, r.time_to_accuracy_s, r.final_train_loss) == (0, 1, None, None)
-    assert not r.reached
-
-
-@pytest.mark.parametrize("status,time,reached", [
-    ("reached_target", 3.0, True), ("reached_target", None, False), ("reached_target", math.nan, False),
-    ("reached_target", math.inf, False), ("max_passes", 3.0, False), ("diverged", None, False),
-])
-def test_reached_needs_status_and_finite_time(status, time, reached):
-    assert TrialRecord.from_dict(rec(time=time, status=status)).reached is reached
-
-
-def test_unknown_status_raises():
-    with pytest.raises(ValueError, match="status"):
-        TrialRecord.from_dict(rec(status="finished"))
+# --------------------------------------------------------------------------- ranking
 
 
 @pytest.mark.parametrize("fn", [
@@ -110,14 +62,6 @@ def test_empty_records():
 
 
 # --------------------------------------------------------------------------- best pair and speedup
-
-
-def _sweep() -> list[dict]:
-    return (seeds("vanilla", 0.1, 256, [10.0, 12.0, 11.0]) + seeds("vanilla", 0.2, 512, [14.0, 13.0, 15.0])
-            + seeds("vanilla", 0.4, 1024, [None, None, None])
-            + seeds("dc(p=0.4)", 0.1, 256, [9.0, 9.5, 10.0]) + seeds("dc(p=0.4)", 0.2, 512, [7.0, 8.0, 8.5])
-            + seeds("dc(p=0.4)", 0.4, 512, [2.0, 3.0, None])  # fastest seeds, but one did not reach
-            + seeds("sgld", 0.1, 256, [20.0, 21.0, 25.0]))
 
 
 def test_best_pair_is_lowest_mean_time_and_speedup_is_ratio_of_best_times():
@@ -218,6 +162,13 @@ def test_mixed_replications_need_a_choice():
     assert row.time_to_accuracy_s == 5.0
 
 
+def test_best_row_is_frozen():
+    (row,) = best_per_mechanism([rec(time=1.0)])
+    assert isinstance(row, BestRow)
+    with pytest.raises(AttributeError):
+        row.speedup = 2.0
+
+
 # --------------------------------------------------------------------------- confirm phase
 
 
@@ -252,12 +203,14 @@ def test_bootstrap_of_constant_times_has_no_spread():
     assert bootstrap_ratio([4.0] * 3, [2.0] * 5)[1:] == (0.0, 2.0, 2.0)
 
 
+def test_confirm_rows_baseline_first_then_best_pair_first_within_mechanism():
+    rows = confirm_summary(_sweep())
+    assert [(r.mechanism, r.step_size, r.global_batch_size) for r in rows] == [
+        ("vanilla", 0.1, 256), ("vanilla", 0.2, 512), ("vanilla", 0.4, 1024),
+        ("dc(p=0.4)", 0.2, 512), ("dc(p=0.4)", 0.1, 256), ("dc(p=0.4)", 0.4, 512), ("sgld", 0.1, 256)]
+
+
 # --------------------------------------------------------------------------- loss ratio
-
-
-def _loss(mech, batch, step, seed, loss, replication=1, **kw):
-    status = "diverged" if loss is None or math.isnan(loss) else "max_passes"
-    return rec(mech, step, batch, seed=seed, status=status, loss=loss, replication=replication, **kw)
 
 
 def test_loss_ratio_uses_each_batch_sizes_own_tuned_step_and_averages_seeds():
@@ -309,88 +262,3 @@ def test_loss_ratio_passes_mismatch_raises_but_diverged_runs_may_stop_early():
     with pytest.raises(ValueError, match="dc.*passes"):
         loss_ratios(bad, 16, 512)
     assert loss_ratios(bad, 16, 512, passes_tol=0.02)[0].n_seeds == 1
-
-
-# --------------------------------------------------------------------------- tables, CSV, figures
-
-
-def test_summary_markdown_has_one_row_per_mechanism_and_formats():
-    rows = best_per_mechanism(_sweep() + seeds("never", 0.1, 64, [None]))
-    md = summary_markdown(rows, target_accuracy=0.95)
-    lines = [ln for ln in md.splitlines() if ln.startswith("| ") and "mechanism" not in ln]
-    assert [ln.split("|")[1].strip() for ln in lines] == [r.mechanism for r in rows]
-    assert "0.95" in md and "not reached" in lines[-1]
-    dc = next(r for r in rows if r.mechanism == "dc(p=0.4)")
-    assert f"{dc.speedup:.2f}×" in md and f"{dc.time_saved_frac:.1%}" in md
-    assert summary_text(rows) == summary_markdown(rows)
-
-
-def test_summary_csv_round_trip(tmp_path):
-    rows = best_per_mechanism(_sweep() + seeds("never", 0.1, 64, [None]))
-    path = write_summary_csv(rows, tmp_path / "out" / "summary.csv")
-    with path.open() as f:
-        back = list(csv.DictReader(f))
-    assert len(back) == len(rows)
-    for row, got in zip(rows, back):
-        for name, value in row.as_dict().items():
-            if value is None:
-                assert got[name] == ""
-            elif isinstance(value, (int, float)):
-                assert float(got[name]) == value, name
-            else:
-                assert got[name] == value, name
-        assert tuple(got["trial_ids"].split(";")) == row.trial_ids
-
-
-def test_trials_csv_round_trip(tmp_path):
-    records = _sweep() + [rec("dc", status="diverged", loss=math.nan), rec("dc", status="error", loss=None)]
-    path = write_trials_csv(records, tmp_path / "trials.csv")
-    with path.open() as f:
-        back = [TrialRecord.from_dict(d) for d in csv.DictReader(f)]
-
-    def same(a, b):
-        return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
-
-    for want, got in zip(rank_trials(records), back, strict=True):
-        assert all(same(getattr(want, k), getattr(got, k)) for k in want.__dataclass_fields__), (want, got)
-
-
-def _assert_png(path):
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-
-
-@pytest.mark.parametrize("case", ["sweep", "no_vanilla", "all_unreached", "empty", "single_seed"])
-def test_figures_are_written_as_png(tmp_path, case):
-    records = {
-        "sweep": _sweep() + [rec("dc(p=0.4)", 0.8, 2048, status="diverged", loss=math.nan)],
-        "no_vanilla": seeds("dc", 0.1, 256, [3.0, 4.0]) + seeds("dc", 0.1, 512, [None, 2.0]),
-        "all_unreached": seeds("vanilla", 0.1, 256, [None]) + [rec("dc", status="diverged", loss=math.nan)],
-        "empty": [],
-        "single_seed": [rec(time=3.0), rec("dc", 0.1, 512, time=2.0)],
-    }[case]
-    rows = best_per_mechanism(records)
-    loss_rows = loss_ratios([{**r, "passes": 5.0} for r in records], 256, 512)
-    for path in (plot_time_vs_batch(records, tmp_path / "time.png"), plot_speedup_bars(rows, tmp_path / "s.png"),
-                 plot_loss_ratio(loss_rows, tmp_path / "loss.png")):
-        _assert_png(path)
-
-
-def test_loss_ratio_figure_with_several_replications(tmp_path):
-    records = [_loss(m, b, 0.1, s, (0.3 if b == 16 else 0.3 * r) + 0.01 * s, replication=r)
-               for m, b, s, r in itertools.product(["vanilla", "dc"], [16, 512], range(3), [1, 2, 4])]
-    _assert_png(plot_loss_ratio(loss_ratios(records, 16, 512), tmp_path / "loss.png"))
-
-
-def test_best_row_is_frozen():
-    (row,) = best_per_mechanism([rec(time=1.0)])
-    assert isinstance(row, BestRow)
-    with pytest.raises(AttributeError):
-        row.speedup = 2.0
-
-
-def test_confirm_rows_baseline_first_then_best_pair_first_within_mechanism():
-    rows = confirm_summary(_sweep())
-    assert [(r.mechanism, r.step_size, r.global_batch_size) for r in rows] == [
-        ("vanilla", 0.1, 256), ("vanilla", 0.2, 512), ("vanilla", 0.4, 1024),
-        ("dc(p=0.4)", 0.2, 512), ("dc(p=0.4)", 0.1, 256), ("dc(p=0.4)", 0.4, 512), ("sgld", 0.1, 256)]

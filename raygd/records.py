@@ -1,0 +1,252 @@
+"""The MLflow schema of raygd's runs in one place: tag names, how a run ended, reading a sweep back.
+
+A run of ``raygd train`` is one MLflow run; a sweep is one parent run (``KIND_TAG`` = ``sweep``)
+with one child run per trial, nested by MLflow's own ``mlflow.parentRunId`` tag. Every run
+ends with a ``Status`` in ``STATUS_TAG``; ``TrialRecord.from_run`` turns a child run back into
+the record that ``tuning.stats`` ranks. No Ray here, and MLflow is imported only by the
+functions that read runs: the Train controller and every trial import this module.
+
+Tests: ``pytest tests/test_records.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+PARENT_TAG = "mlflow.parentRunId"
+"""MLflow's nesting tag: a trial's child run names its sweep's parent run."""
+KIND_TAG = "raygd.kind"
+"""What a run without a parent is: ``SWEEP_KIND`` (a sweep's parent run) or ``DIVERSITY_KIND`` (raygd diversity)."""
+SWEEP_KIND = "sweep"
+DIVERSITY_KIND = "diversity"
+STATUS_TAG = "raygd.status"
+"""How the run ended: a ``Status`` value."""
+ATTEMPT_TAG = "raygd.attempt"
+"""Starts of the training loop in this run (1, then one more per restart from a checkpoint)."""
+STOPPED_STEP_TAG = "raygd.stopped_at_step"
+"""The step at which a scheduler (ASHA) stopped the trial."""
+TRIAL_TAG = "raygd.trial_id"
+"""The Tune trial id of a sweep's child run."""
+KEY_TAG = "raygd.trial_key"
+"""A hash of the trial's parameters and phase: a resumed sweep finds its earlier child run by it."""
+PHASE_TAG = "raygd.phase"
+"""``SEARCH_PHASE`` or ``CONFIRM_PHASE`` (the winners re-run with fresh seeds)."""
+SEARCH_PHASE = "search"
+CONFIRM_PHASE = "confirm"
+MECHANISM_LABEL_TAG = "raygd.mechanism_label"
+"""The mechanism's display label, e.g. ``dropconnect(p=0.4)``: what the sweep's tables group by."""
+TUNE_DIR_TAG = "raygd.tune_dir"
+"""On a sweep's parent run: the Tune experiment folder that ``--resume`` restores."""
+VERSION_TAG = "raygd.version"
+GIT_COMMIT_TAG = "raygd.git_commit"
+
+
+class Status(str, Enum):
+    """How a run or trial ended; a ``str`` whose value is the plain string stored in MLflow and in CSVs.
+
+    Listed in ranking order: reached first, failures last.
+    """
+
+    REACHED_TARGET = "reached_target"
+    MAX_PASSES = "max_passes"
+    STOPPED_EARLY = "stopped_early"
+    """Stopped by the scheduler (ASHA) for lagging."""
+    DIVERGED = "diverged"
+    FAILED = "failed"
+    """An error ended the run; records written before raygd settled on ``failed`` say ``error``."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def _missing_(cls, value: object) -> Status | None:
+        return cls.FAILED if value == LEGACY_FAILED else None
+
+    @property
+    def run_status(self) -> str:
+        """The MLflow run status a run with this outcome ends with: FAILED, KILLED (stopped early) or FINISHED."""
+        return {Status.FAILED: "FAILED", Status.STOPPED_EARLY: "KILLED"}.get(self, "FINISHED")
+
+
+LEGACY_FAILED = "error"
+"""The failure status of records and objective calls before ``Status.FAILED``; still read as it."""
+STATUS_ORDER = tuple(Status)
+"""Ranking order of trial outcomes: reached first, failures last."""
+
+
+def end_run(client, run_id: str, status: Status, tags: Mapping[str, str] | None = None) -> None:
+    """Tag a run with ``status`` (and ``tags``) and end it with the matching MLflow run status.
+
+    Args:
+        client: an ``MlflowClient``.
+        run_id: the run to end.
+        status: how it ended.
+        tags: more tags to set first.
+    """
+    for key, value in {**(tags or {}), STATUS_TAG: status.value}.items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status.run_status)
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def mlflow_client(tracking_uri: str):
+    """An ``MlflowClient`` on ``tracking_uri`` (MLflow imported here, not at module import)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def child_runs(tracking_uri: str, parent_run_id: str, trial_id: str | None = None, running_only: bool = False) -> list:
+    """The child runs of a sweep's parent run (any status unless ``running_only``), optionally of one trial."""
+    client = mlflow_client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    if trial_id is not None:
+        query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    if running_only:
+        query += " and attributes.status = 'RUNNING'"
+    return client.search_runs([parent.info.experiment_id], filter_string=query, max_results=10000)
+
+
+def newest_sweep(tracking_uri: str, experiment: str, running_only: bool = False):
+    """The newest sweep parent run in ``experiment`` (only an unfinished one with ``running_only``), or None."""
+    client = mlflow_client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    query = f"tags.`{KIND_TAG}` = '{SWEEP_KIND}'" + (" and attributes.status = 'RUNNING'" if running_only else "")
+    runs = [] if exp is None else client.search_runs([exp.experiment_id], filter_string=query,
+                                                     order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def latest_sweep(tracking_uri: str, experiment: str) -> str:
+    """The run id of the newest sweep parent run in ``experiment``.
+
+    Raises:
+        ConfigError: when the experiment holds no sweep.
+    """
+    run = newest_sweep(tracking_uri, experiment)
+    if run is None:
+        from raygd.config import ConfigError
+
+        raise ConfigError(f"experiment {experiment!r} has no raygd sweep in {tracking_uri}.")
+    return run.info.run_id
+
+
+def run_outcome(run) -> Status:
+    """How a sweep's child run ended, also for runs that nothing tagged.
+
+    A run a scheduler stopped (``STOPPED_STEP_TAG``, or KILLED without a status tag: by an
+    older raygd) is stopped_early even if its dying trial marked it failed since; an untagged
+    or FAILED run failed.
+    """
+    status, ended = run.data.tags.get(STATUS_TAG), run.info.status
+    if ended != "FINISHED" and (STOPPED_STEP_TAG in run.data.tags or (status is None and ended == "KILLED")):
+        return Status.STOPPED_EARLY
+    if status is None or ended == "FAILED":
+        return Status.FAILED
+    return Status(status)
+
+
+# --------------------------------------------------------------------------- trial records
+
+
+def _opt_float(value: Any) -> float | None:
+    """None/'' → None, anything else → float (so CSV strings such as 'nan' parse too)."""
+    return None if value is None or value == "" else float(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None or value == "" else int(float(value))
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What one trial of a sweep produced (the dict a trial reports at its end)."""
+
+    trial_id: str
+    """Tune trial id; unique within a sweep."""
+    mechanism: str
+    """Display label, e.g. 'vanilla' or 'dropconnect(p=0.4)'."""
+    step_size: float
+    """Constant step size γ."""
+    global_batch_size: int
+    """B, summed over workers."""
+    status: Status
+    """How the trial ended; a plain string is converted (a legacy 'error' reads as ``Status.FAILED``)."""
+    seed: int = 0
+    """Seed of this trial."""
+    replication: int = 1
+    """r of r-replicated data (1: the data set as is)."""
+    run_id: str | None = None
+    """MLflow run id of the trial's nested run."""
+    time_to_accuracy_s: float | None = None
+    """Training wall-clock seconds until the target accuracy; None when not reached."""
+    passes_to_accuracy: float | None = None
+    """Passes over the data until the target accuracy."""
+    updates_to_accuracy: int | None = None
+    """SGD updates until the target accuracy."""
+    final_train_loss: float | None = None
+    """Training loss at the end of the run (nan/None when diverged)."""
+    final_train_accuracy: float | None = None
+    """Training accuracy at the end of the run."""
+    passes: float | None = None
+    """Passes over the data the run made."""
+    train_time_s: float | None = None
+    """Training wall-clock seconds of the whole run."""
+
+    def __post_init__(self) -> None:
+        try:
+            status = Status(self.status)
+        except ValueError:
+            raise ValueError(f"trial {self.trial_id}: status {self.status!r} not in "
+                             f"{tuple(s.value for s in STATUS_ORDER)}") from None
+        object.__setattr__(self, "status", status)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TrialRecord:
+        """Build from a record dict (or a CSV row of strings); optional keys may be missing, extras are ignored."""
+        return cls(
+            trial_id=str(d["trial_id"]), mechanism=str(d["mechanism"]), step_size=float(d["step_size"]),
+            global_batch_size=int(float(d["global_batch_size"])), status=str(d["status"]),
+            seed=_opt_int(d.get("seed")) or 0, replication=_opt_int(d.get("replication")) or 1,
+            run_id=d.get("run_id") or None,
+            time_to_accuracy_s=_opt_float(d.get("time_to_accuracy_s")),
+            passes_to_accuracy=_opt_float(d.get("passes_to_accuracy")),
+            updates_to_accuracy=_opt_int(d.get("updates_to_accuracy")),
+            final_train_loss=_opt_float(d.get("final_train_loss")),
+            final_train_accuracy=_opt_float(d.get("final_train_accuracy")),
+            passes=_opt_float(d.get("passes")), train_time_s=_opt_float(d.get("train_time_s")),
+        )
+
+    @classmethod
+    def from_run(cls, run) -> TrialRecord:
+        """The record of an MLflow child run of a sweep: its params, summary metrics and tags (``run_outcome``)."""
+        p, m, t = run.data.params, run.data.metrics, run.data.tags
+        return cls.from_dict({
+            "trial_id": t.get(TRIAL_TAG, run.info.run_id), "run_id": run.info.run_id,
+            "mechanism": t.get(MECHANISM_LABEL_TAG, p.get("mechanism.name", "vanilla")),
+            "step_size": float(p.get("train.step_size", "nan")),
+            "global_batch_size": int(p.get("train.global_batch_size", 0)),
+            "seed": int(p.get("train.seed", 0)), "replication": int(p.get("data.replication", 1)),
+            "status": run_outcome(run), "time_to_accuracy_s": m.get("time_to_accuracy_s"),
+            "passes_to_accuracy": m.get("passes_to_accuracy"), "updates_to_accuracy": m.get("updates_to_accuracy"),
+            "final_train_loss": m.get("final_train_loss"), "final_train_accuracy": m.get("final_train_accuracy"),
+            "passes": m.get("passes"), "train_time_s": m.get("train_time_s"),
+        })
+
+    @property
+    def reached(self) -> bool:
+        """status is reached_target and the time to accuracy is a finite number."""
+        t = self.time_to_accuracy_s
+        return self.status == Status.REACHED_TARGET and t is not None and math.isfinite(t)
+
+    @property
+    def pair(self) -> tuple[str, float, int]:
+        """(mechanism, step_size, global_batch_size)."""
+        return self.mechanism, self.step_size, self.global_batch_size

@@ -1,0 +1,126 @@
+"""Sweep results as figures (matplotlib, PNG): time to accuracy vs batch size, speedups, loss ratios.
+
+Pure functions over trial records and ``tuning.stats`` rows; ``tuning.report`` writes and logs them.
+Tests: ``pytest tests/test_figures.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from raygd.records import TrialRecord
+from tuning.stats import BASELINE, BestRow, LossRatioRow, PairStats, pair_stats
+
+
+def _figure(ncols: int = 1):
+    """A matplotlib Figure without pyplot's global state (no backend switching needed)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(5.5 * ncols, 4.0), layout="constrained")
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _log2_axis(ax, xs: Iterable[float]) -> None:
+    """Log2 x axis with the plotted values themselves as tick labels (256, not 2⁸)."""
+    ticks = sorted(set(xs))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+    ax.minorticks_off()
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
+
+
+def plot_time_vs_batch(records: Iterable[TrialRecord | Mapping[str, Any]], path: str | Path,
+                       replication: int | None = None) -> Path:
+    """Time to accuracy and passes to accuracy vs global batch size, one line per mechanism.
+
+    At each B the best step size (``PairStats.sort_key``) is plotted, with ± std over seeds;
+    pairs that did not reach the target are left out. x axis: log2.
+
+    Returns:
+        The written PNG path.
+    """
+    best: dict[tuple[str, int], PairStats] = {}
+    for p in pair_stats(records, replication):
+        best.setdefault((p.mechanism, p.global_batch_size), p)  # pair_stats lists best first
+    fig = _figure(2)
+    ax_t, ax_p = fig.subplots(1, 2)
+    drawn = False
+    for mech in sorted({m for m, _ in best}, key=lambda m: (m != BASELINE, m)):
+        pts = sorted((b, p) for (m, b), p in best.items() if m == mech and p.reached)
+        if pts:
+            drawn, bs = True, [b for b, _ in pts]
+            ax_t.errorbar(bs, [p.score for _, p in pts], yerr=[p.time_std_s or 0.0 for _, p in pts],
+                          marker="o", capsize=3, label=mech)
+            ax_p.plot(bs, [p.passes_to_accuracy or math.nan for _, p in pts], marker="o", label=mech)
+    for ax, ylabel in ((ax_t, "time to accuracy (s)"), (ax_p, "passes to accuracy")):
+        ax.set_xlabel("global batch size B")
+        ax.set_ylabel(ylabel)
+        if drawn:
+            _log2_axis(ax, [b for (_, b), p in best.items() if p.reached])
+            ax.legend(fontsize="small")
+        else:
+            _note(ax, "no pair reached the target")
+    return _save(fig, path)
+
+
+def plot_speedup_bars(best_rows: Sequence[BestRow], path: str | Path) -> Path:
+    """Bar per mechanism of its speedup over vanilla (best pair vs best pair); 'n/a' where undefined.
+
+    Returns:
+        The written PNG path.
+    """
+    fig = _figure()
+    ax = fig.subplots()
+    names = [r.mechanism for r in best_rows]
+    values = [r.speedup if r.speedup is not None else 0.0 for r in best_rows]
+    bars = ax.bar(range(len(names)), values, color=["0.6" if r.mechanism == BASELINE else "C0" for r in best_rows])
+    for bar, r in zip(bars, best_rows):
+        label = "n/a" if r.speedup is None else f"{r.speedup:.2f}×\nB={r.global_batch_size}"
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize="small")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.margins(y=0.15)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel("speedup vs vanilla (TTA ratio)")
+    if all(r.speedup is None for r in best_rows):
+        _note(ax, "no speedup defined (no reached baseline)")
+    return _save(fig, path)
+
+
+def plot_loss_ratio(loss_rows: Sequence[LossRatioRow], path: str | Path) -> Path:
+    """Loss ratio L(B_large)/L(B_small) vs replication factor r, one line per mechanism, ± std error bars.
+
+    Returns:
+        The written PNG path.
+    """
+    fig = _figure()
+    ax = fig.subplots()
+    drawn = False
+    for mech in sorted({r.mechanism for r in loss_rows}, key=lambda m: (m != BASELINE, m)):
+        pts = sorted((r.replication, r) for r in loss_rows if r.mechanism == mech and r.ratio_mean is not None)
+        if pts:
+            drawn = True
+            ax.errorbar([x for x, _ in pts], [r.ratio_mean for _, r in pts],
+                        yerr=[r.ratio_std or 0.0 for _, r in pts], marker="o", capsize=3, label=mech)
+    ax.set_xlabel("replication factor r")
+    if loss_rows:
+        ax.set_ylabel(f"loss ratio L(B={loss_rows[0].large_batch}) / L(B={loss_rows[0].small_batch})")
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    if drawn:
+        _log2_axis(ax, [r.replication for r in loss_rows if r.ratio_mean is not None])
+        ax.legend(fontsize="small")
+    else:
+        _note(ax, "no finite loss ratio")
+    return _save(fig, path)

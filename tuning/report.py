@@ -1,0 +1,115 @@
+"""A sweep's results from MLflow: its trial records and tables, written to files and logged to its parent run.
+
+    outcome = collect_sweep(uri, parent_run_id)   # read only: raygd report, the confirm phase, bench/paper
+    outcome = close_sweep(uri, parent_run_id)     # the end of a sweep: also log its outputs and end the parent
+    write_outputs(Path("out"), outcome.records, outcome.best_rows, outcome.table)
+
+Every number comes from the child runs in MLflow (``raygd.records``), so a report rebuilt later
+shows what the sweep printed. Tests: ``pytest tests/test_sweep.py`` (with real sweeps).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from raygd.records import (
+    CONFIRM_PHASE,
+    PHASE_TAG,
+    STOPPED_STEP_TAG,
+    Status,
+    TrialRecord,
+    child_runs,
+    end_run,
+    mlflow_client,
+)
+from raygd.tracking import Tracker
+from tuning import figures, stats, tables
+
+
+@dataclass
+class SweepOutcome:
+    """What a sweep produced: its parent run, trial records, best rows and summary table."""
+
+    parent_run_id: str
+    records: list
+    best_rows: list
+    table: str
+
+
+def collect_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
+    """A sweep's records, best pair per mechanism and summary table (with the confirm phase's, if any),
+    read from its child runs; changes nothing in MLflow."""
+    runs = child_runs(tracking_uri, parent_run_id)
+    confirm_runs = [r for r in runs if r.data.tags.get(PHASE_TAG) == CONFIRM_PHASE]
+    records = [TrialRecord.from_run(r) for r in runs if r.data.tags.get(PHASE_TAG) != CONFIRM_PHASE]
+    # With several replication factors the table ranks the unreplicated data (the smallest r).
+    replication = min((r.replication for r in records), default=1)
+    best = stats.best_per_mechanism(records, replication=replication)
+    table = tables.summary_markdown(best)
+    if confirm_runs:
+        confirmed = stats.confirm_summary([TrialRecord.from_run(r) for r in confirm_runs])
+        table += "\n\n" + tables.confirm_markdown(confirmed)
+    return SweepOutcome(parent_run_id, records, best, table)
+
+
+def end_unfinished_children(tracking_uri: str, parent_run_id: str) -> None:
+    """End the child runs that nothing else ended: only at the end of a sweep (never touch a live one).
+
+    ``tuning.callbacks.TrialRecorder`` ends stopped and errored trials; a run still RUNNING now
+    belongs to a trial that died unrecorded (failed). A run the scheduler stopped is set back to
+    stopped_early, as its dying trial's ``fit()`` may have marked it failed since.
+    """
+    client = mlflow_client(tracking_uri)
+    for run in child_runs(tracking_uri, parent_run_id):
+        if run.info.status != "FINISHED" and STOPPED_STEP_TAG in run.data.tags:
+            end_run(client, run.info.run_id, Status.STOPPED_EARLY)
+        elif run.info.status == "RUNNING":
+            end_run(client, run.info.run_id, Status.FAILED)
+
+
+def close_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
+    """End a sweep: end its unfinished child runs, collect it, log its table, CSVs, figures and best
+    pairs to the parent run, and end the parent run FINISHED."""
+    end_unfinished_children(tracking_uri, parent_run_id)
+    outcome = collect_sweep(tracking_uri, parent_run_id)
+    tracker = Tracker(tracking_uri, parent_run_id, enabled=True)
+    tracker.log_metrics(_parent_metrics(outcome), step=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_outputs(Path(tmp), outcome.records, outcome.best_rows, outcome.table):
+            tracker.log_artifact(path)
+    tracker.finish("FINISHED")
+    return outcome
+
+
+def _parent_metrics(outcome: SweepOutcome) -> dict[str, float]:
+    """Trial counts, and per mechanism its best pair and speedup (keys without MLflow's forbidden characters)."""
+    metrics = {"num_trials": len(outcome.records), "num_reached": sum(r.reached for r in outcome.records)}
+    for row in outcome.best_rows:
+        key = row.mechanism.replace("(", "_").replace(")", "").replace("=", "").replace(", ", "_")
+        if row.time_to_accuracy_s is not None and math.isfinite(row.time_to_accuracy_s):
+            metrics[f"best/{key}/time_to_accuracy_s"] = row.time_to_accuracy_s
+            metrics[f"best/{key}/global_batch_size"] = row.global_batch_size
+            metrics[f"best/{key}/step_size"] = row.step_size
+        if row.speedup is not None:
+            metrics[f"speedup/{key}"] = row.speedup
+    return metrics
+
+
+def write_outputs(out: Path, records: list, best: list, table: str) -> list[Path]:
+    """summary.md, summary.csv, trials.csv and the figures of a sweep, written into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(table + "\n")
+    paths = [out / "summary.md", tables.write_summary_csv(best, out / "summary.csv"),
+             tables.write_trials_csv(records, out / "trials.csv")]
+    reps = {r.replication for r in records}
+    paths.append(figures.plot_time_vs_batch(records, out / "time_vs_batch.png", replication=min(reps, default=1)))
+    paths.append(figures.plot_speedup_bars(best, out / "speedup.png"))
+    batches = sorted({r.global_batch_size for r in records})
+    if len(reps) > 1 and len(batches) > 1:
+        # runs at different B stop after ceil(passes * n / B) updates: passes agree to within B/n
+        rows = stats.loss_ratios(records, small_batch=batches[0], large_batch=batches[-1], passes_tol=0.05)
+        paths.append(figures.plot_loss_ratio(rows, out / "loss_ratio_vs_r.png"))
+    return paths

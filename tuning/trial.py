@@ -1,0 +1,120 @@
+"""One trial of a sweep: the Ray Tune function that fits one run, and what it reports to Tune.
+
+A trial builds and fits a ``TorchTrainer`` through ``raygd.train.fit`` (the Train V2 pattern:
+Tune never receives a trainer object) as a child run of the sweep's parent run, and reports
+its summary with ``objective_s`` (``tuning.objective``) as its final Tune result. The driver
+that runs trials is ``tuning.sweep``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from typing import Any
+
+from raygd.records import (
+    CONFIRM_PHASE,
+    KEY_TAG,
+    MECHANISM_LABEL_TAG,
+    PHASE_TAG,
+    SEARCH_PHASE,
+    STATUS_TAG,
+    TRIAL_TAG,
+    Status,
+    child_runs,
+    mlflow_client,
+)
+from tuning.objective import objective_s
+from tuning.spec import SweepSpec, mechanism_label
+
+CONFIRM_PARAM = "confirm"
+"""The param-space key of the confirm phase: each of its grid values is a winner's trial params."""
+
+_DATA_CACHE: dict[str, Any] = {}
+"""The last data set a trial loaded in this process, by data config and seed: a reused trial actor
+(``tuning.sweep.REUSE_TRIAL_ACTORS``) skips reloading it (~0.9 s for 10k Fashion-MNIST examples)."""
+
+
+def trial_result(summary_metrics: dict[str, float], status: str) -> dict[str, Any]:
+    """A trial's final Tune result: its summary, status and objective, and the per-evaluation keys
+    (train/accuracy, time/train_s, progress/passes) that ASHA reads from every result."""
+    acc = summary_metrics.get("final_train_accuracy")
+    return {**summary_metrics, "status": status,
+            "objective_s": objective_s(status, summary_metrics.get("time_to_accuracy_s"), acc),
+            "train/accuracy": acc if acc is not None else float("nan"),
+            "time/train_s": summary_metrics.get("train_time_s", 0.0),
+            "progress/passes": summary_metrics.get("passes", 0.0)}
+
+
+def _trial_data(cfg):
+    from raygd.data import load_data
+
+    key = json.dumps([dataclasses.asdict(cfg.data), cfg.train.seed], sort_keys=True, default=str)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()  # one data set at a time: trials of a grid mostly share it
+        _DATA_CACHE[key] = load_data(cfg.data, cfg.train.seed)
+    return _DATA_CACHE[key]
+
+
+def trial_key(params: dict[str, Any]) -> str:
+    """A stable key for a trial's parameters: a resumed sweep finds its earlier child run by it."""
+    return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _earlier_run(tracking_uri: str, parent_run_id: str, key: str, continuable: bool) -> tuple[Any, str | None]:
+    """What an interrupted sweep left of this trial: (a finished child run, None) to report again, else
+    (None, the id of a partial run to continue, if ``continuable``); partial runs not continued are deleted."""
+    client = mlflow_client(tracking_uri)
+    reattach = None
+    for run in child_runs(tracking_uri, parent_run_id):
+        if run.data.tags.get(KEY_TAG) != key:
+            continue
+        if run.info.status == "FINISHED":  # finished before an interruption: report it, do not train again
+            return run, None
+        if continuable and reattach is None:
+            reattach = run.info.run_id  # a partial run of an interrupted trial: continue it from its checkpoint
+        else:
+            client.delete_run(run.info.run_id)  # nothing to continue from: this trial starts over
+    return None, reattach
+
+
+def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) -> None:
+    """One Tune trial: fit one run (or reuse a finished child run of this trial) and report its summary.
+
+    An interrupted sweep may re-run a trial: a child run with the same parameters that
+    finished is reported again without training. A partial one is reattached when the
+    trial checkpoints (``train.max_failures`` or ``train.checkpoint_every_steps``): the same
+    MLflow run continues from the Ray Train checkpoint of the same name, logging only the
+    steps after those already recorded. Without checkpoints it is deleted and redone from
+    step 0, so that its time-to-accuracy is not charged for the work the kill threw away.
+    Either way the parent keeps exactly one child per trial.
+    """
+    from ray import tune
+
+    from raygd.train import fit
+    from tuning.callbacks import TrialReportCallback
+
+    entry_wall = time.time()
+    phase = CONFIRM_PHASE if CONFIRM_PARAM in params else SEARCH_PHASE
+    params = spec.decode(params.get(CONFIRM_PARAM, params))
+    cfg = spec.run_config(params)
+    uri = cfg.tracking.tracking_uri
+    trial_id, key = tune.get_context().get_trial_id(), trial_key({**params, "phase": phase})
+    finished, reattach = _earlier_run(uri, parent_run_id, key, continuable=bool(cfg.train.checkpoint_interval))
+    if finished is not None:
+        tune.report(trial_result(finished.data.metrics, finished.data.tags.get(STATUS_TAG, Status.MAX_PASSES.value)))
+        return
+    label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
+    cfg.tracking.run_name = (f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}"
+                             f"-s{cfg.train.seed}")
+    # Evaluations reach Tune only for a scheduler: each report is a barrier across the workers, and the
+    # channel to the trial is one more actor process per trial; a searcher needs only the final report.
+    callbacks = [TrialReportCallback()] if spec.scheduler != "none" else None
+    summary = fit(cfg, data=_trial_data(cfg), parent_run_id=parent_run_id, train_callbacks=callbacks,
+                  run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label},
+                  run_id=reattach)
+    mlflow_client(uri).log_metric(summary.run_id, "overhead/trial_to_first_step_s",
+                                  summary.walls["first_step"] - entry_wall, step=summary.steps)
+    tune.report(trial_result(summary.summary_metrics(), summary.status))
