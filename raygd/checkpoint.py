@@ -33,10 +33,8 @@ def checkpoint_state(state: TrainState, step: int, clock: float, eval_time: floa
         "model": state.model.state_dict(),
         "optimizer": state.optimizer.state_dict(),
         "torch_rng": torch.get_rng_state(),
-        "mechanism_rng": {
-            k: g.get_state() for k, g in vars(state.mechanism).items() if isinstance(g, torch.Generator)
-        },
-        "estimator_ema": dict(vars(state.estimator.ema)) if state.estimator else None,
+        "mechanism_rng": state.mechanism.state_dict(),
+        "estimator_ema": state.estimator.ema.state_dict() if state.estimator else None,
     }
     if state.device.type == "cuda":
         out["cuda_rng"] = torch.cuda.get_rng_state(state.device)
@@ -53,10 +51,9 @@ def restore_state(state: TrainState, saved: dict[str, Any]) -> None:
     state.model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["torch_rng"])
-    for name, rng in saved["mechanism_rng"].items():
-        getattr(state.mechanism, name).set_state(rng)
+    state.mechanism.load_state_dict(saved["mechanism_rng"])
     if state.estimator and saved["estimator_ema"]:
-        vars(state.estimator.ema).update(saved["estimator_ema"])
+        state.estimator.ema.load_state_dict(saved["estimator_ema"])
     if "cuda_rng" in saved and state.device.type == "cuda":
         torch.cuda.set_rng_state(saved["cuda_rng"], state.device)
 
