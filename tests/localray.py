@@ -200,21 +200,24 @@ class LocalRayCluster:
 
 
 class MlflowServer:
-    """``mlflow server`` on 127.0.0.1 and a free port, SQLite store in ``root``; stopped by PID."""
+    """``mlflow server`` on 127.0.0.1 and a free port, SQLite store in ``root`` (or ``backend_store_uri``, e.g.
+    a PostgreSQL database of tests/pgserver.py); ``extra_args`` go to ``mlflow server``; stopped by PID."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend_store_uri: str | None = None, workers: int = 1,
+                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.marker = uuid.uuid4().hex
         root.mkdir(parents=True, exist_ok=True)
         self.log = root / "mlflow-server.log"
+        store = backend_store_uri or f"sqlite:///{root / 'server.db'}"
         # MLflow's job runner (7 huey consumer processes, for GenAI jobs) is not needed to track runs.
-        env = {**os.environ, MARKER_VAR: self.marker, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {**os.environ, **(env or {}), MARKER_VAR: self.marker, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+                [str(BIN / "mlflow"), "server", "--backend-store-uri", store,
                  "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", "1"],
+                 "--port", str(self.port), "--workers", str(workers), *extra_args],
                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
 
     def wait_ready(self, timeout_s: float = 120) -> None:

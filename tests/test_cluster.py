@@ -6,14 +6,20 @@ or MLflow to the internet. Each check is also run on deliberately broken copies,
 from __future__ import annotations
 
 import copy
+import os
 import re
 import subprocess
 import sys
+import time
+import urllib.request
+import uuid
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from localray import BIN, MARKER_VAR, free_port, kill_marked, marked_pids
+from pgserver import PostgresServer, PostgresUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -76,6 +82,11 @@ def launcher_problems(cfg: dict) -> list[str]:
         problems.append("the head's dashboard must bind to 127.0.0.1")
     if "~/.ray/raygd-cluster.token" not in cfg.get("file_mounts", {}):
         problems.append("file_mounts must carry the cluster token to every node")
+    head_setup = cfg.get("head_setup_commands", [])
+    installs = [i for i, c in enumerate(head_setup) if re.search(r"apt-get install .*\bpostgresql\b", c)]
+    sets_up = [i for i, c in enumerate(head_setup) if "cluster/postgres-setup.sh" in c]
+    if not installs or not sets_up or sets_up[0] < installs[0]:
+        problems.append("head_setup_commands must install PostgreSQL (apt-get) and then run cluster/postgres-setup.sh")
     return problems
 
 
@@ -90,7 +101,18 @@ def test_launcher_config_passes_rays_validator_and_raygds_needs(path):
 def test_every_yaml_under_cluster_is_checked():
     names = {p.name for p in cluster_yamls()}
     assert {"aws.yaml", "aws-minimal.yaml", "gcp.yaml"} <= names
-    assert {"raycluster.yaml", "rayjob-sweep.yaml", "mlflow.yaml"} <= {p.name for p in kuberay_manifests()}
+    assert {"raycluster.yaml", "rayjob-sweep.yaml", "mlflow.yaml", "postgres.yaml"} <= {
+        p.name for p in kuberay_manifests()}
+
+
+def test_requirements_pin_the_postgresql_driver_that_mlflows_sqlalchemy_uses():
+    """The nodes and the KubeRay image install requirements.txt: the MLflow server's store needs psycopg."""
+    from sqlalchemy.engine import make_url
+
+    pins = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("psycopg")]
+    assert pins and all(re.fullmatch(r"psycopg\[binary\]==[\d.]+", p) for p in pins), pins
+    for uri in store_uris(all_kuberay_docs()) + ["postgresql+psycopg://mlflow@127.0.0.1:5432/mlflow"]:
+        assert make_url(uri).get_dialect().driver == "psycopg", uri
     assert set(launcher_configs()) | set(kuberay_manifests()) == set(cluster_yamls())
 
 
@@ -128,6 +150,9 @@ def test_broken_launcher_config_fails_rays_validator(mutate):
     (_set("available_node_types.gpu_worker.resources", {"CPU": 4}), "no GPU worker type"),
     (_set("worker_start_ray_commands", ["ray start --address=$RAY_HEAD_IP:6379"]), "token auth"),
     (_set("setup_commands", ["pip install ray"]), "requirements.txt"),
+    (_set("head_setup_commands", ['pip install "boto3>=1.34"']), "install PostgreSQL"),
+    (_set("head_setup_commands", ["bash ~/raygd/cluster/postgres-setup.sh", "apt-get install -y postgresql"]),
+     "install PostgreSQL"),
 ])
 def test_broken_launcher_config_fails_raygds_checks(mutate, problem):
     cfg = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
@@ -225,6 +250,70 @@ def kuberay_problems(docs: list[dict]) -> list[str]:
     services = {d["metadata"]["name"] for d in docs if d.get("kind") == "Service"}
     if "raygd-mlflow" not in services:
         problems.append("no Service raygd-mlflow: the jobs' MLflow server")
+    return problems + secret_problems(docs) + mlflow_store_problems(docs)
+
+
+SECRET_ENV = re.compile(r"(PASSWORD|TOKEN|SECRET)$")
+DB_SECRET = "raygd-mlflow-db"
+
+
+def containers(doc: dict) -> list[dict]:
+    """Every container of a Deployment / StatefulSet / Pod manifest (init containers too)."""
+    spec = doc.get("spec") or {}
+    pod = (spec.get("template") or {}).get("spec") or spec
+    return list(pod.get("containers") or []) + list(pod.get("initContainers") or [])
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env") or []}
+
+
+def secret_problems(docs: list[dict]) -> list[str]:
+    """A password, token or secret in an env var must come from a Secret (secretKeyRef), never a literal."""
+    return [f"{d['kind']} {d['metadata']['name']}: env {name} is a literal, not a secretKeyRef"
+            for d in docs for c in containers(d) for name, e in _env(c).items()
+            if SECRET_ENV.search(name) and "secretKeyRef" not in (e.get("valueFrom") or {})]
+
+
+def _secret_of(env_var: dict | None) -> str | None:
+    """The Secret an env var's value comes from (``valueFrom.secretKeyRef.name``), or None."""
+    return (((env_var or {}).get("valueFrom") or {}).get("secretKeyRef") or {}).get("name")
+
+
+def store_uris(docs: list[dict]) -> list[str]:
+    return [a.split("=", 1)[1] for d in docs for c in containers(d) for a in c.get("args") or []
+            if str(a).startswith("--backend-store-uri=")]
+
+
+def mlflow_store_problems(docs: list[dict]) -> list[str]:
+    """MLflow's store is the namespace's PostgreSQL: password from the Secret, reached only by MLflow."""
+    problems = []
+    by = {(d.get("kind"), (d.get("metadata") or {}).get("name")): d for d in docs}
+    mlflow, postgres = by.get(("Deployment", "raygd-mlflow")), by.get(("Deployment", "raygd-postgres"))
+    if mlflow is None or postgres is None:
+        return ["needs the Deployments raygd-mlflow and raygd-postgres"]
+    uris = store_uris([mlflow])
+    if len(uris) != 1 or not uris[0].startswith("postgresql+psycopg://mlflow@raygd-postgres:5432/"):
+        problems.append(f"MLflow's --backend-store-uri must be the raygd-postgres database, without a password: {uris}")
+    env = {n: e for c in containers(mlflow) for n, e in _env(c).items()}
+    if _secret_of(env.get("PGPASSWORD")) != DB_SECRET:
+        problems.append(f"MLflow needs PGPASSWORD from the Secret {DB_SECRET}")
+    pg = next(iter(containers(postgres)), {})
+    pg_env = _env(pg)
+    if _secret_of(pg_env.get("POSTGRES_PASSWORD")) != DB_SECRET:
+        problems.append(f"PostgreSQL needs POSTGRES_PASSWORD from the Secret {DB_SECRET}")
+    if (pg_env.get("POSTGRES_HOST_AUTH_METHOD") or {}).get("value", "scram-sha-256") == "trust":
+        problems.append("PostgreSQL must ask for a password (POSTGRES_HOST_AUTH_METHOD is trust)")
+    listen = [a for a in pg.get("args") or [] if str(a).startswith("listen_addresses=")]
+    if listen != ["listen_addresses=$(POD_IP),127.0.0.1"]:
+        problems.append(f"PostgreSQL must listen on the pod IP and 127.0.0.1 only, got {listen}")
+    service = by.get(("Service", "raygd-postgres"))
+    if service is None or (service.get("spec") or {}).get("type", "ClusterIP") != "ClusterIP":
+        problems.append("needs the ClusterIP Service raygd-postgres")
+    policy = by.get(("NetworkPolicy", "raygd-postgres"))
+    only_mlflow = [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "raygd-mlflow"}}}]
+    if policy is None or [r.get("from") for r in policy["spec"].get("ingress", [])] != [only_mlflow]:
+        problems.append("the NetworkPolicy raygd-postgres must admit the MLflow pods only")
     return problems
 
 
@@ -242,6 +331,20 @@ def _kind(docs: list[dict], kind: str) -> dict:
     return next(d for d in docs if d["kind"] == kind)
 
 
+def _named(docs: list[dict], kind: str, name: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def _container(docs: list[dict], deployment: str) -> dict:
+    return containers(_named(docs, "Deployment", deployment))[0]
+
+
+def _set_arg(docs: list[dict], deployment: str, arg: str) -> None:
+    c = _container(docs, deployment)
+    flag = arg.split("=", 1)[0]
+    c["args"] = [arg if str(a).startswith(flag + "=") else a for a in c["args"]]
+
+
 @pytest.mark.parametrize("mutate, problem", [
     (lambda ds: _kind(ds, "RayCluster").update(apiVersion="ray.io/v1alpha1"), "not ray.io/v1"),
     (lambda ds: _kind(ds, "RayCluster")["spec"].pop("headGroupSpec"), "headGroupSpec"),
@@ -255,6 +358,19 @@ def _kind(docs: list[dict], kind: str) -> dict:
     (lambda ds: _kind(ds, "RayJob")["spec"].update(entrypoint="raygd sweep no-such-preset"), "raygd sweep preset"),
     (lambda ds: _kind(ds, "RayJob").update(apiVersion="ray.io/v1beta1"), "not ray.io/v1"),
     (lambda ds: _kind(ds, "Service")["metadata"].update(name="mlflow"), "raygd-mlflow"),
+    (lambda ds: _container(ds, "raygd-postgres")["env"].append({"name": "POSTGRES_PASSWORD", "value": "hunter2"}),
+     "literal"),
+    (lambda ds: _container(ds, "raygd-mlflow").update(
+        env=[e for e in _container(ds, "raygd-mlflow")["env"] if e["name"] != "PGPASSWORD"]), "PGPASSWORD"),
+    (lambda ds: _set_arg(ds, "raygd-mlflow", "--backend-store-uri=sqlite:////data/mlflow.db"), "backend-store-uri"),
+    (lambda ds: _set_arg(ds, "raygd-mlflow", "--backend-store-uri=postgresql+psycopg://mlflow:pw@raygd-postgres:5432/m"),
+     "without a password"),
+    (lambda ds: _container(ds, "raygd-postgres").update(args=["-c", f"{LISTEN}=*"]), "listen on the pod IP"),
+    (lambda ds: _container(ds, "raygd-postgres")["env"].append({"name": "POSTGRES_HOST_AUTH_METHOD", "value": "trust"}),
+     "ask for a password"),
+    (lambda ds: _named(ds, "NetworkPolicy", "raygd-postgres")["spec"]["ingress"][0].__setitem__(
+        "from", [{"podSelector": {}}]), "MLflow pods only"),
+    (lambda ds: _named(ds, "Service", "raygd-postgres")["metadata"].update(name="db"), "raygd-postgres"),
 ])
 def test_broken_kuberay_manifests_fail(mutate, problem):
     docs = copy.deepcopy(all_kuberay_docs())
@@ -265,6 +381,7 @@ def test_broken_kuberay_manifests_fail(mutate, problem):
 # --- nothing open to the internet ------------------------------------------------------------------------------
 
 ANY4 = r"0\.0\.0\.0"  # written as a pattern so that this file does not itself contain the address
+LISTEN = "listen" + "_addresses"  # PostgreSQL's bind setting, split for the same reason
 SCANNED_SUFFIXES = {".yaml", ".yml", ".json", ".sh", ".py", ".toml", ".cfg", ".ini", ".env", ".md", ".txt"}
 SCANNED_NAMES = {"Makefile", "Dockerfile", "Procfile"}
 TEXT_RULES = [
@@ -273,6 +390,7 @@ TEXT_RULES = [
     ("a bind to all IPv6 interfaces or any host",
      re.compile(r"(--host|--dashboard-host|--bind|dashboard[-_]host|\bhost)[\"']?\s*[,=: ]\s*[\"']?"
                 r"(:{2}|\[:{2}\]|\*)([\"'\s:,\]]|$)")),
+    ("PostgreSQL listening on all interfaces", re.compile(LISTEN + r"\s*[=:]?\s*[\"']?[^\"'\n]*\*")),
 ]
 EXPOSED_SERVICE_TYPES = ("LoadBalancer", "NodePort")
 
@@ -319,9 +437,41 @@ def test_no_config_or_code_default_exposes_dashboard_jobs_api_or_mlflow():
     files = scanned_files()
     names = {str(f.relative_to(REPO)) for f in files}
     assert {"Makefile", "cluster/aws.yaml", "cluster/kuberay/raycluster.yaml", "cluster/mlflow-server.sh",
+            "cluster/postgres-setup.sh", "cluster/kuberay/postgres.yaml", "tests/pgserver.py",
             "cluster/kuberay/Dockerfile", "raygd/cli.py", "tests/localray.py", "README.md"} <= names
     findings = [f for path in files for f in exposure_findings(str(path.relative_to(REPO)), path.read_text())]
     assert findings == []
+
+
+URI_PASSWORD = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@'\"]+:(?![$*{])[^\s@/'\"]+@")
+
+
+def credential_findings(name: str, text: str) -> list[str]:
+    """Database URIs with a password written in, and secret env vars with literal values."""
+    found = [f"{name}:{i}: a password in a URI: {URI_PASSWORD.search(line).group(0)[:40]}"
+             for i, line in enumerate(text.splitlines(), 1) if URI_PASSWORD.search(line)]
+    if name.endswith((".yaml", ".yml")):
+        found += [f"{name}: {p}" for p in secret_problems([d for d in yaml.safe_load_all(text) if isinstance(d, dict)])]
+    return found
+
+
+def test_no_credentials_in_cluster_configs_or_scripts():
+    """The cluster's passwords are generated on the head or come from Kubernetes Secrets: none is in the repo."""
+    files = [f for f in scanned_files() if f.relative_to(REPO).parts[0] in ("cluster", "configs")]
+    assert {"cluster/postgres-setup.sh", "cluster/kuberay/postgres.yaml"} <= {str(f.relative_to(REPO)) for f in files}
+    assert [f for path in files for f in credential_findings(str(path.relative_to(REPO)), path.read_text())] == []
+
+
+@pytest.mark.parametrize("name, text, bad", [
+    ("run.sh", "mlflow server --backend-store-uri postgresql://mlflow:hunter2@127.0.0.1:5432/mlflow\n", True),
+    ("k.yaml", "args: [--backend-store-uri=postgresql+psycopg://mlflow:s3cret@raygd-postgres:5432/mlflow]\n", True),
+    ("k.yaml", "kind: Deployment\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      containers:\n"
+               "        - {name: c, env: [{name: POSTGRES_PASSWORD, value: hunter2}]}\n", True),
+    ("run.sh", "mlflow server --backend-store-uri postgresql+psycopg://mlflow@127.0.0.1:5432/mlflow\n", False),
+    ("run.sh", 'uri="postgresql://mlflow:$PASSWORD@127.0.0.1/mlflow"\n', False),
+])
+def test_credential_scan_flags_a_written_in_password(name, text, bad):
+    assert bool(credential_findings(name, text)) == bad
 
 
 EVERYWHERE = ".".join(["0"] * 4)
@@ -341,6 +491,8 @@ EVERYWHERE = ".".join(["0"] * 4)
     ("k.yaml", "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {name: r}\nspec:\n  headGroupSpec: "
                "{serviceType: NodePort}\n"),
     ("k.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {hostNetwork: true}\n"),
+    ("setup.sh", f"psql -c \"ALTER SYSTEM SET {LISTEN} = '*'\"\n"),
+    ("k.yaml", f'args: ["-c", "{LISTEN}=$(POD_IP),*"]\n'),
 ])
 def test_exposure_scan_flags_a_deliberately_exposed_copy(name, text):
     assert exposure_findings(name, text) != []
@@ -350,6 +502,8 @@ def test_exposure_scan_flags_a_deliberately_exposed_copy(name, text):
     ("run.sh", "mlflow server --host 127.0.0.1 --port 5000\n"),
     ("run.sh", 'mlflow server --host "$PRIVATE_IP" --gunicorn-opts "--bind 127.0.0.1:5000"\n'),
     ("k.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: m}\nspec: {type: ClusterIP}\n"),
+    ("setup.sh", "psql -c \"ALTER SYSTEM SET listen_addresses = '127.0.0.1'\"\n"),
+    ("k.yaml", 'args: ["-c", "listen_addresses=$(POD_IP),127.0.0.1"]\n'),
 ])
 def test_exposure_scan_passes_loopback_and_private_binds(name, text):
     assert exposure_findings(name, text) == []
@@ -364,3 +518,89 @@ def test_fake_multinode_config_of_the_autoscaling_bench_passes_rays_schema():
     finally:
         sys.path.remove(str(REPO / "bench"))
     validate_config(fake_cluster_config("127.0.0.1:6379", max_nodes=2, idle_timeout_s=10))
+
+
+# --- the head's scripts, run for real: PostgreSQL setup, then MLflow on it ---------------------------------------
+
+SUDO_SHIM = """#!/bin/bash
+# sudo for the test (we are root): `sudo -u USER CMD` runs CMD as USER, `sudo CMD` runs CMD
+if [ "$1" = -u ]; then user="$2"; shift 2; exec runuser -u "$user" -- "$@"; fi
+exec "$@"
+"""
+
+
+def _head_env(pg, home: Path, marker: str) -> dict[str, str]:
+    """What the head's scripts see: sudo, and Debian's pg_lsclusters/pg_ctlcluster for the throwaway cluster."""
+    shims = home / "shims"
+    shims.mkdir(parents=True)
+    (shims / "sudo").write_text(SUDO_SHIM)
+    (shims / "pg_lsclusters").write_text(f'#!/bin/bash\necho "15 test {pg.port} online postgres {pg.data} {pg.log}"\n')
+    (shims / "pg_ctlcluster").write_text(
+        f'#!/bin/bash\nexec runuser -u postgres -- {pg.bin}/pg_ctl -D {pg.data} -l {pg.log} -w "$3"\n')
+    for shim in shims.iterdir():
+        shim.chmod(0o755)
+    return {**os.environ, "HOME": str(home), "PATH": os.pathsep.join([str(shims), str(pg.bin), str(BIN),
+                                                                      os.environ["PATH"]]),
+            "PGHOST": str(pg.root), "PGPORT": str(pg.port), MARKER_VAR: marker}
+
+
+def test_head_scripts_set_up_a_loopback_postgresql_with_a_generated_password_and_start_mlflow_on_it(tmp_path):
+    """cluster/postgres-setup.sh (twice: ray up reruns it) against a real PostgreSQL cluster as Debian makes it
+    (superuser postgres, peer auth on the socket, listen_addresses 'localhost'), then cluster/mlflow-server.sh; a
+    run logged over HTTP lands in the database. Only the root of this machine can run PostgreSQL as postgres."""
+    psycopg = pytest.importorskip("psycopg")
+    if os.geteuid() != 0:
+        pytest.skip("the scripts use sudo -u postgres; this test stands in for it with runuser, as root only")
+    try:
+        pg = PostgresServer(user="postgres", local_auth="peer", listen="localhost").start()
+    except PostgresUnavailable as err:
+        pytest.skip(str(err))
+    home, marker = tmp_path / "home", uuid.uuid4().hex
+    env = _head_env(pg, home, marker)
+    try:
+        runs = [subprocess.run(["bash", str(CLUSTER / "postgres-setup.sh")], env=env, capture_output=True, text=True,
+                               timeout=120) for _ in range(2)]
+        assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
+        uri = f"postgresql+psycopg://mlflow@127.0.0.1:{pg.port}/mlflow"
+        assert [r.stdout.splitlines()[-1] for r in runs] == [uri, uri]
+        assert (home / "mlflow" / "backend-store-uri").read_text().strip() == uri
+        pgpass = home / ".pgpass"
+        assert pgpass.stat().st_mode & 0o777 == 0o600
+        entries = [line.split(":") for line in pgpass.read_text().splitlines()]
+        assert len(entries) == 1 and entries[0][:4] == ["127.0.0.1", str(pg.port), "mlflow", "mlflow"]
+        password = entries[0][4]
+        assert re.fullmatch(r"[0-9a-f]{48}", password)
+        assert all(password not in r.stdout + r.stderr for r in runs)
+        libpq_uri = uri.replace("+psycopg", "")
+        with psycopg.connect(libpq_uri, passfile=str(pgpass)) as conn:
+            assert conn.execute("SHOW listen_addresses").fetchone() == ("127.0.0.1",)  # was 'localhost'
+        with pytest.raises(psycopg.OperationalError, match="password"):
+            psycopg.connect(libpq_uri, passfile=os.devnull, connect_timeout=5).close()
+
+        port = free_port()
+        started = subprocess.run(["bash", str(CLUSTER / "mlflow-server.sh"), str(port)], env=env, capture_output=True,
+                                 text=True, timeout=120)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.strip().endswith(f":{port}")
+        url, log = f"http://127.0.0.1:{port}", home / "mlflow" / "server.log"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(1)
+        from raygd.tracking import Tracker, create_run
+
+        run_id = create_run(url, "head-scripts", "probe", {"p": 1}, {})
+        Tracker(url, run_id, enabled=True).log_metrics({"train/loss": 0.5}, step=3)
+        with psycopg.connect(libpq_uri, passfile=str(pgpass)) as conn:
+            assert conn.execute("SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'train/loss'",
+                                (run_id,)).fetchall() == [(3, 0.5)]
+        cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in marked_pids(marker)]
+        assert cmdlines and not any(password.encode() in c for c in cmdlines)
+    finally:
+        kill_marked(marker)
+        pg.stop()
+        pg.remove_files()
