@@ -33,6 +33,7 @@ from raygd.data import Dataset, GlobalBatchSampler, eval_indices
 from raygd.diversity.online import OnlineDiversity
 from raygd.mechanisms import Mechanism, build_mechanism
 from raygd.models import build_model
+from raygd.records import Status
 from raygd.tracking import Tracker
 
 EVAL_CHUNK = 2048
@@ -45,7 +46,7 @@ Checkpoint = Callable[[dict[str, float], dict[str, Any]], None]
 class RunSummary:
     """What one run produced; ``status`` is reached_target, max_passes or diverged."""
 
-    status: str
+    status: Status
     steps: int
     passes: float
     train_time_s: float
@@ -67,8 +68,8 @@ class RunSummary:
         """The numeric fields worth logging as MLflow summary metrics."""
         skip = {"status", "run_id", "extra", "walls"}
         out = {k: float(v) for k, v in asdict(self).items() if k not in skip and v is not None}
-        out["reached_target"] = float(self.status == "reached_target")
-        out["diverged"] = float(self.status == "diverged")
+        out["reached_target"] = float(self.status == Status.REACHED_TARGET)
+        out["diverged"] = float(self.status == Status.DIVERGED)
         return out
 
 
@@ -311,7 +312,7 @@ def run_loop(
     ckpt_every = tc.checkpoint_interval if checkpoint is not None else 0
     resume = resume or {}
     start, clock = _resume(state, resume)
-    status, step, first_bad_step, last = "max_passes", start, math.inf, None
+    status, step, first_bad_step, last = Status.MAX_PASSES, start, math.inf, None
     first_step_wall = time.time()
     for step in range(start + 1, max_steps + 1):
         t0 = time.perf_counter()
@@ -333,14 +334,14 @@ def run_loop(
             report(dict(last.metrics, step=step))
         clock.eval_s += time.perf_counter() - t_eval
         if done:
-            status = "diverged" if last.diverged_at_step is not None else "reached_target"
+            status = Status.DIVERGED if last.diverged_at_step is not None else Status.REACHED_TARGET
             break
     return _summary(state, status, step, clock, last, resume, first_step_wall)
 
 
 def _summary(
     state: TrainState,
-    status: str,
+    status: Status,
     step: int,
     clock: Clock,
     last: Evaluation | None,
@@ -352,7 +353,7 @@ def _summary(
     t_eval = time.perf_counter()
     _, test_acc = evaluate(state.model, state.data.x_test[rank::P], state.data.y_test[rank::P], P, state.device)
     clock.eval_s += time.perf_counter() - t_eval
-    reached = status == "reached_target"
+    reached = status == Status.REACHED_TARGET
     passes = step * tc.global_batch_size / n
     return RunSummary(
         status=status,
@@ -367,7 +368,7 @@ def _summary(
         time_to_accuracy_s=clock.train_s if reached else None,
         passes_to_accuracy=passes if reached else None,
         updates_to_accuracy=step if reached else None,
-        diverged_at_step=last.diverged_at_step if status == "diverged" and last else None,
+        diverged_at_step=last.diverged_at_step if status == Status.DIVERGED and last else None,
         extra={
             **state.mechanism.metrics(),
             "train/restarts": float(resume.get("restarts", 0)),
