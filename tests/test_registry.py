@@ -110,3 +110,16 @@ def test_state_dict_round_trip_reproduces_the_next_draws(name: str) -> None:
     if saved:  # a mechanism with random state draws something else without it
         assert not torch.equal(unrestored, expected)
     assert torch.equal(_step(mech, model, 2), _step(restored, restored_model, 2))  # and stays in step
+
+
+def test_paper_bound_settings_join_the_sweep_labels_to_the_measured_surrogates() -> None:
+    # bench/paper/run.py bound: the best B of each paper-dropconnect setting sits beside the B_D measured
+    # with per-example masks at the same p (its table names them vanilla, dropconnect(p=0.4), ...).
+    import yaml
+
+    from tuning.spec import PRESETS_DIR
+
+    space = yaml.safe_load((PRESETS_DIR / "paper-dropconnect.yaml").read_text())["space"]["mechanism"]
+    settings = [surrogate_label(parse_label(mechanism_label(m))) for m in space]
+    measured = [surrogate_label(MechanismConfig(name="dropconnect", drop_prob=p)) for p in (0.4, 0.5)]
+    assert settings == ["vanilla", *measured] == ["vanilla", "dropconnect(p=0.4)", "dropconnect(p=0.5)"]
