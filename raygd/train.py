@@ -12,6 +12,7 @@ import contextlib
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,18 +41,19 @@ def _progress_line(metrics: dict[str, float]) -> str:
     )
 
 
-def _resume_point(tracker: Tracker, rank: int) -> dict[str, Any]:
+def resume_point(tracker: Tracker, rank: int, checkpoint_prefix: str = "") -> dict[str, Any]:
     """The checkpoint to continue from (if Ray Train restarted the group) and the restart bookkeeping.
 
     Rank zero counts the attempt in the MLflow run, skips re-logging the steps already in its metric
     history, and charges the training time of the discarded steps (last logged ``time/train_s`` minus
-    the checkpoint's clock) to the clock.
+    the checkpoint's clock) to the clock. ``checkpoint_prefix``: use the last checkpoint only if its
+    folder name starts with it (a trial pool's checkpoints are named by the trial's run id).
     """
     import ray.train
 
     resume: dict[str, Any] = {}
     last = ray.train.get_checkpoint()
-    if last is not None:
+    if last is not None and Path(last.path).name.startswith(checkpoint_prefix):
         with last.as_directory() as folder:
             resume = load_checkpoint(folder, rank)
     attempt = tracker.next_attempt()
@@ -87,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     data = ray.get(loop_config["data_ref"])
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
     tracker = Tracker(cfg.tracking.tracking_uri, loop_config["run_id"], enabled=rank == 0)
-    resume = _resume_point(tracker, rank)
+    resume = resume_point(tracker, rank)
 
     def report(metrics: dict[str, float]) -> None:
         if rank == 0:
@@ -109,6 +111,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     state = build_state(cfg, data, rank, world_size, device)
     summary = run_loop(state, tracker, report=report, checkpoint=checkpoint, resume=resume)
     summary.walls["loop_entry"] = loop_entry_wall
+    if rank == 0 and loop_config.get("save_model_to"):
+        torch.save(state.model.state_dict(), loop_config["save_model_to"])
     return asdict(summary)
 
 
@@ -117,7 +121,7 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{t.model}-{cfg.mechanism.name}-B{t.global_batch_size}-lr{t.step_size:g}-P{t.num_workers}-s{t.seed}"
 
 
-def _create_run(cfg: RunConfig, data: Dataset, gpu: bool, parent_run_id: str | None, run_tags: dict | None) -> str:
+def open_run(cfg: RunConfig, data: Dataset, gpu: bool, parent_run_id: str | None, run_tags: dict | None) -> str:
     """The MLflow run of this fit: the whole config as params, provenance and cluster shape as tags."""
     import ray
 
@@ -145,7 +149,15 @@ def _create_run(cfg: RunConfig, data: Dataset, gpu: bool, parent_run_id: str | N
     )
 
 
-def _trainer(cfg: RunConfig, data: Dataset, run_id: str, gpu: bool, train_callbacks: list | None, storage_path):
+def _trainer(
+    cfg: RunConfig,
+    data: Dataset,
+    run_id: str,
+    gpu: bool,
+    train_callbacks: list | None,
+    storage_path: str | None,
+    save_model_to: str | None,
+):
     """The ``TorchTrainer`` of one run: P workers of ``train.cpus_per_worker`` CPUs (and a GPU each)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
@@ -160,6 +172,7 @@ def _trainer(cfg: RunConfig, data: Dataset, run_id: str, gpu: bool, train_callba
         "use_gpu": gpu,
         "threads": tc.cpus_per_worker,
         "report_to_ray": bool(train_callbacks),
+        "save_model_to": save_model_to,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -178,13 +191,14 @@ def _trainer(cfg: RunConfig, data: Dataset, run_id: str, gpu: bool, train_callba
     )
 
 
-def _record(tracker: Tracker, summary: RunSummary, fit_start_wall: float, launch_wall: float) -> None:
+def record_summary(tracker: Tracker, summary: RunSummary, fit_start_wall: float, launch_wall: float) -> None:
     """Log the start-up split, the summary metrics and the status, and end the run."""
     walls = summary.walls
     summary.extra.update(
         {
             "overhead/fit_setup_s": launch_wall - fit_start_wall,  # data, MLflow run, object store
-            "overhead/worker_start_s": walls["loop_entry"] - launch_wall,  # Train controller, actors, group
+            "overhead/worker_start_s": walls["loop_entry"] - launch_wall,  # Train controller, actors, group;
+            # in a trial pool: the wait for a free pool
             "overhead/loop_setup_s": walls["first_step"] - walls["loop_entry"],  # data fetch, model, DDP
             "overhead/fit_to_first_step_s": walls["first_step"] - fit_start_wall,
         }
@@ -192,6 +206,34 @@ def _record(tracker: Tracker, summary: RunSummary, fit_start_wall: float, launch
     tracker.log_metrics({**summary.extra, **summary.summary_metrics()}, step=summary.steps)
     tracker.set_tags({"raygd.status": summary.status})
     tracker.finish("FINISHED")
+
+
+def prepare(cfg: RunConfig, data: Dataset | None) -> tuple[Dataset, bool]:
+    """Checks before any training: the tracking store, ``$RAY_ADDRESS``, the data (loaded now unless
+    given) and B against n; then Ray is started or joined. Returns the data and whether to use GPUs."""
+    import ray
+
+    tc = cfg.train
+    check_tracking_store(cfg.tracking.tracking_uri)
+    if not ray.is_initialized():
+        check_ray_address()
+    data = data if data is not None else load_data(cfg.data, tc.seed)
+    GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed)  # validates B <= n
+    ensure_ray(tc.num_workers * tc.cpus_per_worker)
+    return data, use_gpu(tc.device)
+
+
+@contextlib.contextmanager
+def failing(tracker: Tracker):
+    """Mark the run FAILED if the block raises (unless someone else ended it: a sweep's early stop)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
+            if tracker.status() == "RUNNING":
+                tracker.set_tags({"raygd.status": "failed"})
+                tracker.finish("FAILED")
+        raise
 
 
 def fit(
@@ -203,6 +245,7 @@ def fit(
     storage_path: str | None = None,
     run_tags: dict[str, str] | None = None,
     run_id: str | None = None,
+    save_model_to: str | None = None,
 ) -> RunSummary:
     """Run one data-parallel SGD job on Ray Train and record it in MLflow.
 
@@ -219,33 +262,19 @@ def fit(
         run_id: continue this unfinished MLflow run instead of creating one (a resumed sweep's trial):
             the Ray Train run of the same name restores its last checkpoint from ``storage_path``, and
             the loop logs only steps after those already recorded.
+        save_model_to: write the final weights (rank 0's ``state_dict``) to this path on rank 0's node.
 
     Returns:
         The ``RunSummary`` of rank zero, with ``run_id`` set.
     """
-    import ray
-
     fit_start_wall = time.time()
-    tc = cfg.train
-    check_tracking_store(cfg.tracking.tracking_uri)
-    if not ray.is_initialized():
-        check_ray_address()
-    data = data if data is not None else load_data(cfg.data, tc.seed)
-    GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed)  # validates B <= n
-    ensure_ray(tc.num_workers * tc.cpus_per_worker)
-    gpu = use_gpu(tc.device)
-    run_id = run_id or _create_run(cfg, data, gpu, parent_run_id, run_tags)
+    data, gpu = prepare(cfg, data)
+    run_id = run_id or open_run(cfg, data, gpu, parent_run_id, run_tags)
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
-    try:
-        trainer = _trainer(cfg, data, run_id, gpu, train_callbacks, storage_path)
+    with failing(tracker):
+        trainer = _trainer(cfg, data, run_id, gpu, train_callbacks, storage_path, save_model_to)
         launch_wall = time.time()
         summary = RunSummary(**trainer.fit().return_value)
-    except BaseException:
-        with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
-            if tracker.status() == "RUNNING":  # not already ended by someone else (a sweep's early stop)
-                tracker.set_tags({"raygd.status": "failed"})
-                tracker.finish("FAILED")
-        raise
     summary.run_id = run_id
-    _record(tracker, summary, fit_start_wall, launch_wall)
+    record_summary(tracker, summary, fit_start_wall, launch_wall)
     return summary

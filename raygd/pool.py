@@ -1,0 +1,433 @@
+"""Trial pools: Ray Train worker groups that stay warm across a sweep's trials.
+
+Ray offers no way to keep a worker group alive across Tune trials: every ``TorchTrainer.fit()``
+starts a controller, helper actors and fresh workers that import torch and build a process group
+(~16 s to the first step on 2 cores). A pool is one long-lived ``TorchTrainer`` whose per-worker
+loop (``pool_loop_per_worker``) runs one trial after another. A Tune trial becomes thin
+(``fit_in_pool``): it creates its MLflow run, hands its config to the sweep's ``Coordinator``
+actor, relays the evaluations to Tune as they arrive (so ASHA and Optuna see what they see with
+one fit per trial) and records the summary, through the same functions as ``raygd.train.fit``.
+
+    pools = start_pools(base_cfg, count=spec.max_concurrent_trials, name=..., storage_path=...)
+    summary = fit_in_pool(cfg, pools.name, ...)      # inside each Tune trial
+    pools.stop()
+
+Written here because neither Ray Train nor Tune keeps a worker group across trials; the pieces
+are Ray's own (a Train V2 ``TorchTrainer``, an async actor as the queue, Train checkpoints).
+
+Isolation: each trial rebuilds everything from its config (``raygd.loop.build_state`` seeds
+torch's RNG, builds the model, the mechanism and its generators, optimizer, DDP and comm hook);
+what is kept is the processes, their imports and the process group. The one module-level cache,
+the pool's data set, is keyed by the data config and seed it holds.
+
+Faults: the pool's TorchTrainer has the sweep's ``train.max_failures``. When Ray Train restarts
+the group, rank 0 asks the coordinator again and gets the trial that was in flight; it continues
+from its last checkpoint (checkpoint folders are named by the trial's MLflow run id) or is redone,
+with ``raygd.train``'s restart bookkeeping (attempt tag, no duplicate steps, lost time charged).
+A pool whose TorchTrainer fails for good fails its trial in flight and is started again.
+
+Stopping: when Tune stops a trial (ASHA), the sweep's ``TrialRecorder`` cancels it here; the pool
+abandons it at its next evaluation and takes the next trial.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+import torch
+
+from raygd.config import RunConfig
+from raygd.data import Dataset
+from raygd.loop import RunSummary, build_state, run_loop
+from raygd.tracking import Tracker
+
+IDLE_POLL_S = 30.0
+"""How long a pool waits for a trial before its ranks meet again (well inside the process group's timeout)."""
+POLL_S = 5.0
+"""How long a thin trial waits on the coordinator per call for news of its trial."""
+MAX_POOL_RESTARTS = 3
+"""How often a runner starts its pool again after its TorchTrainer failed for good."""
+POOL_TAG, POSITION_TAG = "raygd.pool_id", "raygd.pool_position"
+
+
+def coordinator_name(sweep_id: str) -> str:
+    return f"raygd-pools-{sweep_id}"
+
+
+@ray.remote(num_cpus=0)
+class Coordinator:
+    """The queue between thin trials and pools, and each trial's channel back (evaluations, result).
+
+    An async actor: trials and pools wait on it concurrently without holding a thread each.
+    """
+
+    def __init__(self) -> None:
+        self.pending: collections.deque[dict] = collections.deque()
+        self.in_flight: dict[int, dict] = {}
+        self.started: collections.Counter[int] = collections.Counter()
+        self.reports: dict[str, list[dict]] = {}
+        self.results: dict[str, dict] = {}
+        self.cancelled: set[str] = set()
+        self.walls: dict[int, dict[str, float]] = collections.defaultdict(dict)
+        self.closed = False
+        self.changed = asyncio.Condition()
+
+    async def _notify(self) -> None:
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def _wait(self, ready, timeout_s: float) -> bool:
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(ready), timeout_s)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    async def submit(self, request: dict) -> None:
+        run_id = request["run_id"]
+        self.reports[run_id], _ = [], self.results.pop(run_id, None)
+        self.cancelled.discard(run_id)
+        self.pending.append(request)
+        await self._notify()
+
+    async def next_trial(self, pool_id: int, timeout_s: float) -> dict | None:
+        """The trial pool ``pool_id`` runs next: the one in flight after a restart, else the oldest pending.
+        ``{"idle": True}`` after ``timeout_s`` without one; None once closed."""
+        if pool_id in self.in_flight:
+            return dict(self.in_flight[pool_id], restarted=True)
+        await self._wait(lambda: self.pending or self.closed, timeout_s)
+        if not self.pending:
+            return None if self.closed else {"idle": True}
+        request = self.pending.popleft()
+        self.started[pool_id] += 1
+        request = dict(request, pool_id=pool_id, position=self.started[pool_id])
+        self.in_flight[pool_id] = request
+        return request
+
+    def current(self, pool_id: int) -> dict:
+        """The request pool ``pool_id`` is running (for its ranks other than 0)."""
+        return self.in_flight[pool_id]
+
+    async def report(self, run_id: str, metrics: dict) -> None:
+        self.reports.setdefault(run_id, []).append(metrics)
+        await self._notify()
+
+    async def finish(self, pool_id: int, run_id: str, result: dict) -> None:
+        if self.in_flight.get(pool_id, {}).get("run_id") == run_id:
+            del self.in_flight[pool_id]
+        self.results[run_id] = result
+        await self._notify()
+
+    async def poll(self, run_id: str, cursor: int, timeout_s: float) -> tuple[list[dict], dict | None]:
+        """Evaluations of ``run_id`` after the first ``cursor``, and its result once there is one."""
+        await self._wait(lambda: len(self.reports.get(run_id, ())) > cursor or run_id in self.results, timeout_s)
+        return self.reports.get(run_id, [])[cursor:], self.results.get(run_id)
+
+    async def cancel(self, run_id: str) -> None:
+        """Abandon a trial: dropped if it has not started, stopped at its next evaluation if it has."""
+        self.cancelled.add(run_id)
+        before = len(self.pending)
+        self.pending = collections.deque(r for r in self.pending if r["run_id"] != run_id)
+        if len(self.pending) < before:
+            self.results[run_id] = {"cancelled": True}
+        await self._notify()
+
+    def is_cancelled(self, run_id: str) -> bool:
+        return run_id in self.cancelled
+
+    def pool_event(self, pool_id: int, event: str, wall: float) -> None:
+        self.walls[pool_id].setdefault(event, wall)
+
+    async def pool_failed(self, pool_id: int, error: str) -> None:
+        request = self.in_flight.pop(pool_id, None)
+        if request is not None:
+            self.results[request["run_id"]] = {"error": error}
+        await self._notify()
+
+    async def close(self) -> None:
+        self.closed = True
+        await self._notify()
+
+    def pool_walls(self) -> dict[int, dict[str, float]]:
+        return dict(self.walls)
+
+
+class TrialCancelled(Exception):
+    """The coordinator says the trial was stopped (by a Tune scheduler): every rank leaves it together."""
+
+
+_DATA: dict[str, Dataset] = {}
+"""The pool's data set, keyed by the data config and seed it holds (one at a time)."""
+
+
+def _pool_data(request: dict) -> Dataset:
+    key = request["data_key"]
+    if key not in _DATA:
+        _DATA.clear()
+        _DATA[key] = ray.get(request["data_ref"])
+    return _DATA[key]
+
+
+def data_key(cfg: RunConfig) -> str:
+    return json.dumps([dataclasses.asdict(cfg.data), cfg.train.seed], sort_keys=True, default=str)
+
+
+def _broadcast(obj: Any, rank: int, world_size: int) -> Any:
+    """Rank 0's object on every rank (one ``broadcast_object_list``)."""
+    if world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _run_trial(request: dict, rank: int, world_size: int, device: torch.device, coordinator) -> None:
+    """One trial in a warm pool, on every rank: the same loop, hooks and records as ``train_loop_per_worker``."""
+    import tempfile
+
+    import ray.train
+
+    from raygd.checkpoint import save_checkpoint
+    from raygd.train import _progress_line, _say, resume_point
+
+    loop_entry_wall = time.time()
+    cfg, run_id, relay = RunConfig.from_dict(request["run"]), request["run_id"], request["relay"]
+    data = _pool_data(request)
+    tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=rank == 0)
+    tracker.set_tags({POOL_TAG: request["pool_id"], POSITION_TAG: request["position"]})
+    resume = resume_point(tracker, rank, checkpoint_prefix=f"{run_id}-")
+
+    def evaluation(metrics: dict[str, float], suffix: str = "") -> None:
+        if rank == 0:
+            _say(_progress_line(metrics) + suffix)
+        if not relay:  # only a scheduler reads evaluations, and only it stops trials
+            return
+        stop = False
+        if rank == 0:
+            coordinator.report.remote(run_id, metrics)
+            stop = ray.get(coordinator.is_cancelled.remote(run_id))
+        if _broadcast(stop, rank, world_size):
+            raise TrialCancelled(run_id)
+
+    def checkpoint(metrics: dict[str, float], state: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="raygd-ckpt-") as folder:
+            save_checkpoint(folder, state)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(folder),
+                checkpoint_dir_name=f"{run_id}-step_{state['step']:09d}",
+            )
+        evaluation(metrics, "  [checkpoint]")
+
+    try:
+        state = build_state(cfg, data, rank, world_size, device)
+        summary = run_loop(state, tracker, report=evaluation, checkpoint=checkpoint, resume=resume)
+        summary.walls["loop_entry"] = loop_entry_wall
+        if rank == 0 and request.get("save_model_to"):
+            torch.save(state.model.state_dict(), request["save_model_to"])
+        result = asdict(summary)
+    except TrialCancelled:
+        result = {"cancelled": True}
+    if rank == 0:
+        ray.get(coordinator.finish.remote(request["pool_id"], run_id, result))
+
+
+def pool_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train entry point of a pool: take trials from the coordinator until it closes."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(int(loop_config["threads"]))
+    device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
+    coordinator, pool_id = loop_config["coordinator"], loop_config["pool_id"]
+    if rank == 0:
+        coordinator.pool_event.remote(pool_id, "ready", time.time())
+    trials = 0
+    while True:
+        # Rank 0 takes the next trial; the others read the same request from the coordinator (an
+        # ObjectRef inside it must travel through Ray, not through the process group's pickling).
+        request = ray.get(coordinator.next_trial.remote(pool_id, IDLE_POLL_S)) if rank == 0 else None
+        what = _broadcast(None if request is None else "idle" if request.get("idle") else "trial", rank, world_size)
+        if what is None:
+            return {"trials": trials}
+        if what == "trial":
+            request = request or ray.get(coordinator.current.remote(pool_id))
+            _run_trial(request, rank, world_size, device, coordinator)
+            trials += 1
+
+
+@ray.remote(num_cpus=0)
+class PoolRunner:
+    """Runs one pool's ``TorchTrainer.fit()`` (it blocks for the pool's life) and starts it again if it fails."""
+
+    def run(self, pool_id: int, coordinator, run: dict, gpu: bool, name: str, storage_path: str | None) -> int:
+        from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, ScalingConfig
+        from ray.train import RunConfig as TrainRunConfig
+        from ray.train.torch import TorchTrainer
+
+        tc = RunConfig.from_dict(run).train
+        coordinator.pool_event.remote(pool_id, "launch", time.time())
+        for attempt in range(MAX_POOL_RESTARTS + 1):
+            trainer = TorchTrainer(
+                pool_loop_per_worker,
+                train_loop_config={
+                    "coordinator": coordinator,
+                    "pool_id": pool_id,
+                    "use_gpu": gpu,
+                    "threads": tc.cpus_per_worker,
+                },
+                scaling_config=ScalingConfig(
+                    num_workers=tc.num_workers, use_gpu=gpu, resources_per_worker={"CPU": tc.cpus_per_worker}
+                ),
+                run_config=TrainRunConfig(
+                    name=name,
+                    storage_path=storage_path,
+                    failure_config=FailureConfig(max_failures=tc.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=1),
+                    logging_config=LoggingConfig(log_level="WARNING"),
+                ),
+            )
+            try:
+                trainer.fit()
+                return attempt
+            except Exception as err:  # the group failed for good: fail its trial, start again
+                ray.get(coordinator.pool_failed.remote(pool_id, f"trial pool {pool_id} failed: {err!r}"))
+        return MAX_POOL_RESTARTS + 1
+
+
+@dataclass
+class Pools:
+    """The pools of one sweep: their coordinator (a named actor) and runners."""
+
+    name: str
+    coordinator: Any
+    runners: list
+    runs: list
+    launch_wall: float
+
+    def start_s(self, timeout_s: float = 0.0) -> float | None:
+        """Seconds from launch to the first pool's loop entry (None if none is up yet)."""
+        deadline = time.time() + timeout_s
+        while True:
+            ready = [w["ready"] for w in ray.get(self.coordinator.pool_walls.remote()).values() if "ready" in w]
+            if ready or time.time() >= deadline:
+                return min(ready) - self.launch_wall if ready else None
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Close the queue, let each pool's loop return, and end the actors."""
+        ray.get(self.coordinator.close.remote())
+        ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout_s)
+        for actor in [*self.runners, self.coordinator]:
+            ray.kill(actor)
+
+
+def start_pools(cfg: RunConfig, count: int, sweep_id: str, storage_path: str | None, gpu: bool = False) -> Pools:
+    """Start ``count`` pools of ``cfg``'s worker shape (P workers, CPUs/GPUs per worker) for one sweep.
+
+    Pool i's Train run is named ``raygd-pool-<sweep_id>-<i>``: a resumed sweep's pools find the
+    checkpoint of a trial that was in flight when the sweep was interrupted.
+    """
+    name = coordinator_name(sweep_id)
+    coordinator = Coordinator.options(name=name).remote()
+    launch = time.time()
+    runners = [PoolRunner.remote() for _ in range(count)]
+    runs = [
+        r.run.remote(i, coordinator, cfg.to_dict(), gpu, f"raygd-pool-{sweep_id}-{i}", storage_path)
+        for i, r in enumerate(runners)
+    ]
+    return Pools(name, coordinator, runners, runs, launch)
+
+
+def cancel_trial(sweep_id: str, run_id: str) -> None:
+    """Tell the sweep's pools to abandon ``run_id`` (no-op when the sweep has no pools)."""
+    try:
+        coordinator = ray.get_actor(coordinator_name(sweep_id))
+    except ValueError:
+        return
+    ray.get(coordinator.cancel.remote(run_id))
+
+
+def fit_in_pool(
+    cfg: RunConfig,
+    pools_name: str,
+    *,
+    data: Dataset | None = None,
+    parent_run_id: str | None = None,
+    run_tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+    relay=None,
+    save_model_to: str | None = None,
+) -> RunSummary:
+    """``raygd.train.fit`` for a trial of a sweep with pools: the same checks, MLflow run and records,
+    with the training done by a warm pool.
+
+    Args:
+        cfg, data, parent_run_id, run_tags, run_id: as for ``raygd.train.fit``.
+        pools_name: the sweep's coordinator (``Pools.name``).
+        relay: called with each evaluation's metrics (with ``step``) as the pool reports them, in
+            order and once per step (a redone step after a restart is not relayed again); None: the
+            pool does not report evaluations (no scheduler reads them).
+        save_model_to: write the final weights (rank 0's ``state_dict``) to this path on the pool's node.
+    """
+    from raygd.train import failing, open_run, prepare, record_summary
+
+    fit_start_wall = time.time()
+    data, gpu = prepare(cfg, data)
+    run_id = run_id or open_run(cfg, data, gpu, parent_run_id, run_tags)
+    tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
+    coordinator = ray.get_actor(pools_name)
+    with failing(tracker), _cancel_on_error(coordinator, run_id):
+        request = {
+            "run": cfg.to_dict(),
+            "run_id": run_id,
+            "data_key": data_key(cfg),
+            "data_ref": ray.put(data),
+            "relay": relay is not None,
+            "save_model_to": save_model_to,
+        }
+        launch_wall = time.time()
+        ray.get(coordinator.submit.remote(request))
+        result = _await_result(coordinator, run_id, relay)
+        if "error" in result or "cancelled" in result:
+            raise RuntimeError(result.get("error") or f"trial {run_id} was cancelled")
+    summary = RunSummary(**result)
+    summary.run_id = run_id
+    record_summary(tracker, summary, fit_start_wall, launch_wall)
+    return summary
+
+
+@contextlib.contextmanager
+def _cancel_on_error(coordinator, run_id: str):
+    """A thin trial that fails or is stopped abandons its trial in the pool."""
+    try:
+        yield
+    except BaseException:
+        coordinator.cancel.remote(run_id)
+        raise
+
+
+def _await_result(coordinator, run_id: str, relay) -> dict:
+    cursor, last_step = 0, -1
+    while True:
+        reports, result = ray.get(coordinator.poll.remote(run_id, cursor, POLL_S))
+        cursor += len(reports)
+        for metrics in reports:
+            if relay is not None and metrics["step"] > last_step:
+                relay(metrics)
+                last_step = metrics["step"]
+        if result is not None:
+            return result
