@@ -23,6 +23,7 @@ from raygd.data import Dataset, GlobalBatchSampler, load_data
 from raygd.loop import RunSummary, build_state, run_loop
 from raygd.mechanisms import build_mechanism
 from raygd.ray_env import check_ray_address, ensure_ray, use_gpu
+from raygd.records import STATUS_TAG, Status
 from raygd.tracking import Tracker, check_tracking_store, create_run, provenance_tags
 
 
@@ -204,7 +205,7 @@ def record_summary(tracker: Tracker, summary: RunSummary, fit_start_wall: float,
         }
     )
     tracker.log_metrics({**summary.extra, **summary.summary_metrics()}, step=summary.steps)
-    tracker.set_tags({"raygd.status": summary.status})
+    tracker.set_tags({STATUS_TAG: summary.status})
     tracker.finish("FINISHED")
 
 
@@ -231,7 +232,7 @@ def failing(tracker: Tracker):
     except BaseException:
         with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
             if tracker.status() == "RUNNING":
-                tracker.set_tags({"raygd.status": "failed"})
+                tracker.set_tags({STATUS_TAG: Status.FAILED})
                 tracker.finish("FAILED")
         raise
 

@@ -34,3 +34,24 @@ def test_two_worker_run_reaches_target_and_is_recorded(ray_session, idx_dir, sql
     assert metrics["time_to_accuracy_s"] == summary.time_to_accuracy_s
     assert metrics["passes_to_accuracy"] == summary.passes_to_accuracy
     assert metrics["final_train_accuracy"] >= 0.9
+
+
+def test_a_failing_block_marks_its_run_failed_unless_it_was_ended_elsewhere(sqlite_uri):
+    """``failing`` (no Ray needed): the run of a fit that raises ends FAILED with raygd.status=failed; a run a
+    sweep's early stop already ended keeps its status."""
+    import pytest
+
+    from raygd.tracking import Tracker, create_run
+    from raygd.train import failing
+
+    client = MlflowClient(sqlite_uri)
+    running, stopped = (create_run(sqlite_uri, "it", name, {}, {}) for name in ("running", "stopped"))
+    client.set_tag(stopped, "raygd.status", "stopped_early")
+    client.set_terminated(stopped, "KILLED")
+    for run_id in (running, stopped):
+        with pytest.raises(RuntimeError, match="boom"), failing(Tracker(sqlite_uri, run_id, enabled=True)):
+            raise RuntimeError("boom")
+    assert (client.get_run(running).info.status, client.get_run(running).data.tags["raygd.status"]) == (
+        "FAILED", "failed")
+    assert (client.get_run(stopped).info.status, client.get_run(stopped).data.tags["raygd.status"]) == (
+        "KILLED", "stopped_early")
