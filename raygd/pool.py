@@ -253,7 +253,13 @@ def pool_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(int(loop_config["threads"]))
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
     coordinator, pool_id = loop_config["coordinator"], loop_config["pool_id"]
-    if rank == 0:
+    if rank == 0:  # what every trial's start needs, imported once as part of the pool's start
+        import mlflow.tracking  # noqa: F401
+
+        import raygd.checkpoint  # noqa: F401
+        import raygd.diversity  # noqa: F401
+        import raygd.train  # noqa: F401
+
         coordinator.pool_event.remote(pool_id, "ready", time.time())
     trials = 0
     while True:

@@ -52,10 +52,18 @@ class TrialRecorder(Callback):
         runs = child_runs(self.tracking_uri, self.parent_run_id, trial_id=trial_id, running_only=True)
         return mlflow_client(self.tracking_uri), (runs[0] if runs else None)
 
+    def _cancel_in_pool(self, trial_id: str) -> None:
+        """A warm pool (``raygd.pool``) still training this trial abandons it at its next evaluation."""
+        from raygd.pool import cancel_trial
+
+        for run in child_runs(self.tracking_uri, self.parent_run_id, trial_id=trial_id):
+            cancel_trial(self.parent_run_id, run.info.run_id)
+
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         last = trial.last_result or {}
         if "status" in last:  # the trial reported its summary: raygd.train.fit ended its run
             return
+        self._cancel_in_pool(trial.trial_id)
         client, run = self._running_child(trial.trial_id)
         if run is None:
             return
@@ -73,6 +81,7 @@ class TrialRecorder(Callback):
         client.set_terminated(run.info.run_id, Status.STOPPED_EARLY.run_status)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._cancel_in_pool(trial.trial_id)
         client, run = self._running_child(trial.trial_id)
         if run is not None:  # fit() ends its run FAILED itself unless the trial actor died
             end_run(client, run.info.run_id, Status.FAILED)

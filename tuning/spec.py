@@ -89,6 +89,9 @@ class SweepSpec:
     """Tune experiment storage (default ~/ray_results); --resume reads it."""
     confirm_seeds: list[int] = field(default_factory=list)
     """After the search, re-run each mechanism's fastest pair with these new seeds (>= 3 for a spread)."""
+    trial_pool: bool = True
+    """Run trials in warm worker groups (``raygd.pool``: max_concurrent_trials pools kept across trials);
+    false: one TorchTrainer per trial."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,6 +125,8 @@ class SweepSpec:
 
         positive_int("num_samples", self.num_samples, optional=True)
         positive_int("max_concurrent_trials", self.max_concurrent_trials)
+        if not isinstance(self.trial_pool, bool):
+            raise ConfigError(f"trial_pool = {self.trial_pool!r} is invalid: true or false.")
         if type(self.search_seed) is not int or self.search_seed < 0:
             raise ConfigError(f"search_seed = {self.search_seed!r} is invalid: an integer >= 0.")
         if self.asha_time_attr not in ASHA_TIME_ATTRS:

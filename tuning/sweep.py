@@ -2,6 +2,8 @@
 
 The driver builds a ``Tuner`` over ``tuning.trial.run_trial``, runs (or resumes) it, re-runs each
 mechanism's winner with fresh seeds (the confirm phase), and closes the sweep (``tuning.report``).
+By default (``trial_pool: true``) the trials train in ``max_concurrent_trials`` warm worker groups
+started once per sweep (``raygd.pool``); each Tune trial only hands its config over and relays results.
 Every trial stops at the target inside the training loop; with a scheduler (ASHA), rank
 zero's evaluations reach Tune through ``TuneReportCallback`` (with the provisional objective
 added, see ``tuning.callbacks``), and the trial's final summary is its last report. Search is a
@@ -109,20 +111,45 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
 
     configs = [spec.run_config(p) for p in spec.trial_params()]
     load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
+    shapes = {(c.train.num_workers, c.train.cpus_per_worker, c.train.device) for c in configs}
+    if spec.trial_pool and len(shapes) > 1:
+        raise ConfigError(f"trial_pool = true needs one worker shape (train.num_workers, cpus_per_worker, device) "
+                          f"for every trial, the space gives {sorted(shapes)}: set sweep.trial_pool=false.")
     per_trial = max(c.train.num_workers * c.train.cpus_per_worker for c in configs)
     parent_run_id, tune_dir = _start_parent(spec, resume)
     ensure_ray(per_trial * spec.max_concurrent_trials)
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec, parent_run_id=parent_run_id),
-                                    {"cpu": 0, "memory": 2**20})  # the trial only waits on its workers
-    recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
-    _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder)
-    if spec.confirm_seeds:
-        winners = confirm_params(spec, collect_sweep(spec.tracking_uri, parent_run_id).best_rows)
-        if winners:
-            _fit_tuner(trainable, tune_dir + "-confirm", {CONFIRM_PARAM: tune.grid_search(winners)},
-                       tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
-                                       reuse_actors=REUSE_TRIAL_ACTORS), resume, recorder)
+    pools = _start_pools(spec, configs[0], parent_run_id, tune_dir) if spec.trial_pool else None
+    try:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, spec=spec, parent_run_id=parent_run_id,
+                                 pools_name=pools.name if pools else None),
+            {"cpu": 0, "memory": 2**20})  # the trial only waits on its workers
+        recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
+        _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder)
+        if spec.confirm_seeds:
+            winners = confirm_params(spec, collect_sweep(spec.tracking_uri, parent_run_id).best_rows)
+            if winners:
+                _fit_tuner(trainable, tune_dir + "-confirm", {CONFIRM_PARAM: tune.grid_search(winners)},
+                           tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
+                                           reuse_actors=REUSE_TRIAL_ACTORS), resume, recorder)
+        if pools is not None:
+            start_s = pools.start_s()
+            if start_s is not None:  # the pool's own start, once per sweep
+                Tracker(spec.tracking_uri, parent_run_id, enabled=True).log_metrics({"pool/start_s": start_s}, step=0)
+    finally:
+        if pools is not None:
+            pools.stop()
     return close_sweep(spec.tracking_uri, parent_run_id)
+
+
+def _start_pools(spec: SweepSpec, cfg, parent_run_id: str, tune_dir: str):
+    """``max_concurrent_trials`` warm worker groups of the sweep's shape (``raygd.pool``), their Train runs
+    beside the Tune folder and named by the parent run, so a resumed sweep finds their checkpoints."""
+    from raygd.pool import start_pools
+    from raygd.ray_env import use_gpu
+
+    return start_pools(cfg, spec.max_concurrent_trials, parent_run_id, str(Path(tune_dir).parent),
+                       gpu=use_gpu(cfg.train.device))
 
 
 def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume: bool, recorder) -> None:

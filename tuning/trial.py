@@ -80,7 +80,7 @@ def _earlier_run(tracking_uri: str, parent_run_id: str, key: str, continuable: b
     return None, reattach
 
 
-def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) -> None:
+def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, pools_name: str | None = None) -> None:
     """One Tune trial: fit one run (or reuse a finished child run of this trial) and report its summary.
 
     An interrupted sweep may re-run a trial: a child run with the same parameters that
@@ -90,11 +90,11 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
     steps after those already recorded. Without checkpoints it is deleted and redone from
     step 0, so that its time-to-accuracy is not charged for the work the kill threw away.
     Either way the parent keeps exactly one child per trial.
+
+    With ``pools_name`` (the sweep's warm pools, ``raygd.pool``) the training runs in a pool and this
+    function relays the pool's evaluations to Tune; otherwise it fits its own ``TorchTrainer``.
     """
     from ray import tune
-
-    from raygd.train import fit
-    from tuning.callbacks import TrialReportCallback
 
     entry_wall = time.time()
     phase = CONFIRM_PHASE if CONFIRM_PARAM in params else SEARCH_PHASE
@@ -111,10 +111,22 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str) ->
                              f"-s{cfg.train.seed}")
     # Evaluations reach Tune only for a scheduler: each report is a barrier across the workers, and the
     # channel to the trial is one more actor process per trial; a searcher needs only the final report.
-    callbacks = [TrialReportCallback()] if spec.scheduler != "none" else None
-    summary = fit(cfg, data=_trial_data(cfg), parent_run_id=parent_run_id, train_callbacks=callbacks,
-                  run_tags={TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label},
-                  run_id=reattach)
+    relay = spec.scheduler != "none"
+    kwargs = {"data": _trial_data(cfg), "parent_run_id": parent_run_id, "run_id": reattach,
+              "run_tags": {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label}}
+    if pools_name is not None:
+        from raygd.pool import fit_in_pool
+        from tuning.objective import provisional_objective
+
+        def to_tune(metrics: dict[str, Any]) -> None:
+            tune.report(dict(metrics, objective_s=provisional_objective(metrics)))
+
+        summary = fit_in_pool(cfg, pools_name, relay=to_tune if relay else None, **kwargs)
+    else:
+        from raygd.train import fit
+        from tuning.callbacks import TrialReportCallback
+
+        summary = fit(cfg, train_callbacks=[TrialReportCallback()] if relay else None, **kwargs)
     mlflow_client(uri).log_metric(summary.run_id, "overhead/trial_to_first_step_s",
                                   summary.walls["first_step"] - entry_wall, step=summary.steps)
     tune.report(trial_result(summary.summary_metrics(), summary.status))
