@@ -36,7 +36,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP) data
-	$(BIN)/python bench/throughput.py
+	$(BIN)/python -m bench.throughput
 
 clean:
 	rm -rf $(VENV) mlflow.db build *.egg-info
@@ -46,4 +46,4 @@ sweep: $(STAMP) data
 
 # The paper's experiments (issue #7): make paper EXP=fig3a|dropconnect|batch-scaling|bound [ARGS=...]
 paper: $(STAMP) data
-	$(BIN)/python bench/paper/run.py $(EXP) $(ARGS)
+	$(BIN)/python -m bench.paper.run $(EXP) $(ARGS)

@@ -8,7 +8,7 @@ the head, so the autoscaler must add worker nodes; after the sweep the nodes sit
 nodes every second and prints a timeline and a verdict; it exits 1 if nodes were not added,
 the sweep failed, or idle nodes were not removed. Everything it started is stopped by PID.
 
-    .venv/bin/python bench/autoscale.py [--workers 2] [--idle-timeout-s 10]
+    .venv/bin/python -m bench.autoscale [--workers 2] [--idle-timeout-s 10]
 
 cluster/README.md shows its output.
 """
@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
+from tests.localray import BIN, LocalRayCluster, free_port, node_ip
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from localray import BIN, LocalRayCluster, free_port, node_ip  # noqa: E402
 
 WORKER_TYPE = "ray.worker.cpu"
 

@@ -20,9 +20,9 @@ glibc's allocator returns large blocks to the OS and page faults are expensive o
 machines: ``--malloc tuned`` (the default) re-runs the script with
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``, ``--malloc default`` without them.
 
-    .venv/bin/python bench/diversity_overhead.py                      # mnist_cnn, logreg; B=64, 256
-    .venv/bin/python bench/diversity_overhead.py --malloc default     # glibc's own allocator settings
-    .venv/bin/python bench/diversity_overhead.py --smoke              # seconds
+    .venv/bin/python -m bench.diversity_overhead                      # mnist_cnn, logreg; B=64, 256
+    .venv/bin/python -m bench.diversity_overhead --malloc default     # glibc's own allocator settings
+    .venv/bin/python -m bench.diversity_overhead --smoke              # seconds
 """
 
 from __future__ import annotations
@@ -33,16 +33,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raygd import diversity as D  # noqa: E402
-from raygd.config import TrainConfig  # noqa: E402
-from raygd.models import build_model  # noqa: E402
+from raygd import diversity as D
+from raygd.config import TrainConfig
+from raygd.models import build_model
 
 MALLOC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 """Keep freed blocks in the heap instead of returning them to the OS (each return costs page faults)."""
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.malloc == "tuned":
         env.update(MALLOC_TUNED)
     if env != dict(os.environ):  # glibc reads these at start-up: only a fresh process sees them
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
     if args.smoke:
         args.batch_sizes, args.reps, args.slow_reps = [16], 3, 1
     torch.set_num_threads(args.threads)

@@ -6,21 +6,18 @@ inside the loop when it reaches the target; (b) full length, every trial running
 step metrics (``time/train_s`` at the first evaluation with ``train/accuracy`` >= target).
 Prints total trial compute (training seconds) of both, their ratio, and both winners.
 
-    .venv/bin/python bench/sweep_efficiency.py
+    .venv/bin/python -m bench.sweep_efficiency
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.tracking import MlflowClient
 
-from raygd.records import child_runs  # noqa: E402
-from tuning.spec import load_sweep_spec  # noqa: E402
-from tuning.sweep import run_sweep  # noqa: E402
+from raygd.records import child_runs
+from tuning.spec import load_sweep_spec
+from tuning.sweep import run_sweep
 
 GRID = ["sweep.space.step_size=[0.02, 0.1, 0.4]", "sweep.space.global_batch_size=[64, 256]",
         "sweep.space.mechanism=[{name: vanilla}]", "train.max_passes=6", "train.eval_every_steps=10"]

@@ -16,7 +16,7 @@ trial (on 2 cores the sum bounds the start-up wall time from below, whatever the
 ``--ab reuse`` runs the sweep twice in one Ray session, without and then with Tune reusing
 the trial actor (``tuning.sweep.REUSE_TRIAL_ACTORS``), and prints the ratio of the medians.
 
-    .venv/bin/python bench/sweep_overhead.py [--preset quickstart] [--set k=v ...] [--ab reuse]
+    .venv/bin/python -m bench.sweep_overhead [--preset quickstart] [--set k=v ...] [--ab reuse]
 """
 
 from __future__ import annotations
@@ -25,15 +25,13 @@ import argparse
 import collections
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import tuning.sweep as sweep  # noqa: E402
-from raygd.records import child_runs  # noqa: E402
-from tuning.spec import load_sweep_spec  # noqa: E402
+import tuning.sweep as sweep
+from raygd.records import child_runs
+from tuning.spec import load_sweep_spec
 
 KEYS = ("overhead/trial_to_first_step_s", "overhead/fit_setup_s", "overhead/worker_start_s", "overhead/loop_setup_s")
 

@@ -5,8 +5,8 @@ figure is samples/s in the median window of ``--warmup`` updates after the first
 (warm-up) window, measured inside the training loop. All three run in this one process tree, one after the other, so
 the ratios compare like with like on a noisy machine.
 
-    .venv/bin/python bench/throughput.py                 # mnist_cnn and logreg, B=128
-    .venv/bin/python bench/throughput.py --models mnist_cnn --steps 100
+    .venv/bin/python -m bench.throughput                 # mnist_cnn and logreg, B=128
+    .venv/bin/python -m bench.throughput --models mnist_cnn --steps 100
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import argparse
 import os
 import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from raygd.config import load_run_config  # noqa: E402
-from raygd.data import Dataset, load_data, resolve_data_dir  # noqa: E402
-from raygd.models import build_model  # noqa: E402
+from raygd.config import load_run_config
+from raygd.data import Dataset, load_data, resolve_data_dir
+from raygd.models import build_model
 
 
 def _plain_loop(model, x, y, batch, steps, warmup, rank=0, world=1) -> float:
@@ -113,8 +111,7 @@ def main() -> None:
     overrides = ["data.name=fashion_mnist", "data.train_size=10000"]
     if resolve_data_dir(DataConfig()) is None:
         print("Fashion-MNIST not found locally; using synthetic 28x28 data of the same shape")
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from idx import write_idx_dataset
+        from tests.idx import write_idx_dataset
 
         folder = write_idx_dataset(Path(tempfile.mkdtemp()) / "fmnist", n_train=10000, n_test=500)
         overrides.append(f"data.data_dir={folder}")

@@ -18,8 +18,8 @@ value, points lost, log calls that raised (after MLflow's client's own retries),
 the server's access log (which the client retried), p50/p99 latency of one ``log_metrics`` call,
 and the wall time of the logging phase. Exits 1 if a point is lost or a backend did not answer.
 
-    .venv/bin/python bench/tracking_load.py                          # 64 writers x 200 steps x 10 metrics
-    .venv/bin/python bench/tracking_load.py --writers 8 --steps 20   # smoke size, seconds
+    .venv/bin/python -m bench.tracking_load                          # 64 writers x 200 steps x 10 metrics
+    .venv/bin/python -m bench.tracking_load --writers 8 --steps 20   # smoke size, seconds
 
 cluster/README.md shows its output.
 """
@@ -40,10 +40,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.localray import MlflowServer
+from tests.pgserver import PostgresServer
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from localray import MlflowServer  # noqa: E402
-from pgserver import PostgresServer  # noqa: E402
 
 BACKENDS = ("postgresql", "sqlite")
 EXPERIMENT = "tracking-load"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from idx import write_idx_dataset  # noqa: E402
+from tests.idx import write_idx_dataset
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from localray import free_port
+from tests.localray import free_port
 
 PG_ROOT = Path("/usr/lib/postgresql")
 RUN_AS = "postgres"

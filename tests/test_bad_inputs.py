@@ -11,11 +11,11 @@ import subprocess
 import sys
 
 import pytest
-from idx import write_idx_dataset
 from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from raygd.cli import EXIT_BAD_INPUT, main
+from tests.idx import write_idx_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import copy
 import os
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -18,8 +17,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from localray import BIN, MARKER_VAR, free_port, kill_marked, marked_pids
-from pgserver import PostgresServer, PostgresUnavailable
+
+from tests.localray import BIN, MARKER_VAR, free_port, kill_marked, marked_pids
+from tests.pgserver import PostgresServer, PostgresUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -512,11 +512,8 @@ def test_exposure_scan_passes_loopback_and_private_binds(name, text):
 def test_fake_multinode_config_of_the_autoscaling_bench_passes_rays_schema():
     from ray.autoscaler._private.util import validate_config
 
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        from autoscale import fake_cluster_config
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    from bench.autoscale import fake_cluster_config
+
     validate_config(fake_cluster_config("127.0.0.1:6379", max_nodes=2, idle_timeout_s=10))
 
 

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 import torch
-from idx import make_images, write_idx_dataset
 
 from raygd.config import DataConfig
 from raygd.data import DataError, GlobalBatchSampler, eval_indices, load_data, replicate
+from tests.idx import make_images, write_idx_dataset
 
 
 def test_loads_gzipped_idx_files_through_torchvision(idx_dir):
@@ -112,7 +112,7 @@ def test_corrupt_gzip_is_named(tmp_path):
 def test_wrong_shapes_are_reported(tmp_path):
     folder = write_idx_dataset(tmp_path / "mismatch", n_train=20, n_test=10)
     _, labels = make_images(5, 0)
-    from idx import idx_bytes
+    from tests.idx import idx_bytes
 
     with gzip.open(folder / "train-labels-idx1-ubyte.gz", "wb") as f:
         f.write(idx_bytes(labels))

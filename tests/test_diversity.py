@@ -10,7 +10,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dist import run_group
 from torch import nn
 from torch.func import functional_call
 
@@ -23,6 +22,7 @@ from raygd.mechanisms import build_mechanism
 from raygd.mechanisms.dropconnect_linear import DropConnectLinear, dropconnect_masks
 from raygd.mechanisms.qsgd import qsgd_quantize
 from raygd.models import MnistCNN, build_model
+from tests.dist import run_group
 
 SHAPES = {"logreg": (1, 28, 28), "logreg_binary": (1, 28, 28), "mnist_cnn": (1, 28, 28),
           "convnet": (3, 32, 32), "resnet": (3, 32, 32)}

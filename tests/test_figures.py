@@ -6,10 +6,10 @@ import itertools
 import math
 
 import pytest
-from trials import loss_record as _loss
-from trials import rec, seeds
-from trials import sweep_records as _sweep
 
+from tests.trials import loss_record as _loss
+from tests.trials import rec, seeds
+from tests.trials import sweep_records as _sweep
 from tuning.figures import plot_loss_ratio, plot_speedup_bars, plot_time_vs_batch
 from tuning.stats import best_per_mechanism, loss_ratios
 

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from dist import run_group
 from torch import nn
 
 from raygd.config import MechanismConfig
@@ -15,6 +14,7 @@ from raygd.mechanisms import SGLD, DropConnect, Quantize, Vanilla, build_mechani
 from raygd.mechanisms.dropconnect_linear import DropConnectLinear, dropconnect_masks
 from raygd.mechanisms.qsgd import qsgd_decode, qsgd_encode, qsgd_quantize
 from raygd.mechanisms.sgld import sgld_noise_like
+from tests.dist import run_group
 
 CPU = torch.device("cpu")
 

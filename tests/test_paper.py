@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench" / "paper"))
-import results  # noqa: E402
-
-from raygd.records import TrialRecord  # noqa: E402
-from tuning import stats  # noqa: E402
+from bench.paper import results
+from raygd.records import TrialRecord
+from tuning import stats
 
 
 def _interp_loop(xs: list[float], ys: list[float], x: float) -> float:

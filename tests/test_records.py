@@ -8,7 +8,6 @@ import math
 
 import pytest
 from mlflow.tracking import MlflowClient
-from trials import rec
 
 from raygd.config import ConfigError
 from raygd.records import (
@@ -28,6 +27,7 @@ from raygd.records import (
     run_outcome,
 )
 from raygd.tracking import create_run
+from tests.trials import rec
 
 # --------------------------------------------------------------------------- records from dicts
 

@@ -8,10 +8,10 @@ import statistics
 
 import numpy as np
 import pytest
-from trials import loss_record as _loss
-from trials import rec, seeds
-from trials import sweep_records as _sweep
 
+from tests.trials import loss_record as _loss
+from tests.trials import rec, seeds
+from tests.trials import sweep_records as _sweep
 from tuning.stats import (
     BestRow,
     best_per_mechanism,

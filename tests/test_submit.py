@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from localray import LocalRayCluster, MlflowServer, free_port, marked_pids
 
 from raygd.config import ConfigError
 from raygd.submit import build_entrypoint, resolve_address, split_entrypoint, working_dir_size
+from tests.localray import LocalRayCluster, MlflowServer, free_port, marked_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = ["raygd", "sweep", "quickstart", "--set", "data.name=synthetic", "--set", "data.train_size=null",

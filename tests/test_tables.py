@@ -5,10 +5,9 @@ from __future__ import annotations
 import csv
 import math
 
-from trials import rec, seeds
-from trials import sweep_records as _sweep
-
 from raygd.records import TrialRecord
+from tests.trials import rec, seeds
+from tests.trials import sweep_records as _sweep
 from tuning.stats import best_per_mechanism, rank_trials
 from tuning.tables import summary_markdown, summary_text, write_summary_csv, write_trials_csv
 

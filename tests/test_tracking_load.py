@@ -6,27 +6,15 @@ both servers answer and every point is read back. The full size (64 × 200 steps
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-from pgserver import PostgresServer, PostgresUnavailable, pid_alive
 
-REPO = Path(__file__).resolve().parents[1]
+from bench import tracking_load as load
+from tests.pgserver import PostgresServer, PostgresUnavailable, pid_alive
+
 WRITERS, STEPS, METRICS = 64, 10, 10  # all 64 writers at once; 10 steps keep it near a minute on 2 cores
 
 
-def _bench():
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import tracking_load
-    finally:
-        sys.path.remove(str(REPO / "bench"))
-    return tracking_load
-
-
 def test_64_concurrent_trials_lose_no_point_on_postgresql_or_sqlite(tmp_path):
-    load = _bench()
     try:
         results = load.bench(("postgresql", "sqlite"), WRITERS, STEPS, METRICS, workers=2, root=tmp_path)
     except PostgresUnavailable as err:

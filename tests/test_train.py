@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from dist import run_group
 
 from raygd.config import load_run_config
 from raygd.data import load_data
 from raygd.loop import build_state, run_loop, train_rank
+from tests.dist import run_group
 
 
 def _cfg(idx_dir, *overrides):

@@ -1,11 +1,11 @@
 """Reproduce the paper's experiments (issue #7) with raygd; each writes a table and a figure.
 
-    python bench/paper/run.py fig3a          # Figure 3a: loss ratio vs replication (logistic regression)
-    python bench/paper/run.py dropconnect    # section 4: DropConnect speedup, CNN on 2 workers (Ray Tune)
-    python bench/paper/run.py batch-scaling  # Figures 1-2: per-pass speedup and passes to accuracy vs B
-    python bench/paper/run.py bound          # B_D at w0 and along training vs the best B the sweeps found
-    python bench/paper/run.py fig3a --set 'sweep.space.seed=[0,1]'   # scaled down (any --set of raygd sweep)
-    python bench/paper/run.py dropconnect --report-only             # rebuild from the latest MLflow parent run
+    python -m bench.paper.run fig3a          # Figure 3a: loss ratio vs replication (logistic regression)
+    python -m bench.paper.run dropconnect    # section 4: DropConnect speedup, CNN on 2 workers (Ray Tune)
+    python -m bench.paper.run batch-scaling  # Figures 1-2: per-pass speedup and passes to accuracy vs B
+    python -m bench.paper.run bound          # B_D at w0 and along training vs the best B the sweeps found
+    python -m bench.paper.run fig3a --set 'sweep.space.seed=[0,1]'   # scaled down (any --set of raygd sweep)
+    python -m bench.paper.run dropconnect --report-only             # rebuild from the latest MLflow parent run
 
 Search spaces and seeds are fixed in tuning/presets/paper-*.yaml and bench/paper/bound.yaml.
 Outputs: bench/paper/out/<experiment>/ (table.md, figure.png, ...), also logged to the
@@ -29,12 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import results  # noqa: E402
-
-from raygd.records import (  # noqa: E402
+from bench.paper import results
+from raygd.records import (
     KIND_TAG,
     MECHANISM_LABEL_TAG,
     STATUS_TAG,
@@ -45,6 +41,7 @@ from raygd.records import (  # noqa: E402
     latest_sweep,
 )
 
+HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 DEFAULT_URI = f"sqlite:///{OUT / 'mlflow.db'}"
 PRESETS = {"fig3a": "paper-fig3a", "dropconnect": "paper-dropconnect", "batch-scaling": "paper-batch-scaling"}
