@@ -72,3 +72,71 @@ def test_a_trial_after_another_in_a_warm_pool_matches_it_alone(ray_session, idx_
         run = client.get_run(s.run_id)
         assert run.info.status == "FINISHED" and run.data.tags["raygd.status"] == s.status
         assert run.data.metrics["overhead/fit_to_first_step_s"] > 0
+
+
+def _sweep_spec(tmp_path, idx_dir, uri, name, space, train, **extra):
+    import yaml
+
+    from tuning.spec import load_sweep_spec
+
+    spec = {"name": name, "space": space, "storage_path": str(tmp_path / "ray_results"), **extra,
+            "base": {"data": {"data_dir": str(idx_dir), "eval_size": 600},
+                     "train": {"model": "logreg", "num_workers": 2, "global_batch_size": 32, **train},
+                     "tracking": {"tracking_uri": uri}}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_sweep_spec(str(path))
+
+
+def _no_duplicate_steps(client, run_id):
+    for key in ("train/loss", "train/accuracy", "time/train_s"):
+        steps = [m.step for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+        assert steps and steps == sorted(set(steps)), (key, steps)
+
+
+def test_a_pool_worker_killed_mid_trial_restarts_the_group_and_the_sweep_completes(ray_session, idx_dir, sqlite_uri,
+                                                                                     tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from raygd.records import child_runs
+    from tests.test_reliability import _alive_train_workers
+    from tuning.sweep import run_sweep
+
+    # The CNN at small step sizes trains for seconds per trial, checkpointing at every evaluation.
+    spec = _sweep_spec(tmp_path, idx_dir, sqlite_uri, "pool-kill", {"step_size": [0.01, 0.012, 0.014, 0.016]},
+                       {"model": "mnist_cnn", "target_accuracy": 0.9, "max_passes": 40, "eval_every_steps": 5,
+                        "max_failures": 1})
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["sweep"] = run_sweep(spec)
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    storage, deadline = tmp_path / "ray_results", time.monotonic() + 300
+    while not [p for p in storage.rglob("model.pt") if "raygd-pool-" in str(p)]:  # a trial has checkpointed
+        assert thread.is_alive() and time.monotonic() < deadline, f"no checkpoint was written: {outcome}"
+        time.sleep(0.05)
+    in_flight = next(p for p in storage.rglob("model.pt") if "raygd-pool-" in str(p)).parent.name.split("-step_")[0]
+    victims = _alive_train_workers()
+    assert len(victims) == 2, victims
+    os.kill(max(victims, key=lambda a: a.pid).pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+
+    client = MlflowClient(sqlite_uri)
+    children = child_runs(sqlite_uri, outcome["sweep"].parent_run_id)
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["train.step_size"] for c in children) == ["0.01", "0.012", "0.014", "0.016"]
+    assert all(c.data.tags["raygd.status"] == "reached_target" for c in children)
+    killed = client.get_run(in_flight)
+    assert killed.data.tags["raygd.attempt"] == "2" and killed.data.metrics["train/restarts"] == 1.0
+    assert {c.data.tags[POOL_TAG] for c in children} == {"0"}
+    for c in children:
+        _no_duplicate_steps(client, c.info.run_id)

@@ -185,6 +185,13 @@ def test_optuna_sweep_with_asha_stops_a_lagging_trial_and_the_next_one_still_run
         "reached_target", "max_passes", "stopped_early")
     ranked = [r.run_id for r in rank_trials(outcome.records)]
     assert ranked.index(stopped.info.run_id) > ranked.index(first.info.run_id)
+    # In the warm pool (the default) the stopped trial is abandoned at the first evaluation after the stop
+    # reached the pool, and the same pool takes the next trial.
+    after_stop = [m for m in client.get_metric_history(stopped.info.run_id, "train/accuracy")
+                  if m.timestamp > stopped.info.end_time]
+    assert len(after_stop) <= 1, after_stop
+    assert stopped.data.tags["raygd.pool_id"] == last.data.tags["raygd.pool_id"]
+    assert int(last.data.tags["raygd.pool_position"]) == int(stopped.data.tags["raygd.pool_position"]) + 1
 
     # what Optuna was told: the reached trial's time to accuracy, a finite penalty for the stopped one
     from ray.tune.search.optuna import OptunaSearch
