@@ -13,10 +13,13 @@ and prints them with the sweep's wall time and the fraction of it spent in train
 On Linux it also samples /proc and prints the CPU seconds each kind of Ray process used per
 trial (on 2 cores the sum bounds the start-up wall time from below, whatever the load).
 
-``--ab reuse`` runs the sweep twice in one Ray session, without and then with Tune reusing
-the trial actor (``tuning.sweep.REUSE_TRIAL_ACTORS``), and prints the ratio of the medians.
+``--ab pool`` runs the same grid with warm trial pools (``sweep.trial_pool: true``, the default) and
+with one TorchTrainer per trial, ``--ab reuse`` without and with Tune reusing the trial actor
+(``tuning.sweep.REUSE_TRIAL_ACTORS``): A and B alternate ``--pairs`` times in one Ray session, and
+the table gives each figure's median over the pairs and the median of the paired ratios with its
+min-max, with the load average over the run.
 
-    .venv/bin/python -m bench.sweep_overhead [--preset quickstart] [--set k=v ...] [--ab reuse]
+    .venv/bin/python -m bench.sweep_overhead [--preset quickstart] [--set k=v ...] [--ab pool|reuse] [--pairs 5]
 """
 
 from __future__ import annotations
@@ -101,6 +104,7 @@ def run_once(spec, cpu: ProcessCpu) -> dict:
 def report(result: dict) -> dict[str, float]:
     spec, runs, wall = result["spec"], result["runs"], result["wall"]
     train_s = sum(r.data.metrics.get("train_time_s", 0.0) for r in runs)
+    pool_start = _parent_metric(spec, runs, "pool/start_s")
     eval_s = sum(r.data.metrics.get("eval_time_s", 0.0) for r in runs)
     print(f"\nsweep {spec.name}: {len(runs)} trials, wall {wall:.1f} s (includes Ray start and the final analysis)")
     print("| per trial | median s | min s | max s |\n|---|---:|---:|---:|")
@@ -113,6 +117,11 @@ def report(result: dict) -> dict[str, float]:
     print(f"\ntraining steps: {train_s:.1f} s = {train_s / wall:.1%} of the sweep wall time; "
           f"evaluation {eval_s:.1f} s; everything else (start-up, Tune, MLflow) "
           f"{(wall - train_s - eval_s) / len(runs):.1f} s per trial")
+    medians["train_fraction"] = train_s / wall
+    medians["sweep_wall_s"] = wall
+    if pool_start is not None:
+        print(f"pool start (launch -> first pool ready, once per sweep): {pool_start:.1f} s")
+        medians["pool/start_s"] = pool_start
     if result["cpu"]:
         total = sum(result["cpu"].values())
         print(f"\nCPU seconds per trial by process ({total / len(runs):.1f} s in all; Ray start included):")
@@ -123,28 +132,68 @@ def report(result: dict) -> dict[str, float]:
     return medians
 
 
+def _parent_metric(spec, runs, key: str) -> float | None:
+    if not runs:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(spec.tracking_uri).get_run(runs[0].data.tags["mlflow.parentRunId"])
+    return parent.data.metrics.get(key)
+
+
+VARIANTS = {
+    "pool": (("one fit per trial", ["sweep.trial_pool=false"]), ("warm pool", ["sweep.trial_pool=true"])),
+    "reuse": (("reuse off", []), ("reuse on", [])),
+}
+
+
+def ab(args, cpu: ProcessCpu) -> None:
+    """A and B alternate ``args.pairs`` times; medians per variant and the median of paired ratios B / A."""
+    import ray
+
+    figures: dict[int, list[dict]] = {0: [], 1: []}
+    load = [os.getloadavg()[0]]
+    for pair in range(args.pairs):
+        for which, (label, extra) in enumerate(VARIANTS[args.ab]):
+            if args.ab == "reuse":
+                sweep.REUSE_TRIAL_ACTORS = bool(which)
+            name = f"sweep.name=bench-sweep-overhead-{args.ab}-{which}"
+            print(f"\n=== pair {pair + 1}/{args.pairs}: {label}")
+            figures[which].append(report(run_once(load_sweep_spec(args.preset, [*args.overrides, *extra, name]), cpu)))
+            load.append(os.getloadavg()[0])
+    (a_label, _), (b_label, _) = VARIANTS[args.ab]
+    print(f"\n{args.pairs} interleaved pairs in one Ray session ({ray.__version__}); load average (1 min) "
+          f"{min(load):.1f}-{max(load):.1f}")
+    print(f"| figure | {a_label} (median) | {b_label} (median) | {b_label} / {a_label}: median of pairs (min-max) |")
+    print("|---|---:|---:|---:|")
+    for key in figures[0][0]:
+        pairs = [(a[key], b[key]) for a, b in zip(figures[0], figures[1]) if key in a and key in b and a[key]]
+        if not pairs:
+            continue
+        ratios = [b / a for a, b in pairs]
+        a_med, b_med = statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
+        print(f"| {key} | {a_med:.2f} | {b_med:.2f} | {statistics.median(ratios):.2f} "
+              f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+    for key in ("pool/start_s",):
+        values = [f[key] for f in figures[1] if key in f]
+        if values:
+            print(f"| {key} (once per sweep) | – | {statistics.median(values):.2f} | – |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="quickstart")
     parser.add_argument("--set", dest="overrides", action="append",
                         default=["sweep.space.mechanism=[{name: vanilla}]", "sweep.name=bench-sweep-overhead"])
-    parser.add_argument("--ab", choices=["reuse"], help="compare without/with reuse of the trial actor")
+    parser.add_argument("--ab", choices=sorted(VARIANTS), help="pool: warm pools vs one fit per trial; "
+                        "reuse: Tune's trial actor reused or not")
+    parser.add_argument("--pairs", type=int, default=5, help="A/B pairs for --ab (default 5)")
     args = parser.parse_args()
     cpu = ProcessCpu()
-    if not args.ab:
+    if args.ab:
+        ab(args, cpu)
+    else:
         report(run_once(load_sweep_spec(args.preset, args.overrides), cpu))
-        return
-    figures = {}
-    for reuse in (False, True):
-        sweep.REUSE_TRIAL_ACTORS = reuse
-        spec = load_sweep_spec(args.preset, [*args.overrides, f"sweep.name=bench-sweep-overhead-reuse-{reuse}"])
-        print(f"\n=== reuse_actors={reuse}")
-        figures[reuse] = report(run_once(spec, cpu))
-    print("\n| figure (median per trial) | reuse off | reuse on | on / off |\n|---|---:|---:|---:|")
-    for key in figures[False]:
-        if key in figures[True]:
-            off, on = figures[False][key], figures[True][key]
-            print(f"| {key} | {off:.2f} | {on:.2f} | {on / off:.2f} |")
 
 
 if __name__ == "__main__":
