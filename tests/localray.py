@@ -15,6 +15,7 @@ file that lives in the cluster's folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -67,10 +68,8 @@ def kill_marked(marker: str, grace_s: float = 3.0) -> int:
     pids = marked_pids(marker)
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         for pid in marked_pids(marker):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + wait_s
         while marked_pids(marker) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -182,10 +181,8 @@ class LocalRayCluster:
         """End every process this cluster started; returns how many there were."""
         count = kill_marked(self.marker)
         for proc in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
         return count
 
     def remove_files(self) -> None:
@@ -237,7 +234,5 @@ class MlflowServer:
 
     def stop(self) -> None:
         kill_marked(self.marker)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass

@@ -5,8 +5,10 @@ folder under /tmp and ``pg_ctl start`` with ``listen_addresses=127.0.0.1``, a fr
 Unix socket in that folder (never ``/var/run/postgresql``, never the default port), so a system
 server or another test's server is left alone. PostgreSQL refuses to run as root: as root the
 server runs as the ``postgres`` user (``runuser``). Logins need the password generated here
-(scram-sha-256, also for loopback). ``stop()`` ends exactly this server (``pg_ctl stop``, then
-its postmaster PID), ``remove_files()`` deletes its folder.
+(scram-sha-256; on the socket too, unless ``local_auth="peer"`` as in Debian's own clusters). The
+settings are in ``postgresql.conf``, so ``pg_ctl restart`` keeps them and ``ALTER SYSTEM`` can
+override them. ``stop()`` ends exactly this server (``pg_ctl stop``, then its postmaster PID),
+``remove_files()`` deletes its folder.
 
     with PostgresServer() as pg:
         uri = pg.create_database("mlflow")     # postgresql+psycopg://raygd:<password>@127.0.0.1:<port>/mlflow
@@ -14,6 +16,7 @@ its postmaster PID), ``remove_files()`` deletes its folder.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -76,7 +79,8 @@ class PostgresServer:
             try:
                 owner = pwd.getpwnam(RUN_AS)
             except KeyError:
-                raise PostgresUnavailable(f"running as root and there is no {RUN_AS!r} user to run PostgreSQL as")
+                raise PostgresUnavailable(f"running as root and there is no {RUN_AS!r} user to run PostgreSQL "
+                                          "as") from None
         # Short path: the Unix socket lives here too (socket paths are limited to ~107 bytes).
         self.root = Path(tempfile.mkdtemp(prefix="rgdpg", dir="/tmp"))
         if self.as_root:
@@ -149,10 +153,8 @@ class PostgresServer:
         """``pg_ctl stop -m fast``; if the server is still there, SIGTERM then SIGKILL its postmaster."""
         if self.pid is None:
             return
-        try:
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):  # then by PID, below
             self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", timeout_s=40)
-        except (RuntimeError, subprocess.TimeoutExpired):
-            pass
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if not pid_alive(self.pid):
                 break

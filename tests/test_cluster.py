@@ -111,7 +111,7 @@ def test_requirements_pin_the_postgresql_driver_that_mlflows_sqlalchemy_uses():
 
     pins = [line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("psycopg")]
     assert pins and all(re.fullmatch(r"psycopg\[binary\]==[\d.]+", p) for p in pins), pins
-    for uri in store_uris(all_kuberay_docs()) + ["postgresql+psycopg://mlflow@127.0.0.1:5432/mlflow"]:
+    for uri in [*store_uris(all_kuberay_docs()), "postgresql+psycopg://mlflow@127.0.0.1:5432/mlflow"]:
         assert make_url(uri).get_dialect().driver == "psycopg", uri
     assert set(launcher_configs()) | set(kuberay_manifests()) == set(cluster_yamls())
 
@@ -412,7 +412,7 @@ def exposure_findings(name: str, text: str) -> list[str]:
         try:
             docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
         except yaml.YAMLError as err:
-            return found + [f"{name}: not valid YAML ({err})"]
+            return [*found, f"{name}: not valid YAML ({err})"]
         for d in docs:
             kind, spec = d.get("kind"), d.get("spec") or {}
             if kind == "Service" and spec.get("type") in EXPOSED_SERVICE_TYPES:
@@ -485,7 +485,7 @@ EVERYWHERE = ".".join(["0"] * 4)
     ("Makefile", f"ui:\n\tmlflow ui --host {EVERYWHERE} --port 5000\n"),
     ("run.sh", f"mlflow server --host {':' * 2} --port 5000\n"),
     ("raygd/x.py", f'ray.init(dashboard_host="{EVERYWHERE}")\n'),
-    ("raygd/x.py", 'subprocess.Popen(["mlflow", "server", "--host", "%s"])\n' % "*"),
+    ("raygd/x.py", 'subprocess.Popen(["mlflow", "server", "--host", "{}"])\n'.format("*")),
     ("k.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: m}\nspec: {type: LoadBalancer}\n"),
     ("k.yaml", "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: m}\nspec: {}\n"),
     ("k.yaml", "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {name: r}\nspec:\n  headGroupSpec: "
