@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # pip prints a warning per package for the machine's local indexes; keep the real errors.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install data train sweep test bench clean paper
+.PHONY: install data train sweep lint test bench clean paper
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,13 @@ data:
 train: $(STAMP) data
 	$(BIN)/raygd train configs/quickstart.yaml $(ARGS)
 
-test: $(STAMP)
-	$(BIN)/ruff check raygd tests bench
+# ruff (lint rules and format check) on every package; pyright (basic, see pyproject.toml) on raygd and tuning.
+lint: $(STAMP)
+	$(BIN)/ruff check raygd tuning tests bench
+	$(BIN)/ruff format --check raygd tuning tests bench
+	$(BIN)/pyright raygd tuning
+
+test: lint
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP) data

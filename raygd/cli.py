@@ -37,39 +37,54 @@ def _parser() -> argparse.ArgumentParser:
         prog="raygd",
         description="Gradient diversity and data-parallel SGD on Ray, recorded in MLflow.",
         epilog="Example: raygd train configs/quickstart.yaml --set train.global_batch_size=128\n"
-               "Config fields: see configs/quickstart.yaml and raygd/config.py.",
+        "Config fields: see configs/quickstart.yaml and raygd/config.py.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser(
-        "train", help="one data-parallel SGD run on Ray Train (P workers, global batch B)",
+        "train",
+        help="one data-parallel SGD run on Ray Train (P workers, global batch B)",
         description="Run data-parallel SGD until the target train accuracy, max passes or divergence; "
-                    "print a summary and the MLflow run id.",
+        "print a summary and the MLflow run id.",
     )
     train.add_argument("config", help="YAML run config with sections data, mechanism, train, tracking")
     _add_set(train, "override one config value (repeatable), e.g. --set mechanism.name=dropconnect")
     sweep = sub.add_parser(
-        "sweep", help="a Ray Tune sweep for the fastest (step size, batch size) per mechanism",
+        "sweep",
+        help="a Ray Tune sweep for the fastest (step size, batch size) per mechanism",
         description="Run every trial of a sweep preset or YAML file on Ray Tune, stop each at its target, and "
-                    "print the fastest (step size, batch size) per mechanism with its speedup over vanilla SGD.",
+        "print the fastest (step size, batch size) per mechanism with its speedup over vanilla SGD.",
     )
     sweep.add_argument("spec", help="preset name (quickstart, ...) or a sweep YAML file")
-    _add_set(sweep, "override the base run config (train.target_accuracy=0.85) or the sweep "
-                    "(sweep.search=random, sweep.space.seed=[0,1]); repeatable")
-    sweep.add_argument("--resume", action="store_true",
-                       help="finish the latest interrupted run of this sweep (no duplicate MLflow runs)")
+    _add_set(
+        sweep,
+        "override the base run config (train.target_accuracy=0.85) or the sweep "
+        "(sweep.search=random, sweep.space.seed=[0,1]); repeatable",
+    )
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the latest interrupted run of this sweep (no duplicate MLflow runs)",
+    )
     div = sub.add_parser(
-        "diversity", help="measure gradient diversity and the batch-size bound B_D = n*Delta_D",
+        "diversity",
+        help="measure gradient diversity and the batch-size bound B_D = n*Delta_D",
         description="Exact B_D of the config's model and data at the initial weights, per replication factor "
-                    "and mechanism, and optionally along a training run; printed and recorded in MLflow.",
+        "and mechanism, and optionally along a training run; printed and recorded in MLflow.",
     )
     div.add_argument("config", help="YAML run config (data, train.model, mechanism parameters, tracking)")
     _add_set(div, "override one config value (repeatable)")
     div.add_argument("--replication", default="1", help="comma-separated r values, e.g. 1,2,4,8 (default 1)")
-    div.add_argument("--mechanism", default="vanilla",
-                     help="comma-separated mechanisms: vanilla,dropconnect,sgld,quantize (parameters from the config)")
-    div.add_argument("--along-training", action="store_true",
-                     help="also train (1 process, vanilla SGD) and measure B_D every --every updates")
+    div.add_argument(
+        "--mechanism",
+        default="vanilla",
+        help="comma-separated mechanisms: vanilla,dropconnect,sgld,quantize (parameters from the config)",
+    )
+    div.add_argument(
+        "--along-training",
+        action="store_true",
+        help="also train (1 process, vanilla SGD) and measure B_D every --every updates",
+    )
     div.add_argument("--every", type=int, default=50, help="updates between measurements along training")
     report = sub.add_parser("report", help="rebuild a sweep's table and figures from MLflow")
     report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
@@ -135,8 +150,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_sweep(name: str, outcome, tracking_uri: str) -> None:
-    print(f"\nraygd sweep {name}: {len(outcome.records)} trials, "
-          f"{sum(r.reached for r in outcome.records)} reached the target")
+    print(
+        f"\nraygd sweep {name}: {len(outcome.records)} trials, "
+        f"{sum(r.reached for r in outcome.records)} reached the target"
+    )
     print(outcome.table)
     print(f"\nMLflow parent run {outcome.parent_run_id} in experiment {name!r} (summary.md, summary.csv, figures)")
     print(f"see it with: {mlflow_ui_command(tracking_uri)}")
@@ -186,8 +203,10 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     run_id = measure.record(cfg, rows, along)
     print(f"raygd diversity: {cfg.train.model} on {cfg.data.name}")
     print(measure.table(rows + along))
-    print(f"\nMLflow run {run_id} in experiment {cfg.tracking.experiment_name!r}; "
-          f"see it with: {mlflow_ui_command(cfg.tracking.tracking_uri)}")
+    print(
+        f"\nMLflow run {run_id} in experiment {cfg.tracking.experiment_name!r}; "
+        f"see it with: {mlflow_ui_command(cfg.tracking.tracking_uri)}"
+    )
     return 0
 
 
@@ -196,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.entrypoint = entrypoint
     try:
-        commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report, "diversity": cmd_diversity,
-                    "submit": submit.cmd_submit}
+        commands = {
+            "train": cmd_train,
+            "sweep": cmd_sweep,
+            "report": cmd_report,
+            "diversity": cmd_diversity,
+            "submit": submit.cmd_submit,
+        }
         return commands[args.command](args)
     except (ConfigError, DataError) as err:
         print(f"raygd {args.command}: error: {err}", file=sys.stderr)

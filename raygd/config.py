@@ -72,9 +72,12 @@ class DataConfig:
             _require(self.train_size >= 2, "data.train_size", self.train_size, "must be an integer >= 2 or null")
         if self.classes is not None:
             _require(
-                len(self.classes) >= 2 and len(set(self.classes)) == len(self.classes)
+                len(self.classes) >= 2
+                and len(set(self.classes)) == len(self.classes)
                 and all(isinstance(c, int) and 0 <= c <= 9 for c in self.classes),
-                "data.classes", self.classes, "a list of at least two distinct labels in 0..9, or null",
+                "data.classes",
+                self.classes,
+                "a list of at least two distinct labels in 0..9, or null",
             )
         _require(self.replication >= 1, "data.replication", self.replication, "must be an integer >= 1")
         _choice("data.sampling", self.sampling, SAMPLING)
@@ -110,17 +113,35 @@ class MechanismConfig:
         _choice("mechanism.name", self.name, MECHANISMS)
         _require(
             isinstance(self.drop_prob, (int, float)) and 0.0 <= self.drop_prob < 1.0,
-            "mechanism.drop_prob", self.drop_prob, "must be a probability in [0, 1)",
+            "mechanism.drop_prob",
+            self.drop_prob,
+            "must be a probability in [0, 1)",
         )
         _choice("mechanism.dropconnect_granularity", self.dropconnect_granularity, DROPCONNECT_GRANULARITY)
-        _require(self.dropconnect_group_size >= 1, "mechanism.dropconnect_group_size",
-                 self.dropconnect_group_size, "must be an integer >= 1")
-        _require(math.isfinite(self.sgld_sigma) and self.sgld_sigma >= 0, "mechanism.sgld_sigma",
-                 self.sgld_sigma, "must be a finite number >= 0")
-        _require(1 <= self.quant_levels <= 127, "mechanism.quant_levels", self.quant_levels,
-                 "must be an integer in 1..127 (levels are sent as int8)")
-        _require(self.quant_bucket_size >= 1, "mechanism.quant_bucket_size", self.quant_bucket_size,
-                 "must be an integer >= 1")
+        _require(
+            self.dropconnect_group_size >= 1,
+            "mechanism.dropconnect_group_size",
+            self.dropconnect_group_size,
+            "must be an integer >= 1",
+        )
+        _require(
+            math.isfinite(self.sgld_sigma) and self.sgld_sigma >= 0,
+            "mechanism.sgld_sigma",
+            self.sgld_sigma,
+            "must be a finite number >= 0",
+        )
+        _require(
+            1 <= self.quant_levels <= 127,
+            "mechanism.quant_levels",
+            self.quant_levels,
+            "must be an integer in 1..127 (levels are sent as int8)",
+        )
+        _require(
+            self.quant_bucket_size >= 1,
+            "mechanism.quant_bucket_size",
+            self.quant_bucket_size,
+            "must be an integer >= 1",
+        )
 
 
 @dataclass
@@ -164,34 +185,58 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.model", self.model, MODELS)
         _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be an integer >= 1")
-        _require(self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size,
-                 "must be an integer >= 1")
         _require(
-            self.global_batch_size % self.num_workers == 0, "train.global_batch_size", self.global_batch_size,
+            self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size, "must be an integer >= 1"
+        )
+        _require(
+            self.global_batch_size % self.num_workers == 0,
+            "train.global_batch_size",
+            self.global_batch_size,
             f"must be divisible by train.num_workers = {self.num_workers} (each worker takes B/P examples)",
         )
-        _require(math.isfinite(self.step_size) and self.step_size > 0, "train.step_size", self.step_size,
-                 "must be a finite number > 0")
-        _require(0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy,
-                 "must be in (0, 1]")
-        _require(math.isfinite(self.max_passes) and self.max_passes > 0, "train.max_passes",
-                 self.max_passes, "must be a finite number > 0")
-        _require(self.eval_every_steps >= 1, "train.eval_every_steps", self.eval_every_steps,
-                 "must be an integer >= 1")
+        _require(
+            math.isfinite(self.step_size) and self.step_size > 0,
+            "train.step_size",
+            self.step_size,
+            "must be a finite number > 0",
+        )
+        _require(0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy, "must be in (0, 1]")
+        _require(
+            math.isfinite(self.max_passes) and self.max_passes > 0,
+            "train.max_passes",
+            self.max_passes,
+            "must be a finite number > 0",
+        )
+        _require(self.eval_every_steps >= 1, "train.eval_every_steps", self.eval_every_steps, "must be an integer >= 1")
         _require(self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
         _choice("train.device", self.device, DEVICES)
-        _require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker,
-                 "must be an integer >= 1")
+        _require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker, "must be an integer >= 1")
         _choice("train.diversity_estimator", self.diversity_estimator, DIVERSITY_ESTIMATORS)
-        _require(self.diversity_estimator != "free" or self.num_workers > 1, "train.diversity_estimator",
-                 self.diversity_estimator, "free compares per-worker and all-reduced gradients: it needs "
-                 "train.num_workers > 1 (use in_step with one worker)")
-        _require(self.diversity_every_steps >= 1, "train.diversity_every_steps", self.diversity_every_steps,
-                 "must be an integer >= 1 (1 = measure every update)")
-        _require(self.max_failures >= -1, "train.max_failures", self.max_failures,
-                 "must be an integer >= 0, or -1 for unlimited restarts")
-        _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", self.checkpoint_every_steps,
-                 "must be an integer >= 1, or 0 (at every evaluation when train.max_failures != 0, else never)")
+        _require(
+            self.diversity_estimator != "free" or self.num_workers > 1,
+            "train.diversity_estimator",
+            self.diversity_estimator,
+            "free compares per-worker and all-reduced gradients: it needs "
+            "train.num_workers > 1 (use in_step with one worker)",
+        )
+        _require(
+            self.diversity_every_steps >= 1,
+            "train.diversity_every_steps",
+            self.diversity_every_steps,
+            "must be an integer >= 1 (1 = measure every update)",
+        )
+        _require(
+            self.max_failures >= -1,
+            "train.max_failures",
+            self.max_failures,
+            "must be an integer >= 0, or -1 for unlimited restarts",
+        )
+        _require(
+            self.checkpoint_every_steps >= 0,
+            "train.checkpoint_every_steps",
+            self.checkpoint_every_steps,
+            "must be an integer >= 1, or 0 (at every evaluation when train.max_failures != 0, else never)",
+        )
 
     @property
     def checkpoint_interval(self) -> int:
@@ -217,10 +262,18 @@ class TrackingConfig:
     """MLflow run name (default: derived from model, mechanism, B and step size)."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.tracking_uri, str) and self.tracking_uri.strip() != "",
-                 "tracking.tracking_uri", self.tracking_uri, "must be a non-empty MLflow tracking URI")
-        _require(isinstance(self.experiment_name, str) and self.experiment_name.strip() != "",
-                 "tracking.experiment_name", self.experiment_name, "must be a non-empty name")
+        _require(
+            isinstance(self.tracking_uri, str) and self.tracking_uri.strip() != "",
+            "tracking.tracking_uri",
+            self.tracking_uri,
+            "must be a non-empty MLflow tracking URI",
+        )
+        _require(
+            isinstance(self.experiment_name, str) and self.experiment_name.strip() != "",
+            "tracking.experiment_name",
+            self.experiment_name,
+            "must be a non-empty name",
+        )
 
 
 @dataclass
@@ -234,14 +287,22 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.train.model == "logreg_binary":
-            _require(self.data.num_classes == 2, "train.model", self.train.model,
-                     "logreg_binary needs exactly two classes: set data.classes, e.g. [0, 1]")
+            _require(
+                self.data.num_classes == 2,
+                "train.model",
+                self.train.model,
+                "logreg_binary needs exactly two classes: set data.classes, e.g. [0, 1]",
+            )
         est = self.train.diversity_estimator
         excluded = _MECHANISM_REGISTRY[self.mechanism.name].excluded_estimators.get(est)
         _require(excluded is None, "train.diversity_estimator", est, excluded or "")
         if self.data.name == "synthetic":
-            _require(self.train.model in ("logreg", "logreg_binary"), "train.model", self.train.model,
-                     "synthetic data is a flat feature vector: use logreg or logreg_binary")
+            _require(
+                self.train.model in ("logreg", "logreg_binary"),
+                "train.model",
+                self.train.model,
+                "synthetic data is a flat feature vector: use logreg or logreg_binary",
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -258,7 +319,7 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}: allowed sections are {', '.join(sections)}.")
         built = {}
-        for name, f in sections.items():
+        for name in sections:
             sub_cls = get_type_hints(cls)[name]
             value = raw.get(name) or {}
             if not isinstance(value, dict):
@@ -351,7 +412,7 @@ def absolute_tracking_uri(uri: str, base: Path | None = None) -> str:
     """Make a relative ``sqlite:///file.db`` or plain path absolute (Ray workers run elsewhere)."""
     base = base or Path.cwd()
     if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         if not path.startswith("/"):
             return "sqlite:///" + str((base / path).resolve())
         return uri

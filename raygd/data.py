@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import torch
 
@@ -102,7 +103,7 @@ def _stage_idx(src: Path, class_name: str) -> Path:
             try:
                 opener = gzip.open if path.suffix == ".gz" else open
                 with opener(path, "rb") as fin, open(tmp, "wb") as fout:
-                    shutil.copyfileobj(fin, fout)
+                    shutil.copyfileobj(cast(BinaryIO, fin), fout)  # both openers read bytes in "rb"
             except (OSError, EOFError, gzip.BadGzipFile) as err:
                 raise DataError(f"cannot read {path}: {err}. Replace the file. {HOW_TO_GET}") from None
             tmp.replace(raw / name)
@@ -126,16 +127,19 @@ def _load_torchvision(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torc
         train, test = cls(str(root), train=True, download=download), cls(str(root), train=False, download=download)
     except Exception as err:  # torchvision raises RuntimeError/AssertionError/URLError for missing or bad files
         where = f"files in {src}" if src else "a download (no local files found)"
-        raise DataError(f"cannot load data.name = {cfg.name!r} from {where}: {type(err).__name__}: {err}. "
-                        f"{HOW_TO_GET}") from None
+        raise DataError(
+            f"cannot load data.name = {cfg.name!r} from {where}: {type(err).__name__}: {err}. {HOW_TO_GET}"
+        ) from None
     out = []
     for ds in (train, test):
         images = torch.as_tensor(ds.data)
         labels = torch.as_tensor(ds.targets, dtype=torch.long)
         images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)
         if images.shape[0] != labels.shape[0]:
-            raise DataError(f"data.name = {cfg.name!r} in {src}: {images.shape[0]} images but "
-                            f"{labels.shape[0]} labels. Replace the files. {HOW_TO_GET}")
+            raise DataError(
+                f"data.name = {cfg.name!r} in {src}: {images.shape[0]} images but "
+                f"{labels.shape[0]} labels. Replace the files. {HOW_TO_GET}"
+            )
         out += [images, labels]
     return out[0], out[1], out[2], out[3]
 
@@ -192,20 +196,25 @@ def load_data(cfg: DataConfig, seed: int) -> Dataset:
     if cfg.classes:
         missing = set(cfg.classes) - set(y_tr.unique().tolist())
         if missing:
-            raise DataError(f"data.classes = {cfg.classes} names labels {sorted(missing)} that data.name = "
-                            f"{cfg.name!r} does not have.")
+            raise DataError(
+                f"data.classes = {cfg.classes} names labels {sorted(missing)} that data.name = "
+                f"{cfg.name!r} does not have."
+            )
         x_tr, y_tr = _select_classes(x_tr, y_tr, cfg.classes)
         x_te, y_te = _select_classes(x_te, y_te, cfg.classes)
     g = torch.Generator().manual_seed(seed)
     if cfg.train_size is not None:
         if cfg.train_size > x_tr.shape[0]:
-            raise DataError(f"data.train_size = {cfg.train_size} is larger than the {x_tr.shape[0]} training "
-                            f"examples of data.name = {cfg.name!r}: use at most {x_tr.shape[0]} or null.")
+            raise DataError(
+                f"data.train_size = {cfg.train_size} is larger than the {x_tr.shape[0]} training "
+                f"examples of data.name = {cfg.name!r}: use at most {x_tr.shape[0]} or null."
+            )
         keep = torch.randperm(x_tr.shape[0], generator=g)[: cfg.train_size]
         x_tr, y_tr = x_tr[keep], y_tr[keep]
     idx = replicate(x_tr.shape[0], cfg.replication, g)
-    return Dataset(x_tr[idx].contiguous(), y_tr[idx].contiguous(), x_te.contiguous(), y_te.contiguous(),
-                   cfg.num_classes)
+    return Dataset(
+        x_tr[idx].contiguous(), y_tr[idx].contiguous(), x_te.contiguous(), y_te.contiguous(), cfg.num_classes
+    )
 
 
 def eval_indices(n: int, eval_size: int, seed: int) -> torch.Tensor:
@@ -226,8 +235,10 @@ class GlobalBatchSampler:
 
     def __init__(self, n: int, global_batch_size: int, sampling: str, seed: int):
         if global_batch_size > n:
-            raise DataError(f"train.global_batch_size = {global_batch_size} is larger than the {n} training "
-                            "examples: lower it or use more data.")
+            raise DataError(
+                f"train.global_batch_size = {global_batch_size} is larger than the {n} training "
+                "examples: lower it or use more data."
+            )
         self.n, self.batch, self.sampling, self.seed = n, global_batch_size, sampling, seed
         self.steps_per_epoch = n // global_batch_size
         self._epoch, self._perm = -1, None
@@ -238,11 +249,11 @@ class GlobalBatchSampler:
             g.manual_seed(self.seed * 1_000_003 + step)
             return torch.randint(self.n, (self.batch,), generator=g)
         epoch, pos = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
+        if epoch != self._epoch or self._perm is None:
             g.manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm[pos * self.batch: (pos + 1) * self.batch]
+        return self._perm[pos * self.batch : (pos + 1) * self.batch]
 
     def worker_batch(self, step: int, rank: int, world_size: int) -> torch.Tensor:
         per_worker = self.batch // world_size
-        return self.global_batch(step)[rank * per_worker: (rank + 1) * per_worker]
+        return self.global_batch(step)[rank * per_worker : (rank + 1) * per_worker]

@@ -242,7 +242,7 @@ def _evaluation(state: TrainState, step: int, clock: Clock, first_bad_step: floa
     tc, n, P = state.cfg.train, state.data.n, state.world_size
     if math.isinf(first_bad_step) and not _params_finite(state.model):
         first_bad_step = step
-    sums = _eval_sums(state.model, state.x_eval, state.y_eval) + [clock.window_loss]
+    sums = [*_eval_sums(state.model, state.x_eval, state.y_eval), clock.window_loss]
     loss_sum, correct, count, batch_loss_sum = all_reduce(sums, P, state.device)
     (bad,) = all_reduce([first_bad_step], P, state.device, op="min")
     loss, acc = loss_sum / max(count, 1.0), correct / max(count, 1.0)
@@ -328,7 +328,7 @@ def run_loop(
         tracker.log_metrics(last.metrics, step=step)
         reached = stop_at_target and last.accuracy >= tc.target_accuracy
         done = last.diverged_at_step is not None or reached
-        if save and not done:
+        if save and not done and checkpoint is not None:
             checkpoint(dict(last.metrics, step=step), checkpoint_state(state, step, clock.train_s, clock.eval_s))
         elif report is not None:
             report(dict(last.metrics, step=step))

@@ -61,8 +61,9 @@ def measure(model: torch.nn.Module, data: Dataset, mech: MechanismConfig, genera
     mechanism's ``surrogate_diversity`` (its ``estimator`` says how)."""
     was_training = model.training
     model.eval()  # exact per-example gradients: DropConnect layers act as plain Linear layers
-    result = build_mechanism(mech).surrogate_diversity(model, data.x_train, data.y_train, generator=generator,
-                                                      dtype=torch.float64)
+    result = build_mechanism(mech).surrogate_diversity(
+        model, data.x_train, data.y_train, generator=generator, dtype=torch.float64
+    )
     model.train(was_training)
     return result.batch_bound
 
@@ -88,8 +89,11 @@ def measure_along_training(cfg: RunConfig, every: int) -> list[DiversityRow]:
     at the initial weights and after the last update; trains for ``train.max_passes`` whatever the accuracy."""
     from raygd.loop import build_state, every_steps, run_loop
 
-    single = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1, diversity_estimator="none"),
-                                 mechanism=MechanismConfig())
+    single = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, num_workers=1, diversity_estimator="none"),
+        mechanism=MechanismConfig(),
+    )
     data = load_data(cfg.data, cfg.train.seed)
     state = build_state(single, data)
     rows, g = [], torch.Generator().manual_seed(0)
@@ -97,20 +101,34 @@ def measure_along_training(cfg: RunConfig, every: int) -> list[DiversityRow]:
     def row(step: int) -> None:
         bound = measure(state.model, data, single.mechanism, g)
         passes = step * cfg.train.global_batch_size / data.n
-        rows.append(DiversityRow(cfg.data.replication, "vanilla", passes, step, data.n, bound / data.n, bound,
-                                 mechanism_class("vanilla").estimator))
+        rows.append(
+            DiversityRow(
+                cfg.data.replication,
+                "vanilla",
+                passes,
+                step,
+                data.n,
+                bound / data.n,
+                bound,
+                mechanism_class("vanilla").estimator,
+            )
+        )
 
     row(0)
-    run_loop(state, report=lambda metrics: row(int(metrics["step"])), eval_due=every_steps(every),
-             stop_at_target=False)
+    run_loop(state, report=lambda metrics: row(int(metrics["step"])), eval_due=every_steps(every), stop_at_target=False)
     return rows
 
 
 def table(rows: list[DiversityRow]) -> str:
-    lines = ["| r | mechanism | passes | updates | n | Δ_D | B_D | estimator |",
-             "|---:|---|---:|---:|---:|---:|---:|---|"]
-    lines += [f"| {r.replication} | {r.mechanism} | {r.passes:.2f} | {r.updates} | {r.n} | {r.delta:.4g} | "
-              f"{r.batch_bound:.4g} | {r.estimator} |" for r in rows]
+    lines = [
+        "| r | mechanism | passes | updates | n | Δ_D | B_D | estimator |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r.replication} | {r.mechanism} | {r.passes:.2f} | {r.updates} | {r.n} | {r.delta:.4g} | "
+        f"{r.batch_bound:.4g} | {r.estimator} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -123,9 +141,14 @@ def _plots(rows: list[DiversityRow], along: list[DiversityRow], out: Path) -> li
         ax = fig.add_subplot()
         for name in dict.fromkeys(r.mechanism for r in rows):
             pts = [(r.replication, r.batch_bound) for r in rows if r.mechanism == name]
-            ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="replication factor r", ylabel="B_D = nΔ_D",
-               title="batch-size bound vs replication (initial w)")
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="replication factor r",
+            ylabel="B_D = nΔ_D",
+            title="batch-size bound vs replication (initial w)",
+        )
         ax.legend()
         paths.append(out / "batch_bound_vs_r.png")
         fig.tight_layout()
@@ -134,8 +157,9 @@ def _plots(rows: list[DiversityRow], along: list[DiversityRow], out: Path) -> li
         fig = Figure(figsize=(5, 3.5))
         ax = fig.add_subplot()
         ax.plot([r.passes for r in along], [r.batch_bound for r in along], marker="o")
-        ax.set(yscale="log", xlabel="passes over the data", ylabel="B_D = nΔ_D",
-               title="batch-size bound along training")
+        ax.set(
+            yscale="log", xlabel="passes over the data", ylabel="B_D = nΔ_D", title="batch-size bound along training"
+        )
         paths.append(out / "batch_bound_vs_training.png")
         fig.tight_layout()
         fig.savefig(paths[-1], dpi=120)
@@ -146,13 +170,19 @@ def record(cfg: RunConfig, rows: list[DiversityRow], along: list[DiversityRow]) 
     """Log the measurements to one MLflow run; returns its run id."""
     from raygd.tracking import Tracker, create_run, provenance_tags
 
-    run_id = create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
-                        f"diversity-{cfg.train.model}-{cfg.data.name}", cfg.flat(),
-                        provenance_tags({"raygd.kind": "diversity"}))
+    run_id = create_run(
+        cfg.tracking.tracking_uri,
+        cfg.tracking.experiment_name,
+        f"diversity-{cfg.train.model}-{cfg.data.name}",
+        cfg.flat(),
+        provenance_tags({"raygd.kind": "diversity"}),
+    )
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
     for r in rows:
-        tracker.log_metrics({f"diversity/{r.mechanism}/batch_bound": r.batch_bound,
-                             f"diversity/{r.mechanism}/delta": r.delta}, step=r.replication)
+        tracker.log_metrics(
+            {f"diversity/{r.mechanism}/batch_bound": r.batch_bound, f"diversity/{r.mechanism}/delta": r.delta},
+            step=r.replication,
+        )
     for r in along:
         tracker.log_metrics({"diversity/batch_bound": r.batch_bound, "diversity/delta": r.delta}, step=r.updates)
     tracker.set_tags({"diversity/estimator": "exact"})

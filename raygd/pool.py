@@ -256,8 +256,8 @@ def pool_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     if rank == 0:  # what every trial's start needs, imported once as part of the pool's start
         import mlflow.tracking  # noqa: F401
 
-        import raygd.checkpoint  # noqa: F401
-        import raygd.diversity  # noqa: F401
+        import raygd.checkpoint
+        import raygd.diversity
         import raygd.train  # noqa: F401
 
         coordinator.pool_event.remote(pool_id, "ready", time.time())
@@ -265,13 +265,14 @@ def pool_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     while True:
         # Rank 0 takes the next trial; the others read the same request from the coordinator (an
         # ObjectRef inside it must travel through Ray, not through the process group's pickling).
+        # Ray's stubs type ray.get of an untyped actor handle's call as a list; here it is a dict.
         request = ray.get(coordinator.next_trial.remote(pool_id, IDLE_POLL_S)) if rank == 0 else None
-        what = _broadcast(None if request is None else "idle" if request.get("idle") else "trial", rank, world_size)
+        what = _broadcast(None if request is None else "idle" if request.get("idle") else "trial", rank, world_size)  # pyright: ignore[reportAttributeAccessIssue]
         if what is None:
             return {"trials": trials}
         if what == "trial":
             request = request or ray.get(coordinator.current.remote(pool_id))
-            _run_trial(request, rank, world_size, device, coordinator)
+            _run_trial(request, rank, world_size, device, coordinator)  # pyright: ignore[reportArgumentType]
             trials += 1
 
 
@@ -328,7 +329,8 @@ class Pools:
         """Seconds from launch to the first pool's loop entry (None if none is up yet)."""
         deadline = time.time() + timeout_s
         while True:
-            ready = [w["ready"] for w in ray.get(self.coordinator.pool_walls.remote()).values() if "ready" in w]
+            # ray.get's stubs type an untyped actor handle's result as a list; pool_walls returns a dict.
+            ready = [w["ready"] for w in ray.get(self.coordinator.pool_walls.remote()).values() if "ready" in w]  # pyright: ignore[reportAttributeAccessIssue]
             if ready or time.time() >= deadline:
                 return min(ready) - self.launch_wall if ready else None
             time.sleep(0.2)

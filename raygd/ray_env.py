@@ -26,14 +26,18 @@ def check_ray_address(address: str | None = None, timeout_s: float = 5.0) -> Non
     host_port = address.split("://", 1)[1] if address.startswith("ray://") else address
     host, _, port = host_port.rpartition(":")
     if "://" in host_port or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"RAY_ADDRESS = {address!r} is invalid: use host:port of the head node's GCS "
-                          "(e.g. 10.0.0.5:6379), ray://host:10001 for Ray Client, or auto; unset it for local Ray.")
+        raise ConfigError(
+            f"RAY_ADDRESS = {address!r} is invalid: use host:port of the head node's GCS "
+            "(e.g. 10.0.0.5:6379), ray://host:10001 for Ray Client, or auto; unset it for local Ray."
+        )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as err:
-        raise ConfigError(f"RAY_ADDRESS = {address!r} cannot be reached ({err}): start the cluster "
-                          "(`ray start --head` or `ray up cluster/aws.yaml`), forward its port, or unset "
-                          "RAY_ADDRESS to run on local Ray.") from None
+        raise ConfigError(
+            f"RAY_ADDRESS = {address!r} cannot be reached ({err}): start the cluster "
+            "(`ray start --head` or `ray up cluster/aws.yaml`), forward its port, or unset "
+            "RAY_ADDRESS to run on local Ray."
+        ) from None
 
 
 def ensure_ray(num_cpus_needed: int, num_cpus: int | None = None, log_to_driver: bool = True) -> None:

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 PARENT_TAG = "mlflow.parentRunId"
 """MLflow's nesting tag: a trial's child run names its sweep's parent run."""
@@ -119,8 +119,13 @@ def newest_sweep(tracking_uri: str, experiment: str, running_only: bool = False)
     client = mlflow_client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     query = f"tags.`{KIND_TAG}` = '{SWEEP_KIND}'" + (" and attributes.status = 'RUNNING'" if running_only else "")
-    runs = [] if exp is None else client.search_runs([exp.experiment_id], filter_string=query,
-                                                     order_by=["attributes.start_time DESC"], max_results=1)
+    runs = (
+        []
+        if exp is None
+        else client.search_runs(
+            [exp.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+    )
     return runs[0] if runs else None
 
 
@@ -204,41 +209,55 @@ class TrialRecord:
         try:
             status = Status(self.status)
         except ValueError:
-            raise ValueError(f"trial {self.trial_id}: status {self.status!r} not in "
-                             f"{tuple(s.value for s in STATUS_ORDER)}") from None
+            raise ValueError(
+                f"trial {self.trial_id}: status {self.status!r} not in {tuple(s.value for s in STATUS_ORDER)}"
+            ) from None
         object.__setattr__(self, "status", status)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrialRecord:
         """Build from a record dict (or a CSV row of strings); optional keys may be missing, extras are ignored."""
         return cls(
-            trial_id=str(d["trial_id"]), mechanism=str(d["mechanism"]), step_size=float(d["step_size"]),
-            global_batch_size=int(float(d["global_batch_size"])), status=str(d["status"]),
-            seed=_opt_int(d.get("seed")) or 0, replication=_opt_int(d.get("replication")) or 1,
+            trial_id=str(d["trial_id"]),
+            mechanism=str(d["mechanism"]),
+            step_size=float(d["step_size"]),
+            global_batch_size=int(float(d["global_batch_size"])),
+            status=cast(Status, str(d["status"])),  # __post_init__ checks and converts the string
+            seed=_opt_int(d.get("seed")) or 0,
+            replication=_opt_int(d.get("replication")) or 1,
             run_id=d.get("run_id") or None,
             time_to_accuracy_s=_opt_float(d.get("time_to_accuracy_s")),
             passes_to_accuracy=_opt_float(d.get("passes_to_accuracy")),
             updates_to_accuracy=_opt_int(d.get("updates_to_accuracy")),
             final_train_loss=_opt_float(d.get("final_train_loss")),
             final_train_accuracy=_opt_float(d.get("final_train_accuracy")),
-            passes=_opt_float(d.get("passes")), train_time_s=_opt_float(d.get("train_time_s")),
+            passes=_opt_float(d.get("passes")),
+            train_time_s=_opt_float(d.get("train_time_s")),
         )
 
     @classmethod
     def from_run(cls, run) -> TrialRecord:
         """The record of an MLflow child run of a sweep: its params, summary metrics and tags (``run_outcome``)."""
         p, m, t = run.data.params, run.data.metrics, run.data.tags
-        return cls.from_dict({
-            "trial_id": t.get(TRIAL_TAG, run.info.run_id), "run_id": run.info.run_id,
-            "mechanism": t.get(MECHANISM_LABEL_TAG, p.get("mechanism.name", "vanilla")),
-            "step_size": float(p.get("train.step_size", "nan")),
-            "global_batch_size": int(p.get("train.global_batch_size", 0)),
-            "seed": int(p.get("train.seed", 0)), "replication": int(p.get("data.replication", 1)),
-            "status": run_outcome(run), "time_to_accuracy_s": m.get("time_to_accuracy_s"),
-            "passes_to_accuracy": m.get("passes_to_accuracy"), "updates_to_accuracy": m.get("updates_to_accuracy"),
-            "final_train_loss": m.get("final_train_loss"), "final_train_accuracy": m.get("final_train_accuracy"),
-            "passes": m.get("passes"), "train_time_s": m.get("train_time_s"),
-        })
+        return cls.from_dict(
+            {
+                "trial_id": t.get(TRIAL_TAG, run.info.run_id),
+                "run_id": run.info.run_id,
+                "mechanism": t.get(MECHANISM_LABEL_TAG, p.get("mechanism.name", "vanilla")),
+                "step_size": float(p.get("train.step_size", "nan")),
+                "global_batch_size": int(p.get("train.global_batch_size", 0)),
+                "seed": int(p.get("train.seed", 0)),
+                "replication": int(p.get("data.replication", 1)),
+                "status": run_outcome(run),
+                "time_to_accuracy_s": m.get("time_to_accuracy_s"),
+                "passes_to_accuracy": m.get("passes_to_accuracy"),
+                "updates_to_accuracy": m.get("updates_to_accuracy"),
+                "final_train_loss": m.get("final_train_loss"),
+                "final_train_accuracy": m.get("final_train_accuracy"),
+                "passes": m.get("passes"),
+                "train_time_s": m.get("train_time_s"),
+            }
+        )
 
     @property
     def reached(self) -> bool:

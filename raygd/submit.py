@@ -34,17 +34,36 @@ from raygd.config import ConfigError
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CLUSTER_TRACKING_URI = "cluster"
 WORKING_DIR_EXCLUDES = [
-    ".git/", ".venv/", "venv/", "__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/",
-    "*.egg-info/", "/build/", "/dist/", "mlruns/", "mlartifacts/", "mlflow.db", "*.db-journal", "ray_results/",
-    "/report/", ".ipynb_checkpoints/", "*.token", "auth_token",
+    ".git/",
+    ".venv/",
+    "venv/",
+    "__pycache__/",
+    "*.pyc",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    ".mypy_cache/",
+    "*.egg-info/",
+    "/build/",
+    "/dist/",
+    "mlruns/",
+    "mlartifacts/",
+    "mlflow.db",
+    "*.db-journal",
+    "ray_results/",
+    "/report/",
+    ".ipynb_checkpoints/",
+    "*.token",
+    "auth_token",
 ]
 MAX_WORKING_DIR_BYTES = 100 * 2**20
 """Ray's own limit is 512 MiB zipped; data belongs on the nodes or in cloud storage, not in the upload."""
 TRACKED_COMMANDS = ("train", "sweep", "diversity")
 REMOTE_TRACKING_SCHEMES = ("http", "https", "postgresql", "mysql", "mssql", "databricks")
 JOB_FLAGS = ("status", "logs", "stop")
-FIX_REACH = ("Start the port forward to the head's dashboard first (`ray dashboard cluster/aws.yaml`, or "
-             "`kubectl port-forward svc/raygd-head-svc 8265:8265`) or pass --address http://HOST:8265")
+FIX_REACH = (
+    "Start the port forward to the head's dashboard first (`ray dashboard cluster/aws.yaml`, or "
+    "`kubectl port-forward svc/raygd-head-svc 8265:8265`) or pass --address http://HOST:8265"
+)
 
 
 def split_entrypoint(argv: list[str]) -> tuple[list[str], list[str] | None]:
@@ -53,30 +72,42 @@ def split_entrypoint(argv: list[str]) -> tuple[list[str], list[str] | None]:
     words = [a for a in argv if not a.startswith("-")]
     if words[:1] == ["submit"] and "--" in argv and argv.index("--") > argv.index("submit"):
         cut = argv.index("--")
-        return argv[:cut], argv[cut + 1:]
+        return argv[:cut], argv[cut + 1 :]
     return argv, None
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``raygd submit`` to the CLI's subcommands."""
     p = sub.add_parser(
-        "submit", help="run a raygd command on a Ray cluster (Ray Jobs API); also --status/--logs/--stop JOB",
+        "submit",
+        help="run a raygd command on a Ray cluster (Ray Jobs API); also --status/--logs/--stop JOB",
         usage="raygd submit [--address URL] [--working-dir DIR] [--tracking-uri URI] [--no-wait] -- COMMAND ...\n"
-              "       raygd submit [--address URL] (--status JOB | --logs JOB [--follow] | --stop JOB | --list)",
+        "       raygd submit [--address URL] (--status JOB | --logs JOB [--follow] | --stop JOB | --list)",
         description="Ship the working directory to a Ray cluster and run COMMAND there as a Ray job; stream its "
-                    "logs and exit with the job's outcome (0 succeeded, 1 failed or stopped).",
+        "logs and exit with the job's outcome (0 succeeded, 1 failed or stopped).",
         epilog="Example: raygd submit --address http://127.0.0.1:8265 -- raygd sweep quickstart\n"
-               "Token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (see cluster/README.md).",
+        "Token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (see cluster/README.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--address", default=None,
-                   help=f"the head's dashboard / Jobs API, http(s)://HOST:PORT (default $RAY_API_SERVER_ADDRESS, "
-                        f"an http RAY_ADDRESS, else {DEFAULT_ADDRESS}: a port-forwarded head)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help=f"the head's dashboard / Jobs API, http(s)://HOST:PORT (default $RAY_API_SERVER_ADDRESS, "
+        f"an http RAY_ADDRESS, else {DEFAULT_ADDRESS}: a port-forwarded head)",
+    )
     p.add_argument("--working-dir", default=".", help="folder shipped as the job's working_dir (default: .)")
-    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="also leave out these paths (gitignore syntax; repeatable)")
-    p.add_argument("--tracking-uri", default=CLUSTER_TRACKING_URI,
-                   help="MLflow URI as seen from the cluster's nodes (default: $MLFLOW_TRACKING_URI on the cluster)")
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="also leave out these paths (gitignore syntax; repeatable)",
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default=CLUSTER_TRACKING_URI,
+        help="MLflow URI as seen from the cluster's nodes (default: $MLFLOW_TRACKING_URI on the cluster)",
+    )
     p.add_argument("--submission-id", default=None, help="job id to use (default: Ray picks raysubmit_...)")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
     group = p.add_mutually_exclusive_group()
@@ -92,10 +123,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def resolve_address(flag: str | None) -> str:
     """The Jobs API URL from --address, $RAY_API_SERVER_ADDRESS, an http(s) $RAY_ADDRESS or the default."""
     env_http = os.environ.get("RAY_ADDRESS", "")
-    raw = flag or os.environ.get("RAY_API_SERVER_ADDRESS") or (env_http if "://" in env_http else "") \
-        or DEFAULT_ADDRESS
-    source = ("--address" if flag else "$RAY_API_SERVER_ADDRESS" if os.environ.get("RAY_API_SERVER_ADDRESS")
-              else "$RAY_ADDRESS" if raw != DEFAULT_ADDRESS else "the default")
+    raw = flag or os.environ.get("RAY_API_SERVER_ADDRESS") or (env_http if "://" in env_http else "") or DEFAULT_ADDRESS
+    source = (
+        "--address"
+        if flag
+        else "$RAY_API_SERVER_ADDRESS"
+        if os.environ.get("RAY_API_SERVER_ADDRESS")
+        else "$RAY_ADDRESS"
+        if raw != DEFAULT_ADDRESS
+        else "the default"
+    )
     text = raw.strip().rstrip("/")
     if "://" not in text:
         text = "http://" + text
@@ -108,7 +145,8 @@ def resolve_address(flag: str | None) -> str:
         raise ConfigError(
             f"address {raw!r} (from {source}) is not a Ray Jobs API address: pass --address with the head's "
             "dashboard URL, http(s)://HOST:PORT, e.g. http://127.0.0.1:8265 after `ray dashboard cluster/aws.yaml` "
-            "(ray:// client addresses and the GCS port 6379 are not the Jobs API).")
+            "(ray:// client addresses and the GCS port 6379 are not the Jobs API)."
+        )
     return text if port or parts.scheme == "https" else f"{text}:8265"
 
 
@@ -120,8 +158,10 @@ def find_token() -> tuple[str | None, str]:
         path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
         token = path.read_text().strip() if path.is_file() else ""
         if not token:
-            raise ConfigError(f"RAY_AUTH_TOKEN_PATH={str(path)!r} is not a readable, non-empty token file: point it "
-                              "at the file holding the cluster's token (see cluster/README.md, 'Token').")
+            raise ConfigError(
+                f"RAY_AUTH_TOKEN_PATH={str(path)!r} is not a readable, non-empty token file: point it "
+                "at the file holding the cluster's token (see cluster/README.md, 'Token')."
+            )
         return token, f"$RAY_AUTH_TOKEN_PATH ({path})"
     default = Path.home() / ".ray" / "auth_token"
     if default.is_file() and default.read_text().strip():
@@ -131,7 +171,7 @@ def find_token() -> tuple[str | None, str]:
 
 def working_dir_size(folder: Path, excludes: list[str]) -> tuple[int, int]:
     """Bytes and files that Ray would upload from ``folder`` after ``excludes`` (an upper bound: Ray zips)."""
-    from ray._private.thirdparty.pathspec import PathSpec  # the matcher Ray itself applies to excludes
+    from ray._private.thirdparty.pathspec.pathspec import PathSpec  # the matcher Ray itself applies to excludes
 
     spec = PathSpec.from_lines("gitwildmatch", excludes)
     total = files = 0
@@ -156,7 +196,8 @@ def check_working_dir(folder: str, extra_excludes: list[str]) -> tuple[Path, lis
         raise ConfigError(
             f"--working-dir {str(path)!r} holds {size / 2**20:.0f} MiB after the standard excludes "
             f"(limit {MAX_WORKING_DIR_BYTES / 2**20:.0f} MiB): leave large files out with --exclude PATTERN or "
-            "a .rayignore file; data belongs on the nodes (RAYGD_DATA_DIR) or in cloud storage.")
+            "a .rayignore file; data belongs on the nodes (RAYGD_DATA_DIR) or in cloud storage."
+        )
     return path, excludes, size, files
 
 
@@ -169,7 +210,8 @@ def check_tracking_uri(uri: str) -> None:
         raise ConfigError(
             f"--tracking-uri {uri!r} is not reachable from every node of a cluster: use the MLflow server the "
             "nodes share (http://HEAD_PRIVATE_IP:5000, or leave --tracking-uri out to use the cluster's "
-            f"$MLFLOW_TRACKING_URI) or a database URI ({', '.join(REMOTE_TRACKING_SCHEMES[2:])}).")
+            f"$MLFLOW_TRACKING_URI) or a database URI ({', '.join(REMOTE_TRACKING_SCHEMES[2:])})."
+        )
 
 
 def build_entrypoint(command: list[str], tracking_uri: str) -> str:
@@ -184,7 +226,7 @@ def build_entrypoint(command: list[str], tracking_uri: str) -> str:
     raygd_at = next((i for i, w in enumerate(command[:3]) if Path(w).name == "raygd" or w == "raygd.cli"), None)
     if raygd_at is None or raygd_at + 1 >= len(command):
         return line
-    sub, rest = command[raygd_at + 1], command[raygd_at + 2:]
+    sub, rest = command[raygd_at + 1], command[raygd_at + 2 :]
     if tracking_uri == CLUSTER_TRACKING_URI:
         value = '"${MLFLOW_TRACKING_URI:?is not set on the cluster: pass raygd submit --tracking-uri URI}"'
     else:
@@ -210,19 +252,27 @@ def _only_address(address: str):
 
 def _auth_fix(address: str, status: int, source: str) -> str:
     if status == 401:
-        return (f"the Ray cluster at {address} requires token authentication and no token was found ({source}). "
-                "Fix: copy the cluster's token to this machine and export RAY_AUTH_TOKEN_PATH=FILE (launcher "
-                "clusters: the file you mounted, see cluster/README.md 'Token'; KubeRay: "
-                "`kubectl get secret raygd -o jsonpath='{.data.auth_token}' | base64 -d > FILE`).")
-    return (f"the Ray cluster at {address} rejected the token from {source} (HTTP {status}). Fix: use that "
-            "cluster's token (export RAY_AUTH_TOKEN_PATH=FILE or RAY_AUTH_TOKEN); a token that `ray.init()` wrote "
-            "to ~/.ray/auth_token for a local Ray is not the cluster's.")
+        return (
+            f"the Ray cluster at {address} requires token authentication and no token was found ({source}). "
+            "Fix: copy the cluster's token to this machine and export RAY_AUTH_TOKEN_PATH=FILE (launcher "
+            "clusters: the file you mounted, see cluster/README.md 'Token'; KubeRay: "
+            "`kubectl get secret raygd -o jsonpath='{.data.auth_token}' | base64 -d > FILE`)."
+        )
+    return (
+        f"the Ray cluster at {address} rejected the token from {source} (HTTP {status}). Fix: use that "
+        "cluster's token (export RAY_AUTH_TOKEN_PATH=FILE or RAY_AUTH_TOKEN); a token that `ray.init()` wrote "
+        "to ~/.ray/auth_token for a local Ray is not the cluster's."
+    )
 
 
 def _reason(err: Exception) -> str:
     text = str(err)
-    for needle, reason in (("Connection refused", "connection refused"), ("Name or service not known", "unknown host"),
-                           ("timed out", "no answer within 20 s"), ("No route to host", "no route to host")):
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "unknown host"),
+        ("timed out", "no answer within 20 s"),
+        ("No route to host", "no route to host"),
+    ):
         if needle in text:
             return reason
     return f"{type(err).__name__}: {text[:160]}"
@@ -241,8 +291,10 @@ def connect(address: str):
     if r.status_code in (401, 403):
         raise ConfigError(_auth_fix(address, r.status_code, source))
     if r.status_code != 200 or not r.headers.get("content-type", "").startswith("application/json"):
-        raise ConfigError(f"{address} answered HTTP {r.status_code} on /api/jobs/: it is not a Ray dashboard "
-                          f"(the Jobs API). {FIX_REACH}.")
+        raise ConfigError(
+            f"{address} answered HTTP {r.status_code} on /api/jobs/: it is not a Ray dashboard "
+            f"(the Jobs API). {FIX_REACH}."
+        )
     from ray.job_submission import JobSubmissionClient
 
     with _only_address(address):
@@ -272,8 +324,10 @@ def wait_for_end(client, job_id: str, timeout_s: float = 120.0):
 
 def _print_info(info) -> None:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)) if info.start_time else "-"
-    print(f"{info.submission_id or info.job_id}  {info.status}  started {started}  {info.message or ''}\n"
-          f"  entrypoint: {info.entrypoint}")
+    print(
+        f"{info.submission_id or info.job_id}  {info.status}  started {started}  {info.message or ''}\n"
+        f"  entrypoint: {info.entrypoint}"
+    )
 
 
 def run_job_command(args: argparse.Namespace, client) -> int:
@@ -286,8 +340,9 @@ def run_job_command(args: argparse.Namespace, client) -> int:
     try:
         info = client.get_job_info(job_id)
     except RuntimeError as err:
-        raise ConfigError(f"job {job_id!r} is not known to the cluster ({str(err)[:200]}): "
-                          "see raygd submit --list.") from None
+        raise ConfigError(
+            f"job {job_id!r} is not known to the cluster ({str(err)[:200]}): see raygd submit --list."
+        ) from None
     if args.status:
         _print_info(info)
     elif args.logs and args.follow:
@@ -296,8 +351,10 @@ def run_job_command(args: argparse.Namespace, client) -> int:
         print(client.get_job_logs(job_id), end="")
     else:
         stopped = client.stop_job(job_id)
-        print(f"raygd submit: {'stop requested for' if stopped else 'nothing to stop:'} {job_id} "
-              f"({wait_for_end(client, job_id, 60).status if stopped else info.status})")
+        print(
+            f"raygd submit: {'stop requested for' if stopped else 'nothing to stop:'} {job_id} "
+            f"({wait_for_end(client, job_id, 60).status if stopped else info.status})"
+        )
     return 0
 
 
@@ -305,18 +362,23 @@ def cmd_submit(args: argparse.Namespace) -> int:
     """``raygd submit``: validate everything, connect, then submit (and follow) or manage a job."""
     from raygd.tracking import git_commit, redact_uri
 
-    command = getattr(args, "entrypoint", None)
+    command: list[str] = getattr(args, "entrypoint", None) or []
     manage = args.list or any(getattr(args, f) for f in JOB_FLAGS)
     if args.stray:
-        raise ConfigError(f"raygd submit got {shlex.join(args.stray)!r} without `--` before it: write "
-                          "raygd submit [--address URL] -- raygd sweep PRESET ... (the `--` separates submit's "
-                          "options from the command the cluster runs).")
+        raise ConfigError(
+            f"raygd submit got {shlex.join(args.stray)!r} without `--` before it: write "
+            "raygd submit [--address URL] -- raygd sweep PRESET ... (the `--` separates submit's "
+            "options from the command the cluster runs)."
+        )
     if manage and command:
-        raise ConfigError("raygd submit takes either a command after `--` or one of --status/--logs/--stop/--list, "
-                          "not both.")
+        raise ConfigError(
+            "raygd submit takes either a command after `--` or one of --status/--logs/--stop/--list, not both."
+        )
     if not manage and not command:
-        raise ConfigError("raygd submit needs a command after `--`, e.g. raygd submit -- raygd sweep quickstart "
-                          "(or --status/--logs/--stop JOB, --list).")
+        raise ConfigError(
+            "raygd submit needs a command after `--`, e.g. raygd submit -- raygd sweep quickstart "
+            "(or --status/--logs/--stop JOB, --list)."
+        )
     if args.follow and not args.logs:
         raise ConfigError("--follow goes with --logs JOB.")
     address = resolve_address(args.address)
@@ -330,22 +392,27 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.tracking_uri != CLUSTER_TRACKING_URI:
         env_vars["MLFLOW_TRACKING_URI"] = args.tracking_uri
     print(f"raygd submit: shipping {path} ({size / 2**20:.1f} MiB, {files} files) to {address}", file=sys.stderr)
-    job_id = client.submit_job(entrypoint=entrypoint, submission_id=args.submission_id,
-                               runtime_env={"working_dir": str(path), "excludes": excludes, "env_vars": env_vars},
-                               metadata={"raygd.command": shlex.join(redact_uri(w) if "://" in w else w
-                                                                     for w in command)[:500]})
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        submission_id=args.submission_id,
+        runtime_env={"working_dir": str(path), "excludes": excludes, "env_vars": env_vars},
+        metadata={"raygd.command": shlex.join(redact_uri(w) if "://" in w else w for w in command)[:500]},
+    )
     print(job_id, flush=True)
-    print(f"raygd submit: job {job_id} submitted; follow it with raygd submit --address {address} "
-          f"--logs {job_id} --follow; stop it with --stop {job_id}", file=sys.stderr)
+    print(
+        f"raygd submit: job {job_id} submitted; follow it with raygd submit --address {address} "
+        f"--logs {job_id} --follow; stop it with --stop {job_id}",
+        file=sys.stderr,
+    )
     if args.no_wait:
         return 0
     try:
         _tail(client, job_id)
     except KeyboardInterrupt:
-        print(f"\nraygd submit: stopped following; job {job_id} keeps running (--stop {job_id} ends it)",
-              file=sys.stderr)
+        print(
+            f"\nraygd submit: stopped following; job {job_id} keeps running (--stop {job_id} ends it)", file=sys.stderr
+        )
         return 130
     info = wait_for_end(client, job_id)
-    print(f"raygd submit: job {job_id} {info.status}" + (f": {info.message}" if info.message else ""),
-          file=sys.stderr)
+    print(f"raygd submit: job {job_id} {info.status}" + (f": {info.message}" if info.message else ""), file=sys.stderr)
     return 0 if str(info.status) == "SUCCEEDED" else 1

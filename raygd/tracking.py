@@ -14,11 +14,14 @@ import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from raygd import __version__
 from raygd.records import ATTEMPT_TAG, GIT_COMMIT_TAG, PARENT_TAG, VERSION_TAG
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 
 def redact_uri(uri: str) -> str:
@@ -44,8 +47,9 @@ def git_commit(cwd: Path | None = None) -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -83,15 +87,24 @@ def check_tracking_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
 
     shown = redact_uri(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri[len("sqlite:///"):])
+        path = Path(tracking_uri[len("sqlite:///") :])
         folder = path.parent
-        problem = (f"the folder {folder} does not exist" if not folder.is_dir()
-                   else f"the folder {folder} is not writable" if not os.access(folder, os.W_OK | os.X_OK)
-                   else f"{path} is a folder" if path.is_dir()
-                   else f"{path} is not writable" if path.exists() and not os.access(path, os.W_OK) else None)
+        problem = (
+            f"the folder {folder} does not exist"
+            if not folder.is_dir()
+            else f"the folder {folder} is not writable"
+            if not os.access(folder, os.W_OK | os.X_OK)
+            else f"{path} is a folder"
+            if path.is_dir()
+            else f"{path} is not writable"
+            if path.exists() and not os.access(path, os.W_OK)
+            else None
+        )
         if problem:
-            raise ConfigError(f"tracking.tracking_uri = {shown!r} cannot be used: {problem}. Point it at a writable "
-                              "place, e.g. --set tracking.tracking_uri=sqlite:///mlflow.db (the working directory).")
+            raise ConfigError(
+                f"tracking.tracking_uri = {shown!r} cannot be used: {problem}. Point it at a writable "
+                "place, e.g. --set tracking.tracking_uri=sqlite:///mlflow.db (the working directory)."
+            )
     elif urlsplit(tracking_uri).scheme in ("http", "https"):
         try:
             urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=timeout_s).close()
@@ -106,14 +119,20 @@ def check_tracking_store(tracking_uri: str, timeout_s: float = 5.0) -> None:
             ) from None
 
 
-def _client(tracking_uri: str):
+def _client(tracking_uri: str) -> MlflowClient:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-def create_run(tracking_uri: str, experiment_name: str, run_name: str, params: dict[str, Any],
-               tags: dict[str, str], parent_run_id: str | None = None) -> str:
+def create_run(
+    tracking_uri: str,
+    experiment_name: str,
+    run_name: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> str:
     """Create an MLflow run holding ``params`` and ``tags``; returns its run id.
 
     ``parent_run_id`` nests the run under a parent (MLflow's ``mlflow.parentRunId`` tag).
@@ -144,8 +163,9 @@ class Tracker:
 
     def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool):
         self.run_id = run_id
-        self.enabled = bool(enabled and run_id and tracking_uri)
-        self._client = _client(tracking_uri) if self.enabled else None
+        self._run = (_client(tracking_uri), run_id) if enabled and run_id and tracking_uri else None
+        """(client, run id) where this rank logs, else None."""
+        self.enabled = self._run is not None
         self.logged_through = -1
         """Step metrics at steps <= this are not logged again (set on a restart, see ``resume_point``)."""
 
@@ -155,9 +175,10 @@ class Tracker:
         After a restart the loop redoes the steps between its checkpoint and the failure;
         ``log_metrics`` skips steps up to this one so the history has no duplicate steps.
         """
-        if not self.enabled:
+        if self._run is None:
             return -1, None
-        history = self._client.get_metric_history(self.run_id, key)
+        client, run_id = self._run
+        history = client.get_metric_history(run_id, key)
         if not history:
             return -1, None
         last = max(history, key=lambda m: m.step)
@@ -165,42 +186,50 @@ class Tracker:
 
     def next_attempt(self) -> int:
         """Count this start of the training loop in the run's ``raygd.attempt`` tag; returns it (1 = first)."""
-        if not self.enabled:
+        if self._run is None:
             return 1
-        attempt = int(self._client.get_run(self.run_id).data.tags.get(ATTEMPT_TAG, "0")) + 1
+        client, run_id = self._run
+        attempt = int(client.get_run(run_id).data.tags.get(ATTEMPT_TAG, "0")) + 1
         self.set_tags({ATTEMPT_TAG: attempt})
         return attempt
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log flat slash-named metrics at ``step`` (non-finite values are skipped)."""
-        if not self.enabled or step <= self.logged_through:
+        if self._run is None or step <= self.logged_through:
             return
+        client, run_id = self._run
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and _finite(v)]
         if batch:
-            self._client.log_batch(self.run_id, metrics=batch)
+            client.log_batch(run_id, metrics=batch)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self._run is None:
             return
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client, run_id = self._run
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path) -> None:
-        if self.enabled:
-            self._client.log_artifact(self.run_id, str(path))
+        if self._run is not None:
+            client, run_id = self._run
+            client.log_artifact(run_id, str(path))
 
     def status(self) -> str | None:
         """The run's MLflow status (RUNNING, FINISHED, FAILED, KILLED), or None when disabled."""
-        return self._client.get_run(self.run_id).info.status if self.enabled else None
+        if self._run is None:
+            return None
+        client, run_id = self._run
+        return client.get_run(run_id).info.status
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with an MLflow status: FINISHED, FAILED or KILLED."""
-        if self.enabled:
-            self._client.set_terminated(self.run_id, status)
+        if self._run is not None:
+            client, run_id = self._run
+            client.set_terminated(run_id, status)
 
 
 def _finite(value: Any) -> bool:

@@ -87,7 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(int(loop_config["threads"]))
     cfg = RunConfig.from_dict(loop_config["run"])
-    data = ray.get(loop_config["data_ref"])
+    data: Dataset = ray.get(loop_config["data_ref"])  # pyright: ignore[reportAssignmentType]  # Ray's stubs: ray.get(Any) is a list
     device = ray.train.torch.get_device() if loop_config["use_gpu"] else torch.device("cpu")
     tracker = Tracker(cfg.tracking.tracking_uri, loop_config["run_id"], enabled=rank == 0)
     resume = resume_point(tracker, rank)
@@ -275,7 +275,8 @@ def fit(
     with failing(tracker):
         trainer = _trainer(cfg, data, run_id, gpu, train_callbacks, storage_path, save_model_to)
         launch_wall = time.time()
-        summary = RunSummary(**trainer.fit().return_value)
+        # Ray's stubs do not type Result.return_value: it is the dict train_loop_per_worker returned.
+        summary = RunSummary(**trainer.fit().return_value)  # pyright: ignore[reportCallIssue]
     summary.run_id = run_id
     record_summary(tracker, summary, fit_start_wall, launch_wall)
     return summary

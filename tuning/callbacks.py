@@ -70,14 +70,26 @@ class TrialRecorder(Callback):
         from mlflow.entities import Metric, RunTag
 
         step = int(last.get("step", 0))
-        summary = {"final_train_accuracy": last.get("train/accuracy"), "final_train_loss": last.get("train/loss"),
-                   "passes": last.get("progress/passes"), "train_time_s": last.get("time/train_s"),
-                   "steps": step, "reached_target": 0.0, "diverged": 0.0}
+        summary = {
+            "final_train_accuracy": last.get("train/accuracy"),
+            "final_train_loss": last.get("train/loss"),
+            "passes": last.get("progress/passes"),
+            "train_time_s": last.get("time/train_s"),
+            "steps": step,
+            "reached_target": 0.0,
+            "diverged": 0.0,
+        }
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in summary.items()
-                   if isinstance(v, (int, float)) and math.isfinite(v)]
-        client.log_batch(run.info.run_id, metrics=metrics, tags=[RunTag(STATUS_TAG, Status.STOPPED_EARLY.value),
-                                                                  RunTag(STOPPED_STEP_TAG, str(step))])
+        metrics = [
+            Metric(k, float(v), now, step)
+            for k, v in summary.items()
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        ]
+        client.log_batch(
+            run.info.run_id,
+            metrics=metrics,
+            tags=[RunTag(STATUS_TAG, Status.STOPPED_EARLY.value), RunTag(STOPPED_STEP_TAG, str(step))],
+        )
         client.set_terminated(run.info.run_id, Status.STOPPED_EARLY.run_status)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:

@@ -41,8 +41,9 @@ def _note(ax, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", color="0.4")
 
 
-def plot_time_vs_batch(records: Iterable[TrialRecord | Mapping[str, Any]], path: str | Path,
-                       replication: int | None = None) -> Path:
+def plot_time_vs_batch(
+    records: Iterable[TrialRecord | Mapping[str, Any]], path: str | Path, replication: int | None = None
+) -> Path:
     """Time to accuracy and passes to accuracy vs global batch size, one line per mechanism.
 
     At each B the best step size (``PairStats.sort_key``) is plotted, with ± std over seeds;
@@ -61,8 +62,14 @@ def plot_time_vs_batch(records: Iterable[TrialRecord | Mapping[str, Any]], path:
         pts = sorted((b, p) for (m, b), p in best.items() if m == mech and p.reached)
         if pts:
             drawn, bs = True, [b for b, _ in pts]
-            ax_t.errorbar(bs, [p.score for _, p in pts], yerr=[p.time_std_s or 0.0 for _, p in pts],
-                          marker="o", capsize=3, label=mech)
+            ax_t.errorbar(
+                bs,
+                [p.score for _, p in pts],
+                yerr=[p.time_std_s or 0.0 for _, p in pts],
+                marker="o",
+                capsize=3,
+                label=mech,
+            )
             ax_p.plot(bs, [p.passes_to_accuracy or math.nan for _, p in pts], marker="o", label=mech)
     for ax, ylabel in ((ax_t, "time to accuracy (s)"), (ax_p, "passes to accuracy")):
         ax.set_xlabel("global batch size B")
@@ -86,10 +93,11 @@ def plot_speedup_bars(best_rows: Sequence[BestRow], path: str | Path) -> Path:
     names = [r.mechanism for r in best_rows]
     values = [r.speedup if r.speedup is not None else 0.0 for r in best_rows]
     bars = ax.bar(range(len(names)), values, color=["0.6" if r.mechanism == BASELINE else "C0" for r in best_rows])
-    for bar, r in zip(bars, best_rows):
+    for bar, r in zip(bars, best_rows, strict=True):
         label = "n/a" if r.speedup is None else f"{r.speedup:.2f}×\nB={r.global_batch_size}"
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize="small")
+        ax.annotate(
+            label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize="small"
+        )
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.margins(y=0.15)
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
@@ -109,11 +117,21 @@ def plot_loss_ratio(loss_rows: Sequence[LossRatioRow], path: str | Path) -> Path
     ax = fig.subplots()
     drawn = False
     for mech in sorted({r.mechanism for r in loss_rows}, key=lambda m: (m != BASELINE, m)):
-        pts = sorted((r.replication, r) for r in loss_rows if r.mechanism == mech and r.ratio_mean is not None)
+        pts = sorted(
+            (r.replication, r.ratio_mean, r.ratio_std or 0.0)
+            for r in loss_rows
+            if r.mechanism == mech and r.ratio_mean is not None
+        )
         if pts:
             drawn = True
-            ax.errorbar([x for x, _ in pts], [r.ratio_mean for _, r in pts],
-                        yerr=[r.ratio_std or 0.0 for _, r in pts], marker="o", capsize=3, label=mech)
+            ax.errorbar(
+                [x for x, _, _ in pts],
+                [mean for _, mean, _ in pts],
+                yerr=[std for _, _, std in pts],
+                marker="o",
+                capsize=3,
+                label=mech,
+            )
     ax.set_xlabel("replication factor r")
     if loss_rows:
         ax.set_ylabel(f"loss ratio L(B={loss_rows[0].large_batch}) / L(B={loss_rows[0].small_batch})")

@@ -16,7 +16,7 @@ Pure functions, no Ray: the Train controller imports this module for every trial
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from raygd.records import LEGACY_FAILED, Status
 
@@ -24,7 +24,7 @@ UNREACHED_PENALTY_S = 1e9
 """Penalty unit P (seconds): far above any time to accuracy a sweep measures."""
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 

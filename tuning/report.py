@@ -86,7 +86,10 @@ def close_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
 
 def _parent_metrics(outcome: SweepOutcome) -> dict[str, float]:
     """Trial counts, and per mechanism its best pair and speedup (keys without MLflow's forbidden characters)."""
-    metrics = {"num_trials": len(outcome.records), "num_reached": sum(r.reached for r in outcome.records)}
+    metrics: dict[str, float] = {
+        "num_trials": len(outcome.records),
+        "num_reached": sum(r.reached for r in outcome.records),
+    }
     for row in outcome.best_rows:
         key = row.mechanism.replace("(", "_").replace(")", "").replace("=", "").replace(", ", "_")
         if row.time_to_accuracy_s is not None and math.isfinite(row.time_to_accuracy_s):
@@ -102,8 +105,11 @@ def write_outputs(out: Path, records: list, best: list, table: str) -> list[Path
     """summary.md, summary.csv, trials.csv and the figures of a sweep, written into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(table + "\n")
-    paths = [out / "summary.md", tables.write_summary_csv(best, out / "summary.csv"),
-             tables.write_trials_csv(records, out / "trials.csv")]
+    paths = [
+        out / "summary.md",
+        tables.write_summary_csv(best, out / "summary.csv"),
+        tables.write_trials_csv(records, out / "trials.csv"),
+    ]
     reps = {r.replication for r in records}
     paths.append(figures.plot_time_vs_batch(records, out / "time_vs_batch.png", replication=min(reps, default=1)))
     paths.append(figures.plot_speedup_bars(best, out / "speedup.png"))

@@ -42,7 +42,7 @@ import itertools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from raygd.config import ConfigError, RunConfig, absolute_tracking_uri, apply_overrides, parse_override, read_yaml
 from raygd.mechanisms import mechanism_label
@@ -56,6 +56,11 @@ RANGE_KEYS = ("step_size",)
 CONDITION_KEYS = ("seed", "replication")
 """Space keys that describe the experiment rather than tune it: one value each under optuna."""
 ASHA_TIME_ATTRS = ("time/train_s", "progress/passes")
+
+
+def _is_number(value: Any) -> TypeGuard[float]:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -112,8 +117,9 @@ class SweepSpec:
         labels = [mechanism_label(m) for m in self.space.get("mechanism", []) if isinstance(m, dict)]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"space.mechanism has duplicate entries {labels}: each mechanism setting once.")
-        if not isinstance(self.confirm_seeds, list) or not all(isinstance(s, int) and s >= 0
-                                                               for s in self.confirm_seeds):
+        if not isinstance(self.confirm_seeds, list) or not all(
+            isinstance(s, int) and s >= 0 for s in self.confirm_seeds
+        ):
             raise ConfigError(f"confirm_seeds = {self.confirm_seeds!r} is invalid: a list of integers >= 0.")
         for params in self.trial_params():
             self.run_config(params)  # every combination (each range's ends) must be a valid run config
@@ -130,43 +136,53 @@ class SweepSpec:
         if type(self.search_seed) is not int or self.search_seed < 0:
             raise ConfigError(f"search_seed = {self.search_seed!r} is invalid: an integer >= 0.")
         if self.asha_time_attr not in ASHA_TIME_ATTRS:
-            raise ConfigError(f"asha_time_attr = {self.asha_time_attr!r} is invalid: allowed values are "
-                              f"{', '.join(ASHA_TIME_ATTRS)}.")
+            raise ConfigError(
+                f"asha_time_attr = {self.asha_time_attr!r} is invalid: allowed values are {', '.join(ASHA_TIME_ATTRS)}."
+            )
         if not isinstance(self.asha_grace_period, (int, float)) or not 0 < self.asha_grace_period < 1e6:
-            raise ConfigError(f"asha_grace_period = {self.asha_grace_period!r} is invalid: a number > 0 "
-                              f"(units of asha_time_attr).")
+            raise ConfigError(
+                f"asha_grace_period = {self.asha_grace_period!r} is invalid: a number > 0 (units of asha_time_attr)."
+            )
         if not isinstance(self.asha_reduction_factor, (int, float)) or not 1 < self.asha_reduction_factor < 1e3:
             raise ConfigError(f"asha_reduction_factor = {self.asha_reduction_factor!r} is invalid: a number > 1.")
 
     def _check_space_entry(self, key: str, values: Any) -> None:
         if isinstance(values, dict) and key in RANGE_KEYS:
             if self.search == "grid":
-                raise ConfigError(f"space.{key} = {values!r} is a range: ranges need search random or optuna; "
-                                  f"with search = 'grid' give a list of values.")
+                raise ConfigError(
+                    f"space.{key} = {values!r} is a range: ranges need search random or optuna; "
+                    f"with search = 'grid' give a list of values."
+                )
             extra = sorted(set(values) - {"low", "high", "log"})
             low, high, log = values.get("low"), values.get("high"), values.get("log", False)
-            numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                          for v in (low, high))
-            if extra or not numbers or not 0 < low < high or not isinstance(log, bool):
-                raise ConfigError(f"space.{key} = {values!r} is invalid: a range is {{low: a, high: b, log: "
-                                  f"true|false}} with 0 < a < b.")
+            if extra or not (_is_number(low) and _is_number(high)) or not 0 < low < high or not isinstance(log, bool):
+                raise ConfigError(
+                    f"space.{key} = {values!r} is invalid: a range is {{low: a, high: b, log: "
+                    f"true|false}} with 0 < a < b."
+                )
         elif not isinstance(values, list) or not values:
             ranges = f", or a range {{low, high, log}} for {', '.join(RANGE_KEYS)}" if self.search != "grid" else ""
             raise ConfigError(f"space.{key} = {values!r} is invalid: a non-empty list of values{ranges}.")
 
     def _check_optuna(self) -> None:
         if self.num_samples is None:
-            raise ConfigError("num_samples is required with search = 'optuna': the number of trials Optuna "
-                              "suggests (an integer >= 1).")
+            raise ConfigError(
+                "num_samples is required with search = 'optuna': the number of trials Optuna "
+                "suggests (an integer >= 1)."
+            )
         if not any(isinstance(self.space.get(k), dict) for k in RANGE_KEYS):
-            raise ConfigError("search = 'optuna' needs a range to search, e.g. space.step_size = {low: 0.01, high: "
-                              "1.0, log: true}; a space of lists only is a grid: allowed searches for it are grid "
-                              "and random.")
+            raise ConfigError(
+                "search = 'optuna' needs a range to search, e.g. space.step_size = {low: 0.01, high: "
+                "1.0, log: true}; a space of lists only is a grid: allowed searches for it are grid "
+                "and random."
+            )
         for key in CONDITION_KEYS:
             if len(self.space.get(key, [None])) > 1:
-                raise ConfigError(f"space.{key} = {self.space[key]!r} is invalid with search = 'optuna': "
-                                  f"{' and '.join(CONDITION_KEYS)} are conditions, not hyperparameters; give one "
-                                  f"value (confirm_seeds re-runs the winners with more seeds).")
+                raise ConfigError(
+                    f"space.{key} = {self.space[key]!r} is invalid with search = 'optuna': "
+                    f"{' and '.join(CONDITION_KEYS)} are conditions, not hyperparameters; give one "
+                    f"value (confirm_seeds re-runs the winners with more seeds)."
+                )
 
     def _values(self, key: str) -> list[Any]:
         """The listed values of a key, or a range's two ends."""
@@ -177,7 +193,7 @@ class SweepSpec:
         """Every combination of the space, as the dicts Tune's grid search will produce
         (a range contributes its two ends: what random and optuna search are validated with)."""
         keys = list(self.space)
-        return [dict(zip(keys, combo)) for combo in itertools.product(*(self._values(k) for k in keys))]
+        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self._values(k) for k in keys))]
 
     def decode(self, params: dict[str, Any]) -> dict[str, Any]:
         """Trial params as Tune gives them to a trial, mechanism labels (random/optuna) turned back into dicts."""
@@ -185,8 +201,9 @@ class SweepSpec:
         if isinstance(mech, str):
             by_label = {mechanism_label(m): m for m in self.space.get("mechanism", [])}
             if mech not in by_label:
-                raise ConfigError(f"trial mechanism {mech!r} is not in space.mechanism: allowed are "
-                                  f"{', '.join(by_label)}.")
+                raise ConfigError(
+                    f"trial mechanism {mech!r} is not in space.mechanism: allowed are {', '.join(by_label)}."
+                )
             params = {**params, "mechanism": dict(by_label[mech])}
         return params
 
@@ -239,7 +256,7 @@ def load_sweep_spec(name_or_path: str, overrides: list[str] | None = None) -> Sw
     base_overrides = []
     for text in overrides or []:
         if text.startswith("sweep."):
-            key, _, value = text[len("sweep."):].partition("=")
+            key, _, value = text[len("sweep.") :].partition("=")
             (_, parsed) = parse_override(f"x.y={value}")
             parts = key.split(".")
             target = raw

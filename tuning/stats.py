@@ -25,7 +25,7 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -39,8 +39,13 @@ N_BOOTSTRAP = 2000
 # --------------------------------------------------------------------------- ranking
 
 
-def _finite(value: float | None) -> bool:
+def _finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
+
+
+def _times(trials: Iterable[TrialRecord]) -> list[float]:
+    """The finite times to accuracy of ``trials``: all of them when every trial reached."""
+    return [t.time_to_accuracy_s for t in trials if _finite(t.time_to_accuracy_s)]
 
 
 def as_records(records: Iterable[TrialRecord | Mapping[str, Any]]) -> list[TrialRecord]:
@@ -76,9 +81,15 @@ def rank_trials(records: Iterable[TrialRecord | Mapping[str, Any]]) -> list[Tria
     Returns:
         The records, sorted.
     """
-    return sorted(as_records(records), key=lambda r: (
-        _status_rank(r), _key_or_inf(r.time_to_accuracy_s) if r.reached else math.inf,
-        _key_or_inf(r.passes_to_accuracy), r.trial_id))
+    return sorted(
+        as_records(records),
+        key=lambda r: (
+            _status_rank(r),
+            _key_or_inf(r.time_to_accuracy_s) if r.reached else math.inf,
+            _key_or_inf(r.passes_to_accuracy),
+            r.trial_id,
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- pairs and the best pair
@@ -116,18 +127,18 @@ class PairStats:
     @property
     def score(self) -> float:
         """Mean time to accuracy T̄ = (1/k) Σ_s T_s if every seed reached, else inf."""
-        return statistics.fmean(t.time_to_accuracy_s for t in self.trials) if self.reached else math.inf
+        return statistics.fmean(_times(self.trials)) if self.reached else math.inf
 
     @property
     def time_std_s(self) -> float | None:
         """Sample std of the times over seeds (None when unreached or a single seed)."""
-        return _stdev([t.time_to_accuracy_s for t in self.trials]) if self.reached else None
+        return _stdev(_times(self.trials)) if self.reached else None
 
     @property
     def passes_to_accuracy(self) -> float | None:
         """Mean passes to accuracy over seeds (None when unreached or a seed lacks it)."""
-        passes = [t.passes_to_accuracy for t in self.trials]
-        return statistics.fmean(passes) if self.reached and all(_finite(p) for p in passes) else None
+        passes = [t.passes_to_accuracy for t in self.trials if _finite(t.passes_to_accuracy)]
+        return statistics.fmean(passes) if self.reached and len(passes) == len(self.trials) else None
 
     def sort_key(self) -> tuple:
         """Best first: lowest T̄; ties → smaller B, then smaller γ (fewer workers, more stable step).
@@ -150,8 +161,7 @@ def _one_replication(records: list[TrialRecord], replication: int | None) -> lis
     return records
 
 
-def pair_stats(records: Iterable[TrialRecord | Mapping[str, Any]],
-               replication: int | None = None) -> list[PairStats]:
+def pair_stats(records: Iterable[TrialRecord | Mapping[str, Any]], replication: int | None = None) -> list[PairStats]:
     """Group trials into (mechanism, step_size, global_batch_size) pairs.
 
     Args:
@@ -208,8 +218,9 @@ def _speedup(t_base: float | None, t_mech: float | None) -> tuple[float | None, 
     return t_base / t_mech, 1.0 - t_mech / t_base
 
 
-def best_per_mechanism(records: Iterable[TrialRecord | Mapping[str, Any]], baseline: str = BASELINE,
-                       replication: int | None = None) -> list[BestRow]:
+def best_per_mechanism(
+    records: Iterable[TrialRecord | Mapping[str, Any]], baseline: str = BASELINE, replication: int | None = None
+) -> list[BestRow]:
     """The fastest pair per mechanism (``PairStats.sort_key``) and its speedup over the baseline's.
 
     Args:
@@ -228,11 +239,22 @@ def best_per_mechanism(records: Iterable[TrialRecord | Mapping[str, Any]], basel
         best = pairs[0]
         t = best.score if best.reached else None
         speedup, saved = _speedup(base_time, t)
-        rows.append(BestRow(
-            mechanism=mech, step_size=best.step_size, global_batch_size=best.global_batch_size,
-            time_to_accuracy_s=t, time_std_s=best.time_std_s, passes_to_accuracy=best.passes_to_accuracy,
-            n_seeds=best.n_seeds, n_pairs_tried=len(pairs), n_reached_pairs=sum(p.reached for p in pairs),
-            speedup=speedup, time_saved_frac=saved, trial_ids=tuple(tr.trial_id for tr in best.trials)))
+        rows.append(
+            BestRow(
+                mechanism=mech,
+                step_size=best.step_size,
+                global_batch_size=best.global_batch_size,
+                time_to_accuracy_s=t,
+                time_std_s=best.time_std_s,
+                passes_to_accuracy=best.passes_to_accuracy,
+                n_seeds=best.n_seeds,
+                n_pairs_tried=len(pairs),
+                n_reached_pairs=sum(p.reached for p in pairs),
+                speedup=speedup,
+                time_saved_frac=saved,
+                trial_ids=tuple(tr.trial_id for tr in best.trials),
+            )
+        )
     return sorted(rows, key=lambda r: (r.mechanism != baseline, _key_or_inf(r.time_to_accuracy_s), r.mechanism))
 
 
@@ -262,8 +284,9 @@ class ConfirmRow:
     """97.5% bootstrap percentile."""
 
 
-def bootstrap_ratio(num: Sequence[float], den: Sequence[float], n_boot: int = N_BOOTSTRAP,
-                    seed: int = 0) -> tuple[float, float, float, float]:
+def bootstrap_ratio(
+    num: Sequence[float], den: Sequence[float], n_boot: int = N_BOOTSTRAP, seed: int = 0
+) -> tuple[float, float, float, float]:
     """Ratio of means mean(num) / mean(den) and its bootstrap spread.
 
     Each resample draws len(num) values of ``num`` and len(den) of ``den`` with replacement,
@@ -287,8 +310,13 @@ def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
     return (statistics.fmean(xs), _stdev(xs)) if xs else (None, None)
 
 
-def confirm_summary(records: Iterable[TrialRecord | Mapping[str, Any]], baseline: str = BASELINE,
-                    replication: int | None = None, n_boot: int = N_BOOTSTRAP, seed: int = 0) -> list[ConfirmRow]:
+def confirm_summary(
+    records: Iterable[TrialRecord | Mapping[str, Any]],
+    baseline: str = BASELINE,
+    replication: int | None = None,
+    n_boot: int = N_BOOTSTRAP,
+    seed: int = 0,
+) -> list[ConfirmRow]:
     """Per pair of a confirm phase: mean ± std of time and passes over reached seeds, and the speedup.
 
     Times and passes average over the seeds that reached (``reached_frac`` says how many);
@@ -306,19 +334,33 @@ def confirm_summary(records: Iterable[TrialRecord | Mapping[str, Any]], baseline
     pairs = pair_stats(records, replication)
     mech_best = {p.mechanism: p.score for p in reversed(pairs)}
     base = next((p for p in pairs if p.mechanism == baseline), None)
-    base_times = [t.time_to_accuracy_s for t in base.trials] if base is not None and base.reached else None
+    base_times = _times(base.trials) if base is not None and base.reached else None
     rows = []
     for p in pairs:
         reached = [t for t in p.trials if t.reached]
-        t_mean, t_std = _mean_std([t.time_to_accuracy_s for t in reached])
+        t_mean, t_std = _mean_std(_times(reached))
         p_mean, p_std = _mean_std([t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)])
         spread: tuple[float | None, ...] = (None, None, None, None)
         if base_times is not None and p.reached:
-            spread = bootstrap_ratio(base_times, [t.time_to_accuracy_s for t in p.trials], n_boot, seed)
-        rows.append(ConfirmRow(p.mechanism, p.step_size, p.global_batch_size, p.n_seeds, p.n_reached / p.n_seeds,
-                               t_mean, t_std, p_mean, p_std, *spread))
-    ranked = sorted(enumerate(rows), key=lambda ir: (ir[1].mechanism != baseline, mech_best[ir[1].mechanism],
-                                                     ir[1].mechanism, ir[0]))  # ir[0]: pair_stats order
+            spread = bootstrap_ratio(base_times, _times(p.trials), n_boot, seed)
+        rows.append(
+            ConfirmRow(
+                p.mechanism,
+                p.step_size,
+                p.global_batch_size,
+                p.n_seeds,
+                p.n_reached / p.n_seeds,
+                t_mean,
+                t_std,
+                p_mean,
+                p_std,
+                *spread,
+            )
+        )
+    ranked = sorted(
+        enumerate(rows),
+        key=lambda ir: (ir[1].mechanism != baseline, mech_best[ir[1].mechanism], ir[1].mechanism, ir[0]),
+    )  # ir[0]: pair_stats order
     return [row for _, row in ranked]
 
 
@@ -367,16 +409,18 @@ def _tuned_step(trials: list[TrialRecord]) -> tuple[float | None, dict[int, floa
 def _check_passes(trials: list[TrialRecord], what: str, tol: float) -> float | None:
     """The common ``passes`` of the trials with a finite loss; ValueError if they differ by more than tol."""
     passes = [t.passes for t in trials if _finite(t.final_train_loss)]
-    if not passes or all(p is None for p in passes):
+    known = [p for p in passes if p is not None]
+    if not known:
         return None
-    if any(p is None for p in passes) or max(passes) - min(passes) > tol:
+    if len(known) < len(passes) or max(known) - min(known) > tol:
         detail = sorted({(t.global_batch_size, t.step_size, t.passes) for t in trials}, key=str)
         raise ValueError(f"{what}: trials ran different numbers of passes (B, step size, passes): {detail}")
-    return passes[0]
+    return known[0]
 
 
-def loss_ratios(records: Iterable[TrialRecord | Mapping[str, Any]], small_batch: int, large_batch: int,
-                passes_tol: float = 1e-6) -> list[LossRatioRow]:
+def loss_ratios(
+    records: Iterable[TrialRecord | Mapping[str, Any]], small_batch: int, large_batch: int, passes_tol: float = 1e-6
+) -> list[LossRatioRow]:
     """The paper's Figure 3: loss ratio L(B_large) / L(B_small) per replication r and mechanism.
 
     For each side, the tuned step size γ*_B = argmin_γ mean_s L(B, γ, s) over finite losses

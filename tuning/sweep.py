@@ -78,11 +78,22 @@ def _tune_config(spec: SweepSpec):
     if spec.scheduler == "asha":
         # Train accuracy at equal budget (training seconds by default: the objective's own clock);
         # every evaluation is a Tune result, and trials also stop at the target by themselves.
-        scheduler = ASHAScheduler(metric="train/accuracy", mode="max", time_attr=spec.asha_time_attr, max_t=1e9,
-                                  grace_period=spec.asha_grace_period, reduction_factor=spec.asha_reduction_factor)
-    return tune.TuneConfig(num_samples=(spec.num_samples or 1) if spec.search != "grid" else 1,
-                           max_concurrent_trials=spec.max_concurrent_trials, scheduler=scheduler,
-                           search_alg=_search_alg(spec), reuse_actors=REUSE_TRIAL_ACTORS and scheduler is None)
+        scheduler = ASHAScheduler(
+            metric="train/accuracy",
+            mode="max",
+            time_attr=spec.asha_time_attr,
+            # Ray's stubs say int; ASHA's rungs are compared with a float time budget (training seconds).
+            max_t=1e9,  # pyright: ignore[reportArgumentType]
+            grace_period=spec.asha_grace_period,  # pyright: ignore[reportArgumentType]
+            reduction_factor=spec.asha_reduction_factor,
+        )
+    return tune.TuneConfig(
+        num_samples=(spec.num_samples or 1) if spec.search != "grid" else 1,
+        max_concurrent_trials=spec.max_concurrent_trials,
+        scheduler=scheduler,
+        search_alg=_search_alg(spec),
+        reuse_actors=REUSE_TRIAL_ACTORS and scheduler is None,
+    )
 
 
 def _start_parent(spec: SweepSpec, resume: bool) -> tuple[str, str]:
@@ -90,11 +101,14 @@ def _start_parent(spec: SweepSpec, resume: bool) -> tuple[str, str]:
     if resume:
         run = newest_sweep(spec.tracking_uri, spec.name, running_only=True)
         if run is None:
-            raise ConfigError(f"--resume: sweep {spec.name!r} has no interrupted run in {spec.tracking_uri}; "
-                              "run it without --resume to start a new one.")
+            raise ConfigError(
+                f"--resume: sweep {spec.name!r} has no interrupted run in {spec.tracking_uri}; "
+                "run it without --resume to start a new one."
+            )
         return run.info.run_id, run.data.tags[TUNE_DIR_TAG]
-    parent_run_id = create_run(spec.tracking_uri, spec.name, f"sweep-{spec.name}", _spec_params(spec),
-                               provenance_tags({KIND_TAG: SWEEP_KIND}))
+    parent_run_id = create_run(
+        spec.tracking_uri, spec.name, f"sweep-{spec.name}", _spec_params(spec), provenance_tags({KIND_TAG: SWEEP_KIND})
+    )
     storage = Path(spec.storage_path or Path.home() / "ray_results").expanduser().resolve()
     tune_dir = str(storage / f"{spec.name}-{parent_run_id[:12]}")
     Tracker(spec.tracking_uri, parent_run_id, enabled=True).set_tags({TUNE_DIR_TAG: tune_dir})
@@ -113,25 +127,34 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
     load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
     shapes = {(c.train.num_workers, c.train.cpus_per_worker, c.train.device) for c in configs}
     if spec.trial_pool and len(shapes) > 1:
-        raise ConfigError(f"trial_pool = true needs one worker shape (train.num_workers, cpus_per_worker, device) "
-                          f"for every trial, the space gives {sorted(shapes)}: set sweep.trial_pool=false.")
+        raise ConfigError(
+            f"trial_pool = true needs one worker shape (train.num_workers, cpus_per_worker, device) "
+            f"for every trial, the space gives {sorted(shapes)}: set sweep.trial_pool=false."
+        )
     per_trial = max(c.train.num_workers * c.train.cpus_per_worker for c in configs)
     parent_run_id, tune_dir = _start_parent(spec, resume)
     ensure_ray(per_trial * spec.max_concurrent_trials)
     pools = _start_pools(spec, configs[0], parent_run_id, tune_dir) if spec.trial_pool else None
     try:
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, spec=spec, parent_run_id=parent_run_id,
-                                 pools_name=pools.name if pools else None),
-            {"cpu": 0, "memory": 2**20})  # the trial only waits on its workers
+            tune.with_parameters(
+                run_trial, spec=spec, parent_run_id=parent_run_id, pools_name=pools.name if pools else None
+            ),
+            {"cpu": 0, "memory": 2**20},
+        )  # the trial only waits on its workers
         recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
         _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder)
         if spec.confirm_seeds:
             winners = confirm_params(spec, collect_sweep(spec.tracking_uri, parent_run_id).best_rows)
             if winners:
-                _fit_tuner(trainable, tune_dir + "-confirm", {CONFIRM_PARAM: tune.grid_search(winners)},
-                           tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials,
-                                           reuse_actors=REUSE_TRIAL_ACTORS), resume, recorder)
+                _fit_tuner(
+                    trainable,
+                    tune_dir + "-confirm",
+                    {CONFIRM_PARAM: tune.grid_search(winners)},
+                    tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=REUSE_TRIAL_ACTORS),
+                    resume,
+                    recorder,
+                )
         if pools is not None:
             start_s = pools.start_s()
             if start_s is not None:  # the pool's own start, once per sweep
@@ -148,8 +171,9 @@ def _start_pools(spec: SweepSpec, cfg, parent_run_id: str, tune_dir: str):
     from raygd.pool import start_pools
     from raygd.ray_env import use_gpu
 
-    return start_pools(cfg, spec.max_concurrent_trials, parent_run_id, str(Path(tune_dir).parent),
-                       gpu=use_gpu(cfg.train.device))
+    return start_pools(
+        cfg, spec.max_concurrent_trials, parent_run_id, str(Path(tune_dir).parent), gpu=use_gpu(cfg.train.device)
+    )
 
 
 def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume: bool, recorder) -> None:
@@ -159,9 +183,12 @@ def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume:
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
     else:
         path = Path(tune_dir)
-        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config,
-                           run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent),
-                                                     callbacks=[recorder]))
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune_config,
+            run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), callbacks=[recorder]),
+        )
     tuner.fit()
 
 
@@ -173,8 +200,12 @@ def confirm_params(spec: SweepSpec, best_rows: list) -> list[dict[str, Any]]:
         if row.time_to_accuracy_s is None or not math.isfinite(row.time_to_accuracy_s) or row.mechanism not in mechs:
             continue
         for seed in spec.confirm_seeds:
-            params = {"step_size": row.step_size, "global_batch_size": row.global_batch_size,
-                      "mechanism": mechs[row.mechanism], "seed": seed}
+            params = {
+                "step_size": row.step_size,
+                "global_batch_size": row.global_batch_size,
+                "mechanism": mechs[row.mechanism],
+                "seed": seed,
+            }
             if "replication" in spec.space:
                 params["replication"] = min(spec.space["replication"])
             out.append(params)
@@ -182,13 +213,23 @@ def confirm_params(spec: SweepSpec, best_rows: list) -> list[dict[str, Any]]:
 
 
 def _spec_params(spec: SweepSpec) -> dict[str, Any]:
-    params = {f"base.{k}": v for k, v in spec.run_config(spec.trial_params()[0]).flat().items()
-              if not k.startswith(("train.step_size", "train.global_batch_size", "train.seed"))}
+    params = {
+        f"base.{k}": v
+        for k, v in spec.run_config(spec.trial_params()[0]).flat().items()
+        if not k.startswith(("train.step_size", "train.global_batch_size", "train.seed"))
+    }
     params.update({f"space.{k}": json.dumps(v) for k, v in spec.space.items()})
-    params.update(search=spec.search, scheduler=spec.scheduler, num_samples=spec.num_samples,
-                  search_seed=spec.search_seed,
-                  num_trials=len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1)
+    params.update(
+        search=spec.search,
+        scheduler=spec.scheduler,
+        num_samples=spec.num_samples,
+        search_seed=spec.search_seed,
+        num_trials=len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1,
+    )
     if spec.scheduler == "asha":
-        params.update(asha_time_attr=spec.asha_time_attr, asha_grace_period=spec.asha_grace_period,
-                      asha_reduction_factor=spec.asha_reduction_factor)
+        params.update(
+            asha_time_attr=spec.asha_time_attr,
+            asha_grace_period=spec.asha_grace_period,
+            asha_reduction_factor=spec.asha_reduction_factor,
+        )
     return params

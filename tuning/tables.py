@@ -30,17 +30,25 @@ def summary_markdown(best_rows: Sequence[BestRow], target_accuracy: float | None
         The markdown text, ending in a newline.
     """
     target = f" {target_accuracy:.4g} training accuracy" if target_accuracy is not None else " the target accuracy"
-    lines = [f"Fastest (step size, batch size) per mechanism: time to{target}, mean ± std over seeds.", "",
-             "| mechanism | step size | B | time to acc (s) | passes | speedup vs vanilla | time saved | seeds "
-             "| pairs reached/tried |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Fastest (step size, batch size) per mechanism: time to{target}, mean ± std over seeds.",
+        "",
+        "| mechanism | step size | B | time to acc (s) | passes | speedup vs vanilla | time saved | seeds "
+        "| pairs reached/tried |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in best_rows:
-        time = "not reached" if r.time_to_accuracy_s is None else (
-            f"{r.time_to_accuracy_s:.4g}" + (f" ± {r.time_std_s:.2g}" if r.time_std_s is not None else ""))
+        time = (
+            "not reached"
+            if r.time_to_accuracy_s is None
+            else (f"{r.time_to_accuracy_s:.4g}" + (f" ± {r.time_std_s:.2g}" if r.time_std_s is not None else ""))
+        )
         speed = "–" if r.speedup is None else f"{r.speedup:.2f}× ({r.speedup_pct:+.0f}%)"
-        lines.append(f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {time} "
-                     f"| {_fmt(r.passes_to_accuracy, '.3g')} | {speed} | {_fmt(r.time_saved_frac, '.1%')} "
-                     f"| {r.n_seeds} | {r.n_reached_pairs}/{r.n_pairs_tried} |")
+        lines.append(
+            f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {time} "
+            f"| {_fmt(r.passes_to_accuracy, '.3g')} | {speed} | {_fmt(r.time_saved_frac, '.1%')} "
+            f"| {r.n_seeds} | {r.n_reached_pairs}/{r.n_pairs_tried} |"
+        )
     if not best_rows:
         lines.append("| (no trials) | | | | | | | | |")
     return "\n".join(lines) + "\n"
@@ -51,19 +59,24 @@ def summary_text(best_rows: Sequence[BestRow], target_accuracy: float | None = N
     return summary_markdown(best_rows, target_accuracy)
 
 
-
 def confirm_markdown(rows: Sequence[ConfirmRow]) -> str:
     """The confirm phase as a table: mean ± std over fresh seeds, speedup with its bootstrap spread."""
+
     def pm(mean, std, fmt):
         return "–" if mean is None else f"{mean:{fmt}}" + ("" if std is None else f" ± {std:{fmt}}")
 
-    lines = ["Confirmed with fresh seeds (mean ± std over seeds; speedup = ratio of mean times, bootstrap std):",
-             "", "| mechanism | step size | B | seeds | reached | time to acc (s) | passes | speedup vs vanilla |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "Confirmed with fresh seeds (mean ± std over seeds; speedup = ratio of mean times, bootstrap std):",
+        "",
+        "| mechanism | step size | B | seeds | reached | time to acc (s) | passes | speedup vs vanilla |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {r.n_seeds} | "
-                     f"{r.reached_frac:.0%} | {pm(r.time_mean_s, r.time_std_s, '.3g')} | "
-                     f"{pm(r.passes_mean, r.passes_std, '.3g')} | {pm(r.speedup, r.speedup_std, '.2f')} |")
+        lines.append(
+            f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {r.n_seeds} | "
+            f"{r.reached_frac:.0%} | {pm(r.time_mean_s, r.time_std_s, '.3g')} | "
+            f"{pm(r.passes_mean, r.passes_std, '.3g')} | {pm(r.speedup, r.speedup_std, '.2f')} |"
+        )
     return "\n".join(lines)
 
 

@@ -41,11 +41,14 @@ def trial_result(summary_metrics: dict[str, float], status: str) -> dict[str, An
     """A trial's final Tune result: its summary, status and objective, and the per-evaluation keys
     (train/accuracy, time/train_s, progress/passes) that ASHA reads from every result."""
     acc = summary_metrics.get("final_train_accuracy")
-    return {**summary_metrics, "status": status,
-            "objective_s": objective_s(status, summary_metrics.get("time_to_accuracy_s"), acc),
-            "train/accuracy": acc if acc is not None else float("nan"),
-            "time/train_s": summary_metrics.get("train_time_s", 0.0),
-            "progress/passes": summary_metrics.get("passes", 0.0)}
+    return {
+        **summary_metrics,
+        "status": status,
+        "objective_s": objective_s(status, summary_metrics.get("time_to_accuracy_s"), acc),
+        "train/accuracy": acc if acc is not None else float("nan"),
+        "time/train_s": summary_metrics.get("train_time_s", 0.0),
+        "progress/passes": summary_metrics.get("passes", 0.0),
+    }
 
 
 def _trial_data(cfg):
@@ -107,13 +110,18 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, po
         tune.report(trial_result(finished.data.metrics, finished.data.tags.get(STATUS_TAG, Status.MAX_PASSES.value)))
         return
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
-    cfg.tracking.run_name = (f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}"
-                             f"-s{cfg.train.seed}")
+    cfg.tracking.run_name = (
+        f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}-s{cfg.train.seed}"
+    )
     # Evaluations reach Tune only for a scheduler: each report is a barrier across the workers, and the
     # channel to the trial is one more actor process per trial; a searcher needs only the final report.
     relay = spec.scheduler != "none"
-    kwargs = {"data": _trial_data(cfg), "parent_run_id": parent_run_id, "run_id": reattach,
-              "run_tags": {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label}}
+    kwargs = {
+        "data": _trial_data(cfg),
+        "parent_run_id": parent_run_id,
+        "run_id": reattach,
+        "run_tags": {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label},
+    }
     if pools_name is not None:
         from raygd.pool import fit_in_pool
         from tuning.objective import provisional_objective
@@ -127,6 +135,8 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, po
         from tuning.callbacks import TrialReportCallback
 
         summary = fit(cfg, train_callbacks=[TrialReportCallback()] if relay else None, **kwargs)
-    mlflow_client(uri).log_metric(summary.run_id, "overhead/trial_to_first_step_s",
-                                  summary.walls["first_step"] - entry_wall, step=summary.steps)
+    assert summary.run_id is not None, "fit and fit_in_pool record their run"
+    mlflow_client(uri).log_metric(
+        summary.run_id, "overhead/trial_to_first_step_s", summary.walls["first_step"] - entry_wall, step=summary.steps
+    )
     tune.report(trial_result(summary.summary_metrics(), summary.status))

@@ -54,8 +54,15 @@ class Diversity:
         return self.n * self.delta
 
 
-def gradient_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
-                       dtype: torch.dtype | None = None, method: str = "ghost") -> Diversity:
+def gradient_diversity(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    dtype: torch.dtype | None = None,
+    method: str = "ghost",
+) -> Diversity:
     """Exact Δ_D(w) = Σ_i‖∇f_i(w)‖² / ‖Σ_i ∇f_i(w)‖² and B_D = nΔ_D over (x, y), one pass.
 
     Cost with ``method="ghost"``: about 1.1-1.3x one forward+backward per batch for Linear/Conv2d
@@ -77,7 +84,8 @@ def gradient_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ba
     for xb, yb in _batches(x, y, batch_size, _device(model), dtype):
         sq, grads = per_example_sq_norms(model, xb, yb, params=params, buffers=buffers, method=method)
         total_sq += float(sq.sum())
-        summed = grads if summed is None else [a + b for a, b in zip(summed, grads)]
+        summed = grads if summed is None else [a + b for a, b in zip(summed, grads, strict=True)]
+    assert summed is not None, "x has no examples"
     return Diversity(int(x.shape[0]), total_sq, _sq_norm(summed))
 
 
@@ -113,8 +121,16 @@ def qsgd_variance(v: torch.Tensor, levels: int, bucket_size: int) -> torch.Tenso
     return ((norms.squeeze(2) / levels) ** 2 * (frac * (1 - frac)).sum(2)).sum(1)
 
 
-def quantized_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, levels: int, bucket_size: int,
-                        *, chunk_size: int = 8, dtype: torch.dtype | None = None) -> Diversity:
+def quantized_diversity(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    levels: int,
+    bucket_size: int,
+    *,
+    chunk_size: int = 8,
+    dtype: torch.dtype | None = None,
+) -> Diversity:
     """B_D^Quant for per-example QSGD surrogates Q(g_i) (exact, no sampling).
 
     Q is unbiased and independent across examples, so with V = Σ_i E‖Q(g_i) − g_i‖²
@@ -131,12 +147,21 @@ def quantized_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, leve
         total_sq += float(_dot(g))
         variance += float(qsgd_variance(g, levels, bucket_size).sum())
         summed = g.sum(0) if summed is None else summed + g.sum(0)
+    assert summed is not None, "x has no examples"
     return Diversity(int(x.shape[0]), total_sq + variance, _sq_norm([summed]) + variance)
 
 
-def dropconnect_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p: float, *,
-                          num_draws: int = 8, generator: torch.Generator | None = None, chunk_size: int = 8,
-                          dtype: torch.dtype | None = None) -> Diversity:
+def dropconnect_diversity(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: float,
+    *,
+    num_draws: int = 8,
+    generator: torch.Generator | None = None,
+    chunk_size: int = 8,
+    dtype: torch.dtype | None = None,
+) -> Diversity:
     """B_D^DC for per-example DropConnect surrogates, by Monte Carlo over the masks.
 
     g_i^DC = M_i ∘ ∇f_i(M_i ∘ W) with independent masks M_i = Bernoulli(1−p)/(1−p) on the
@@ -162,6 +187,7 @@ def dropconnect_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p:
         for g in _flat_grad_chunks(model, x, y, params, buffers, chunk_size, dtype, masks):
             total_sq += float(_dot(g))
             summed = g.sum(0) if summed is None else summed + g.sum(0)
+        assert summed is not None, "x has no examples"
         total_grad_sq += _sq_norm([summed])
     return Diversity(int(x.shape[0]), total_sq / num_draws, total_grad_sq / num_draws)
 
@@ -169,9 +195,15 @@ def dropconnect_diversity(model: nn.Module, x: torch.Tensor, y: torch.Tensor, p:
 # --------------------------------------------------------------------------- differential diversity
 
 
-def differential_diversity(model: nn.Module, other: nn.Module | Mapping[str, torch.Tensor], x: torch.Tensor,
-                           y: torch.Tensor, *, chunk_size: int = 16,
-                           dtype: torch.dtype | None = None) -> Diversity:
+def differential_diversity(
+    model: nn.Module,
+    other: nn.Module | Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    chunk_size: int = 16,
+    dtype: torch.dtype | None = None,
+) -> Diversity:
     """Definition 2: Δ̄(w, w′) = Σ_i‖∇f_i(w) − ∇f_i(w′)‖² / ‖Σ_i (∇f_i(w) − ∇f_i(w′))‖², B̄ = nΔ̄.
 
     Args:
@@ -190,10 +222,14 @@ def differential_diversity(model: nn.Module, other: nn.Module | Mapping[str, tor
         raise ValueError(f"other has no parameters named {missing[:3]}: it must share model's architecture.")
     other_params = {n: theirs[n].detach().to(params[n].dtype) for n in params}
     total_sq, summed = 0.0, None
-    chunks = zip(_flat_grad_chunks(model, x, y, params, buffers, chunk_size, dtype),
-                 _flat_grad_chunks(model, x, y, other_params, buffers, chunk_size, dtype))
+    chunks = zip(
+        _flat_grad_chunks(model, x, y, params, buffers, chunk_size, dtype),
+        _flat_grad_chunks(model, x, y, other_params, buffers, chunk_size, dtype),
+        strict=True,
+    )
     for mine, others in chunks:
         diff = mine - others
         total_sq += float(_dot(diff))
         summed = diff.sum(0) if summed is None else summed + diff.sum(0)
+    assert summed is not None, "x has no examples"
     return Diversity(int(x.shape[0]), total_sq, _sq_norm([summed]))

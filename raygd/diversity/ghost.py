@@ -16,8 +16,8 @@ own DropConnectLinear too. torch.func's vmap(grad) materialises N copies of ever
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,14 @@ def check_per_example(model: nn.Module, layers: Iterable[tuple[str, nn.Module]] 
             raise ValueError(
                 f"layer {name or '<model>'!r} ({kind}) is in train mode: its batch statistics mix the "
                 "examples, so per-example gradients are undefined. Call model.eval() (running statistics) "
-                "or use GroupNorm, which normalises within one example (see raygd.models).")
+                "or use GroupNorm, which normalises within one example (see raygd.models)."
+            )
         if isinstance(m, DropConnectLinear) and m.training and m.p > 0:
             raise ValueError(
                 f"layer {name or '<model>'!r} (DropConnectLinear, p={m.p}) is in train mode and draws random "
                 "masks. Call model.eval() to measure the diversity at w, or use dropconnect_diversity() "
-                "for the DropConnect surrogate.")
+                "for the DropConnect surrogate."
+            )
 
 
 def _ghost_geometry(m: nn.Module) -> tuple | None:
@@ -75,7 +77,7 @@ GHOST_LINEAR = (nn.Linear, DropConnectLinear, nn.modules.linear.NonDynamicallyQu
 """Linear classes whose forward (in eval mode) is F.linear; subclasses may change it, so exact types."""
 
 
-def ghost_supported(m: nn.Module) -> bool:
+def ghost_supported(m: nn.Module) -> TypeGuard[nn.Linear | nn.Conv2d]:
     """An nn.Linear (or DropConnectLinear) or a groups=1 nn.Conv2d with numeric padding."""
     return type(m) in GHOST_LINEAR or _ghost_geometry(m) is not None
 
@@ -96,14 +98,17 @@ def linear_softmax(model: nn.Module) -> LinearSoftmax | None:
     ``BinaryLogisticRegression``, a bare nn.Linear (2-D input) and nn.Sequential(nn.Flatten(), nn.Linear),
     each with no other parameters. Their per-example norms have a closed form (``linear_softmax_sq_norms``).
     """
-    kind = type(model)
-    if kind is nn.Linear:
+    if type(model) is nn.Linear:
         found = LinearSoftmax("", model, False)
-    elif kind in (LogisticRegression, BinaryLogisticRegression):
-        found = LinearSoftmax("linear", model.linear, kind is BinaryLogisticRegression)
-    elif (kind is nn.Sequential and len(model) == 2 and type(model[0]) is nn.Flatten
-          and (model[0].start_dim, model[0].end_dim) == (1, -1)):
-        found = LinearSoftmax("1", model[1], False)
+    elif type(model) is LogisticRegression or type(model) is BinaryLogisticRegression:
+        found = LinearSoftmax("linear", model.linear, type(model) is BinaryLogisticRegression)
+    elif (
+        type(model) is nn.Sequential
+        and len(model) == 2
+        and type(model[0]) is nn.Flatten
+        and (model[0].start_dim, model[0].end_dim) == (1, -1)
+    ):
+        found = LinearSoftmax("1", cast(nn.Linear, model[1]), False)  # its exact type is checked below
     else:
         return None
     if type(found.layer) is not nn.Linear or (found.binary and found.layer.out_features != 1):
@@ -124,8 +129,10 @@ class _Accumulator:
 
     def add(self, sq: torch.Tensor, layer: str) -> None:
         if self.parts and self.parts[0].shape[0] != sq.shape[0]:
-            raise ValueError(f"layer {layer!r} sees {sq.shape[0]} examples on dim 0, other layers "
-                             f"{self.parts[0].shape[0]}: ghost norms need the examples on dim 0 of every layer.")
+            raise ValueError(
+                f"layer {layer!r} sees {sq.shape[0]} examples on dim 0, other layers "
+                f"{self.parts[0].shape[0]}: ghost norms need the examples on dim 0 of every layer."
+            )
         self.parts.append(sq)
 
     def total(self) -> torch.Tensor | None:
@@ -135,7 +142,7 @@ class _Accumulator:
 
 
 def ghost_route(positions: int, fan_in: int, fan_out: int) -> str:
-    """"per_example" or "gram", whichever computes ‖Σ_t δ_t a_tᵀ‖² per example in fewer FLOPs.
+    """ "per_example" or "gram", whichever computes ‖Σ_t δ_t a_tᵀ‖² per example in fewer FLOPs.
 
     positions T (sequence length, or output pixels of a convolution), a_t of size fan_in,
     δ_t of size fan_out: per-example matrices cost T·fan_in·fan_out, Gram matrices
@@ -158,8 +165,8 @@ def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     out = a.new_empty(a.shape[0])
     c = _chunk(a.shape[0], 2 * a.shape[1] ** 2 * a.element_size())
     for s in range(0, a.shape[0], c):
-        ga, gd = a[s:s + c] @ a[s:s + c].transpose(1, 2), d[s:s + c] @ d[s:s + c].transpose(1, 2)
-        out[s:s + c] = (ga * gd).sum((1, 2))
+        ga, gd = a[s : s + c] @ a[s : s + c].transpose(1, 2), d[s : s + c] @ d[s : s + c].transpose(1, 2)
+        out[s : s + c] = (ga * gd).sum((1, 2))
     return out
 
 
@@ -179,19 +186,24 @@ class _GhostLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, acc, name):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, acc, name):
         ctx.save_for_backward(x, weight)
         ctx.acc, ctx.name = acc, name
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, gy):  # noqa: ANN001, ANN205
+    def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if x.dim() == 2:  # the common case, with as few kernel launches as possible
             ctx.acc.add(_linear_sq_norms(x, gy, need_w, need_b), ctx.name)
-            return (gy @ weight if need_x else None, gy.T @ x if need_w else None,
-                    gy.sum(0) if need_b else None, None, None)
+            return (
+                gy @ weight if need_x else None,
+                gy.T @ x if need_w else None,
+                gy.sum(0) if need_b else None,
+                None,
+                None,
+            )
         n = x.shape[0]
         a, d = x.reshape(n, -1, x.shape[-1]), gy.reshape(n, -1, gy.shape[-1])
         sq = gy.new_zeros(n)
@@ -204,7 +216,7 @@ class _GhostLinear(torch.autograd.Function):
             if ghost_route(t, p, q) == "per_example":
                 c = _chunk(n, p * q * a.element_size())
                 for s in range(0, n, c):
-                    sq[s:s + c] += _row_sq_norms(d[s:s + c].transpose(1, 2) @ a[s:s + c])
+                    sq[s : s + c] += _row_sq_norms(d[s : s + c].transpose(1, 2) @ a[s : s + c])
             else:
                 sq += _gram_sq_norms(a, d)
         if need_b:
@@ -215,8 +227,9 @@ class _GhostLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def _conv_per_example(x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor, geometry: tuple,
-                      sq: torch.Tensor) -> torch.Tensor:
+def _conv_per_example(
+    x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor, geometry: tuple, sq: torch.Tensor
+) -> torch.Tensor:
     """Σ_i g_i^W, adding ‖g_i^W‖² to ``sq``: per-example weight gradients in chunks of c examples,
     computed as the weight gradient of a grouped convolution (groups = c), which is faster on CPU
     than im2col (F.unfold) + bmm."""
@@ -228,12 +241,12 @@ def _conv_per_example(x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor, g
     total = torch.zeros_like(weight).view(-1)
     for s in range(0, n, c):
         k = min(c, n - s)
-        xs = x[s:s + k].reshape(1, k * c_in, *x.shape[2:])
-        gs = gy[s:s + k].reshape(1, k * c_out, *gy.shape[2:])
+        xs = x[s : s + k].reshape(1, k * c_in, *x.shape[2:])
+        gs = gy[s : s + k].reshape(1, k * c_out, *gy.shape[2:])
         per_example = torch.ops.aten.convolution_backward(
-            gs, xs, tiled[:k * c_out], None, stride, padding, dilation, False, [0, 0], k,
-            [False, True, False])[1].view(k, -1)
-        sq[s:s + k] += _row_sq_norms(per_example)
+            gs, xs, tiled[: k * c_out], None, stride, padding, dilation, False, [0, 0], k, [False, True, False]
+        )[1].view(k, -1)
+        sq[s : s + k] += _row_sq_norms(per_example)
         total += per_example.sum(0)
     return total.view_as(weight)
 
@@ -248,13 +261,13 @@ class _GhostConv2d(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geometry, acc, name):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, geometry, acc, name):
         ctx.save_for_backward(x, weight)
         ctx.geometry, ctx.acc, ctx.name = geometry, acc, name
         return F.conv2d(x, weight, bias, *geometry)
 
     @staticmethod
-    def backward(ctx, gy):  # noqa: ANN001, ANN205
+    def backward(ctx, gy):
         x, weight = ctx.saved_tensors
         geometry = ctx.geometry
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -266,15 +279,16 @@ class _GhostConv2d(torch.autograd.Function):
         mask = [need_x, need_w and not per_example_route, False]
         if any(mask):
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                gy, x, weight, None, *geometry, False, [0, 0], 1, mask)
+                gy, x, weight, None, *geometry, False, [0, 0], 1, mask
+            )
         if need_w and per_example_route:
             grad_w = _conv_per_example(x, gy, weight, geometry, sq)
         elif need_w:
             stride, padding, dilation = geometry
             c = _chunk(n, positions * (k + positions) * x.element_size())
             for s in range(0, n, c):
-                u = F.unfold(x[s:s + c], weight.shape[2:], dilation, padding, stride).transpose(1, 2)
-                sq[s:s + c] += _gram_sq_norms(u, gy[s:s + c].view(-1, c_out, positions).transpose(1, 2))
+                u = F.unfold(x[s : s + c], weight.shape[2:], dilation, padding, stride).transpose(1, 2)
+                sq[s : s + c] += _gram_sq_norms(u, gy[s : s + c].view(-1, c_out, positions).transpose(1, 2))
         if need_b:
             per_example = gy.sum((2, 3))
             sq += _row_sq_norms(per_example)
@@ -283,29 +297,33 @@ class _GhostConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _ghost_forward(module: nn.Module, name: str, ghost: GhostNorms, light: bool = False):  # noqa: ANN202
+def _ghost_forward(
+    module: nn.Linear | nn.Conv2d, name: str, ghost: GhostNorms, light: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """The forward GhostNorms patches in; ``light``: the layer of a ``linear_softmax`` model, whose
     output gradient is kept (C++ retain_grad, no autograd.Function) for the closed form."""
     geometry = None if type(module) in GHOST_LINEAR else _ghost_geometry(module)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if name in ghost._called:
-            raise ValueError(f"layer {name!r} is called twice in one forward; ghost norms need one call per "
-                             "layer: use per_example_sq_norms(..., method='func').")
+            raise ValueError(
+                f"layer {name!r} is called twice in one forward; ghost norms need one call per "
+                "layer: use per_example_sq_norms(..., method='func')."
+            )
         ghost._called.add(name)
         if x.dim() < 2:
             raise ValueError(f"layer {name!r} got an unbatched input of shape {tuple(x.shape)}.")
-        if geometry is None and light and x.dim() == 2:
+        if isinstance(module, nn.Conv2d):  # the ghost path's convolutions (geometry is set)
+            if module.padding_mode != "zeros":
+                x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            return _GhostConv2d.apply(x, module.weight, module.bias, geometry, ghost._acc, name)
+        if light and x.dim() == 2:
             out = F.linear(x, module.weight, module.bias)
             if out.requires_grad:  # backward fills out.grad = ∂L/∂z; GhostNorms.sq_norms reads it
                 out.retain_grad()
                 ghost._logits = (name, x, out)
             return out
-        if geometry is None:
-            return _GhostLinear.apply(x, module.weight, module.bias, ghost._acc, name)
-        if module.padding_mode != "zeros":
-            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-        return _GhostConv2d.apply(x, module.weight, module.bias, geometry, ghost._acc, name)
+        return _GhostLinear.apply(x, module.weight, module.bias, ghost._acc, name)
 
     return forward
 
@@ -343,14 +361,18 @@ class GhostNorms:
         for name, m in model.named_modules(remove_duplicate=False):
             for p in m.parameters(recurse=False):
                 if id(p) in covered and owners.setdefault(id(p), name) != name:
-                    raise ValueError(f"a parameter is shared by layers {owners[id(p)]!r} and {name!r}; "
-                                     "use per_example_sq_norms(..., method='func').")
+                    raise ValueError(
+                        f"a parameter is shared by layers {owners[id(p)]!r} and {name!r}; "
+                        "use per_example_sq_norms(..., method='func')."
+                    )
         self._acc, self._called = _Accumulator(), set()
         self._saved: dict[str, object] = {}
         closed = linear_softmax(model)
         self._logits: tuple[str, torch.Tensor, torch.Tensor] | None = None
-        self._forwards = {name: _ghost_forward(m, name, self, light=closed is not None and m is closed.layer)
-                          for name, m in self.layers.items()}
+        self._forwards = {
+            name: _ghost_forward(m, name, self, light=closed is not None and m is closed.layer)
+            for name, m in self.layers.items()
+        }
         self._mode_sensitive = mode_sensitive_layers(model)
 
     # Entered every training step: the patch goes through the layers' __dict__ (nn.Module's
@@ -373,10 +395,11 @@ class GhostNorms:
 
     def sq_norms(self) -> torch.Tensor | None:
         """(N,) float64 per-example squared norms over the covered parameters; None before backward."""
-        if self._logits is not None and self._logits[2].grad is not None:
+        if self._logits is not None:
             name, x, z = self._logits
-            layer = self.layers[name]
-            bias = layer.bias is not None and layer.bias.requires_grad
-            self._acc.add(_linear_sq_norms(x, z.grad, layer.weight.requires_grad, bias), name)
-            self._logits = None
+            if z.grad is not None:
+                layer = self.layers[name]
+                bias = layer.bias is not None and layer.bias.requires_grad
+                self._acc.add(_linear_sq_norms(x, z.grad, layer.weight.requires_grad, bias), name)
+                self._logits = None
         return self._acc.total()

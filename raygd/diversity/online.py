@@ -4,17 +4,19 @@ B_D = E‖g‖² / ‖E g‖²; a step gives unbiased estimates of both moments 
 per-example norms (``in_step_moments``, with ``GhostNorms``) or from the local and all-reduced
 gradient norms (``two_batch_moments``, McCandlish et al.'s two-batch estimator: no extra backward,
 via ``reduce_gradients``, DDP's all-reduce done by hand). ``MomentsEMA`` smooths the ratio over
-steps; ``OnlineDiversity`` runs one of the two in ``raygd.loop``'s step. Hand-written: these are small formulas on top of torch.distributed, tied to raygd's step.
+steps; ``OnlineDiversity`` runs one of the two in ``raygd.loop``'s step. Hand-written: these are
+small formulas on top of torch.distributed, tied to raygd's step.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from raygd.diversity.ghost import GhostNorms
 
@@ -36,8 +38,9 @@ class Moments(NamedTuple):
         return math.inf
 
 
-def in_step_moments(sum_sq_norms: float, grad_sum_sq_norm: float, batch_size: int,
-                    population_size: int | None = None) -> Moments:
+def in_step_moments(
+    sum_sq_norms: float, grad_sum_sq_norm: float, batch_size: int, population_size: int | None = None
+) -> Moments:
     """Unbiased E‖g‖² and ‖μ‖² from one batch's per-example norms s_i and summed gradient G.
 
     With replacement (the paper's sampling): E‖g‖² ≈ Σs_i / b and
@@ -60,8 +63,9 @@ def in_step_moments(sum_sq_norms: float, grad_sum_sq_norm: float, batch_size: in
     return Moments(m2, pairs)
 
 
-def two_batch_moments(small_sq_norm: float, small_batch: int, big_sq_norm: float, big_batch: int,
-                      population_size: int | None = None) -> Moments:
+def two_batch_moments(
+    small_sq_norm: float, small_batch: int, big_sq_norm: float, big_batch: int, population_size: int | None = None
+) -> Moments:
     """E‖g‖² and ‖μ‖² from mean-gradient norms at two batch sizes (McCandlish et al., App. A).
 
     E‖G_b‖² = ‖μ‖² + v_b tr(Σ) with v_b = 1/b (with replacement) or (n−b)/(b(n−1))
@@ -104,7 +108,10 @@ def grad_sq_norm(model: nn.Module) -> float:
     model's training step (the free and in-step estimators read this every step) feels.
     """
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads)) if grads else 0.0
+    if not grads:
+        return 0.0
+    # torch's stubs do not re-export _foreach_norm, which clip_grad_norm_ itself calls
+    return math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads))  # pyright: ignore[reportPrivateImportUsage]
 
 
 class MomentsEMA:
@@ -207,14 +214,19 @@ class OnlineDiversity:
 
     def measuring(self):
         """The context a measured update's forward and backward run in."""
-        return self.ghost if self.ghost is not None else self.net.no_sync()  # free: P > 1, so net is DDP
+        if self.ghost is not None:
+            return self.ghost
+        return cast(DistributedDataParallel, self.net).no_sync()  # free: P > 1, so net is DDP
 
     def update(self) -> None:
         """After a measured backward (before the mechanism changes the gradient)."""
         P = self.world_size
         if self.kind == "in_step":
             big = grad_sq_norm(self.model)
-            sum_sq = mean_over_workers(float(self.ghost.sq_norms().sum()) * self.b**2, P, self.device) * P
+            sq = self.ghost.sq_norms() if self.ghost is not None else None
+            if sq is None:
+                raise RuntimeError("OnlineDiversity.update() needs a measured backward run inside measuring()")
+            sum_sq = mean_over_workers(float(sq.sum()) * self.b**2, P, self.device) * P
             moments = in_step_moments(sum_sq, big * self.B**2, self.B, self.population)
         else:
             small, big = reduce_gradients(self.model, P)

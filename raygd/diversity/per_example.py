@@ -37,6 +37,7 @@ Params = dict[str, torch.Tensor]
 def functional_state(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[Params, Params]:
     """(params, buffers) for ``torch.func.functional_call``: detached copies of the trainable
     parameters (requiring grad) and of the buffers and frozen parameters, cast to ``dtype``."""
+
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
 
@@ -45,9 +46,15 @@ def functional_state(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
     return params, {**frozen, **{n: cast(b) for n, b in model.named_buffers()}}
 
 
-def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Params,
-                      buffers: Params, names: Sequence[str] | None = None,
-                      weight_masks: Params | None = None) -> Params:
+def per_example_grads(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: Params,
+    buffers: Params,
+    names: Sequence[str] | None = None,
+    weight_masks: Params | None = None,
+) -> Params:
     """g_i = ∇_θ f_i for each example, by torch.func (vmap of grad of functional_call).
 
     Cost: a batched forward and backward that holds N copies of every gradient (N·d floats);
@@ -74,8 +81,7 @@ def per_example_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params
         logits = functional_call(model, (full, buffers), (xi.unsqueeze(0),))
         return F.cross_entropy(logits, yi.unsqueeze(0), reduction="sum")
 
-    return vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")(
-        diff, weight_masks or {}, x, y)
+    return vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")(diff, weight_masks or {}, x, y)
 
 
 def _flat(grads: Params, n: int) -> torch.Tensor:
@@ -83,22 +89,25 @@ def _flat(grads: Params, n: int) -> torch.Tensor:
     return torch.cat([g.reshape(n, -1) for g in grads.values()], 1)
 
 
-def _func_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Params, buffers: Params,
-                   names: Sequence[str]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _func_sq_norms(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Params, buffers: Params, names: Sequence[str]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(Σ over ``names`` of ‖g_i‖² per example, Σ_i g_i per name) by torch.func in memory-bounded chunks."""
     d = sum(params[n].numel() for n in names)
     c = max(1, FUNC_CHUNK_BYTES // (d * params[names[0]].element_size()))
     sq, summed = [], None
     for s in range(0, x.shape[0], c):
-        grads = per_example_grads(model, x[s:s + c], y[s:s + c], params, buffers, names)
-        sq.append(_row_sq_norms(_flat(grads, x[s:s + c].shape[0])).to(torch.float64))
+        grads = per_example_grads(model, x[s : s + c], y[s : s + c], params, buffers, names)
+        sq.append(_row_sq_norms(_flat(grads, x[s : s + c].shape[0])).to(torch.float64))
         part = [g.sum(0) for g in grads.values()]
-        summed = part if summed is None else [a + b for a, b in zip(summed, part)]
+        summed = part if summed is None else [a + b for a, b in zip(summed, part, strict=True)]
+    assert summed is not None, "x has no examples"
     return torch.cat(sq), summed
 
 
-def linear_softmax_sq_norms(found: LinearSoftmax, x: torch.Tensor, y: torch.Tensor, params: Params,
-                            buffers: Params) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def linear_softmax_sq_norms(
+    found: LinearSoftmax, x: torch.Tensor, y: torch.Tensor, params: Params, buffers: Params
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Closed-form s_i = ‖∇f_i‖² and G = Σ_i ∇f_i of a ``linear_softmax`` model, f_i its cross entropy.
 
     With a_i = x_i flattened, z_i = W a_i + b, p_i = softmax(z_i) and δ_i = p_i − e_{y_i} = ∂f_i/∂z_i:
@@ -118,6 +127,7 @@ def linear_softmax_sq_norms(found: LinearSoftmax, x: torch.Tensor, y: torch.Tens
     prefix = f"{found.name}." if found.name else ""
     weight = params.get(f"{prefix}weight", buffers.get(f"{prefix}weight"))
     bias = params.get(f"{prefix}bias", buffers.get(f"{prefix}bias"))
+    assert weight is not None, "linear_softmax found the layer, so its weight is a parameter or a buffer"
     with torch.no_grad():
         a = x.flatten(1).to(weight.dtype)
         z = F.linear(a, weight, bias)
@@ -133,9 +143,15 @@ def linear_softmax_sq_norms(found: LinearSoftmax, x: torch.Tensor, y: torch.Tens
     return sq.to(torch.float64), [grads[n] for n in params]
 
 
-def per_example_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                         params: Params | None = None, buffers: Params | None = None,
-                         method: str = "ghost") -> tuple[torch.Tensor, list[torch.Tensor]]:
+def per_example_sq_norms(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    params: Params | None = None,
+    buffers: Params | None = None,
+    method: str = "ghost",
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """s_i = ‖∇f_i(w)‖² for each example and the summed gradient G = Σ_i ∇f_i(w).
 
     ``method="ghost"``: one forward and one backward of Σ_i f_i with ``GhostNorms`` give G and
@@ -172,7 +188,7 @@ def per_example_sq_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
     sq = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) if sq is None else sq
     if ghost.uncovered:
         sq = sq + _func_sq_norms(model, x, y, params, buffers, ghost.uncovered)[0]
-    return sq, [torch.zeros_like(p) if g is None else g for g, p in zip(summed, params.values())]
+    return sq, [torch.zeros_like(p) if g is None else g for g, p in zip(summed, params.values(), strict=True)]
 
 
 def _dot(t: torch.Tensor) -> torch.Tensor:
@@ -185,20 +201,28 @@ def _sq_norm(tensors: Iterable[torch.Tensor]) -> float:
     return sum(float(_dot(t)) for t in tensors)
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor, size: int, device: torch.device,
-             dtype: torch.dtype | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    x: torch.Tensor, y: torch.Tensor, size: int, device: torch.device, dtype: torch.dtype | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for s in range(0, x.shape[0], size):
-        xb = x[s:s + size].to(device)
-        yield (xb.to(dtype) if dtype is not None and xb.is_floating_point() else xb), y[s:s + size].to(device)
+        xb = x[s : s + size].to(device)
+        yield (xb.to(dtype) if dtype is not None and xb.is_floating_point() else xb), y[s : s + size].to(device)
 
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _flat_grad_chunks(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: Params, buffers: Params,
-                      chunk_size: int, dtype: torch.dtype | None,
-                      masks: Callable[[int], Params] | None = None) -> Iterator[torch.Tensor]:
+def _flat_grad_chunks(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: Params,
+    buffers: Params,
+    chunk_size: int,
+    dtype: torch.dtype | None,
+    masks: Callable[[int], Params] | None = None,
+) -> Iterator[torch.Tensor]:
     """(c, d) per-example gradients (torch.func) of successive chunks of c <= chunk_size examples."""
     check_per_example(model)
     for xb, yb in _batches(x, y, chunk_size, _device(model), dtype):

@@ -44,9 +44,21 @@ from raygd.mechanisms.sgld import SGLD
 if TYPE_CHECKING:
     from raygd.config import MechanismConfig
 
-__all__ = ["REGISTRY", "SGLD", "DropConnect", "Mechanism", "Quantize", "Vanilla", "build_mechanism",
-           "derive_seed", "make_generator", "mechanism_class", "mechanism_label", "parse_label",
-           "surrogate_label"]
+__all__ = [
+    "REGISTRY",
+    "SGLD",
+    "DropConnect",
+    "Mechanism",
+    "Quantize",
+    "Vanilla",
+    "build_mechanism",
+    "derive_seed",
+    "make_generator",
+    "mechanism_class",
+    "mechanism_label",
+    "parse_label",
+    "surrogate_label",
+]
 
 REGISTRY: dict[str, type[Mechanism]] = {cls.name: cls for cls in (Vanilla, DropConnect, SGLD, Quantize)}
 """``mechanism.name`` -> class; ``raygd.config.MECHANISMS`` is its keys."""

@@ -80,16 +80,24 @@ class Mechanism:
         """Params that say how the mechanism ran (none duplicate a config key)."""
         return {"mechanism.granularity": self.granularity, "mechanism.implementation": self.implementation}
 
-    def surrogate_diversity(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                            generator: torch.Generator, dtype: torch.dtype | None = None) -> Diversity:
+    def surrogate_diversity(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        dtype: torch.dtype | None = None,
+    ) -> Diversity:
         """B_D of ``model`` on (x, y) with the paper's per-example surrogates, whatever granularity
         training uses (``estimator`` says how); vanilla: the exact ``gradient_diversity``."""
         from raygd.diversity import gradient_diversity
 
         return gradient_diversity(model, x, y, dtype=dtype)
 
-    def setup(self, model: nn.Module, *, seed: int, rank: int, world_size: int,
-              global_batch_size: int, device: torch.device) -> nn.Module:
+    def setup(
+        self, model: nn.Module, *, seed: int, rank: int, world_size: int, global_batch_size: int, device: torch.device
+    ) -> nn.Module:
         """Remember the worker's place and return the (possibly modified) model; call before DDP."""
         import torch
 

@@ -51,19 +51,28 @@ class DropConnect(Mechanism):
         per_mask = self.examples_per_mask
         return {**super().log_params(), "mechanism.examples_per_mask": per_mask or "worker_batch"}
 
-    def surrogate_diversity(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                            generator: torch.Generator, dtype: torch.dtype | None = None) -> Diversity:
+    def surrogate_diversity(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        dtype: torch.dtype | None = None,
+    ) -> Diversity:
         """Per-example masks, Monte Carlo over 8 draws (``raygd.diversity.dropconnect_diversity``)."""
         from raygd.diversity import dropconnect_diversity
 
         return dropconnect_diversity(model, x, y, self.p, generator=generator, dtype=dtype)
 
-    def setup(self, model: nn.Module, *, seed: int, rank: int, world_size: int,
-              global_batch_size: int, device: torch.device) -> nn.Module:
+    def setup(
+        self, model: nn.Module, *, seed: int, rank: int, world_size: int, global_batch_size: int, device: torch.device
+    ) -> nn.Module:
         """Replace every ``nn.Linear`` (recursively, or the model itself) by a ``DropConnectLinear``."""
         from raygd.mechanisms.dropconnect_linear import replace_linears
 
-        super().setup(model, seed=seed, rank=rank, world_size=world_size,
-                      global_batch_size=global_batch_size, device=device)
+        super().setup(
+            model, seed=seed, rank=rank, world_size=world_size, global_batch_size=global_batch_size, device=device
+        )
         self.generator = make_generator(device, seed, "dropconnect", rank)
         return replace_linears(model, self.p, self.examples_per_mask, self.generator)

@@ -10,6 +10,7 @@ generator state so memory does not grow with the batch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,14 @@ from torch import nn
 MASK_BUDGET_BYTES = 64 * 2**20
 """Largest block of DropConnect masks alive at once (the rest is redrawn, not stored)."""
 
-def dropconnect_masks(shape: Sequence[int], p: float, generator: torch.Generator,
-                      dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+
+def dropconnect_masks(
+    shape: Sequence[int],
+    p: float,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Independent DropConnect masks: M = Bernoulli(1-p) / (1-p), so E[M * W] = W.
 
     Drawn as 1[u < 1-p] with u ~ U[0, 1) (twice as fast as ``bernoulli_`` on CPU).
@@ -39,8 +46,9 @@ def dropconnect_masks(shape: Sequence[int], p: float, generator: torch.Generator
     return masks.uniform_(generator=generator).lt_(keep).mul_(1.0 / keep)
 
 
-def _mask_chunks(weight: torch.Tensor, num_groups: int, p: float, generator: torch.Generator,
-                 groups_per_chunk: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+def _mask_chunks(
+    weight: torch.Tensor, num_groups: int, p: float, generator: torch.Generator, groups_per_chunk: int
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (start, stop, masks[start:stop]) for ``num_groups`` masks, drawn chunk by chunk.
 
     The masks are views of one reused buffer: each is overwritten by the next chunk, and the
@@ -61,7 +69,7 @@ class _GroupMaskedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, p, generator, groups_per_chunk):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, p, generator, groups_per_chunk):
         ctx.rng_state, ctx.rng_device = generator.get_state(), generator.device
         ctx.p, ctx.groups_per_chunk = p, groups_per_chunk
         ctx.save_for_backward(x, weight)
@@ -71,7 +79,7 @@ class _GroupMaskedLinear(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
         generator = torch.Generator(device=ctx.rng_device)
         generator.set_state(ctx.rng_state)
@@ -101,16 +109,25 @@ class DropConnectLinear(nn.Linear):
     grow with the batch; per-example masks therefore cost two draws per weight per example.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, p: float = 0.5,
-                 group_size: int | None = 1, generator: torch.Generator | None = None,
-                 mask_budget_bytes: int = MASK_BUDGET_BYTES, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        p: float = 0.5,
+        group_size: int | None = 1,
+        generator: torch.Generator | None = None,
+        mask_budget_bytes: int = MASK_BUDGET_BYTES,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.p, self.group_size, self.mask_budget_bytes = p, group_size, mask_budget_bytes
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs: object) -> DropConnectLinear:
+    def from_linear(cls, linear: nn.Linear, **kwargs: Any) -> DropConnectLinear:
         """Wrap ``linear``'s own weight and bias Parameters (shared, not copied)."""
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", **kwargs)
         new.weight, new.bias = linear.weight, linear.bias
@@ -135,11 +152,17 @@ class DropConnectLinear(nn.Linear):
         rows = x.reshape(n, -1, self.in_features)
         g, full = self._group_layout(n)
         chunk = self._groups_per_chunk()
-        parts = [_GroupMaskedLinear.apply(rows[: g * full].reshape(full, -1, self.in_features),
-                                          self.weight, self.p, self.generator, chunk)]
+        parts = [
+            _GroupMaskedLinear.apply(
+                rows[: g * full].reshape(full, -1, self.in_features), self.weight, self.p, self.generator, chunk
+            )
+        ]
         if g * full < n:  # the shorter last group gets its own mask, drawn after the others
-            parts.append(_GroupMaskedLinear.apply(rows[g * full:].reshape(1, -1, self.in_features),
-                                                  self.weight, self.p, self.generator, chunk))
+            parts.append(
+                _GroupMaskedLinear.apply(
+                    rows[g * full :].reshape(1, -1, self.in_features), self.weight, self.p, self.generator, chunk
+                )
+            )
         y = torch.cat([part.reshape(-1, self.out_features) for part in parts])
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
@@ -154,6 +177,7 @@ class DropConnectLinear(nn.Linear):
             last = next(_mask_chunks(self.weight, 1, self.p, generator, chunk))[2]
             per_example.append(last.expand(n - g * full, -1, -1))
         return torch.cat(per_example)
+
 
 def replace_linears(module: nn.Module, p: float, group_size: int | None, generator: torch.Generator) -> nn.Module:
     """Replace every ``nn.Linear`` of ``module`` (recursively, or the module itself) by a

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from raygd.mechanisms.quantize import Quantize
 
+
 def _buckets(v: torch.Tensor, bucket_size: int) -> torch.Tensor:
     """v (1-D) zero-padded to a whole number of buckets, shaped (buckets, bucket_size)."""
     n = v.numel()
@@ -24,8 +25,9 @@ def _buckets(v: torch.Tensor, bucket_size: int) -> torch.Tensor:
     return F.pad(v.reshape(-1), (0, num_buckets * bucket_size - n)).view(num_buckets, bucket_size)
 
 
-def qsgd_encode(v: torch.Tensor, levels: int, bucket_size: int,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def qsgd_encode(
+    v: torch.Tensor, levels: int, bucket_size: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """QSGD stochastic quantization of v in buckets b of ``bucket_size`` entries (last may be shorter).
 
     r_j = |v_j| s / ||v_b||, l = floor(r_j); level_j = l + 1 with probability r_j - l, else l;
@@ -62,7 +64,7 @@ def qsgd_quantize(v: torch.Tensor, levels: int, bucket_size: int, generator: tor
     return qsgd_decode(q, norms, levels, bucket_size).to(v.dtype)
 
 
-def qsgd_comm_hook(state: Quantize, bucket):  # noqa: ANN001, ANN202
+def qsgd_comm_hook(state: Quantize, bucket):
     """DDP hook: all_gather this rank's int8 levels + float32 norms, decode all, average.
 
     ``bucket`` is a ``dist.GradBucket``; the result a ``Future[Tensor]``. They are left
@@ -70,6 +72,7 @@ def qsgd_comm_hook(state: Quantize, bucket):  # noqa: ANN001, ANN202
     postponed annotations are strings.
     """
     buffer = bucket.buffer()
+    assert state.generator is not None, "setup() makes the generator"
     q, norms = qsgd_encode(buffer, state.levels, state.bucket_size, state.generator)
     payload = torch.cat([norms.view(torch.int8), q])  # norms first: their bytes stay 4-aligned
     state.count_bytes(payload.numel(), buffer.numel() * buffer.element_size())
@@ -80,21 +83,23 @@ def qsgd_comm_hook(state: Quantize, bucket):  # noqa: ANN001, ANN202
     def average(_: torch.futures.Future) -> torch.Tensor:
         total = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
         for got in gathered:
-            total += qsgd_decode(got[norm_bytes:], got[:norm_bytes].view(torch.float32),
-                                 state.levels, state.bucket_size)
+            total += qsgd_decode(
+                got[norm_bytes:], got[:norm_bytes].view(torch.float32), state.levels, state.bucket_size
+            )
         return buffer.copy_(total.div_(state.world_size).view_as(buffer))
 
     return work.get_future().then(average)
 
 
-def quantize_grads(grads: list[torch.Tensor], levels: int, bucket_size: int,
-                   generator: torch.Generator) -> tuple[int, int]:
+def quantize_grads(
+    grads: list[torch.Tensor], levels: int, bucket_size: int, generator: torch.Generator
+) -> tuple[int, int]:
     """grads <- Q(concatenated grads) in place (one worker, no DDP hook); returns (bytes that Q's
     int8 levels and float32 norms take, float bytes of the gradients)."""
     flat = torch.cat([g.reshape(-1) for g in grads])
     q, norms = qsgd_encode(flat, levels, bucket_size, generator)
     quantized = qsgd_decode(q, norms, levels, bucket_size)
     with torch.no_grad():
-        for grad, part in zip(grads, quantized.split([g.numel() for g in grads])):
+        for grad, part in zip(grads, quantized.split([g.numel() for g in grads]), strict=True):
             grad.copy_(part.view_as(grad))
     return q.numel() + 4 * norms.numel(), flat.numel() * flat.element_size()

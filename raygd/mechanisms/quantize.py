@@ -39,8 +39,10 @@ class Quantize(Mechanism):
     granularity = "per_worker"
     implementation = "QSGD int8 levels + float32 bucket norms, all_gather DDP comm hook"
     label_fields = (("quant_levels", "s"),)
-    excluded_estimators = {"free": "free's measured updates all-reduce the exact gradient by hand, bypassing "
-                                   "quantize's DDP communication hook; use in_step"}
+    excluded_estimators = {
+        "free": "free's measured updates all-reduce the exact gradient by hand, bypassing "
+        "quantize's DDP communication hook; use in_step"
+    }
     estimator = "exact (QSGD variance)"
 
     def __init__(self, levels: int, bucket_size: int) -> None:
@@ -54,17 +56,26 @@ class Quantize(Mechanism):
     def from_config(cls, cfg: MechanismConfig) -> Quantize:
         return cls(cfg.quant_levels, cfg.quant_bucket_size)
 
-    def surrogate_diversity(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                            generator: torch.Generator, dtype: torch.dtype | None = None) -> Diversity:
+    def surrogate_diversity(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        dtype: torch.dtype | None = None,
+    ) -> Diversity:
         """Per-example QSGD surrogates, exact variance (``raygd.diversity.quantized_diversity``)."""
         from raygd.diversity import quantized_diversity
 
         return quantized_diversity(model, x, y, self.levels, self.bucket_size, dtype=dtype)
 
-    def setup(self, model: nn.Module, *, seed: int, rank: int, world_size: int,
-              global_batch_size: int, device: torch.device) -> nn.Module:
-        super().setup(model, seed=seed, rank=rank, world_size=world_size,
-                      global_batch_size=global_batch_size, device=device)
+    def setup(
+        self, model: nn.Module, *, seed: int, rank: int, world_size: int, global_batch_size: int, device: torch.device
+    ) -> nn.Module:
+        super().setup(
+            model, seed=seed, rank=rank, world_size=world_size, global_batch_size=global_batch_size, device=device
+        )
         self.generator = make_generator(device, seed, "quantize", rank)
         return model
 
@@ -90,6 +101,7 @@ class Quantize(Mechanism):
             return
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads:
+            assert self.generator is not None, "setup() makes the generator"
             self.count_bytes(*quantize_grads(grads, self.levels, self.bucket_size, self.generator))
 
     def metrics(self) -> dict[str, float]:

@@ -20,8 +20,9 @@ if TYPE_CHECKING:
     from raygd.diversity import Diversity
 
 
-def sgld_noise_like(tensors: Sequence[torch.Tensor], sigma: float, global_batch_size: int,
-                    generator: torch.Generator) -> list[torch.Tensor]:
+def sgld_noise_like(
+    tensors: Sequence[torch.Tensor], sigma: float, global_batch_size: int, generator: torch.Generator
+) -> list[torch.Tensor]:
     """Langevin noise for the mean gradient: xi ~ N(0, sigma^2 / B * I), one tensor per input.
 
     (1/B) sum_{i<=B} xi_i with xi_i ~ N(0, sigma^2 I) has exactly this law.
@@ -40,7 +41,10 @@ def sgld_noise_like(tensors: Sequence[torch.Tensor], sigma: float, global_batch_
     total = sum(t.numel() for t in tensors)
     flat = torch.randn(total, generator=generator, device=generator.device)
     flat.mul_(sigma / math.sqrt(global_batch_size))
-    return [part.view_as(t).to(t.device, t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    return [
+        part.view_as(t).to(t.device, t.dtype)
+        for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)
+    ]
 
 
 class SGLD(Mechanism):
@@ -65,8 +69,15 @@ class SGLD(Mechanism):
     def from_config(cls, cfg: MechanismConfig) -> SGLD:
         return cls(cfg.sgld_sigma)
 
-    def surrogate_diversity(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                            generator: torch.Generator, dtype: torch.dtype | None = None) -> Diversity:
+    def surrogate_diversity(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        generator: torch.Generator,
+        dtype: torch.dtype | None = None,
+    ) -> Diversity:
         """Closed form from the exact B_D at w (``raygd.diversity.sgld_diversity``), d = all parameters."""
         from raygd.diversity import gradient_diversity, sgld_diversity
 
@@ -81,5 +92,7 @@ class SGLD(Mechanism):
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         generator = make_generator(self.device, self.seed, "sgld", step)
         with torch.no_grad():
-            for grad, noise in zip(grads, sgld_noise_like(grads, self.sigma, self.global_batch_size, generator)):
+            for grad, noise in zip(
+                grads, sgld_noise_like(grads, self.sigma, self.global_batch_size, generator), strict=True
+            ):
                 grad.add_(noise)
