@@ -10,7 +10,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # pip prints a warning per package for the machine's local indexes; keep the real errors.
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install data train sweep lint test bench clean paper
+.PHONY: install data train sweep lint test test-fast bench clean paper
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# The maths and loop-body tests without starting Ray (a few minutes); tests/conftest.py marks the others `ray`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not ray" tests
 
 bench: $(STAMP) data
 	$(BIN)/python -m bench.throughput
