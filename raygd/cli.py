@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="finish the latest interrupted run of this sweep (no duplicate MLflow runs)",
     )
+    sweep.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="Ray Tune's status tables and a progress line per evaluation (default: a line per trial)",
+    )
     div = sub.add_parser(
         "diversity",
         help="measure gradient diversity and the batch-size bound B_D = n*Delta_D",
@@ -103,6 +109,16 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     if urlsplit(tracking_uri).scheme in ("http", "https"):
         return f"open {tracking_uri} in a browser"
     return f"{mlflow_executable()} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def runs_page_url(tracking_uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+    """The MLflow UI page listing the runs of ``run_id``'s experiment in the model-training view (MLflow 3
+    opens an experiment in its GenAI overview otherwise); ``ui`` is the server for a local store."""
+    from mlflow.tracking import MlflowClient
+
+    base = tracking_uri.rstrip("/") if urlsplit(tracking_uri).scheme in ("http", "https") else ui
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def mlflow_executable() -> str:
@@ -151,12 +167,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_sweep(name: str, outcome, tracking_uri: str) -> None:
     print(
-        f"\nraygd sweep {name}: {len(outcome.records)} trials, "
+        f"raygd sweep {name}: {len(outcome.records)} trials, "
         f"{sum(r.reached for r in outcome.records)} reached the target"
     )
     print(outcome.table)
-    print(f"\nMLflow parent run {outcome.parent_run_id} in experiment {name!r} (summary.md, summary.csv, figures)")
+    print(f"MLflow parent run {outcome.parent_run_id} in experiment {name!r} (summary.md, summary.csv, figures)")
     print(f"see it with: {mlflow_ui_command(tracking_uri)}")
+    print(f"then open:   {runs_page_url(tracking_uri, outcome.parent_run_id)}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -168,7 +185,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raygd.ray_env import check_ray_address
 
     check_ray_address()
-    outcome = run_sweep(spec, resume=args.resume)
+    outcome = run_sweep(spec, resume=args.resume, verbose=args.verbose)
     _print_sweep(spec.name, outcome, spec.tracking_uri)
     return 0
 

@@ -209,7 +209,7 @@ def _run_trial(request: dict, rank: int, world_size: int, device: torch.device, 
     resume = resume_point(tracker, rank, checkpoint_prefix=f"{run_id}-")
 
     def evaluation(metrics: dict[str, float], suffix: str = "") -> None:
-        if rank == 0:
+        if rank == 0 and request.get("progress", True):
             _say(_progress_line(metrics) + suffix)
         if not relay:  # only a scheduler reads evaluations, and only it stops trials
             return
@@ -379,6 +379,7 @@ def fit_in_pool(
     run_id: str | None = None,
     relay=None,
     save_model_to: str | None = None,
+    progress: bool = True,
 ) -> RunSummary:
     """``raygd.train.fit`` for a trial of a sweep with pools: the same checks, MLflow run and records,
     with the training done by a warm pool.
@@ -390,6 +391,7 @@ def fit_in_pool(
             order and once per step (a redone step after a restart is not relayed again); None: the
             pool does not report evaluations (no scheduler reads them).
         save_model_to: write the final weights (rank 0's ``state_dict``) to this path on the pool's node.
+        progress: the pool's rank 0 prints a line per evaluation.
     """
     from raygd.train import failing, open_run, prepare, record_summary
 
@@ -406,6 +408,7 @@ def fit_in_pool(
             "data_ref": ray.put(data),
             "relay": relay is not None,
             "save_model_to": save_model_to,
+            "progress": progress,
         }
         launch_wall = time.time()
         ray.get(coordinator.submit.remote(request))

@@ -92,14 +92,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     tracker = Tracker(cfg.tracking.tracking_uri, loop_config["run_id"], enabled=rank == 0)
     resume = resume_point(tracker, rank)
 
+    progress = rank == 0 and loop_config.get("progress", True)
+
     def report(metrics: dict[str, float]) -> None:
-        if rank == 0:
+        if progress:
             _say(_progress_line(metrics))
         if loop_config["report_to_ray"]:  # only Tune reads reports; each is a barrier across workers
             ray.train.report(metrics)
 
     def checkpoint(metrics: dict[str, float], state: dict[str, Any]) -> None:
-        if rank == 0:
+        if progress:
             _say(_progress_line(metrics) + "  [checkpoint]")
         with tempfile.TemporaryDirectory(prefix="raygd-ckpt-") as folder:
             save_checkpoint(folder, state)
@@ -158,6 +160,7 @@ def _trainer(
     train_callbacks: list | None,
     storage_path: str | None,
     save_model_to: str | None,
+    progress: bool,
 ):
     """The ``TorchTrainer`` of one run: P workers of ``train.cpus_per_worker`` CPUs (and a GPU each)."""
     import ray
@@ -174,6 +177,7 @@ def _trainer(
         "threads": tc.cpus_per_worker,
         "report_to_ray": bool(train_callbacks),
         "save_model_to": save_model_to,
+        "progress": progress,
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -247,6 +251,7 @@ def fit(
     run_tags: dict[str, str] | None = None,
     run_id: str | None = None,
     save_model_to: str | None = None,
+    progress: bool = True,
 ) -> RunSummary:
     """Run one data-parallel SGD job on Ray Train and record it in MLflow.
 
@@ -264,6 +269,7 @@ def fit(
             the Ray Train run of the same name restores its last checkpoint from ``storage_path``, and
             the loop logs only steps after those already recorded.
         save_model_to: write the final weights (rank 0's ``state_dict``) to this path on rank 0's node.
+        progress: rank 0 prints a line per evaluation (shown by the driver).
 
     Returns:
         The ``RunSummary`` of rank zero, with ``run_id`` set.
@@ -273,7 +279,7 @@ def fit(
     run_id = run_id or open_run(cfg, data, gpu, parent_run_id, run_tags)
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
     with failing(tracker):
-        trainer = _trainer(cfg, data, run_id, gpu, train_callbacks, storage_path, save_model_to)
+        trainer = _trainer(cfg, data, run_id, gpu, train_callbacks, storage_path, save_model_to, progress)
         launch_wall = time.time()
         # Ray's stubs do not type Result.return_value: it is the dict train_loop_per_worker returned.
         summary = RunSummary(**trainer.fit().return_value)  # pyright: ignore[reportCallIssue]

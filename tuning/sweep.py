@@ -21,8 +21,11 @@ nesting does not give one child per trial under a parent we own.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +118,17 @@ def _start_parent(spec: SweepSpec, resume: bool) -> tuple[str, str]:
     return parent_run_id, tune_dir
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
-    """Run (or resume) a sweep on Ray Tune and record it in MLflow; returns its summary."""
-    from ray import tune
+def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> SweepOutcome:
+    """Run (or resume) a sweep on Ray Tune and record it in MLflow; returns its summary.
 
+    ``verbose``: Tune's status tables and every worker's progress lines; by default one line per
+    trial start and end (``tuning.console``).
+    """
     from raygd.data import load_data
     from raygd.ray_env import ensure_ray
-    from tuning.callbacks import TrialRecorder
 
     configs = [spec.run_config(p) for p in spec.trial_params()]
+    _say(f"raygd sweep {spec.name}: checking the data ({configs[0].data.name}) ...", verbose)
     load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
     shapes = {(c.train.num_workers, c.train.cpus_per_worker, c.train.device) for c in configs}
     if spec.trial_pool and len(shapes) > 1:
@@ -133,28 +138,17 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
         )
     per_trial = max(c.train.num_workers * c.train.cpus_per_worker for c in configs)
     parent_run_id, tune_dir = _start_parent(spec, resume)
-    ensure_ray(per_trial * spec.max_concurrent_trials)
-    pools = _start_pools(spec, configs[0], parent_run_id, tune_dir) if spec.trial_pool else None
+    ensure_ray(per_trial * spec.max_concurrent_trials, log_to_driver=verbose)  # workers' logs: -v only
+    pools = None
+    if spec.trial_pool:
+        _say(
+            f"starting {spec.max_concurrent_trials} warm worker group(s) of {configs[0].train.num_workers} "
+            "workers; trials follow as soon as one is up ...",
+            verbose,
+        )
+        pools = _start_pools(spec, configs[0], parent_run_id, tune_dir)
     try:
-        trainable = tune.with_resources(
-            tune.with_parameters(
-                run_trial, spec=spec, parent_run_id=parent_run_id, pools_name=pools.name if pools else None
-            ),
-            {"cpu": 0, "memory": 2**20},
-        )  # the trial only waits on its workers
-        recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
-        _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder)
-        if spec.confirm_seeds:
-            winners = confirm_params(spec, collect_sweep(spec.tracking_uri, parent_run_id).best_rows)
-            if winners:
-                _fit_tuner(
-                    trainable,
-                    tune_dir + "-confirm",
-                    {CONFIRM_PARAM: tune.grid_search(winners)},
-                    tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=REUSE_TRIAL_ACTORS),
-                    resume,
-                    recorder,
-                )
+        _run_phases(spec, parent_run_id, tune_dir, resume, verbose, pools.name if pools else None)
         if pools is not None:
             start_s = pools.start_s()
             if start_s is not None:  # the pool's own start, once per sweep
@@ -163,6 +157,46 @@ def run_sweep(spec: SweepSpec, resume: bool = False) -> SweepOutcome:
         if pools is not None:
             pools.stop()
     return close_sweep(spec.tracking_uri, parent_run_id)
+
+
+def _say(line: str, verbose: bool) -> None:
+    """A line for the user waiting on a long step (printed either way; ``verbose`` adds Tune's own)."""
+    print(line, flush=True)
+
+
+def _run_phases(
+    spec: SweepSpec, parent_run_id: str, tune_dir: str, resume: bool, verbose: bool, pools_name: str | None
+) -> None:
+    """The search, then the confirm phase (each mechanism's winner with fresh seeds), on Ray Tune."""
+    from ray import tune
+
+    from tuning.callbacks import TrialRecorder
+    from tuning.console import ConsoleReporter
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, spec=spec, parent_run_id=parent_run_id, pools_name=pools_name, progress=verbose
+        ),
+        {"cpu": 0, "memory": 2**20},
+    )  # the trial only waits on its workers
+    recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
+    total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
+    console = None if verbose else ConsoleReporter(total)
+    _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
+    if not spec.confirm_seeds:
+        return
+    winners = confirm_params(spec, collect_sweep(spec.tracking_uri, parent_run_id).best_rows)
+    if winners:
+        _say(f"confirm phase: {len(winners)} trials (each mechanism's winner with seeds {spec.confirm_seeds})", verbose)
+        _fit_tuner(
+            trainable,
+            tune_dir + "-confirm",
+            {CONFIRM_PARAM: tune.grid_search(winners)},
+            tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=REUSE_TRIAL_ACTORS),
+            resume,
+            recorder,
+            None if verbose else ConsoleReporter(len(winners)),
+        )
 
 
 def _start_pools(spec: SweepSpec, cfg, parent_run_id: str, tune_dir: str):
@@ -176,20 +210,42 @@ def _start_pools(spec: SweepSpec, cfg, parent_run_id: str, tune_dir: str):
     )
 
 
-def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume: bool, recorder) -> None:
+def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume: bool, recorder, console) -> None:
+    """Run (or restore) one Tune experiment; with ``console``, Tune itself prints nothing."""
     from ray import tune
 
-    if resume and tune.Tuner.can_restore(tune_dir):
-        tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
-    else:
-        path = Path(tune_dir)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune_config,
-            run_config=tune.RunConfig(name=path.name, storage_path=str(path.parent), callbacks=[recorder]),
-        )
-    tuner.fit()
+    callbacks = [recorder] if console is None else [recorder, console]
+    with _quiet_tune(console is not None):
+        if resume and tune.Tuner.can_restore(tune_dir):
+            tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
+        else:
+            path = Path(tune_dir)
+            run_config = tune.RunConfig(
+                name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0 if console else None
+            )
+            tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+        tuner.fit()
+
+
+@contextlib.contextmanager
+def _quiet_tune(quiet: bool):
+    """Tune's new output engine prints an experiment header even at verbose 0; its legacy engine at
+    verbosity 0 prints nothing, and its INFO log lines (result files written) are dropped."""
+    if not quiet:
+        yield
+        return
+    logger, engine = logging.getLogger("ray.tune"), os.environ.get("RAY_AIR_NEW_OUTPUT")
+    level = logger.level
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if engine is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = engine
 
 
 def confirm_params(spec: SweepSpec, best_rows: list) -> list[dict[str, Any]]:

@@ -83,7 +83,14 @@ def _earlier_run(tracking_uri: str, parent_run_id: str, key: str, continuable: b
     return None, reattach
 
 
-def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, pools_name: str | None = None) -> None:
+def run_trial(
+    params: dict[str, Any],
+    *,
+    spec: SweepSpec,
+    parent_run_id: str,
+    pools_name: str | None = None,
+    progress: bool = True,
+) -> None:
     """One Tune trial: fit one run (or reuse a finished child run of this trial) and report its summary.
 
     An interrupted sweep may re-run a trial: a child run with the same parameters that
@@ -96,6 +103,7 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, po
 
     With ``pools_name`` (the sweep's warm pools, ``raygd.pool``) the training runs in a pool and this
     function relays the pool's evaluations to Tune; otherwise it fits its own ``TorchTrainer``.
+    ``progress``: the workers print a line per evaluation (``raygd sweep -v``).
     """
     from ray import tune
 
@@ -117,6 +125,7 @@ def run_trial(params: dict[str, Any], *, spec: SweepSpec, parent_run_id: str, po
     # channel to the trial is one more actor process per trial; a searcher needs only the final report.
     relay = spec.scheduler != "none"
     kwargs = {
+        "progress": progress,
         "data": _trial_data(cfg),
         "parent_run_id": parent_run_id,
         "run_id": reattach,

@@ -1,0 +1,70 @@
+"""What `raygd sweep` prints: one screen by default, Tune's tables behind -v."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tuning.console import describe
+
+
+def test_a_trial_is_described_by_what_it_varies():
+    assert describe(
+        {"step_size": 0.1, "global_batch_size": 64, "mechanism": {"name": "dropconnect", "drop_prob": 0.4}, "seed": 0}
+    ) == ("dropconnect(p=0.4) γ=0.1 B=64 seed=0")
+    assert (
+        describe({"confirm": {"step_size": 0.4, "global_batch_size": 256, "mechanism": {"name": "vanilla"}, "seed": 7}})
+        == "confirm vanilla γ=0.4 B=256 seed=7"
+    )
+    assert describe({"step_size": 0.0123456, "mechanism": "sgld(sigma=0.01)", "replication": 4}) == (
+        "sgld(sigma=0.01) γ=0.0123 r=4"
+    )
+
+
+@pytest.mark.ray
+def test_sweep_console_fits_on_one_screen_and_ends_with_the_table_and_the_ui_link(tmp_path, idx_dir):
+    spec = {
+        "name": "console",
+        "storage_path": str(tmp_path / "ray_results"),
+        "base": {
+            "data": {"data_dir": str(idx_dir), "eval_size": 600},
+            "train": {
+                "model": "logreg",
+                "num_workers": 2,
+                "target_accuracy": 0.8,
+                "max_passes": 2,
+                "eval_every_steps": 4,
+                "global_batch_size": 32,
+            },
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        },
+        "space": {
+            "step_size": [0.05, 0.1],
+            "mechanism": [{"name": "vanilla"}, {"name": "dropconnect", "drop_prob": 0.4}],
+        },
+    }
+    path = tmp_path / "console.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    done = subprocess.run(
+        [sys.executable, "-m", "raygd.cli", "sweep", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, RAY_ADDRESS=""),
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    lines = done.stdout.rstrip().splitlines()
+    assert len(lines) <= 40, "\n".join(lines)
+    for n in range(1, 5):
+        assert any(line.startswith(f"trial {n}/4 start ") for line in lines), lines
+        assert any(line.startswith(f"trial {n}/4 end ") and "done," in line for line in lines), lines
+    assert any("4 done, 0 running, 0 pending" in line for line in lines), lines
+    table = next(i for i, line in enumerate(lines) if line.startswith("| mechanism |"))
+    assert any(line.startswith("| vanilla |") for line in lines[table:])
+    assert "#/experiments/" in lines[-1] and "workflowType=machine_learning" in lines[-1], lines[-3:]
+    assert "mlflow ui --backend-store-uri" in lines[-2], lines[-3:]
