@@ -24,7 +24,7 @@ from raygd.loop import RunSummary, build_state, run_loop
 from raygd.mechanisms import build_mechanism
 from raygd.ray_env import check_ray_address, ensure_ray, use_gpu
 from raygd.records import STATUS_TAG, Status
-from raygd.tracking import Tracker, check_tracking_store, create_run, provenance_tags
+from raygd.tracking import Tracker, check_tracking_store, create_run, log_dataset, provenance_tags
 
 
 def _say(line: str) -> None:
@@ -142,7 +142,7 @@ def open_run(cfg: RunConfig, data: Dataset, gpu: bool, parent_run_id: str | None
         "cluster.use_gpu": gpu,
         "cluster.nodes": len(ray.nodes()),
     }
-    return create_run(
+    run_id = create_run(
         cfg.tracking.tracking_uri,
         cfg.tracking.experiment_name,
         cfg.tracking.run_name or default_run_name(cfg),
@@ -150,6 +150,8 @@ def open_run(cfg: RunConfig, data: Dataset, gpu: bool, parent_run_id: str | None
         {**provenance_tags(shape), **(run_tags or {})},
         parent_run_id,
     )
+    log_dataset(cfg.tracking.tracking_uri, run_id, cfg.data, data)
+    return run_id
 
 
 def _trainer(

@@ -93,6 +93,7 @@ def test_close_ends_unfinished_children_logs_the_outputs_and_ends_the_parent(swe
     assert {a.path for a in client.list_artifacts(parent)} == {
         "summary.md", "summary.csv", "trials.csv", "time_vs_batch.png", "speedup.png"}
     assert collect_sweep(uri, parent).table == outcome.table
+    assert run.data.tags["mlflow.note.content"] == outcome.table  # the run page's description is the answer
 
 
 def test_write_outputs_adds_the_loss_ratio_figure_for_several_replications(sqlite_uri, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -100,3 +102,32 @@ def test_tracker_reads_the_run_status(sqlite_uri):
     assert tracker.status() == "RUNNING"
     tracker.finish("KILLED")
     assert tracker.status() == "KILLED" and Tracker(sqlite_uri, run_id, enabled=False).status() is None
+
+
+def test_a_run_records_its_training_data_as_an_mlflow_dataset_input(sqlite_uri, idx_dir):
+    from raygd.config import load_run_config
+    from raygd.data import load_data
+    from raygd.tracking import log_dataset
+
+    digests = []
+    for r in (1, 2):
+        cfg = load_run_config(None, [f"data.data_dir={idx_dir}", f"data.replication={r}"])
+        data = load_data(cfg.data, 0)
+        run_id = create_run(sqlite_uri, "datasets", f"r{r}", {}, {})
+        log_dataset(sqlite_uri, run_id, cfg.data, data)
+        (logged,) = MlflowClient(sqlite_uri).get_run(run_id).inputs.dataset_inputs
+        assert logged.dataset.name == ("fashion_mnist" if r == 1 else "fashion_mnist-r2")
+        assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
+        profile = json.loads(logged.dataset.profile)
+        assert profile["num_rows"] == data.n == 600 and profile["num_classes"] == 10 and profile["replication"] == r
+        digests.append(logged.dataset.digest)
+    assert digests[0] != digests[1]  # replicated data is a different data set
+
+
+def test_a_trial_run_is_named_by_what_it_varies(idx_dir):
+    from raygd.config import load_run_config
+    from tuning.trial import run_name
+
+    cfg = load_run_config(None, ["train.global_batch_size=256", "train.step_size=0.1", "data.replication=4"])
+    assert run_name("dropconnect(p=0.4)", cfg, "search") == "dropconnect(p=0.4) B=256 γ=0.1 seed=0 r=4"
+    assert run_name("vanilla", load_run_config(None, []), "confirm").endswith(" (confirm)")

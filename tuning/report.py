@@ -70,6 +70,10 @@ def end_unfinished_children(tracking_uri: str, parent_run_id: str) -> None:
             end_run(client, run.info.run_id, Status.FAILED)
 
 
+NOTE_TAG = "mlflow.note.content"
+"""MLflow's run description (markdown), shown at the top of the run's page."""
+
+
 def close_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     """End a sweep: end its unfinished child runs, collect it, log its table, CSVs, figures and best
     pairs to the parent run, and end the parent run FINISHED."""
@@ -77,6 +81,7 @@ def close_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     outcome = collect_sweep(tracking_uri, parent_run_id)
     tracker = Tracker(tracking_uri, parent_run_id, enabled=True)
     tracker.log_metrics(_parent_metrics(outcome), step=0)
+    tracker.set_tags({NOTE_TAG: outcome.table})  # the run page's description shows the answer
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_outputs(Path(tmp), outcome.records, outcome.best_rows, outcome.table):
             tracker.log_artifact(path)

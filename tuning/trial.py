@@ -61,6 +61,15 @@ def _trial_data(cfg):
     return _DATA_CACHE[key]
 
 
+def run_name(label: str, cfg, phase: str) -> str:
+    """A trial's MLflow run name: what it varies, e.g. ``dropconnect(p=0.4) B=256 γ=0.1 seed=0``."""
+    t = cfg.train
+    name = f"{label} B={t.global_batch_size} γ={t.step_size:g} seed={t.seed}"
+    if cfg.data.replication > 1:
+        name += f" r={cfg.data.replication}"
+    return name + (" (confirm)" if phase == CONFIRM_PHASE else "")
+
+
 def trial_key(params: dict[str, Any]) -> str:
     """A stable key for a trial's parameters: a resumed sweep finds its earlier child run by it."""
     return hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -118,9 +127,7 @@ def run_trial(
         tune.report(trial_result(finished.data.metrics, finished.data.tags.get(STATUS_TAG, Status.MAX_PASSES.value)))
         return
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
-    cfg.tracking.run_name = (
-        f"{trial_id}-{label}-B{cfg.train.global_batch_size}-lr{cfg.train.step_size:g}-s{cfg.train.seed}"
-    )
+    cfg.tracking.run_name = run_name(label, cfg, phase)
     # Evaluations reach Tune only for a scheduler: each report is a barrier across the workers, and the
     # channel to the trial is one more actor process per trial; a searcher needs only the final report.
     relay = spec.scheduler != "none"
