@@ -28,6 +28,9 @@ A pool whose TorchTrainer fails for good fails its trial in flight and is starte
 
 Stopping: when Tune stops a trial (ASHA), the sweep's ``TrialRecorder`` cancels it here; the pool
 abandons it at its next evaluation and takes the next trial.
+
+One module (just over 400 lines) because the coordinator, the pool's worker loop and the thin
+trial speak one protocol (the request and result dicts); split, each half would be read with the other.
 """
 
 from __future__ import annotations

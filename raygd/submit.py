@@ -15,6 +15,9 @@ it (``RAY_AUTH_TOKEN``, then the file at ``RAY_AUTH_TOKEN_PATH``, then ``~/.ray/
 and sent as ``Authorization: Bearer``. A bad address, an unreachable cluster, a missing or
 rejected token, a missing ``--`` or an oversized working directory stop with exit status 2
 and a message naming the input and the fix, before anything is uploaded.
+
+One module (over 400 lines once formatted) because it is one command: its argument checks,
+address/token/working-dir validation and the Jobs API calls share the same error messages.
 """
 
 from __future__ import annotations

@@ -92,6 +92,29 @@ def _earlier_run(tracking_uri: str, parent_run_id: str, key: str, continuable: b
     return None, reattach
 
 
+def _fit(cfg, pools_name: str | None, relay: bool, **kwargs):
+    """Train the trial in a warm pool (``raygd.pool.fit_in_pool``) or with its own ``TorchTrainer``.
+
+    Evaluations reach Tune only for a scheduler (``relay``): with its own trainer each report is a
+    barrier across the workers and the channel to the trial one more actor process; a searcher needs
+    only the final report.
+    """
+    from ray import tune
+
+    if pools_name is not None:
+        from raygd.pool import fit_in_pool
+        from tuning.objective import provisional_objective
+
+        def to_tune(metrics: dict[str, Any]) -> None:
+            tune.report(dict(metrics, objective_s=provisional_objective(metrics)))
+
+        return fit_in_pool(cfg, pools_name, relay=to_tune if relay else None, **kwargs)
+    from raygd.train import fit
+    from tuning.callbacks import TrialReportCallback
+
+    return fit(cfg, train_callbacks=[TrialReportCallback()] if relay else None, **kwargs)
+
+
 def run_trial(
     params: dict[str, Any],
     *,
@@ -128,29 +151,9 @@ def run_trial(
         return
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
     cfg.tracking.run_name = run_name(label, cfg, phase)
-    # Evaluations reach Tune only for a scheduler: each report is a barrier across the workers, and the
-    # channel to the trial is one more actor process per trial; a searcher needs only the final report.
-    relay = spec.scheduler != "none"
-    kwargs = {
-        "progress": progress,
-        "data": _trial_data(cfg),
-        "parent_run_id": parent_run_id,
-        "run_id": reattach,
-        "run_tags": {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label},
-    }
-    if pools_name is not None:
-        from raygd.pool import fit_in_pool
-        from tuning.objective import provisional_objective
-
-        def to_tune(metrics: dict[str, Any]) -> None:
-            tune.report(dict(metrics, objective_s=provisional_objective(metrics)))
-
-        summary = fit_in_pool(cfg, pools_name, relay=to_tune if relay else None, **kwargs)
-    else:
-        from raygd.train import fit
-        from tuning.callbacks import TrialReportCallback
-
-        summary = fit(cfg, train_callbacks=[TrialReportCallback()] if relay else None, **kwargs)
+    run_tags = {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label}
+    kwargs = {"progress": progress, "data": _trial_data(cfg), "parent_run_id": parent_run_id, "run_id": reattach}
+    summary = _fit(cfg, pools_name, relay=spec.scheduler != "none", run_tags=run_tags, **kwargs)
     assert summary.run_id is not None, "fit and fit_in_pool record their run"
     mlflow_client(uri).log_metric(
         summary.run_id, "overhead/trial_to_first_step_s", summary.walls["first_step"] - entry_wall, step=summary.steps
