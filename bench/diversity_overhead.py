@@ -12,10 +12,11 @@ in-step estimator (ghost norms + ‖Σg‖²) against a plain step, and the free
 (backward under DDP's ``no_sync``, ‖G_b‖², ``reduce_gradients``, ‖G_B‖²) against a DDP step,
 on a one-rank gloo group (no network: what remains is the estimator's own cost).
 
-Methods run round-robin (each rep runs every method once), so a burst of load from other
-processes hits all of them; the table gives the median over reps of each method's time over
-the plain time of the same rep (and the ratio of minima). torch.func and the naive loop run
-in rounds of their own, with their own plain baseline.
+Methods run round-robin (each rep runs every method once, after a warm-up call of each), so a
+burst of load from other processes hits all of them; the table gives the median over reps of each
+method's time over the plain time of the same rep with the min-max of those paired ratios (and the
+ratio of minima), and the load average during the run. torch.func and the naive loop run in rounds
+of their own, with their own plain baseline.
 glibc's allocator returns large blocks to the OS and page faults are expensive on some
 machines: ``--malloc tuned`` (the default) re-runs the script with
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``, ``--malloc default`` without them.
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from bench.pairing import LoadAverage, paired, provenance
 from raygd import diversity as D
 from raygd.config import TrainConfig
 from raygd.models import build_model
@@ -173,7 +175,7 @@ def _pairs(methods: dict[str, Callable[[], object]], reps: int) -> list[dict[str
     the block's times renamed so that ``table`` compares each with its own baseline."""
     names = list(methods)
     single = round_robin({n: methods[n] for n in names[:2]}, reps)
-    block = round_robin({n: methods[n] for n in names[2:]}, max(3, reps // 2))
+    block = round_robin({n: methods[n] for n in names[2:]}, max(5, reps // 2))
     base = next(iter(single))
     return [single, {base: block[names[2]], names[2]: block[names[2]], names[3]: block[names[3]]}]
 
@@ -183,7 +185,7 @@ def table(title: str, runs: list[dict[str, list[float]]], baseline: str) -> str:
     run: median ms, the median over reps of (time / baseline time in the same rep), the ratio
     of minima, and the number of reps."""
     lines = [f"\n{title}\n",
-             f"| method | median ms | × {baseline} (median of paired ratios) | × (ratio of minima) | reps |",
+             f"| method | median ms | × {baseline}: median of paired ratios (min–max) | × (ratio of minima) | reps |",
              "|---|---:|---:|---:|---:|"]
     seen = set()
     for times in runs:
@@ -192,9 +194,9 @@ def table(title: str, runs: list[dict[str, list[float]]], baseline: str) -> str:
             if name in seen:
                 continue
             seen.add(name)
-            paired = statistics.median(a / b for a, b in zip(t, base))
-            lines.append(f"| {name} | {statistics.median(t) * 1e3:.2f} | {paired:.3f} | {min(t) / min(base):.3f} | "
-                         f"{len(t)} |")
+            r = paired(t, base)
+            lines.append(f"| {name} | {statistics.median(t) * 1e3:.2f} | {r.median:.3f} ({min(r.ratios):.3f}–"
+                         f"{max(r.ratios):.3f}) | {min(t) / min(base):.3f} | {len(t)} |")
     return "\n".join(lines)
 
 
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=21, help="reps of the fast methods")
-    ap.add_argument("--slow-reps", type=int, default=3, help="reps of torch.func and the naive loop")
+    ap.add_argument("--slow-reps", type=int, default=5, help="reps of torch.func and the naive loop")
     ap.add_argument("--every", type=int, default=TrainConfig.diversity_every_steps,
                     help="train.diversity_every_steps: updates per measured update (default %(default)s)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: B=16, 3 reps")
@@ -217,32 +219,37 @@ def main(argv: list[str] | None = None) -> None:
     if env != dict(os.environ):  # glibc reads these at start-up: only a fresh process sees them
         os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
     if args.smoke:
-        args.batch_sizes, args.reps, args.slow_reps = [16], 3, 1
+        args.batch_sizes, args.reps, args.slow_reps = [16], 5, 5
     torch.set_num_threads(args.threads)
     malloc = "tuned" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc default"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}")
+    load = LoadAverage()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}; {provenance()}")
     for name in args.models:
         for b in args.batch_sizes:
-            torch.manual_seed(0)
-            model = build_model(name, (1, 28, 28), 10)
-            x, y = torch.randn(b, 1, 28, 28), torch.randint(10, (b,))
-            print(f"\n## {name}, B={b}: ghost vs naive loop max relative difference "
-                  f"{check_agreement(model, x, y):.1e}")
-            ghost = D.GhostNorms(model)
-            plain = "plain forward+backward"
-            fast = {plain: lambda: plain_backward(model, x, y),
-                    "raygd exact norms (GhostNorms)": lambda: ghost_norms(model, x, y, ghost),
-                    "raygd per_example_sq_norms": lambda: exact_norms(model, x, y)}
-            # The slow methods get their own rounds: they evict caches and would slow the next plain call.
-            slow = {plain: fast[plain], "torch.func vmap norms": lambda: func_norms(model, x, y),
-                    "naive per-example loop": lambda: naive_norms(model, x, y)}
-            runs = [round_robin(fast, args.reps), round_robin(slow, args.slow_reps)]
-            print(table("Per-example norms", runs, plain))
-            every = args.every
-            steps = make_steps(model, x, y, every)
-            print(table("In-step estimator in an SGD step", _pairs(steps, args.reps), "step"))
-            ddp = make_ddp_steps(model, x, y, every)
-            print(table("Free estimator under DDP", _pairs(ddp, args.reps), "DDP step (P=1)"))
+            bench_one(name, b, args)
+    print(f"\n{load.stop()}")
+
+
+def bench_one(name: str, b: int, args: argparse.Namespace) -> None:
+    """Every table for one model and batch size."""
+    torch.manual_seed(0)
+    model = build_model(name, (1, 28, 28), 10)
+    x, y = torch.randn(b, 1, 28, 28), torch.randint(10, (b,))
+    print(f"\n## {name}, B={b}: ghost vs naive loop max relative difference {check_agreement(model, x, y):.1e}")
+    ghost = D.GhostNorms(model)
+    plain = "plain forward+backward"
+    fast = {plain: lambda: plain_backward(model, x, y),
+            "raygd exact norms (GhostNorms)": lambda: ghost_norms(model, x, y, ghost),
+            "raygd per_example_sq_norms": lambda: exact_norms(model, x, y)}
+    # The slow methods get their own rounds: they evict caches and would slow the next plain call.
+    slow = {plain: fast[plain], "torch.func vmap norms": lambda: func_norms(model, x, y),
+            "naive per-example loop": lambda: naive_norms(model, x, y)}
+    runs = [round_robin(fast, args.reps), round_robin(slow, args.slow_reps)]
+    print(table("Per-example norms", runs, plain))
+    steps = make_steps(model, x, y, args.every)
+    print(table("In-step estimator in an SGD step", _pairs(steps, args.reps), "step"))
+    ddp = make_ddp_steps(model, x, y, args.every)
+    print(table("Free estimator under DDP", _pairs(ddp, args.reps), "DDP step (P=1)"))
 
 
 if __name__ == "__main__":

@@ -167,7 +167,8 @@ def ab(args, cpu: ProcessCpu) -> None:
     print(f"| figure | {a_label} (median) | {b_label} (median) | {b_label} / {a_label}: median of pairs (min-max) |")
     print("|---|---:|---:|---:|")
     for key in figures[0][0]:
-        pairs = [(a[key], b[key]) for a, b in zip(figures[0], figures[1]) if key in a and key in b and a[key]]
+        both = zip(figures[0], figures[1], strict=True)
+        pairs = [(a[key], b[key]) for a, b in both if key in a and key in b and a[key]]
         if not pairs:
             continue
         ratios = [b / a for a, b in pairs]

@@ -1,12 +1,19 @@
-"""Training throughput: raygd on Ray Train (P=2) vs plain PyTorch DDP (2 gloo processes) vs one process.
+"""Training throughput: raygd P=2 on Ray Train vs plain PyTorch DDP P=2 (gloo) vs one process.
 
-Same model, same global batch B, same in-memory data, same number of updates; each
-figure is samples/s in the median window of ``--warmup`` updates after the first
-(warm-up) window, measured inside the training loop. All three run in this one process tree, one after the other, so
-the ratios compare like with like on a noisy machine.
+Same model, global batch B, in-memory data (Fashion-MNIST 10k) and threads (1 per process at P=2;
+the single process with 1 and with 2). Every contender stays alive for the whole bench, idle while
+another runs: raygd's loop in one warm trial pool (``raygd.pool``: a long-lived TorchTrainer whose
+2 workers run one trial after another, as a sweep's trials do), the plain DDP loop in 2 gloo
+processes spawned once, the single process in one more. A repetition runs each contender once, one
+at a time, the order reversed every other repetition (``bench.pairing.interleave``); a contender's
+figure in a repetition is samples/s over the median window of ``--window`` updates (``WINDOW``) of
+``--windows`` after a warm-up window, measured inside the loop (raygd: its ``perf/step_s``). The first repetition
+is a warm-up. The table gives each contender's median over the repetitions and the median of the
+ratios within a repetition with their min-max, and the load average during the run.
 
-    .venv/bin/python -m bench.throughput                 # mnist_cnn and logreg, B=128
-    .venv/bin/python -m bench.throughput --models mnist_cnn --steps 100
+    .venv/bin/python -m bench.throughput                        # mnist_cnn and logreg, B=128, 5 pairs
+    .venv/bin/python -m bench.throughput --models logreg --reps 5 --windows 2
+    .venv/bin/python -m bench.throughput --smoke                # logreg, seconds of training
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import socket
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -24,117 +32,209 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from raygd.config import load_run_config
+from bench.pairing import LoadAverage, interleave, paired, provenance
+from raygd.config import DataConfig, load_run_config
 from raygd.data import Dataset, load_data, resolve_data_dir
 from raygd.models import build_model
 
+RAYGD, DDP, ONE, TWO = "raygd P=2 (Ray Train)", "plain DDP P=2 (gloo)", "1 process, 1 thread", "1 process, 2 threads"
+WINDOW = {"mnist_cnn": 25, "logreg": 250}
+"""Updates per timed window by model: a window of a few tenths of a second at least, so that one
+preempted thread on a busy machine spoils one window, not the repetition's median."""
 
-def _plain_loop(model, x, y, batch, steps, warmup, rank=0, world=1) -> float:
+
+def _plain_loop(model, x, y, batch: int, windows: int, window: int, rank: int = 0, world: int = 1) -> float:
     """The textbook loop: random global batch, this rank's slice, forward/backward/step.
 
-    Returns samples/s from the median window of ``warmup`` updates after the warm-up
-    window (the same windows raygd reports), so a burst of machine noise moves neither.
+    Returns samples/s over the median of ``windows`` windows of ``window`` updates after a warm-up
+    window (the windows raygd reports), so a burst of machine noise moves neither.
     """
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     g = torch.Generator().manual_seed(0)
     per = batch // world
-    windows, start = [], time.perf_counter()
-    for i in range(1, warmup + steps + 1):
-        idx = torch.randint(x.shape[0], (batch,), generator=g)[rank * per:(rank + 1) * per]
+    times, start = [], time.perf_counter()
+    for i in range(1, (windows + 1) * window + 1):
+        idx = torch.randint(x.shape[0], (batch,), generator=g)[rank * per : (rank + 1) * per]
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if i % warmup == 0:
-            windows.append((time.perf_counter() - start) / warmup)
+        if i % window == 0:
+            times.append((time.perf_counter() - start) / window)
             start = time.perf_counter()
-    return batch / statistics.median(windows[1:])
+    return batch / statistics.median(times[1:])
 
 
-def _ddp_entry(rank, world, port, model_name, data, batch, steps, warmup, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    model = torch.nn.parallel.DistributedDataParallel(build_model(model_name, data.input_shape, data.num_classes))
-    out[rank] = _plain_loop(model, data.x_train, data.y_train, batch, steps, warmup, rank, world)
-    dist.destroy_process_group()
+def _plain_worker(rank: int, world: int, port: int, data: Dataset, jobs, results) -> None:
+    """A plain process: join the gloo group (world > 1), then train one repetition per job until None."""
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    while (job := jobs.get()) is not None:
+        model_name, batch, windows, window, threads = job
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        model = build_model(model_name, data.input_shape, data.num_classes)
+        if world > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        rate = _plain_loop(model, data.x_train, data.y_train, batch, windows, window, rank, world)
+        if rank == 0:
+            results.put(rate)
+    if world > 1:
+        dist.destroy_process_group()
 
 
-def plain_ddp(model_name: str, data: Dataset, batch: int, steps: int, warmup: int, world: int = 2) -> float:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_ddp_entry, args=(world, port, model_name, data, batch, steps, warmup, out), nprocs=world)
-        return out[0]
+class PlainGroup:
+    """``world`` plain processes spawned once (before Ray starts in this process: torch.multiprocessing's
+    spawn hangs once a Ray driver is connected here); each ``run`` trains one repetition."""
+
+    def __init__(self, data: Dataset, world: int):
+        ctx = mp.get_context("spawn")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.jobs = [ctx.SimpleQueue() for _ in range(world)]
+        self.results = ctx.SimpleQueue()
+        self.procs = [
+            ctx.Process(
+                target=_plain_worker, args=(rank, world, port, data, self.jobs[rank], self.results), daemon=True
+            )
+            for rank in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, model_name: str, batch: int, windows: int, window: int, threads: int) -> float:
+        for jobs in self.jobs:
+            jobs.put((model_name, batch, windows, window, threads))
+        return self.results.get()
+
+    def close(self) -> None:
+        for jobs in self.jobs:
+            jobs.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
 
 
-def single_process(model_name: str, data: Dataset, batch: int, steps: int, warmup: int, threads: int) -> float:
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = build_model(model_name, data.input_shape, data.num_classes)
-    return _plain_loop(model, data.x_train, data.y_train, batch, steps, warmup)
+class RaygdPool:
+    """raygd's loop on 2 Ray Train workers that stay up: one warm trial pool, one trial per repetition."""
+
+    def __init__(self, overrides: list[str], data: Dataset, store: Path):
+        from raygd.pool import start_pools
+
+        self.overrides = [
+            *overrides,
+            "train.num_workers=2",
+            "train.step_size=0.01",
+            "train.target_accuracy=1.0",
+            f"tracking.tracking_uri=sqlite:///{store}",
+            "tracking.experiment_name=bench-throughput",
+        ]
+        self.data = data
+        cfg = load_run_config(None, self.overrides)
+        from raygd.train import prepare
+
+        prepare(cfg, data)  # starts local Ray with raygd's settings
+        self.pools = start_pools(
+            cfg, count=1, sweep_id=f"throughput-{uuid.uuid4().hex[:8]}", storage_path=str(store.parent / "ray")
+        )
+
+    def run(self, model_name: str, batch: int, windows: int, window: int) -> float:
+        from mlflow.tracking import MlflowClient
+
+        from raygd.pool import fit_in_pool
+
+        passes = ((windows + 1) * window * batch - 0.5) / self.data.n  # the warm-up window and the timed ones
+        cfg = load_run_config(
+            None,
+            [
+                *self.overrides,
+                f"train.model={model_name}",
+                f"train.global_batch_size={batch}",
+                f"train.eval_every_steps={window}",
+                f"train.max_passes={passes}",
+            ],
+        )
+        summary = fit_in_pool(cfg, self.pools.name, data=self.data, progress=False)
+        history = MlflowClient(cfg.tracking.tracking_uri).get_metric_history(summary.run_id, "perf/step_s")
+        timed = [m.value for m in history if m.step > window]  # each is the mean step time of one window
+        return batch / statistics.median(timed)
+
+    def close(self) -> None:
+        self.pools.stop()
 
 
-def raygd_fit(model_name: str, data_overrides: list[str], data: Dataset, batch: int, steps: int, warmup: int,
-              store: str) -> float:
-    """samples/s of raygd's loop on Ray Train, from the step metrics after the warm-up window."""
-    from mlflow.tracking import MlflowClient
-
-    from raygd.train import fit
-
-    cfg = load_run_config(None, [*data_overrides, f"train.model={model_name}", "train.num_workers=2",
-                                 f"train.global_batch_size={batch}", "train.step_size=0.01",
-                                 "train.target_accuracy=1.0", f"train.eval_every_steps={warmup}",
-                                 f"train.max_passes={((warmup + steps) * batch - 0.5) / data.n}",
-                                 f"tracking.tracking_uri=sqlite:///{store}", "tracking.experiment_name=bench"])
-    summary = fit(cfg, data=data)
-    history = MlflowClient(cfg.tracking.tracking_uri).get_metric_history(summary.run_id, "perf/step_s")
-    timed = [m.value for m in history if m.step > warmup]  # each is the mean step time of `warmup` updates
-    return batch / statistics.median(timed)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="mnist_cnn,logreg")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=150, help="timed updates per configuration")
-    parser.add_argument("--warmup", type=int, default=25)
-    args = parser.parse_args()
-    if args.steps % args.warmup:
-        parser.error("--steps must be a multiple of --warmup (raygd reports step times in windows of --warmup)")
-
-    from raygd.config import DataConfig
-
-    overrides = ["data.name=fashion_mnist", "data.train_size=10000"]
+def _data(size: int) -> tuple[list[str], Dataset]:
+    overrides = ["data.name=fashion_mnist", f"data.train_size={size}"]
     if resolve_data_dir(DataConfig()) is None:
         print("Fashion-MNIST not found locally; using synthetic 28x28 data of the same shape")
         from tests.idx import write_idx_dataset
 
-        folder = write_idx_dataset(Path(tempfile.mkdtemp()) / "fmnist", n_train=10000, n_test=500)
+        folder = write_idx_dataset(Path(tempfile.mkdtemp()) / "fmnist", n_train=size, n_test=500)
         overrides.append(f"data.data_dir={folder}")
-    data = load_data(load_run_config(None, overrides).data, seed=0)
-    store = Path(tempfile.mkdtemp()) / "bench.db"
+    return overrides, load_data(load_run_config(None, overrides).data, seed=0)
 
-    models = args.models.split(",")
-    # The plain baselines run before Ray starts in this process: torch.multiprocessing's spawn
-    # hangs once a Ray driver is connected here.
-    plain = {m: (plain_ddp(m, data, args.batch, args.steps, args.warmup),
-                 single_process(m, data, args.batch, args.steps, args.warmup, threads=1),
-                 single_process(m, data, args.batch, args.steps, args.warmup, threads=2)) for m in models}
-    torch.set_num_threads(os.cpu_count() or 1)
-    rows = [(m, raygd_fit(m, overrides, data, args.batch, args.steps, args.warmup, str(store)), *plain[m])
-            for m in models]
-    print(f"\nthroughput, Fashion-MNIST 10k, global batch B={args.batch}, {args.steps} timed updates "
-          f"after {args.warmup} warm-up, {os.cpu_count()} cores")
-    print("| model | raygd P=2 (Ray Train) | plain DDP P=2 (gloo) | 1 process, 1 thread | 1 process, 2 threads "
-          "| raygd / plain DDP | raygd / 1 process (2 threads) |")
-    print("|---|---|---|---|---|---|---|")
-    for model_name, r, d, s1, s2 in rows:
-        print(f"| {model_name} | {r:.0f} samples/s | {d:.0f} samples/s | {s1:.0f} samples/s | {s2:.0f} samples/s "
-              f"| {r / d:.2f}x | {r / s2:.2f}x |")
+
+def table(rows: dict[str, dict[str, list[float]]]) -> str:
+    cols = (RAYGD, DDP, ONE, TWO)
+    lines = [
+        f"| model | {' | '.join(cols)} | raygd / plain DDP | raygd / 1 process (2 threads) |",
+        "|---|" + "---:|" * (len(cols) + 2),
+    ]
+    for model_name, f in rows.items():
+        medians = " | ".join(f"{statistics.median(f[c]):.0f} samples/s" for c in cols)
+        lines.append(f"| {model_name} | {medians} | {paired(f[RAYGD], f[DDP])} | {paired(f[RAYGD], f[TWO])} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="mnist_cnn,logreg")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--window", type=int, help=f"updates per timed window (raygd: eval_every_steps); default by model: {WINDOW}"
+    )
+    parser.add_argument("--windows", type=int, default=4, help="timed windows per repetition, after a warm-up window")
+    parser.add_argument("--reps", type=int, default=5, help="paired repetitions after the warm-up repetition")
+    parser.add_argument("--train-size", type=int, default=10000)
+    parser.add_argument("--smoke", action="store_true", help="logreg, 2 pairs of 1 window of 20 updates")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.models, args.window, args.windows, args.reps = "logreg", 20, 1, 2
+    load = LoadAverage()
+    overrides, data = _data(args.train_size)
+    store = Path(tempfile.mkdtemp()) / "bench.db"
+    ddp, single = PlainGroup(data, world=2), PlainGroup(data, world=1)
+    torch.set_num_threads(1)  # this process only hands out turns
+    pool = RaygdPool(overrides, data, store)
+    b, n = args.batch, args.windows
+    rows, windows = {}, {}
+    try:
+        for model_name in args.models.split(","):
+            w = windows[model_name] = args.window or WINDOW.get(model_name, 25)
+            print(f"{model_name}: {args.reps} pairs after a warm-up repetition, windows of {w} updates", flush=True)
+            rows[model_name] = interleave(
+                {
+                    RAYGD: lambda m=model_name, w=w: pool.run(m, b, n, w),
+                    DDP: lambda m=model_name, w=w: ddp.run(m, b, n, w, threads=1),
+                    ONE: lambda m=model_name, w=w: single.run(m, b, n, w, threads=1),
+                    TWO: lambda m=model_name, w=w: single.run(m, b, n, w, threads=2),
+                },
+                reps=args.reps,
+            )
+    finally:
+        pool.close()
+        ddp.close()
+        single.close()
+    load.stop()
+    sizes = ", ".join(f"{m} {w}" for m, w in windows.items())
+    print(
+        f"\nthroughput, Fashion-MNIST {data.n // 1000}k, global batch B={b}; per repetition the median of {n} "
+        f"windows (updates per window: {sizes}) after a warm-up window; {args.reps} repetitions after a warm-up "
+        f"one, contenders interleaved; medians of samples/s, ratios: median of the paired ratios (min–max)"
+    )
+    print(f"{provenance()}; {load}\n")
+    print(table(rows))
 
 
 if __name__ == "__main__":

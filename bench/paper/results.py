@@ -59,7 +59,7 @@ class Curve:
 
     def mean_loss(self) -> float:
         """Mean loss over the evaluation points after the start (inf when not finite)."""
-        vals = [v for p, v in zip(self.passes, self.loss) if p > 0]
+        vals = [v for p, v in zip(self.passes, self.loss, strict=True) if p > 0]
         return statistics.fmean(vals) if vals and self.finite else math.inf
 
 
@@ -71,13 +71,13 @@ def mean_loss_ratio(small: Curve, large: Curve) -> float | None:
     """
     if not (small.finite and large.finite):
         return None
-    pts = [(p, v) for p, v in zip(large.passes, large.loss) if 0 < p <= max(small.passes) + 1e-9]
+    pts = [(p, v) for p, v in zip(large.passes, large.loss, strict=True) if 0 < p <= max(small.passes) + 1e-9]
     if not pts:
         return None
     at = np.interp([p for p, _ in pts], small.passes, small.loss)
     if np.any(at <= 0):
         return None
-    return float(np.mean([v / s for (_, v), s in zip(pts, at)]))
+    return float(np.mean([v / s for (_, v), s in zip(pts, at, strict=True)]))
 
 
 def tuned_step(curves_by_step: Mapping[float, Sequence[Curve]]) -> float | None:

@@ -141,7 +141,7 @@ def _curves(uri: str, parent: str) -> list[dict]:
         steps = sorted(passes.keys() & loss.keys())
         curve = results.Curve(tuple(passes[s] for s in steps), tuple(loss[s] for s in steps))
         if run.data.tags.get(STATUS_TAG) == Status.DIVERGED:
-            curve = results.Curve(curve.passes + (math.inf,), curve.loss + (math.nan,))
+            curve = results.Curve((*curve.passes, math.inf), (*curve.loss, math.nan))
         out.append({"replication": int(p.get("data.replication", 1)),
                     "mechanism": run.data.tags.get(MECHANISM_LABEL_TAG, p.get("mechanism.name")),
                     "global_batch_size": int(p["train.global_batch_size"]), "step_size": float(p["train.step_size"]),
