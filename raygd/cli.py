@@ -113,12 +113,16 @@ def mlflow_ui_command(tracking_uri: str) -> str:
 
 def runs_page_url(tracking_uri: str, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
     """The MLflow UI page listing the runs of ``run_id``'s experiment in the model-training view (MLflow 3
-    opens an experiment in its GenAI overview otherwise); ``ui`` is the server for a local store."""
+    opens an experiment in its GenAI overview otherwise), trials first by time to accuracy; ``ui`` is the
+    server for a local store."""
     from mlflow.tracking import MlflowClient
 
     base = tracking_uri.rstrip("/") if urlsplit(tracking_uri).scheme in ("http", "https") else ui
     experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    # Sorted by a metric, MLflow lists child runs as rows of their own (sorted by start time it shows the
+    # parent with its children collapsed); the fastest trial comes first, runs without the metric last.
+    order = "orderByKey=metrics.%60time_to_accuracy_s%60&orderByAsc=true"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&{order}"
 
 
 def mlflow_executable() -> str:

@@ -46,7 +46,7 @@ class ConsoleReporter(Callback):
     """
 
     def __init__(self, total: int | None = None, out: TextIO | None = None) -> None:
-        self.total, self.out = total, out or sys.stdout
+        self.total, self._out = total, out  # the stream is looked up when printing: Tune pickles callbacks
         self.numbers: dict[str, int] = {}
         self.best: tuple[float, str] | None = None
 
@@ -55,8 +55,9 @@ class ConsoleReporter(Callback):
         return f"{n}/{self.total}" if self.total else str(n)
 
     def _say(self, text: str) -> None:
-        self.out.write(text + "\n")
-        self.out.flush()
+        out = self._out or sys.stdout
+        out.write(text + "\n")
+        out.flush()
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         self._say(f"trial {self._number(trial)} start  {describe(trial.config)}")
