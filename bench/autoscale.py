@@ -37,18 +37,30 @@ def fake_cluster_config(gcs_address: str, max_nodes: int, idle_timeout_s: float)
         "max_workers": max_nodes,
         "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_timeout_s / 60.0,
-        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "launch_multiple": True,
-                     "use_node_id_as_ip": True,
-                     "disable_launch_config_check": True, "disable_node_updaters": True},
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": gcs_address,
+            "launch_multiple": True,
+            "use_node_id_as_ip": True,
+            "disable_launch_config_check": True,
+            "disable_node_updaters": True,
+        },
         "auth": {"ssh_user": "nobody"},
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             WORKER_TYPE: {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": max_nodes},
         },
         "head_node_type": "ray.head.default",
-        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
         "worker_start_ray_commands": [],
     }
 
@@ -83,11 +95,21 @@ class Timeline(threading.Thread):
 
 
 def sweep_command(workers: int, root: Path) -> list[str]:
-    sets = ["data.name=synthetic", "data.train_size=null", "data.eval_size=512", "data.synthetic_size=2048",
-            f"train.num_workers={workers}", "train.max_passes=1", "train.target_accuracy=0.6",
-            "sweep.space.step_size=[0.4]", "sweep.space.global_batch_size=[64]",
-            "sweep.space.mechanism=[{name: vanilla}]", "sweep.name=autoscale-bench",
-            f"sweep.storage_path={root / 'ray_results'}", f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}"]
+    sets = [
+        "data.name=synthetic",
+        "data.train_size=null",
+        "data.eval_size=512",
+        "data.synthetic_size=2048",
+        f"train.num_workers={workers}",
+        "train.max_passes=1",
+        "train.target_accuracy=0.6",
+        "sweep.space.step_size=[0.4]",
+        "sweep.space.global_batch_size=[64]",
+        "sweep.space.mechanism=[{name: vanilla}]",
+        "sweep.name=autoscale-bench",
+        f"sweep.storage_path={root / 'ray_results'}",
+        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+    ]
     return [str(BIN / "raygd"), "sweep", "quickstart", *[a for s in sets for a in ("--set", s)]]
 
 
@@ -108,15 +130,24 @@ def main() -> int:
         config_path.write_text(json.dumps(config))
         t_start = time.monotonic()
         cluster.start(head_cpus=0, autoscaling_config=config_path, gcs_port=gcs_port)
-        print(f"head up in {time.monotonic() - t_start:.1f} s at {cluster.gcs_address}; "
-              f"fake provider, worker type {WORKER_TYPE} (1 CPU), max {args.workers} nodes, "
-              f"idle timeout {args.idle_timeout_s:g} s", flush=True)
+        print(
+            f"head up in {time.monotonic() - t_start:.1f} s at {cluster.gcs_address}; "
+            f"fake provider, worker type {WORKER_TYPE} (1 CPU), max {args.workers} nodes, "
+            f"idle timeout {args.idle_timeout_s:g} s",
+            flush=True,
+        )
         timeline = Timeline(cluster)
         timeline.start()
         env = {**cluster.client_env(), "RAY_ADDRESS": cluster.gcs_address}
         timeline.mark("sweep submitted")
-        sweep = subprocess.run(sweep_command(args.workers, cluster.root), env=env, cwd=cluster.root,
-                               capture_output=True, text=True, timeout=900)
+        sweep = subprocess.run(
+            sweep_command(args.workers, cluster.root),
+            env=env,
+            cwd=cluster.root,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         timeline.mark(f"sweep exited {sweep.returncode}")
         peak = max((n for _, n in timeline.samples), default=0)
         deadline = time.monotonic() + args.scale_down_timeout_s
@@ -131,13 +162,17 @@ def main() -> int:
         print("\n".join(table) or sweep.stdout[-2000:] + sweep.stderr[-3000:])
         removed_idle = any("(idle)" in text for _, text in events)
         ok = sweep.returncode == 0 and peak >= args.workers and timeline.nodes_now() == 0 and removed_idle
-        print(f"\nverdict: nodes added {peak} (needed {args.workers}), sweep exit {sweep.returncode}, "
-              f"idle nodes left {timeline.nodes_now()}, removed as idle by the autoscaler: {removed_idle} "
-              f"-> {'OK' if ok else 'FAILED'}")
+        print(
+            f"\nverdict: nodes added {peak} (needed {args.workers}), sweep exit {sweep.returncode}, "
+            f"idle nodes left {timeline.nodes_now()}, removed as idle by the autoscaler: {removed_idle} "
+            f"-> {'OK' if ok else 'FAILED'}"
+        )
     finally:
         stopped = cluster.stop()
-        print(f"stopped {stopped} processes started by this script (by PID)"
-              + ("" if ok else f"; logs kept in {cluster.root}"))
+        print(
+            f"stopped {stopped} processes started by this script (by PID)"
+            + ("" if ok else f"; logs kept in {cluster.root}")
+        )
         if ok:
             cluster.remove_files()
     return 0 if ok else 1

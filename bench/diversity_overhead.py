@@ -53,8 +53,9 @@ def plain_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     F.cross_entropy(model(x), y).backward()
 
 
-def ghost_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                ghost: D.GhostNorms | None = None) -> torch.Tensor:
+def ghost_norms(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, ghost: D.GhostNorms | None = None
+) -> torch.Tensor:
     """Per-example ‖g_i‖² (mean loss, so rescaled by B²) plus the usual .grad, one backward.
 
     A training loop builds ``GhostNorms(model)`` once and enters it every step.
@@ -78,14 +79,16 @@ def naive_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     params = [p for p in model.parameters() if p.requires_grad]
     out = torch.empty(x.shape[0], dtype=torch.float64)
     for i in range(x.shape[0]):
-        grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
         out[i] = sum(float(g.square().sum()) for g in grads)
     return out
 
 
-def _blocks(plain: Callable[[], object], measured: Callable[[], object], every: int, label: str,
-            estimator: str) -> dict[str, Callable[[], object]]:
+def _blocks(
+    plain: Callable[[], object], measured: Callable[[], object], every: int, label: str, estimator: str
+) -> dict[str, Callable[[], object]]:
     """``every`` plain updates, and ``every`` updates of which the first is measured (as in training)."""
+
     def plain_block() -> None:
         for _ in range(every):
             plain()
@@ -117,12 +120,16 @@ def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, every: 
         opt.step()
         return moments
 
-    return {"step": plain_step, "measured step (in-step)": in_step,
-            **_blocks(plain_step, in_step, every, f"{every} steps", "(in-step)")}
+    return {
+        "step": plain_step,
+        "measured step (in-step)": in_step,
+        **_blocks(plain_step, in_step, every, f"{every} steps", "(in-step)"),
+    }
 
 
-def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   every: int) -> dict[str, Callable[[], object]]:
+def make_ddp_steps(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, every: int
+) -> dict[str, Callable[[], object]]:
     """SGD steps under DDP on a one-rank gloo group (no network: what remains is the estimator's own
     cost): DDP's step, and the step the free estimator measures as ``raygd.loop`` runs it (backward
     under ``no_sync``, then ``reduce_gradients``: ‖G_b‖², one flat all-reduce, ‖G_B‖²); then blocks
@@ -147,8 +154,11 @@ def make_ddp_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         opt.step()
         return moments
 
-    return {"DDP step (P=1)": ddp_step, "measured DDP step (free)": free_step,
-            **_blocks(ddp_step, free_step, every, f"{every} DDP steps", "(free)")}
+    return {
+        "DDP step (P=1)": ddp_step,
+        "measured DDP step (free)": free_step,
+        **_blocks(ddp_step, free_step, every, f"{every} DDP steps", "(free)"),
+    }
 
 
 def round_robin(methods: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
@@ -184,9 +194,11 @@ def table(title: str, runs: list[dict[str, list[float]]], baseline: str) -> str:
     """Markdown rows for every method of every run, each compared with the baseline of its own
     run: median ms, the median over reps of (time / baseline time in the same rep), the ratio
     of minima, and the number of reps."""
-    lines = [f"\n{title}\n",
-             f"| method | median ms | × {baseline}: median of paired ratios (min–max) | × (ratio of minima) | reps |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"\n{title}\n",
+        f"| method | median ms | × {baseline}: median of paired ratios (min–max) | × (ratio of minima) | reps |",
+        "|---|---:|---:|---:|---:|",
+    ]
     seen = set()
     for times in runs:
         base = times[baseline]
@@ -195,8 +207,10 @@ def table(title: str, runs: list[dict[str, list[float]]], baseline: str) -> str:
                 continue
             seen.add(name)
             r = paired(t, base)
-            lines.append(f"| {name} | {statistics.median(t) * 1e3:.2f} | {r.median:.3f} ({min(r.ratios):.3f}–"
-                         f"{max(r.ratios):.3f}) | {min(t) / min(base):.3f} | {len(t)} |")
+            lines.append(
+                f"| {name} | {statistics.median(t) * 1e3:.2f} | {r.median:.3f} ({min(r.ratios):.3f}–"
+                f"{max(r.ratios):.3f}) | {min(t) / min(base):.3f} | {len(t)} |"
+            )
     return "\n".join(lines)
 
 
@@ -207,11 +221,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=21, help="reps of the fast methods")
     ap.add_argument("--slow-reps", type=int, default=5, help="reps of torch.func and the naive loop")
-    ap.add_argument("--every", type=int, default=TrainConfig.diversity_every_steps,
-                    help="train.diversity_every_steps: updates per measured update (default %(default)s)")
+    ap.add_argument(
+        "--every",
+        type=int,
+        default=TrainConfig.diversity_every_steps,
+        help="train.diversity_every_steps: updates per measured update (default %(default)s)",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: B=16, 3 reps")
-    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
-                    help="glibc settings: re-run the script with (tuned) or without (default) the MALLOC_ variables")
+    ap.add_argument(
+        "--malloc",
+        choices=["tuned", "default"],
+        default="tuned",
+        help="glibc settings: re-run the script with (tuned) or without (default) the MALLOC_ variables",
+    )
     args = ap.parse_args(argv)
     env = {k: v for k, v in os.environ.items() if k not in MALLOC_TUNED}
     if args.malloc == "tuned":
@@ -238,12 +260,17 @@ def bench_one(name: str, b: int, args: argparse.Namespace) -> None:
     print(f"\n## {name}, B={b}: ghost vs naive loop max relative difference {check_agreement(model, x, y):.1e}")
     ghost = D.GhostNorms(model)
     plain = "plain forward+backward"
-    fast = {plain: lambda: plain_backward(model, x, y),
-            "raygd exact norms (GhostNorms)": lambda: ghost_norms(model, x, y, ghost),
-            "raygd per_example_sq_norms": lambda: exact_norms(model, x, y)}
+    fast = {
+        plain: lambda: plain_backward(model, x, y),
+        "raygd exact norms (GhostNorms)": lambda: ghost_norms(model, x, y, ghost),
+        "raygd per_example_sq_norms": lambda: exact_norms(model, x, y),
+    }
     # The slow methods get their own rounds: they evict caches and would slow the next plain call.
-    slow = {plain: fast[plain], "torch.func vmap norms": lambda: func_norms(model, x, y),
-            "naive per-example loop": lambda: naive_norms(model, x, y)}
+    slow = {
+        plain: fast[plain],
+        "torch.func vmap norms": lambda: func_norms(model, x, y),
+        "naive per-example loop": lambda: naive_norms(model, x, y),
+    }
     runs = [round_robin(fast, args.reps), round_robin(slow, args.slow_reps)]
     print(table("Per-example norms", runs, plain))
     steps = make_steps(model, x, y, args.every)

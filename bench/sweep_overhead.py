@@ -59,7 +59,7 @@ class ProcessCpu:
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:
                 text = Path(f"/proc/{pid}/stat").read_text()
-                fields = text[text.rindex(")") + 2:].split()
+                fields = text[text.rindex(")") + 2 :].split()
                 stats[int(pid)] = (int(fields[1]), int(fields[11]) + int(fields[12]), fields[19])
             except (OSError, ValueError, IndexError):
                 continue
@@ -114,9 +114,11 @@ def report(result: dict) -> dict[str, float]:
         if values:
             medians[key] = statistics.median(values)
             print(f"| {key} | {medians[key]:.2f} | {min(values):.2f} | {max(values):.2f} |")
-    print(f"\ntraining steps: {train_s:.1f} s = {train_s / wall:.1%} of the sweep wall time; "
-          f"evaluation {eval_s:.1f} s; everything else (start-up, Tune, MLflow) "
-          f"{(wall - train_s - eval_s) / len(runs):.1f} s per trial")
+    print(
+        f"\ntraining steps: {train_s:.1f} s = {train_s / wall:.1%} of the sweep wall time; "
+        f"evaluation {eval_s:.1f} s; everything else (start-up, Tune, MLflow) "
+        f"{(wall - train_s - eval_s) / len(runs):.1f} s per trial"
+    )
     medians["train_fraction"] = train_s / wall
     medians["sweep_wall_s"] = wall
     if pool_start is not None:
@@ -162,8 +164,10 @@ def ab(args, cpu: ProcessCpu) -> None:
             figures[which].append(report(run_once(load_sweep_spec(args.preset, [*args.overrides, *extra, name]), cpu)))
             load.append(os.getloadavg()[0])
     (a_label, _), (b_label, _) = VARIANTS[args.ab]
-    print(f"\n{args.pairs} interleaved pairs in one Ray session ({ray.__version__}); load average (1 min) "
-          f"{min(load):.1f}-{max(load):.1f}")
+    print(
+        f"\n{args.pairs} interleaved pairs in one Ray session ({ray.__version__}); load average (1 min) "
+        f"{min(load):.1f}-{max(load):.1f}"
+    )
     print(f"| figure | {a_label} (median) | {b_label} (median) | {b_label} / {a_label}: median of pairs (min-max) |")
     print("|---|---:|---:|---:|")
     for key in figures[0][0]:
@@ -173,8 +177,10 @@ def ab(args, cpu: ProcessCpu) -> None:
             continue
         ratios = [b / a for a, b in pairs]
         a_med, b_med = statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs)
-        print(f"| {key} | {a_med:.2f} | {b_med:.2f} | {statistics.median(ratios):.2f} "
-              f"({min(ratios):.2f}-{max(ratios):.2f}) |")
+        print(
+            f"| {key} | {a_med:.2f} | {b_med:.2f} | {statistics.median(ratios):.2f} "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) |"
+        )
     for key in ("pool/start_s",):
         values = [f[key] for f in figures[1] if key in f]
         if values:
@@ -184,10 +190,17 @@ def ab(args, cpu: ProcessCpu) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="quickstart")
-    parser.add_argument("--set", dest="overrides", action="append",
-                        default=["sweep.space.mechanism=[{name: vanilla}]", "sweep.name=bench-sweep-overhead"])
-    parser.add_argument("--ab", choices=sorted(VARIANTS), help="pool: warm pools vs one fit per trial; "
-                        "reuse: Tune's trial actor reused or not")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=["sweep.space.mechanism=[{name: vanilla}]", "sweep.name=bench-sweep-overhead"],
+    )
+    parser.add_argument(
+        "--ab",
+        choices=sorted(VARIANTS),
+        help="pool: warm pools vs one fit per trial; reuse: Tune's trial actor reused or not",
+    )
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs for --ab (default 5)")
     args = parser.parse_args()
     cpu = ProcessCpu()

@@ -98,8 +98,9 @@ def _writer(index: int, uri: str, steps: int, metrics: int, start, out) -> None:
 
     latencies, written, errors, run_id = [], 0, 0, None
     try:
-        run_id = create_run(uri, EXPERIMENT, f"writer-{index:03d}", {"writer": index, "steps": steps},
-                            {"bench": "tracking_load"})
+        run_id = create_run(
+            uri, EXPERIMENT, f"writer-{index:03d}", {"writer": index, "steps": steps}, {"bench": "tracking_load"}
+        )
     except Exception:  # counted, like every failed call
         errors += 1
     start.wait()
@@ -150,6 +151,7 @@ def run_load(backend: str, uri: str, writers: int, steps: int, metrics: int) -> 
 
 def _read_back(client, runs: dict[int, str | None], steps: int, metrics: int) -> int:
     """Points of every run's history that match what its writer logged (each (step, value) at most once)."""
+
     def found(item: tuple[int, str, int]) -> int:
         index, run_id, k = item
         history = client.get_metric_history(run_id, metric_key(k))
@@ -180,8 +182,13 @@ def start_servers(root: Path, backends: tuple[str, ...], workers: int) -> tuple[
             # The cluster's way: the URI carries no password; libpq reads it from PGPASSWORD (~/.pgpass there).
             store = pg.uri("mlflow", password=False) if backend == "postgresql" else None
             env = {"PGPASSWORD": pg.password} if backend == "postgresql" else None
-            servers[backend] = MlflowServer(folder, backend_store_uri=store, workers=workers, env=env,
-                                            extra_args=("--gunicorn-opts", f"--access-logfile {folder / 'access.log'}"))
+            servers[backend] = MlflowServer(
+                folder,
+                backend_store_uri=store,
+                workers=workers,
+                env=env,
+                extra_args=("--gunicorn-opts", f"--access-logfile {folder / 'access.log'}"),
+            )
         for server in servers.values():
             server.wait_ready(timeout_s=240)
     except BaseException:
@@ -198,8 +205,9 @@ def stop_servers(pg: PostgresServer | None, servers: dict) -> None:
         pg.remove_files()
 
 
-def bench(backends: tuple[str, ...], writers: int, steps: int, metrics: int, workers: int,
-          root: Path | None = None) -> list[LoadResult]:
+def bench(
+    backends: tuple[str, ...], writers: int, steps: int, metrics: int, workers: int, root: Path | None = None
+) -> list[LoadResult]:
     """Start the servers, load each backend in turn (never both at once), stop everything by PID.
 
     ``root``: where the servers keep their stores and logs (default: a temporary folder, deleted at the end).
@@ -223,24 +231,32 @@ def bench(backends: tuple[str, ...], writers: int, steps: int, metrics: int, wor
 
 
 def table(results: list[LoadResult]) -> str:
-    rows = ["| backend | writers × steps × metrics | points written | read back | lost | log errors | server 5xx |"
-            " requests | p50 log (ms) | p99 log (ms) | wall (s) | points/s |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| backend | writers × steps × metrics | points written | read back | lost | log errors | server 5xx |"
+        " requests | p50 log (ms) | p99 log (ms) | wall (s) | points/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        rows.append(f"| {r.backend} | {r.writers} × {r.steps} × {r.metrics} | {r.written} | {r.read_back} | {r.lost} | "
-                    f"{r.log_errors} | {r.server_5xx} | {r.requests} | {r.latency_ms(0.50):.1f} | "
-                    f"{r.latency_ms(0.99):.1f} | {r.wall_s:.1f} | {r.written / r.wall_s:.0f} |")
+        rows.append(
+            f"| {r.backend} | {r.writers} × {r.steps} × {r.metrics} | {r.written} | {r.read_back} | {r.lost} | "
+            f"{r.log_errors} | {r.server_5xx} | {r.requests} | {r.latency_ms(0.50):.1f} | "
+            f"{r.latency_ms(0.99):.1f} | {r.wall_s:.1f} | {r.written / r.wall_s:.0f} |"
+        )
     return "\n".join(rows)
 
 
 def context_line(workers: int) -> str:
     import mlflow
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = (
+        subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        or "unknown"
+    )
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{datetime.date.today()}, commit {commit}, {os.cpu_count()} cores, load average {load}, "
-            f"mlflow {mlflow.__version__}, gunicorn --workers {workers}, everything on 127.0.0.1")
+    return (
+        f"{datetime.date.today()}, commit {commit}, {os.cpu_count()} cores, load average {load}, "
+        f"mlflow {mlflow.__version__}, gunicorn --workers {workers}, everything on 127.0.0.1"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,8 +275,14 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     print(f"after: {context_line(args.workers)}")
     bad = [r.backend for r in results if r.lost or r.runs_found != r.writers]
-    print("verdict: " + (f"points lost or runs missing on {', '.join(bad)} -> FAIL" if bad else
-                         "every point read back on every backend -> OK"))
+    print(
+        "verdict: "
+        + (
+            f"points lost or runs missing on {', '.join(bad)} -> FAIL"
+            if bad
+            else "every point read back on every backend -> OK"
+        )
+    )
     return 1 if bad else 0
 
 

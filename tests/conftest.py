@@ -39,7 +39,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or (
-                (item.path.name, getattr(item, "originalname", item.name)) in STARTS_RAY_IN_A_SUBPROCESS):
+            (item.path.name, getattr(item, "originalname", item.name)) in STARTS_RAY_IN_A_SUBPROCESS
+        ):
             item.add_marker(pytest.mark.ray)
 
 

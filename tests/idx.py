@@ -22,7 +22,7 @@ def make_images(n: int, seed: int, num_classes: int = 10) -> tuple[np.ndarray, n
     images = rng.integers(0, 90, size=(n, 28, 28))
     for i, k in enumerate(labels):
         r, c = divmod(int(k), 4)
-        images[i, 7 * r: 7 * r + 7, 7 * c: 7 * c + 7] += 150
+        images[i, 7 * r : 7 * r + 7, 7 * c : 7 * c + 7] += 150
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 

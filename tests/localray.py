@@ -102,9 +102,16 @@ class LocalRayCluster:
         self.token_path.write_text(secrets.token_hex(24))
         self.token_path.chmod(0o600)
         self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-        self.env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-                         MARKER_VAR: self.marker, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                         "RAY_USAGE_STATS_ENABLED": "0", **(extra_env or {})})
+        self.env.update(
+            {
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                MARKER_VAR: self.marker,
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "RAY_USAGE_STATS_ENABLED": "0",
+                **(extra_env or {}),
+            }
+        )
         self.env.pop("RAY_AUTH_TOKEN", None)
         self.procs: list[subprocess.Popen] = []
         self.gcs_address: str | None = None
@@ -113,18 +120,41 @@ class LocalRayCluster:
     def _launch(self, name: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
         temp_dir = Path(tempfile.mkdtemp(prefix=f"{name[:1]}", dir=self.root))
         log = self.root / f"{name}.log"
-        ports = {flag: free_port() for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                                                "--runtime-env-agent-port", "--metrics-export-port")}
-        cmd = [str(BIN / "ray"), "start", "--block", f"--temp-dir={temp_dir}", "--min-worker-port=0",
-               "--max-worker-port=0", "--disable-usage-stats", *[f"{k}={v}" for k, v in ports.items()], *args]
+        ports = {
+            flag: free_port()
+            for flag in (
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+                "--runtime-env-agent-port",
+                "--metrics-export-port",
+            )
+        }
+        cmd = [
+            str(BIN / "ray"),
+            "start",
+            "--block",
+            f"--temp-dir={temp_dir}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--disable-usage-stats",
+            *[f"{k}={v}" for k, v in ports.items()],
+            *args,
+        ]
         with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    cwd=self.root)
+            proc = subprocess.Popen(
+                cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root
+            )
         self.procs.append(proc)
         return proc, log
 
-    def start(self, head_cpus: int = 0, node_cpus: tuple[int, ...] = (), autoscaling_config: Path | None = None,
-              gcs_port: int | None = None, timeout_s: float = 180) -> None:
+    def start(
+        self,
+        head_cpus: int = 0,
+        node_cpus: tuple[int, ...] = (),
+        autoscaling_config: Path | None = None,
+        gcs_port: int | None = None,
+        timeout_s: float = 180,
+    ) -> None:
         """Start the head (its dashboard, i.e. the Jobs API, on 127.0.0.1 only) and, at the same time, one
         worker node per entry of ``node_cpus`` (``ray start --address`` waits for the head's GCS).
 
@@ -134,9 +164,16 @@ class LocalRayCluster:
         fixed_gcs_port = gcs_port
         for attempt in (1, 2):
             gcs_port, dash_port = fixed_gcs_port or free_port(), free_port()
-            args = ["--head", f"--port={gcs_port}", f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
-                    f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-                    f"--object-manager-port={free_port()}", f"--num-cpus={head_cpus}"]
+            args = [
+                "--head",
+                f"--port={gcs_port}",
+                f"--dashboard-port={dash_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--ray-client-server-port={free_port()}",
+                f"--node-manager-port={free_port()}",
+                f"--object-manager-port={free_port()}",
+                f"--num-cpus={head_cpus}",
+            ]
             if autoscaling_config is not None:
                 args.append(f"--autoscaling-config={autoscaling_config}")
             self.gcs_address = f"{node_ip()}:{gcs_port}"
@@ -166,8 +203,12 @@ class LocalRayCluster:
         """Alive nodes from the State API (HTTP, with the token)."""
         import requests
 
-        r = requests.get(f"{self.dashboard_url}/api/v0/nodes", params={"limit": 1000, "detail": "true"},
-                         headers=self.auth_headers(), timeout=30)
+        r = requests.get(
+            f"{self.dashboard_url}/api/v0/nodes",
+            params={"limit": 1000, "detail": "true"},
+            headers=self.auth_headers(),
+            timeout=30,
+        )
         r.raise_for_status()
         return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
@@ -200,8 +241,14 @@ class MlflowServer:
     """``mlflow server`` on 127.0.0.1 and a free port, SQLite store in ``root`` (or ``backend_store_uri``, e.g.
     a PostgreSQL database of tests/pgserver.py); ``extra_args`` go to ``mlflow server``; stopped by PID."""
 
-    def __init__(self, root: Path, backend_store_uri: str | None = None, workers: int = 1,
-                 extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        backend_store_uri: str | None = None,
+        workers: int = 1,
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.marker = uuid.uuid4().hex
@@ -212,10 +259,27 @@ class MlflowServer:
         env = {**os.environ, **(env or {}), MARKER_VAR: self.marker, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [str(BIN / "mlflow"), "server", "--backend-store-uri", store,
-                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
-                 "--port", str(self.port), "--workers", str(workers), *extra_args],
-                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    store,
+                    "--artifacts-destination",
+                    str(root / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    str(workers),
+                    *extra_args,
+                ],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=root,
+            )
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         import urllib.request

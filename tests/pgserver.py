@@ -39,8 +39,10 @@ class PostgresUnavailable(RuntimeError):
 
 def find_postgres_bin() -> Path | None:
     """The ``bin`` folder of the newest PostgreSQL installed from Debian's packages, or None."""
-    found = sorted((p.parent for p in PG_ROOT.glob("*/bin/initdb")), key=lambda p: int(p.parent.name)
-                   if p.parent.name.isdigit() else 0)
+    found = sorted(
+        (p.parent for p in PG_ROOT.glob("*/bin/initdb")),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+    )
     return found[-1] if found else None
 
 
@@ -53,8 +55,10 @@ def ensure_postgres_bin() -> Path:
     if found:
         return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise PostgresUnavailable(f"no PostgreSQL server under {PG_ROOT}/*/bin and not root on Debian to "
-                                  "install it: apt-get install postgresql")
+        raise PostgresUnavailable(
+            f"no PostgreSQL server under {PG_ROOT}/*/bin and not root on Debian to "
+            "install it: apt-get install postgresql"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "postgresql"]):
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -79,8 +83,9 @@ class PostgresServer:
             try:
                 owner = pwd.getpwnam(RUN_AS)
             except KeyError:
-                raise PostgresUnavailable(f"running as root and there is no {RUN_AS!r} user to run PostgreSQL "
-                                          "as") from None
+                raise PostgresUnavailable(
+                    f"running as root and there is no {RUN_AS!r} user to run PostgreSQL as"
+                ) from None
         # Short path: the Unix socket lives here too (socket paths are limited to ~107 bytes).
         self.root = Path(tempfile.mkdtemp(prefix="rgdpg", dir="/tmp"))
         if self.as_root:
@@ -96,11 +101,12 @@ class PostgresServer:
         return ["runuser", "-u", RUN_AS, "--", *cmd] if self.as_root else cmd
 
     def _run(self, tool: str, *args: str, timeout_s: float = 120) -> None:
-        done = subprocess.run(self._cmd(tool, *args), cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout_s)
+        done = subprocess.run(self._cmd(tool, *args), cwd=self.root, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
-            raise RuntimeError(f"{tool} {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}"
-                               f"{done.stderr[-2000:]}{self._log_tail()}")
+            raise RuntimeError(
+                f"{tool} {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}"
+                f"{done.stderr[-2000:]}{self._log_tail()}"
+            )
 
     def _log_tail(self) -> str:
         return f"\n{self.log}:\n{self.log.read_text(errors='replace')[-2000:]}" if self.log.exists() else ""
@@ -113,9 +119,19 @@ class PostgresServer:
         if self.as_root:
             shutil.chown(pwfile, RUN_AS)
         try:
-            self._run("initdb", "-D", str(self.data), "-U", self.user, f"--pwfile={pwfile}",
-                      "--auth-host=scram-sha-256", f"--auth-local={self.local_auth}", "--encoding=UTF8", "--locale=C",
-                      "--no-sync")
+            self._run(
+                "initdb",
+                "-D",
+                str(self.data),
+                "-U",
+                self.user,
+                f"--pwfile={pwfile}",
+                "--auth-host=scram-sha-256",
+                f"--auth-local={self.local_auth}",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            )
         finally:
             pwfile.unlink()
         conf = self.data / "postgresql.conf"
@@ -123,11 +139,23 @@ class PostgresServer:
         for attempt in (1, 2):  # a free port can be taken by someone else before the server binds it
             self.port = free_port()
             # In postgresql.conf, not on pg_ctl's command line: a restart keeps them and ALTER SYSTEM can override.
-            conf.write_text(base_conf + f"\nlisten_addresses = '{self.listen}'\nport = {self.port}\n"
-                                        f"unix_socket_directories = '{self.root}'\n")
+            conf.write_text(
+                base_conf + f"\nlisten_addresses = '{self.listen}'\nport = {self.port}\n"
+                f"unix_socket_directories = '{self.root}'\n"
+            )
             try:
-                self._run("pg_ctl", "start", "-D", str(self.data), "-l", str(self.log), "-w", "-t", str(int(timeout_s)),
-                          timeout_s=timeout_s + 10)
+                self._run(
+                    "pg_ctl",
+                    "start",
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.log),
+                    "-w",
+                    "-t",
+                    str(int(timeout_s)),
+                    timeout_s=timeout_s + 10,
+                )
                 break
             except RuntimeError:
                 if attempt == 2:
@@ -143,8 +171,13 @@ class PostgresServer:
     def create_database(self, name: str) -> str:
         """Create database ``name``; returns its URI (with the password)."""
         env = {**os.environ, "PGPASSWORD": self.password}
-        done = subprocess.run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user,
-                               name], env=env, capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"createdb {name} failed: {done.stderr[-2000:]}{self._log_tail()}")
         return self.uri(name)

@@ -47,26 +47,37 @@ def world(tmp_path_factory):
 
     (root / "run.yaml").write_text(
         f"data: {{data_dir: '{good}'}}\ntrain: {{model: logreg, num_workers: 1, global_batch_size: 32}}\n"
-        f"tracking: {{tracking_uri: '{store}', experiment_name: kept}}\n")
+        f"tracking: {{tracking_uri: '{store}', experiment_name: kept}}\n"
+    )
     (root / "syntax.yaml").write_text("train: {model: [\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "unsafe.yaml").write_text("train: !!python/object/apply:os.system ['echo unsafe']\n")
-    (root / "sweep.yaml").write_text(f"name: kept\nbase: {{data: {{data_dir: '{good}'}}, "
-                                     f"tracking: {{tracking_uri: '{store}'}}}}\nspace: {{step_size: [-1]}}\n")
+    (root / "sweep.yaml").write_text(
+        f"name: kept\nbase: {{data: {{data_dir: '{good}'}}, "
+        f"tracking: {{tracking_uri: '{store}'}}}}\nspace: {{step_size: [-1]}}\n"
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]  # nothing listens here once the socket is closed
-    return {"root": root, "store": store, "kept_run": run.info.run_id, "closed_port": closed_port,
-            "dirs": {name: root / name for name in ("empty", "corrupt", "mismatch", "garbage", "shape")}}
+    return {
+        "root": root,
+        "store": store,
+        "kept_run": run.info.run_id,
+        "closed_port": closed_port,
+        "dirs": {name: root / name for name in ("empty", "corrupt", "mismatch", "garbage", "shape")},
+    }
 
 
 def _snapshot(world) -> tuple:
     client = MlflowClient(world["store"])
-    runs = {r.info.run_id: (r.info.status, tuple(sorted(r.data.metrics.items())))
-            for e in client.search_experiments(view_type=ViewType.ALL)
-            for r in client.search_runs([e.experiment_id], run_view_type=ViewType.ALL)}
-    files = sorted(str(p.relative_to(world["root"])) for p in world["root"].rglob("*")
-                   if p.is_file() and p.name != "mlflow.db")
+    runs = {
+        r.info.run_id: (r.info.status, tuple(sorted(r.data.metrics.items())))
+        for e in client.search_experiments(view_type=ViewType.ALL)
+        for r in client.search_runs([e.experiment_id], run_view_type=ViewType.ALL)
+    }
+    files = sorted(
+        str(p.relative_to(world["root"])) for p in world["root"].rglob("*") if p.is_file() and p.name != "mlflow.db"
+    )
     return runs, files
 
 
@@ -78,16 +89,28 @@ CASES = [
     ("model", ["train", RUN, "--set", "train.model=vgg"], {}, "train.model"),
     ("type", ["train", RUN, "--set", "train.global_batch_size=abc"], {}, "train.global_batch_size"),
     ("step-size", ["train", RUN, "--set", "train.step_size=-1"], {}, "train.step_size"),
-    ("indivisible-batch", ["train", RUN, "--set", "train.num_workers=2", "--set", "train.global_batch_size=33"], {},
-     "train.global_batch_size"),
+    (
+        "indivisible-batch",
+        ["train", RUN, "--set", "train.num_workers=2", "--set", "train.global_batch_size=33"],
+        {},
+        "train.global_batch_size",
+    ),
     ("batch-too-large", ["train", RUN, "--set", "train.global_batch_size=4096"], {}, "train.global_batch_size"),
     ("target", ["train", RUN, "--set", "train.target_accuracy=1.5"], {}, "train.target_accuracy"),
     ("device", ["train", RUN, "--set", "train.device=tpu"], {}, "train.device"),
     ("max-failures", ["train", RUN, "--set", "train.max_failures=-2"], {}, "train.max_failures"),
-    ("checkpoint-every", ["train", RUN, "--set", "train.checkpoint_every_steps=-5"], {},
-     "train.checkpoint_every_steps"),
-    ("free-estimator-one-worker", ["train", RUN, "--set", "train.diversity_estimator=free"], {},
-     "train.diversity_estimator"),
+    (
+        "checkpoint-every",
+        ["train", RUN, "--set", "train.checkpoint_every_steps=-5"],
+        {},
+        "train.checkpoint_every_steps",
+    ),
+    (
+        "free-estimator-one-worker",
+        ["train", RUN, "--set", "train.diversity_estimator=free"],
+        {},
+        "train.diversity_estimator",
+    ),
     ("mechanism", ["train", RUN, "--set", "mechanism.name=dropout"], {}, "mechanism.name"),
     ("drop-prob", ["train", RUN, "--set", "mechanism.drop_prob=1.0"], {}, "mechanism.drop_prob"),
     ("data-name", ["train", RUN, "--set", "data.name=imagenet"], {}, "data.name"),
@@ -104,20 +127,36 @@ CASES = [
     ("idx-count-mismatch", ["train", RUN, "--set", "data.data_dir={root}/mismatch"], {}, "labels"),
     ("idx-not-gzip", ["train", RUN, "--set", "data.data_dir={root}/garbage"], {}, "t10k-labels-idx1-ubyte"),
     ("idx-wrong-shape", ["train", RUN, "--set", "data.data_dir={root}/shape"], {}, "shape"),
-    ("store-folder-missing", ["train", RUN, "--set", "tracking.tracking_uri=sqlite:///{root}/no/such/mlflow.db"], {},
-     "tracking.tracking_uri"),
-    ("store-server-down", ["train", RUN, "--set", "tracking.tracking_uri=http://127.0.0.1:{port}"], {},
-     "tracking.tracking_uri"),
+    (
+        "store-folder-missing",
+        ["train", RUN, "--set", "tracking.tracking_uri=sqlite:///{root}/no/such/mlflow.db"],
+        {},
+        "tracking.tracking_uri",
+    ),
+    (
+        "store-server-down",
+        ["train", RUN, "--set", "tracking.tracking_uri=http://127.0.0.1:{port}"],
+        {},
+        "tracking.tracking_uri",
+    ),
     ("store-scheme", ["train", RUN, "--set", "tracking.tracking_uri=ftp://example.org/x"], {}, "tracking.tracking_uri"),
     ("ray-address-unreachable", ["train", RUN], {"RAY_ADDRESS": "127.0.0.1:{port}"}, "RAY_ADDRESS"),
     ("ray-address-malformed", ["train", RUN], {"RAY_ADDRESS": "http://head"}, "RAY_ADDRESS"),
     ("sweep-preset", ["sweep", "no-such-preset"], {}, "no-such-preset"),
     ("sweep-space", ["sweep", "{root}/sweep.yaml"], {}, "train.step_size"),
     ("sweep-search", ["sweep", "{root}/sweep.yaml", "--set", "sweep.search=bayes"], {}, "search"),
-    ("sweep-store-down", ["sweep", "quickstart", "--set", "tracking.tracking_uri=http://127.0.0.1:{port}"], {},
-     "tracking.tracking_uri"),
-    ("sweep-resume-nothing", ["sweep", "quickstart", "--resume", "--set", "tracking.tracking_uri={store}"], {},
-     "--resume"),
+    (
+        "sweep-store-down",
+        ["sweep", "quickstart", "--set", "tracking.tracking_uri=http://127.0.0.1:{port}"],
+        {},
+        "tracking.tracking_uri",
+    ),
+    (
+        "sweep-resume-nothing",
+        ["sweep", "quickstart", "--resume", "--set", "tracking.tracking_uri={store}"],
+        {},
+        "--resume",
+    ),
     ("diversity-replication", ["diversity", RUN, "--replication", "0,x"], {}, "--replication"),
     ("diversity-every", ["diversity", RUN, "--every", "0"], {}, "--every"),
     ("diversity-mechanism", ["diversity", RUN, "--mechanism", "foo"], {}, "--mechanism"),
@@ -149,8 +188,12 @@ def test_bad_input_is_refused_before_any_work(world, monkeypatch, argv, env, nam
 
 
 def test_the_command_exits_with_status_2_and_one_paragraph(world):
-    done = subprocess.run([sys.executable, "-m", "raygd.cli", "train", str(world["root"] / "run.yaml"),
-                           "--set", "train.model=vgg"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "raygd.cli", "train", str(world["root"] / "run.yaml"), "--set", "train.model=vgg"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == EXIT_BAD_INPUT and done.stdout == ""
     assert done.stderr.strip().startswith("raygd train: error: train.model = 'vgg'")
     assert "logreg, logreg_binary, mnist_cnn" in done.stderr and "Traceback" not in done.stderr

@@ -24,8 +24,11 @@ from tests.pgserver import PostgresServer, PostgresUnavailable
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 PRESETS = {p.stem for p in (REPO / "tuning" / "presets").glob("*.yaml")}
-RAY_PIN = next(line.split("==")[1].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-               if line.startswith("ray["))
+RAY_PIN = next(
+    line.split("==")[1].strip()
+    for line in (REPO / "requirements.txt").read_text().splitlines()
+    if line.startswith("ray[")
+)
 
 
 def cluster_yamls() -> list[Path]:
@@ -102,7 +105,8 @@ def test_every_yaml_under_cluster_is_checked():
     names = {p.name for p in cluster_yamls()}
     assert {"aws.yaml", "aws-minimal.yaml", "gcp.yaml"} <= names
     assert {"raycluster.yaml", "rayjob-sweep.yaml", "mlflow.yaml", "postgres.yaml"} <= {
-        p.name for p in kuberay_manifests()}
+        p.name for p in kuberay_manifests()
+    }
 
 
 def test_requirements_pin_the_postgresql_driver_that_mlflows_sqlalchemy_uses():
@@ -126,18 +130,22 @@ def _set(path: str, value):
         for key in parents:
             c = c[key]
         c[last] = value
+
     return mutate
 
 
-@pytest.mark.parametrize("mutate", [
-    _drop_worker_resources,
-    _set("max_workers", "many"),
-    _set("max_worker", 3),                                          # a typo: unknown top-level key
-    _set("idle_timeout_minutes", -1),
-    _set("available_node_types.gpu_worker.resources", {"GPU": 0.5}),  # resources are integers
-    _set("available_node_types.cpu_worker.min_worker", 0),           # a typo inside a node type
-    _set("provider", {"region": "us-west-2"}),                       # no provider type
-])
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        _drop_worker_resources,
+        _set("max_workers", "many"),
+        _set("max_worker", 3),  # a typo: unknown top-level key
+        _set("idle_timeout_minutes", -1),
+        _set("available_node_types.gpu_worker.resources", {"GPU": 0.5}),  # resources are integers
+        _set("available_node_types.cpu_worker.min_worker", 0),  # a typo inside a node type
+        _set("provider", {"region": "us-west-2"}),  # no provider type
+    ],
+)
 def test_broken_launcher_config_fails_rays_validator(mutate):
     cfg = yaml.safe_load((CLUSTER / "aws-minimal.yaml").read_text())
     mutate(cfg)
@@ -145,15 +153,20 @@ def test_broken_launcher_config_fails_rays_validator(mutate):
         ray_validate(cfg)
 
 
-@pytest.mark.parametrize("mutate, problem", [
-    (_set("available_node_types.gpu_worker.min_workers", 1), "autoscale from 0"),
-    (_set("available_node_types.gpu_worker.resources", {"CPU": 4}), "no GPU worker type"),
-    (_set("worker_start_ray_commands", ["ray start --address=$RAY_HEAD_IP:6379"]), "token auth"),
-    (_set("setup_commands", ["pip install ray"]), "requirements.txt"),
-    (_set("head_setup_commands", ['pip install "boto3>=1.34"']), "install PostgreSQL"),
-    (_set("head_setup_commands", ["bash ~/raygd/cluster/postgres-setup.sh", "apt-get install -y postgresql"]),
-     "install PostgreSQL"),
-])
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (_set("available_node_types.gpu_worker.min_workers", 1), "autoscale from 0"),
+        (_set("available_node_types.gpu_worker.resources", {"CPU": 4}), "no GPU worker type"),
+        (_set("worker_start_ray_commands", ["ray start --address=$RAY_HEAD_IP:6379"]), "token auth"),
+        (_set("setup_commands", ["pip install ray"]), "requirements.txt"),
+        (_set("head_setup_commands", ['pip install "boto3>=1.34"']), "install PostgreSQL"),
+        (
+            _set("head_setup_commands", ["bash ~/raygd/cluster/postgres-setup.sh", "apt-get install -y postgresql"]),
+            "install PostgreSQL",
+        ),
+    ],
+)
 def test_broken_launcher_config_fails_raygds_checks(mutate, problem):
     cfg = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
     mutate(cfg)
@@ -172,8 +185,11 @@ def _pod_spec_problems(where: str, template: dict) -> list[str]:
     containers = (template.get("spec") or {}).get("containers") or []
     if not containers:
         return [f"{where}: template.spec.containers is empty"]
-    return [f"{where}: container {c.get('name')} needs name and image" for c in containers
-            if not c.get("name") or not c.get("image")]
+    return [
+        f"{where}: container {c.get('name')} needs name and image"
+        for c in containers
+        if not c.get("name") or not c.get("image")
+    ]
 
 
 def raycluster_problems(doc: dict) -> list[str]:
@@ -206,8 +222,12 @@ def raycluster_problems(doc: dict) -> list[str]:
         if lo != 0 or not isinstance(hi, int) or hi < 1 or not 0 <= n <= hi:
             problems.append(f"worker group {name!r} must autoscale from minReplicas 0 to maxReplicas >= 1")
         problems += _pod_spec_problems(f"worker group {name!r}", g.get("template") or {})
-    gpu = [g for g in groups for c in g.get("template", {}).get("spec", {}).get("containers", [])
-           if "nvidia.com/gpu" in (c.get("resources") or {}).get("limits", {})]
+    gpu = [
+        g
+        for g in groups
+        for c in g.get("template", {}).get("spec", {}).get("containers", [])
+        if "nvidia.com/gpu" in (c.get("resources") or {}).get("limits", {})
+    ]
     if not gpu or len(gpu) == len(groups):
         problems.append("needs a CPU and a GPU worker group")
     return problems
@@ -227,7 +247,7 @@ def rayjob_problems(doc: dict, cluster_names: set[str]) -> list[str]:
         problems.append(f"clusterSelector {selected!r} names no RayCluster here and there is no rayClusterSpec")
     if spec.get("submissionMode", "K8sJobMode") not in ("K8sJobMode", "HTTPMode", "SidecarMode", "InteractiveMode"):
         problems.append(f"submissionMode {spec.get('submissionMode')!r} is unknown")
-    submitter = (spec.get("submitterPodTemplate") or {})
+    submitter = spec.get("submitterPodTemplate") or {}
     env = {e["name"] for c in submitter.get("spec", {}).get("containers", []) for e in c.get("env", [])}
     if not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} <= env:
         problems.append("the submitter needs the cluster's token (RAY_AUTH_MODE, RAY_AUTH_TOKEN)")
@@ -270,9 +290,13 @@ def _env(container: dict) -> dict[str, dict]:
 
 def secret_problems(docs: list[dict]) -> list[str]:
     """A password, token or secret in an env var must come from a Secret (secretKeyRef), never a literal."""
-    return [f"{d['kind']} {d['metadata']['name']}: env {name} is a literal, not a secretKeyRef"
-            for d in docs for c in containers(d) for name, e in _env(c).items()
-            if SECRET_ENV.search(name) and "secretKeyRef" not in (e.get("valueFrom") or {})]
+    return [
+        f"{d['kind']} {d['metadata']['name']}: env {name} is a literal, not a secretKeyRef"
+        for d in docs
+        for c in containers(d)
+        for name, e in _env(c).items()
+        if SECRET_ENV.search(name) and "secretKeyRef" not in (e.get("valueFrom") or {})
+    ]
 
 
 def _secret_of(env_var: dict | None) -> str | None:
@@ -281,8 +305,13 @@ def _secret_of(env_var: dict | None) -> str | None:
 
 
 def store_uris(docs: list[dict]) -> list[str]:
-    return [a.split("=", 1)[1] for d in docs for c in containers(d) for a in c.get("args") or []
-            if str(a).startswith("--backend-store-uri=")]
+    return [
+        a.split("=", 1)[1]
+        for d in docs
+        for c in containers(d)
+        for a in c.get("args") or []
+        if str(a).startswith("--backend-store-uri=")
+    ]
 
 
 def mlflow_store_problems(docs: list[dict]) -> list[str]:
@@ -345,33 +374,63 @@ def _set_arg(docs: list[dict], deployment: str, arg: str) -> None:
     c["args"] = [arg if str(a).startswith(flag + "=") else a for a in c["args"]]
 
 
-@pytest.mark.parametrize("mutate, problem", [
-    (lambda ds: _kind(ds, "RayCluster").update(apiVersion="ray.io/v1alpha1"), "not ray.io/v1"),
-    (lambda ds: _kind(ds, "RayCluster")["spec"].pop("headGroupSpec"), "headGroupSpec"),
-    (lambda ds: _kind(ds, "RayCluster")["spec"]["workerGroupSpecs"][0].update(minReplicas=3), "minReplicas 0"),
-    (lambda ds: _kind(ds, "RayCluster")["spec"].update(enableInTreeAutoscaling=False), "enableInTreeAutoscaling"),
-    (lambda ds: _kind(ds, "RayCluster")["spec"].pop("authOptions"), "authOptions"),
-    (lambda ds: _kind(ds, "RayCluster")["spec"].update(rayVersion="2.9.0"), "differs from the pin"),
-    (lambda ds: _kind(ds, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("image"),
-     "needs name and image"),
-    (lambda ds: _kind(ds, "RayJob")["spec"].update(clusterSelector={"ray.io/cluster": "other"}), "names no RayCluster"),
-    (lambda ds: _kind(ds, "RayJob")["spec"].update(entrypoint="raygd sweep no-such-preset"), "raygd sweep preset"),
-    (lambda ds: _kind(ds, "RayJob").update(apiVersion="ray.io/v1beta1"), "not ray.io/v1"),
-    (lambda ds: _kind(ds, "Service")["metadata"].update(name="mlflow"), "raygd-mlflow"),
-    (lambda ds: _container(ds, "raygd-postgres")["env"].append({"name": "POSTGRES_PASSWORD", "value": "hunter2"}),
-     "literal"),
-    (lambda ds: _container(ds, "raygd-mlflow").update(
-        env=[e for e in _container(ds, "raygd-mlflow")["env"] if e["name"] != "PGPASSWORD"]), "PGPASSWORD"),
-    (lambda ds: _set_arg(ds, "raygd-mlflow", "--backend-store-uri=sqlite:////data/mlflow.db"), "backend-store-uri"),
-    (lambda ds: _set_arg(ds, "raygd-mlflow", "--backend-store-uri=postgresql+psycopg://mlflow:pw@raygd-postgres:5432/m"),
-     "without a password"),
-    (lambda ds: _container(ds, "raygd-postgres").update(args=["-c", f"{LISTEN}=*"]), "listen on the pod IP"),
-    (lambda ds: _container(ds, "raygd-postgres")["env"].append({"name": "POSTGRES_HOST_AUTH_METHOD", "value": "trust"}),
-     "ask for a password"),
-    (lambda ds: _named(ds, "NetworkPolicy", "raygd-postgres")["spec"]["ingress"][0].__setitem__(
-        "from", [{"podSelector": {}}]), "MLflow pods only"),
-    (lambda ds: _named(ds, "Service", "raygd-postgres")["metadata"].update(name="db"), "raygd-postgres"),
-])
+@pytest.mark.parametrize(
+    "mutate, problem",
+    [
+        (lambda ds: _kind(ds, "RayCluster").update(apiVersion="ray.io/v1alpha1"), "not ray.io/v1"),
+        (lambda ds: _kind(ds, "RayCluster")["spec"].pop("headGroupSpec"), "headGroupSpec"),
+        (lambda ds: _kind(ds, "RayCluster")["spec"]["workerGroupSpecs"][0].update(minReplicas=3), "minReplicas 0"),
+        (lambda ds: _kind(ds, "RayCluster")["spec"].update(enableInTreeAutoscaling=False), "enableInTreeAutoscaling"),
+        (lambda ds: _kind(ds, "RayCluster")["spec"].pop("authOptions"), "authOptions"),
+        (lambda ds: _kind(ds, "RayCluster")["spec"].update(rayVersion="2.9.0"), "differs from the pin"),
+        (
+            lambda ds: _kind(ds, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop(
+                "image"
+            ),
+            "needs name and image",
+        ),
+        (
+            lambda ds: _kind(ds, "RayJob")["spec"].update(clusterSelector={"ray.io/cluster": "other"}),
+            "names no RayCluster",
+        ),
+        (lambda ds: _kind(ds, "RayJob")["spec"].update(entrypoint="raygd sweep no-such-preset"), "raygd sweep preset"),
+        (lambda ds: _kind(ds, "RayJob").update(apiVersion="ray.io/v1beta1"), "not ray.io/v1"),
+        (lambda ds: _kind(ds, "Service")["metadata"].update(name="mlflow"), "raygd-mlflow"),
+        (
+            lambda ds: _container(ds, "raygd-postgres")["env"].append(
+                {"name": "POSTGRES_PASSWORD", "value": "hunter2"}
+            ),
+            "literal",
+        ),
+        (
+            lambda ds: _container(ds, "raygd-mlflow").update(
+                env=[e for e in _container(ds, "raygd-mlflow")["env"] if e["name"] != "PGPASSWORD"]
+            ),
+            "PGPASSWORD",
+        ),
+        (lambda ds: _set_arg(ds, "raygd-mlflow", "--backend-store-uri=sqlite:////data/mlflow.db"), "backend-store-uri"),
+        (
+            lambda ds: _set_arg(
+                ds, "raygd-mlflow", "--backend-store-uri=postgresql+psycopg://mlflow:pw@raygd-postgres:5432/m"
+            ),
+            "without a password",
+        ),
+        (lambda ds: _container(ds, "raygd-postgres").update(args=["-c", f"{LISTEN}=*"]), "listen on the pod IP"),
+        (
+            lambda ds: _container(ds, "raygd-postgres")["env"].append(
+                {"name": "POSTGRES_HOST_AUTH_METHOD", "value": "trust"}
+            ),
+            "ask for a password",
+        ),
+        (
+            lambda ds: _named(ds, "NetworkPolicy", "raygd-postgres")["spec"]["ingress"][0].__setitem__(
+                "from", [{"podSelector": {}}]
+            ),
+            "MLflow pods only",
+        ),
+        (lambda ds: _named(ds, "Service", "raygd-postgres")["metadata"].update(name="db"), "raygd-postgres"),
+    ],
+)
 def test_broken_kuberay_manifests_fail(mutate, problem):
     docs = copy.deepcopy(all_kuberay_docs())
     mutate(docs)
@@ -387,9 +446,13 @@ SCANNED_NAMES = {"Makefile", "Dockerfile", "Procfile"}
 TEXT_RULES = [
     ("the whole IPv4 internet or all interfaces", re.compile(ANY4)),
     ("the whole IPv6 internet", re.compile(r":{2}/0")),
-    ("a bind to all IPv6 interfaces or any host",
-     re.compile(r"(--host|--dashboard-host|--bind|dashboard[-_]host|\bhost)[\"']?\s*[,=: ]\s*[\"']?"
-                r"(:{2}|\[:{2}\]|\*)([\"'\s:,\]]|$)")),
+    (
+        "a bind to all IPv6 interfaces or any host",
+        re.compile(
+            r"(--host|--dashboard-host|--bind|dashboard[-_]host|\bhost)[\"']?\s*[,=: ]\s*[\"']?"
+            r"(:{2}|\[:{2}\]|\*)([\"'\s:,\]]|$)"
+        ),
+    ),
     ("PostgreSQL listening on all interfaces", re.compile(LISTEN + r"\s*[=:]?\s*[\"']?[^\"'\n]*\*")),
 ]
 EXPOSED_SERVICE_TYPES = ("LoadBalancer", "NodePort")
@@ -397,17 +460,29 @@ EXPOSED_SERVICE_TYPES = ("LoadBalancer", "NodePort")
 
 def scanned_files() -> list[Path]:
     """Every file of the repository (tracked, or new and not ignored) that can hold a config or a server start."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     files = [REPO / f for f in listed]
-    return sorted(f for f in files if f.is_file() and (f.suffix in SCANNED_SUFFIXES or f.name in SCANNED_NAMES
-                                                      or f.name.startswith("Dockerfile")))
+    return sorted(
+        f
+        for f in files
+        if f.is_file() and (f.suffix in SCANNED_SUFFIXES or f.name in SCANNED_NAMES or f.name.startswith("Dockerfile"))
+    )
 
 
 def exposure_findings(name: str, text: str) -> list[str]:
     """Lines that would expose a service to the internet, and Kubernetes objects that publish one."""
-    found = [f"{name}:{i}: {why}: {line.strip()[:100]}" for i, line in enumerate(text.splitlines(), 1)
-             for why, rule in TEXT_RULES if rule.search(line)]
+    found = [
+        f"{name}:{i}: {why}: {line.strip()[:100]}"
+        for i, line in enumerate(text.splitlines(), 1)
+        for why, rule in TEXT_RULES
+        if rule.search(line)
+    ]
     if name.endswith((".yaml", ".yml")):
         try:
             docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
@@ -436,9 +511,19 @@ def exposure_findings(name: str, text: str) -> list[str]:
 def test_no_config_or_code_default_exposes_dashboard_jobs_api_or_mlflow():
     files = scanned_files()
     names = {str(f.relative_to(REPO)) for f in files}
-    assert {"Makefile", "cluster/aws.yaml", "cluster/kuberay/raycluster.yaml", "cluster/mlflow-server.sh",
-            "cluster/postgres-setup.sh", "cluster/kuberay/postgres.yaml", "tests/pgserver.py",
-            "cluster/kuberay/Dockerfile", "raygd/cli.py", "tests/localray.py", "README.md"} <= names
+    assert {
+        "Makefile",
+        "cluster/aws.yaml",
+        "cluster/kuberay/raycluster.yaml",
+        "cluster/mlflow-server.sh",
+        "cluster/postgres-setup.sh",
+        "cluster/kuberay/postgres.yaml",
+        "tests/pgserver.py",
+        "cluster/kuberay/Dockerfile",
+        "raygd/cli.py",
+        "tests/localray.py",
+        "README.md",
+    } <= names
     findings = [f for path in files for f in exposure_findings(str(path.relative_to(REPO)), path.read_text())]
     assert findings == []
 
@@ -448,8 +533,11 @@ URI_PASSWORD = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s:/@'\"]+:(?![$*{])[^\s@/'\
 
 def credential_findings(name: str, text: str) -> list[str]:
     """Database URIs with a password written in, and secret env vars with literal values."""
-    found = [f"{name}:{i}: a password in a URI: {URI_PASSWORD.search(line).group(0)[:40]}"
-             for i, line in enumerate(text.splitlines(), 1) if URI_PASSWORD.search(line)]
+    found = [
+        f"{name}:{i}: a password in a URI: {URI_PASSWORD.search(line).group(0)[:40]}"
+        for i, line in enumerate(text.splitlines(), 1)
+        if URI_PASSWORD.search(line)
+    ]
     if name.endswith((".yaml", ".yml")):
         found += [f"{name}: {p}" for p in secret_problems([d for d in yaml.safe_load_all(text) if isinstance(d, dict)])]
     return found
@@ -462,14 +550,21 @@ def test_no_credentials_in_cluster_configs_or_scripts():
     assert [f for path in files for f in credential_findings(str(path.relative_to(REPO)), path.read_text())] == []
 
 
-@pytest.mark.parametrize("name, text, bad", [
-    ("run.sh", "mlflow server --backend-store-uri postgresql://mlflow:hunter2@127.0.0.1:5432/mlflow\n", True),
-    ("k.yaml", "args: [--backend-store-uri=postgresql+psycopg://mlflow:s3cret@raygd-postgres:5432/mlflow]\n", True),
-    ("k.yaml", "kind: Deployment\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      containers:\n"
-               "        - {name: c, env: [{name: POSTGRES_PASSWORD, value: hunter2}]}\n", True),
-    ("run.sh", "mlflow server --backend-store-uri postgresql+psycopg://mlflow@127.0.0.1:5432/mlflow\n", False),
-    ("run.sh", 'uri="postgresql://mlflow:$PASSWORD@127.0.0.1/mlflow"\n', False),
-])
+@pytest.mark.parametrize(
+    "name, text, bad",
+    [
+        ("run.sh", "mlflow server --backend-store-uri postgresql://mlflow:hunter2@127.0.0.1:5432/mlflow\n", True),
+        ("k.yaml", "args: [--backend-store-uri=postgresql+psycopg://mlflow:s3cret@raygd-postgres:5432/mlflow]\n", True),
+        (
+            "k.yaml",
+            "kind: Deployment\nmetadata: {name: d}\nspec:\n  template:\n    spec:\n      containers:\n"
+            "        - {name: c, env: [{name: POSTGRES_PASSWORD, value: hunter2}]}\n",
+            True,
+        ),
+        ("run.sh", "mlflow server --backend-store-uri postgresql+psycopg://mlflow@127.0.0.1:5432/mlflow\n", False),
+        ("run.sh", 'uri="postgresql://mlflow:$PASSWORD@127.0.0.1/mlflow"\n', False),
+    ],
+)
 def test_credential_scan_flags_a_written_in_password(name, text, bad):
     assert bool(credential_findings(name, text)) == bad
 
@@ -477,34 +572,45 @@ def test_credential_scan_flags_a_written_in_password(name, text, bad):
 EVERYWHERE = ".".join(["0"] * 4)
 
 
-@pytest.mark.parametrize("name, text", [
-    ("cluster/x.yaml", f"head_start_ray_commands: ['ray start --head --dashboard-host={EVERYWHERE}']\n"),
-    ("cluster/x.yaml", "head_start_ray_commands: ['ray start --head --dashboard-host=10.0.0.4']\n"),
-    ("cluster/x.yaml", f"provider:\n  security_group:\n    IpPermissions:\n"
-                       f"      - IpRanges: [{{CidrIp: {EVERYWHERE}/0}}]\n"),
-    ("Makefile", f"ui:\n\tmlflow ui --host {EVERYWHERE} --port 5000\n"),
-    ("run.sh", f"mlflow server --host {':' * 2} --port 5000\n"),
-    ("raygd/x.py", f'ray.init(dashboard_host="{EVERYWHERE}")\n'),
-    ("raygd/x.py", 'subprocess.Popen(["mlflow", "server", "--host", "{}"])\n'.format("*")),
-    ("k.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: m}\nspec: {type: LoadBalancer}\n"),
-    ("k.yaml", "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: m}\nspec: {}\n"),
-    ("k.yaml", "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {name: r}\nspec:\n  headGroupSpec: "
-               "{serviceType: NodePort}\n"),
-    ("k.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {hostNetwork: true}\n"),
-    ("setup.sh", f"psql -c \"ALTER SYSTEM SET {LISTEN} = '*'\"\n"),
-    ("k.yaml", f'args: ["-c", "{LISTEN}=$(POD_IP),*"]\n'),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("cluster/x.yaml", f"head_start_ray_commands: ['ray start --head --dashboard-host={EVERYWHERE}']\n"),
+        ("cluster/x.yaml", "head_start_ray_commands: ['ray start --head --dashboard-host=10.0.0.4']\n"),
+        (
+            "cluster/x.yaml",
+            f"provider:\n  security_group:\n    IpPermissions:\n      - IpRanges: [{{CidrIp: {EVERYWHERE}/0}}]\n",
+        ),
+        ("Makefile", f"ui:\n\tmlflow ui --host {EVERYWHERE} --port 5000\n"),
+        ("run.sh", f"mlflow server --host {':' * 2} --port 5000\n"),
+        ("raygd/x.py", f'ray.init(dashboard_host="{EVERYWHERE}")\n'),
+        ("raygd/x.py", 'subprocess.Popen(["mlflow", "server", "--host", "{}"])\n'.format("*")),
+        ("k.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: m}\nspec: {type: LoadBalancer}\n"),
+        ("k.yaml", "apiVersion: networking.k8s.io/v1\nkind: Ingress\nmetadata: {name: m}\nspec: {}\n"),
+        (
+            "k.yaml",
+            "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {name: r}\nspec:\n  headGroupSpec: "
+            "{serviceType: NodePort}\n",
+        ),
+        ("k.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {hostNetwork: true}\n"),
+        ("setup.sh", f"psql -c \"ALTER SYSTEM SET {LISTEN} = '*'\"\n"),
+        ("k.yaml", f'args: ["-c", "{LISTEN}=$(POD_IP),*"]\n'),
+    ],
+)
 def test_exposure_scan_flags_a_deliberately_exposed_copy(name, text):
     assert exposure_findings(name, text) != []
 
 
-@pytest.mark.parametrize("name, text", [
-    ("run.sh", "mlflow server --host 127.0.0.1 --port 5000\n"),
-    ("run.sh", 'mlflow server --host "$PRIVATE_IP" --gunicorn-opts "--bind 127.0.0.1:5000"\n'),
-    ("k.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: m}\nspec: {type: ClusterIP}\n"),
-    ("setup.sh", "psql -c \"ALTER SYSTEM SET listen_addresses = '127.0.0.1'\"\n"),
-    ("k.yaml", 'args: ["-c", "listen_addresses=$(POD_IP),127.0.0.1"]\n'),
-])
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("run.sh", "mlflow server --host 127.0.0.1 --port 5000\n"),
+        ("run.sh", 'mlflow server --host "$PRIVATE_IP" --gunicorn-opts "--bind 127.0.0.1:5000"\n'),
+        ("k.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: m}\nspec: {type: ClusterIP}\n"),
+        ("setup.sh", "psql -c \"ALTER SYSTEM SET listen_addresses = '127.0.0.1'\"\n"),
+        ("k.yaml", 'args: ["-c", "listen_addresses=$(POD_IP),127.0.0.1"]\n'),
+    ],
+)
 def test_exposure_scan_passes_loopback_and_private_binds(name, text):
     assert exposure_findings(name, text) == []
 
@@ -533,12 +639,18 @@ def _head_env(pg, home: Path, marker: str) -> dict[str, str]:
     (shims / "sudo").write_text(SUDO_SHIM)
     (shims / "pg_lsclusters").write_text(f'#!/bin/bash\necho "15 test {pg.port} online postgres {pg.data} {pg.log}"\n')
     (shims / "pg_ctlcluster").write_text(
-        f'#!/bin/bash\nexec runuser -u postgres -- {pg.bin}/pg_ctl -D {pg.data} -l {pg.log} -w "$3"\n')
+        f'#!/bin/bash\nexec runuser -u postgres -- {pg.bin}/pg_ctl -D {pg.data} -l {pg.log} -w "$3"\n'
+    )
     for shim in shims.iterdir():
         shim.chmod(0o755)
-    return {**os.environ, "HOME": str(home), "PATH": os.pathsep.join([str(shims), str(pg.bin), str(BIN),
-                                                                      os.environ["PATH"]]),
-            "PGHOST": str(pg.root), "PGPORT": str(pg.port), MARKER_VAR: marker}
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "PATH": os.pathsep.join([str(shims), str(pg.bin), str(BIN), os.environ["PATH"]]),
+        "PGHOST": str(pg.root),
+        "PGPORT": str(pg.port),
+        MARKER_VAR: marker,
+    }
 
 
 def test_head_scripts_set_up_a_loopback_postgresql_with_a_generated_password_and_start_mlflow_on_it(tmp_path):
@@ -555,8 +667,12 @@ def test_head_scripts_set_up_a_loopback_postgresql_with_a_generated_password_and
     home, marker = tmp_path / "home", uuid.uuid4().hex
     env = _head_env(pg, home, marker)
     try:
-        runs = [subprocess.run(["bash", str(CLUSTER / "postgres-setup.sh")], env=env, capture_output=True, text=True,
-                               timeout=120) for _ in range(2)]
+        runs = [
+            subprocess.run(
+                ["bash", str(CLUSTER / "postgres-setup.sh")], env=env, capture_output=True, text=True, timeout=120
+            )
+            for _ in range(2)
+        ]
         assert [r.returncode for r in runs] == [0, 0], [r.stderr[-2000:] for r in runs]
         uri = f"postgresql+psycopg://mlflow@127.0.0.1:{pg.port}/mlflow"
         assert [r.stdout.splitlines()[-1] for r in runs] == [uri, uri]
@@ -575,8 +691,9 @@ def test_head_scripts_set_up_a_loopback_postgresql_with_a_generated_password_and
             psycopg.connect(libpq_uri, passfile=os.devnull, connect_timeout=5).close()
 
         port = free_port()
-        started = subprocess.run(["bash", str(CLUSTER / "mlflow-server.sh"), str(port)], env=env, capture_output=True,
-                                 text=True, timeout=120)
+        started = subprocess.run(
+            ["bash", str(CLUSTER / "mlflow-server.sh"), str(port)], env=env, capture_output=True, text=True, timeout=120
+        )
         assert started.returncode == 0, started.stderr
         assert started.stdout.strip().endswith(f":{port}")
         url, log = f"http://127.0.0.1:{port}", home / "mlflow" / "server.log"
@@ -593,8 +710,9 @@ def test_head_scripts_set_up_a_loopback_postgresql_with_a_generated_password_and
         run_id = create_run(url, "head-scripts", "probe", {"p": 1}, {})
         Tracker(url, run_id, enabled=True).log_metrics({"train/loss": 0.5}, step=3)
         with psycopg.connect(libpq_uri, passfile=str(pgpass)) as conn:
-            assert conn.execute("SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'train/loss'",
-                                (run_id,)).fetchall() == [(3, 0.5)]
+            assert conn.execute(
+                "SELECT step, value FROM metrics WHERE run_uuid = %s AND key = 'train/loss'", (run_id,)
+            ).fetchall() == [(3, 0.5)]
         cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in marked_pids(marker)]
         assert cmdlines and not any(password.encode() in c for c in cmdlines)
     finally:

@@ -69,7 +69,7 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         load_run_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
+    with pytest.raises(ConfigError, match=r"bad.yaml"):
         load_run_config(bad)
 
 

@@ -91,7 +91,7 @@ def test_eval_indices_are_fixed_and_bounded():
 
 
 def test_missing_folder_is_named(tmp_path):
-    with pytest.raises(DataError, match="data.data_dir.*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(DataError, match=r"data.data_dir.*apt-get install dataset-fashion-mnist"):
         load_data(DataConfig(data_dir=str(tmp_path / "nowhere")), seed=0)
 
 
@@ -105,7 +105,7 @@ def test_missing_file_is_named(tmp_path, idx_dir):
 def test_corrupt_gzip_is_named(tmp_path):
     folder = write_idx_dataset(tmp_path / "corrupt", n_train=20, n_test=10)
     (folder / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip file")
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz"):
         load_data(DataConfig(data_dir=str(folder)), seed=0)
 
 
@@ -121,12 +121,12 @@ def test_wrong_shapes_are_reported(tmp_path):
 
 
 def test_train_size_larger_than_data_is_rejected(idx_dir):
-    with pytest.raises(DataError, match="data.train_size"):
+    with pytest.raises(DataError, match=r"data.train_size"):
         load_data(DataConfig(data_dir=str(idx_dir), train_size=10_000), seed=0)
 
 
 def test_batch_larger_than_data_is_rejected():
-    with pytest.raises(DataError, match="train.global_batch_size"):
+    with pytest.raises(DataError, match=r"train.global_batch_size"):
         GlobalBatchSampler(n=10, global_batch_size=16, sampling="shuffle", seed=0)
 
 

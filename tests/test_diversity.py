@@ -24,8 +24,13 @@ from raygd.mechanisms.qsgd import qsgd_quantize
 from raygd.models import MnistCNN, build_model
 from tests.dist import run_group
 
-SHAPES = {"logreg": (1, 28, 28), "logreg_binary": (1, 28, 28), "mnist_cnn": (1, 28, 28),
-          "convnet": (3, 32, 32), "resnet": (3, 32, 32)}
+SHAPES = {
+    "logreg": (1, 28, 28),
+    "logreg_binary": (1, 28, 28),
+    "mnist_cnn": (1, 28, 28),
+    "convnet": (3, 32, 32),
+    "resnet": (3, 32, 32),
+}
 F64 = torch.float64
 
 
@@ -39,8 +44,8 @@ def brute_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, params: dict
     buffers = {n: b.to(F64) if b.is_floating_point() else b for n, b in model.named_buffers()}
     rows = []
     for i in range(x.shape[0]):
-        logits = functional_call(model, (params, buffers), (x[i:i + 1].to(F64),))
-        grads = torch.autograd.grad(F.cross_entropy(logits, y[i:i + 1], reduction="sum"), list(params.values()))
+        logits = functional_call(model, (params, buffers), (x[i : i + 1].to(F64),))
+        grads = torch.autograd.grad(F.cross_entropy(logits, y[i : i + 1], reduction="sum"), list(params.values()))
         rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)
 
@@ -137,14 +142,26 @@ def conv_net(conv: nn.Conv2d, side: int) -> nn.Module:
 ROUTE_CASES = [
     ("linear_seq_gram", lambda: SeqNet(3, 16, 16), (3, 16), ("gram", 3, 16, 16)),
     ("linear_seq_per_example", lambda: SeqNet(20, 4, 4), (20, 4), ("per_example", 20, 4, 4)),
-    ("conv_per_example_stride_dilation", lambda: conv_net(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), 9),
-     (2, 9, 9), ("per_example", 25, 18, 4)),
+    (
+        "conv_per_example_stride_dilation",
+        lambda: conv_net(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), 9),
+        (2, 9, 9),
+        ("per_example", 25, 18, 4),
+    ),
     ("conv_gram", lambda: conv_net(nn.Conv2d(16, 32, 3), 4), (16, 4, 4), ("gram", 4, 144, 32)),
-    ("conv_reflect_padding", lambda: conv_net(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), 6),
-     (2, 6, 6), ("per_example", 36, 18, 3)),
+    (
+        "conv_reflect_padding",
+        lambda: conv_net(nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), 6),
+        (2, 6, 6),
+        ("per_example", 36, 18, 3),
+    ),
     ("conv_groups_fallback", lambda: conv_net(nn.Conv2d(4, 4, 3, groups=2), 5), (4, 5, 5), None),
-    ("dropconnect_linear_eval", lambda: nn.Sequential(nn.Flatten(), DropConnectLinear(12, 3, p=0.5).eval()),
-     (3, 4), None),
+    (
+        "dropconnect_linear_eval",
+        lambda: nn.Sequential(nn.Flatten(), DropConnectLinear(12, 3, p=0.5).eval()),
+        (3, 4),
+        None,
+    ),
 ]
 
 
@@ -178,7 +195,7 @@ def test_ghost_norms_leave_the_gradients_unchanged_and_scale_with_the_mean_loss(
     model.zero_grad()
     with D.GhostNorms(model) as ghost:
         F.cross_entropy(model(x), y).backward()  # mean loss: example i contributes g_i / N
-    for p, expected in zip(model.parameters(), plain):
+    for p, expected in zip(model.parameters(), plain, strict=True):
         assert torch.allclose(p.grad, expected, rtol=1e-10, atol=1e-14)
     g = brute_grads(model, x, y)
     assert torch.allclose(ghost.sq_norms() * 12**2, g.square().sum(1), rtol=1e-9, atol=0)
@@ -209,7 +226,7 @@ def trainable_brute_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
     trainable = [p.requires_grad for p in model.parameters()]
     g = brute_grads(model, x, y)
     sizes = [p.numel() for p in model.parameters()]
-    return torch.cat([part for part, keep in zip(g.split(sizes, 1), trainable) if keep], 1)
+    return torch.cat([part for part, keep in zip(g.split(sizes, 1), trainable, strict=True) if keep], 1)
 
 
 @pytest.mark.parametrize("case,build,shape,k", CLOSED_FORM_CASES, ids=[c[0] for c in CLOSED_FORM_CASES])
@@ -237,7 +254,9 @@ def test_closed_form_matches_a_per_example_loop(case, build, shape, k, monkeypat
         F.cross_entropy(model(x), y).backward()
     assert ghost._logits is not None  # the light route kept the logits (no autograd.Function ran)
     assert torch.allclose(ghost.sq_norms() * 9**2, g.square().sum(1), rtol=1e-5, atol=0)
-    assert all(torch.equal(p.grad, e) for p, e in zip([p for p in model.parameters() if p.requires_grad], plain))
+    assert all(
+        torch.equal(p.grad, e) for p, e in zip([p for p in model.parameters() if p.requires_grad], plain, strict=True)
+    )
 
 
 def test_binary_closed_form_is_the_logistic_loss_derivative():
@@ -292,8 +311,11 @@ def test_batchnorm_in_train_mode_is_a_clear_error_and_eval_mode_is_exact():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     x, y = torch.randn(8, 1, 6, 6), torch.randint(3, (8,))
-    for call in (lambda: D.gradient_diversity(model, x, y), lambda: D.GhostNorms(model).__enter__(),
-                 lambda: D.per_example_sq_norms(model, x, y, method="func")):
+    for call in (
+        lambda: D.gradient_diversity(model, x, y),
+        lambda: D.GhostNorms(model).__enter__(),
+        lambda: D.per_example_sq_norms(model, x, y, method="func"),
+    ):
         with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\) is in train mode.*model\.eval\(\)"):
             call()
     model.eval()
@@ -314,7 +336,7 @@ def test_dropconnect_in_train_mode_and_a_layer_called_twice_are_errors():
         def forward(self, x):
             return self.lin(torch.tanh(self.lin(x)))
 
-    with pytest.raises(ValueError, match="'lin' is called twice.*method='func'"):
+    with pytest.raises(ValueError, match=r"'lin' is called twice.*method='func'"):
         D.gradient_diversity(Twice(), torch.randn(4, 3), torch.randint(3, (4,)))
     got = D.gradient_diversity(Twice(), torch.randn(4, 3), torch.randint(3, (4,)), method="func")
     assert math.isfinite(got.delta)
@@ -389,30 +411,38 @@ def test_dropconnect_masked_per_example_gradients_match_a_loop():
     params, buffers = D.functional_state(model, None)
     gen = torch.Generator().manual_seed(0)
     masks = {n: dropconnect_masks((4, *params[n].shape), 0.5, gen, F64) for n in ("0.weight", "2.weight")}
-    got = torch.cat([g.reshape(4, -1) for g in D.per_example_grads(model, x, y, params, buffers,
-                                                                    weight_masks=masks).values()], 1)
+    got = torch.cat(
+        [g.reshape(4, -1) for g in D.per_example_grads(model, x, y, params, buffers, weight_masks=masks).values()], 1
+    )
     for i in range(4):
         masked = {n: (t * masks[n][i] if n in masks else t).detach().requires_grad_() for n, t in params.items()}
-        g = brute_grads(model, x[i:i + 1], y[i:i + 1], masked)[0]
-        mask_flat = torch.cat([masks[n][i].reshape(-1) if n in masks else torch.ones(t.numel(), dtype=F64)
-                               for n, t in params.items()])
+        g = brute_grads(model, x[i : i + 1], y[i : i + 1], masked)[0]
+        mask_flat = torch.cat(
+            [masks[n][i].reshape(-1) if n in masks else torch.ones(t.numel(), dtype=F64) for n, t in params.items()]
+        )
         assert torch.allclose(got[i], g * mask_flat, rtol=1e-10, atol=1e-14)
     exact = D.gradient_diversity(model, x, y)
     assert rel(D.dropconnect_diversity(model, x, y, 0.0, num_draws=2).delta, exact.delta) < 1e-9
 
 
 @pytest.mark.parametrize("state", ["untrained", "trained"])
-@pytest.mark.parametrize("mechanism", [MechanismConfig(name="dropconnect", drop_prob=0.5),
-                                       MechanismConfig(name="sgld", sgld_sigma=0.01),
-                                       MechanismConfig(name="quantize", quant_levels=4, quant_bucket_size=512)],
-                         ids=["dropconnect", "sgld", "quantize"])
+@pytest.mark.parametrize(
+    "mechanism",
+    [
+        MechanismConfig(name="dropconnect", drop_prob=0.5),
+        MechanismConfig(name="sgld", sgld_sigma=0.01),
+        MechanismConfig(name="quantize", quant_levels=4, quant_bucket_size=512),
+    ],
+    ids=["dropconnect", "sgld", "quantize"],
+)
 def test_mechanisms_do_not_lower_the_batch_bound(data, logreg_at, mechanism, state):
     model = logreg_at[state]
     x, y = data.x_train[:128], data.y_train[:128]
     base = D.gradient_diversity(model, x, y, dtype=F64)
     assert base.batch_bound <= base.n  # the paper's condition for B^DIM >= B_D
-    got = build_mechanism(mechanism).surrogate_diversity(model, x, y, generator=torch.Generator().manual_seed(0),
-                                                         dtype=F64)
+    got = build_mechanism(mechanism).surrogate_diversity(
+        model, x, y, generator=torch.Generator().manual_seed(0), dtype=F64
+    )
     print(f"{mechanism.name} at {state} w: B_D = {base.batch_bound:.2f}, B_D^DIM = {got.batch_bound:.2f}")
     assert base.batch_bound < got.batch_bound <= base.n
 
@@ -464,8 +494,10 @@ def test_in_step_estimates_are_unbiased(data, logreg_at, sampling):
     exact = exact_moments(model, data.x_train, data.y_train)
     sampler = GlobalBatchSampler(data.n, b, sampling, seed=0)
     population = data.n if sampling == "shuffle" else None  # without replacement: corrected
-    est = [D.in_step_moments(*ghost_step(model, data.x_train[i], data.y_train[i]), b, population)
-           for i in map(sampler.global_batch, range(steps))]
+    est = [
+        D.in_step_moments(*ghost_step(model, data.x_train[i], data.y_train[i]), b, population)
+        for i in map(sampler.global_batch, range(steps))
+    ]
     mean = [sum(e[k] for e in est) / steps for k in range(2)]
     print(f"in-step ({sampling}): exact {exact}, mean of {steps} batches {mean}")
     assert rel(mean[0], exact.expected_sq_norm) < 0.05
@@ -478,7 +510,7 @@ def test_in_step_and_two_batch_estimators_are_exact_on_the_whole_population():
     s, total = g.square().sum(1), g.sum(0)
     truth = D.Moments(float(s.mean()), float(g.mean(0).square().sum()))
     got = D.in_step_moments(float(s.sum()), float(total.square().sum()), 10, population_size=10)
-    assert all(abs(a - b) < 1e-12 for a, b in zip(got, truth))
+    assert all(abs(a - b) < 1e-12 for a, b in zip(got, truth, strict=True))
     uncorrected = D.in_step_moments(float(s.sum()), float(total.square().sum()), 10)
     assert abs(uncorrected.sq_norm_of_mean - truth.sq_norm_of_mean) > 1e-3
     # B = n without replacement: the big batch is the population, so v_B = 0 and ‖μ‖² = ‖G_B‖².
@@ -530,8 +562,10 @@ def test_two_batch_estimator_with_two_workers_is_unbiased(data, logreg_at):
     cov = torch.cov(torch.stack([m2 / m2.mean(), mu2 / mu2.mean()]))
     se = ratio * math.sqrt(float(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]) / steps)
     per_step = torch.tensor([e.batch_bound for e in est])
-    print(f"two-batch P=2: exact B_D {exact.batch_bound:.2f}, ratio of means {ratio:.2f} ± {se:.2f} (se); "
-          f"per-step B_D median {per_step.median():.2f}, std {per_step.std():.2f}")
+    print(
+        f"two-batch P=2: exact B_D {exact.batch_bound:.2f}, ratio of means {ratio:.2f} ± {se:.2f} (se); "
+        f"per-step B_D median {per_step.median():.2f}, std {per_step.std():.2f}"
+    )
     assert math.isfinite(se) and se > 0
     assert abs(ratio - exact.batch_bound) < 4 * se
     assert rel(float(mu2.mean()), exact.sq_norm_of_mean) < 0.1
@@ -582,9 +616,15 @@ def _ddp_estimators(rank: int, world_size: int) -> dict:
     ddp2 = nn.parallel.DistributedDataParallel(with_ddp)
     with_ddp.zero_grad(set_to_none=True)
     F.cross_entropy(ddp2(x[mine]), y[mine]).backward()
-    return {"local": local, "small": small, "big": big, "big_after": D.grad_sq_norm(model), "sum_sq": sum_sq,
-            "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
-            "ddp_grad": torch.cat([p.grad.reshape(-1) for p in with_ddp.parameters()])}
+    return {
+        "local": local,
+        "small": small,
+        "big": big,
+        "big_after": D.grad_sq_norm(model),
+        "sum_sq": sum_sq,
+        "grad": torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+        "ddp_grad": torch.cat([p.grad.reshape(-1) for p in with_ddp.parameters()]),
+    }
 
 
 def test_no_sync_reads_local_norms_and_reduce_gradients_does_what_ddp_does():
@@ -594,7 +634,7 @@ def test_no_sync_reads_local_norms_and_reduce_gradients_does_what_ddp_does():
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(16, 20, generator=g), torch.randint(3, (16,), generator=g)
     per_example = brute_grads(model, x, y)
-    halves = [per_example[r * 8:(r + 1) * 8].mean(0) for r in range(2)]
+    halves = [per_example[r * 8 : (r + 1) * 8].mean(0) for r in range(2)]
     for rank in range(2):
         assert out[rank]["local"] == pytest.approx(float(halves[rank].square().sum()), rel=1e-5)
         assert torch.allclose(out[rank]["grad"].to(F64), per_example.mean(0), atol=1e-6)

@@ -22,20 +22,25 @@ def _assert_png(path):
 @pytest.mark.parametrize("case", ["sweep", "no_vanilla", "all_unreached", "empty", "single_seed"])
 def test_figures_are_written_as_png(tmp_path, case):
     records = {
-        "sweep": _sweep() + [rec("dc(p=0.4)", 0.8, 2048, status="diverged", loss=math.nan)],
+        "sweep": [*_sweep(), rec("dc(p=0.4)", 0.8, 2048, status="diverged", loss=math.nan)],
         "no_vanilla": seeds("dc", 0.1, 256, [3.0, 4.0]) + seeds("dc", 0.1, 512, [None, 2.0]),
-        "all_unreached": seeds("vanilla", 0.1, 256, [None]) + [rec("dc", status="diverged", loss=math.nan)],
+        "all_unreached": [*seeds("vanilla", 0.1, 256, [None]), rec("dc", status="diverged", loss=math.nan)],
         "empty": [],
         "single_seed": [rec(time=3.0), rec("dc", 0.1, 512, time=2.0)],
     }[case]
     rows = best_per_mechanism(records)
     loss_rows = loss_ratios([{**r, "passes": 5.0} for r in records], 256, 512)
-    for path in (plot_time_vs_batch(records, tmp_path / "time.png"), plot_speedup_bars(rows, tmp_path / "s.png"),
-                 plot_loss_ratio(loss_rows, tmp_path / "loss.png")):
+    for path in (
+        plot_time_vs_batch(records, tmp_path / "time.png"),
+        plot_speedup_bars(rows, tmp_path / "s.png"),
+        plot_loss_ratio(loss_rows, tmp_path / "loss.png"),
+    ):
         _assert_png(path)
 
 
 def test_loss_ratio_figure_with_several_replications(tmp_path):
-    records = [_loss(m, b, 0.1, s, (0.3 if b == 16 else 0.3 * r) + 0.01 * s, replication=r)
-               for m, b, s, r in itertools.product(["vanilla", "dc"], [16, 512], range(3), [1, 2, 4])]
+    records = [
+        _loss(m, b, 0.1, s, (0.3 if b == 16 else 0.3 * r) + 0.01 * s, replication=r)
+        for m, b, s, r in itertools.product(["vanilla", "dc"], [16, 512], range(3), [1, 2, 4])
+    ]
     _assert_png(plot_loss_ratio(loss_ratios(records, 16, 512), tmp_path / "loss.png"))

@@ -22,8 +22,14 @@ def test_rows_match_the_exact_estimator_and_mechanisms_raise_the_bound(idx_dir):
 
     cfg = load_run_config(None, [f"data.data_dir={idx_dir}", "train.model=logreg", "data.train_size=200"])
     rows = measure_replications(cfg, [1, 4], ["vanilla", "sgld", "quantize"])
-    assert [(r.replication, r.mechanism) for r in rows] == [(1, "vanilla"), (1, "sgld"), (1, "quantize"),
-                                                            (4, "vanilla"), (4, "sgld"), (4, "quantize")]
+    assert [(r.replication, r.mechanism) for r in rows] == [
+        (1, "vanilla"),
+        (1, "sgld"),
+        (1, "quantize"),
+        (4, "vanilla"),
+        (4, "sgld"),
+        (4, "quantize"),
+    ]
     from raygd.data import load_data
 
     data = load_data(cfg.data, cfg.train.seed)
@@ -46,11 +52,35 @@ def test_bad_lists_name_the_flag(text, kind):
 def test_cli_prints_the_table_and_records_a_run(tmp_path, idx_dir):
     db = tmp_path / "mlflow.db"
     out = subprocess.run(
-        [sys.executable, "-m", "raygd.cli", "diversity", str(REPO / "configs/quickstart.yaml"),
-         "--set", f"data.data_dir={idx_dir}", "--set", "data.train_size=300", "--set", "train.model=logreg",
-         "--set", f"tracking.tracking_uri=sqlite:///{db}", "--set", "train.max_passes=1",
-         "--replication", "1,2", "--mechanism", "vanilla,dropconnect", "--along-training", "--every", "2"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "raygd.cli",
+            "diversity",
+            str(REPO / "configs/quickstart.yaml"),
+            "--set",
+            f"data.data_dir={idx_dir}",
+            "--set",
+            "data.train_size=300",
+            "--set",
+            "train.model=logreg",
+            "--set",
+            f"tracking.tracking_uri=sqlite:///{db}",
+            "--set",
+            "train.max_passes=1",
+            "--replication",
+            "1,2",
+            "--mechanism",
+            "vanilla,dropconnect",
+            "--along-training",
+            "--every",
+            "2",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| 2 | dropconnect |" in out.stdout and "B_D" in out.stdout
     client = MlflowClient(f"sqlite:///{db}")
@@ -63,7 +93,21 @@ def test_cli_prints_the_table_and_records_a_run(tmp_path, idx_dir):
 
 
 def test_cli_rejects_a_bad_mechanism_before_any_work(tmp_path, idx_dir):
-    out = subprocess.run([sys.executable, "-m", "raygd.cli", "diversity", str(REPO / "configs/quickstart.yaml"),
-                          "--set", f"data.data_dir={idx_dir}", "--mechanism", "vanilla,dropout"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raygd.cli",
+            "diversity",
+            str(REPO / "configs/quickstart.yaml"),
+            "--set",
+            f"data.data_dir={idx_dir}",
+            "--mechanism",
+            "vanilla,dropout",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "--mechanism" in out.stderr and not (tmp_path / "mlflow.db").exists()

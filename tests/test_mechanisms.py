@@ -31,7 +31,7 @@ def _qsgd_moments(v: torch.Tensor, s: int, d: int) -> tuple[torch.Tensor, torch.
     """Brute force, float64: per-coordinate variance of Q(v) and each bucket's norm per coordinate."""
     var, norm_of = torch.zeros(v.numel(), dtype=torch.float64), torch.zeros(v.numel(), dtype=torch.float64)
     for start in range(0, v.numel(), d):
-        b = v[start:start + d].double()
+        b = v[start : start + d].double()
         norm = float(b.norm())
         for j in range(b.numel()):
             r = abs(float(b[j])) * s / norm if norm > 0 else 0.0
@@ -137,8 +137,9 @@ def test_dropconnect_masks_rate_values_and_mean(p: float) -> None:
 
 def _dc_layer(group_size: int | None, p: float = 0.5, budget: int = 2**26, bias: bool = True) -> DropConnectLinear:
     torch.manual_seed(0)
-    return DropConnectLinear.from_linear(nn.Linear(12, 9, bias=bias), p=p, group_size=group_size,
-                                         generator=_gen(4), mask_budget_bytes=budget)
+    return DropConnectLinear.from_linear(
+        nn.Linear(12, 9, bias=bias), p=p, group_size=group_size, generator=_gen(4), mask_budget_bytes=budget
+    )
 
 
 def _row_groups(layer: DropConnectLinear, x: torch.Tensor) -> list[list[int]]:
@@ -155,11 +156,14 @@ def _row_groups(layer: DropConnectLinear, x: torch.Tensor) -> list[list[int]]:
     return groups
 
 
-@pytest.mark.parametrize("group_size,expected", [
-    (1, [[i] for i in range(10)]),
-    (4, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]),
-    (None, [list(range(10))]),
-])
+@pytest.mark.parametrize(
+    "group_size,expected",
+    [
+        (1, [[i] for i in range(10)]),
+        (4, [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]),
+        (None, [list(range(10))]),
+    ],
+)
 def test_dropconnect_mask_sharing_by_granularity(group_size: int | None, expected: list[list[int]]) -> None:
     layer = _dc_layer(group_size)
     x = torch.randn(1, 12, generator=_gen(6)).expand(10, 12)
@@ -213,8 +217,7 @@ def test_dropconnect_extra_leading_dims_share_the_example_mask() -> None:
 
 def test_dropconnect_setup_replaces_linears_and_keeps_parameters() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 6), nn.ReLU(),
-                          nn.Sequential(nn.Linear(6, 3)))
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Sequential(nn.Linear(6, 3)))
     params = list(model.parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     mech = DropConnect(0.5, "per_group", 4)
@@ -222,7 +225,7 @@ def test_dropconnect_setup_replaces_linears_and_keeps_parameters() -> None:
     assert isinstance(out[2], DropConnectLinear) and isinstance(out[4][0], DropConnectLinear)
     assert type(out[0]) is nn.Conv2d
     assert out[2].group_size == 4 and out[2].generator is mech.generator
-    assert all(a is b for a, b in zip(out.parameters(), params))
+    assert all(a is b for a, b in zip(out.parameters(), params, strict=True))
     assert list(out.state_dict()) == list(state) and all(torch.equal(out.state_dict()[k], state[k]) for k in state)
     bare = _setup(DropConnect(0.5, "per_worker"), nn.Linear(4, 2))
     assert isinstance(bare, DropConnectLinear) and bare.group_size is None
@@ -268,8 +271,8 @@ def test_sgld_noise_identical_across_ranks_and_new_each_step() -> None:
             mech = SGLD(0.5)
             _setup(mech, model, rank=rank, world_size=2, batch=32)
             mech.after_backward(model, step)
-            grads[rank, step] = [p.grad - b for p, b in zip(model.parameters(), before)]
-    for a, b in zip(grads[0, 5], grads[1, 5]):
+            grads[rank, step] = [p.grad - b for p, b in zip(model.parameters(), before, strict=True)]
+    for a, b in zip(grads[0, 5], grads[1, 5], strict=True):
         assert torch.equal(a, b)
     assert not torch.allclose(grads[0, 5][0], grads[0, 6][0])
 
@@ -285,8 +288,9 @@ def test_quantize_single_worker_quantizes_concatenated_grads() -> None:
     reference = Quantize(4, 16)
     _setup(reference, _grad_model())
     mech.after_backward(model, 0)
-    assert torch.equal(torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
-                       qsgd_quantize(flat, 4, 16, reference.generator))
+    assert torch.equal(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters()]), qsgd_quantize(flat, 4, 16, reference.generator)
+    )
     n = flat.numel()
     assert mech.metrics()["comm/bytes_ratio"] == pytest.approx((n + 4 * math.ceil(n / 16)) / (4 * n))
 
@@ -376,8 +380,9 @@ def test_quantize_ddp_hook_averages_quantized_local_gradients(ddp_results, level
 
 
 @pytest.mark.parametrize("levels,bucket", DDP_CONFIGS)
-def test_quantize_ddp_hook_many_parameters_equal_on_ranks_and_within_bound(ddp_results, levels: int,
-                                                                          bucket: int) -> None:
+def test_quantize_ddp_hook_many_parameters_equal_on_ranks_and_within_bound(
+    ddp_results, levels: int, bucket: int
+) -> None:
     two = [res[levels, bucket][1] for res in ddp_results]
     assert torch.equal(two[0]["grads"][0], two[1]["grads"][0])
     assert 0 < two[0]["err2"] <= 10 * two[0]["bound"]
@@ -396,13 +401,16 @@ def test_quantize_ranks_draw_independent_roundings() -> None:
 # --------------------------------------------------------------------------- factory
 
 
-@pytest.mark.parametrize("cfg,cls,granularity", [
-    (MechanismConfig(name="vanilla"), Vanilla, "none"),
-    (MechanismConfig(name="dropconnect", dropconnect_granularity="per_group"), DropConnect, "per_group"),
-    (MechanismConfig(name="dropconnect", dropconnect_granularity="per_worker"), DropConnect, "per_worker"),
-    (MechanismConfig(name="sgld"), SGLD, "per_example"),
-    (MechanismConfig(name="quantize"), Quantize, "per_worker"),
-])
+@pytest.mark.parametrize(
+    "cfg,cls,granularity",
+    [
+        (MechanismConfig(name="vanilla"), Vanilla, "none"),
+        (MechanismConfig(name="dropconnect", dropconnect_granularity="per_group"), DropConnect, "per_group"),
+        (MechanismConfig(name="dropconnect", dropconnect_granularity="per_worker"), DropConnect, "per_worker"),
+        (MechanismConfig(name="sgld"), SGLD, "per_example"),
+        (MechanismConfig(name="quantize"), Quantize, "per_worker"),
+    ],
+)
 def test_build_mechanism_class_and_logged_granularity(cfg: MechanismConfig, cls: type, granularity: str) -> None:
     mech = build_mechanism(cfg)
     assert type(mech) is cls and mech.name == cfg.name and mech.granularity == granularity

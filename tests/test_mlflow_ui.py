@@ -35,9 +35,17 @@ from tests.localray import MlflowServer
 from tuning.spec import load_sweep_spec
 from tuning.sweep import run_sweep
 
-CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--virtual-time-budget=20000")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--virtual-time-budget=20000",
+)
 WINDOW = (1600, 1000)
 GENAI_OVERVIEW = ("Detect Issues", "Token Usage", "Observability")
 """Text of MLflow 3's GenAI overview (its charts and its sidebar), absent from the model-training view."""
@@ -50,11 +58,13 @@ def _chromium() -> str:
     if found:
         return found
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get): "
-                    "apt-get install chromium")
+        pytest.skip(
+            "chromium is not installed and cannot be installed here (needs root and apt-get): apt-get install chromium"
+        )
     for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                              env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        )
         if done.returncode != 0:
             pytest.skip(f"chromium is not installed and `{' '.join(cmd)}` failed: {done.stderr[-500:]}")
     return shutil.which("chromium") or pytest.skip("apt-get installed chromium but it is not on PATH")
@@ -64,8 +74,13 @@ def _browse(chromium: str, url: str, *args: str, timeout_s: float = 90) -> str:
     """Run headless Chromium on ``url`` in a fresh profile; returns its stdout. Chromium and the processes it
     starts (its own session) are ended by process group, whatever happens."""
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, _ = proc.communicate(timeout=timeout_s)
         finally:
@@ -142,12 +157,23 @@ def ui_sweep(ray_session, tmp_path_factory, idx_dir):
     server = MlflowServer(root / "mlflow")
     try:
         server.wait_ready()
-        spec = {"name": "ui-sweep", "storage_path": str(root / "ray_results"),
-                "base": {"data": {"data_dir": str(idx_dir), "eval_size": 600},
-                         "train": {"model": "logreg", "num_workers": 2, "target_accuracy": 0.9, "max_passes": 3,
-                                   "eval_every_steps": 4, "global_batch_size": 32},
-                         "tracking": {"tracking_uri": server.url}},
-                "space": {"step_size": [0.05, 0.1]}}
+        spec = {
+            "name": "ui-sweep",
+            "storage_path": str(root / "ray_results"),
+            "base": {
+                "data": {"data_dir": str(idx_dir), "eval_size": 600},
+                "train": {
+                    "model": "logreg",
+                    "num_workers": 2,
+                    "target_accuracy": 0.9,
+                    "max_passes": 3,
+                    "eval_every_steps": 4,
+                    "global_batch_size": 32,
+                },
+                "tracking": {"tracking_uri": server.url},
+            },
+            "space": {"step_size": [0.05, 0.1]},
+        }
         path = root / "ui-sweep.yaml"
         path.write_text(yaml.safe_dump(spec))
         yield server, run_sweep(load_sweep_spec(str(path))), chromium

@@ -9,8 +9,13 @@ import torch.nn.functional as F
 from raygd.config import MODELS
 from raygd.models import build_model
 
-SHAPES = {"logreg": (1, 28, 28), "logreg_binary": (1, 28, 28), "mnist_cnn": (1, 28, 28),
-          "convnet": (3, 32, 32), "resnet": (3, 32, 32)}
+SHAPES = {
+    "logreg": (1, 28, 28),
+    "logreg_binary": (1, 28, 28),
+    "mnist_cnn": (1, 28, 28),
+    "convnet": (3, 32, 32),
+    "resnet": (3, 32, 32),
+}
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -20,9 +20,13 @@ def test_every_miss_is_finite_and_worse_than_any_reached_time(status, acc):
 def test_reached_is_its_time_and_misses_rank_nearer_first():
     assert objective_s("reached_target", 2.5, 0.9) == 2.5
     assert objective_s("reached_target", math.nan, 0.9) == objective_s("max_passes", None, 0.9)
-    ordered = [objective_s("max_passes", None, 0.8), objective_s("stopped_early", None, 0.4),
-               objective_s("max_passes", None, math.nan), objective_s("diverged", None, 0.9),
-               objective_s("error", None, 1.0)]
+    ordered = [
+        objective_s("max_passes", None, 0.8),
+        objective_s("stopped_early", None, 0.4),
+        objective_s("max_passes", None, math.nan),
+        objective_s("diverged", None, 0.9),
+        objective_s("error", None, 1.0),
+    ]
     assert ordered == sorted(ordered) and len(set(ordered)) == len(ordered)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -16,7 +17,7 @@ def _interp_loop(xs: list[float], ys: list[float], x: float) -> float:
     """Linear interpolation by a plain search (clamped at the ends), the brute-force reference."""
     if x <= xs[0]:
         return ys[0]
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+    for (x0, y0), (x1, y1) in itertools.pairwise(zip(xs, ys, strict=True)):
         if x0 <= x <= x1:
             return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     return ys[-1]
@@ -31,8 +32,11 @@ def _random_curve(rng: random.Random, n: int, spacing: float) -> results.Curve:
 def test_mean_loss_ratio_matches_brute_force_interpolation(seed):
     rng = random.Random(seed)
     small, large = _random_curve(rng, 96, 1 / 32), _random_curve(rng, 12, 0.25)
-    expected = [v / _interp_loop(list(small.passes), list(small.loss), p)
-                for p, v in zip(large.passes, large.loss) if 0 < p <= small.passes[-1]]
+    expected = [
+        v / _interp_loop(list(small.passes), list(small.loss), p)
+        for p, v in zip(large.passes, large.loss, strict=True)
+        if 0 < p <= small.passes[-1]
+    ]
     assert results.mean_loss_ratio(small, large) == pytest.approx(sum(expected) / len(expected), rel=1e-12)
 
 
@@ -57,16 +61,25 @@ def test_fig3a_rows_use_each_batch_sizes_tuned_step_and_pair_seeds():
     for b, spacing, n in ((16, 1 / 32, 96), (512, 0.25, 12)):
         for step in (0.05, 0.2):
             for seed in range(3):
-                runs.append({"replication": 2, "mechanism": "vanilla", "global_batch_size": b, "step_size": step,
-                             "seed": seed, "curve": _random_curve(rng, n, spacing)})
+                runs.append(
+                    {
+                        "replication": 2,
+                        "mechanism": "vanilla",
+                        "global_batch_size": b,
+                        "step_size": step,
+                        "seed": seed,
+                        "curve": _random_curve(rng, n, spacing),
+                    }
+                )
     (row,) = results.fig3a_rows(runs, 16, 512)
 
     def avg(b, step):
         return sum(r["curve"].mean_loss() for r in runs if (r["global_batch_size"], r["step_size"]) == (b, step)) / 3
 
     best = {b: min((0.05, 0.2), key=lambda s: avg(b, s)) for b in (16, 512)}
-    curves = {(r["global_batch_size"], r["seed"]): r["curve"] for r in runs
-              if r["step_size"] == best[r["global_batch_size"]]}
+    curves = {
+        (r["global_batch_size"], r["seed"]): r["curve"] for r in runs if r["step_size"] == best[r["global_batch_size"]]
+    }
     ratios = [results.mean_loss_ratio(curves[(16, s)], curves[(512, s)]) for s in range(3)]
     assert (row.small_step, row.large_step) == (best[16], best[512])
     assert row.ratio_mean == pytest.approx(sum(ratios) / 3)
@@ -78,10 +91,20 @@ def test_scaling_rows_per_pass_speedup_against_smallest_batch():
     recs = []
     for b, t_pass, passes in ((64, 4.0, 2.0), (256, 2.0, 3.0), (1024, 1.0, 6.0)):
         for seed in range(2):
-            recs.append(TrialRecord(
-                trial_id=f"{b}-{seed}", mechanism="vanilla", step_size=0.1, global_batch_size=b, seed=seed,
-                status="reached_target", time_to_accuracy_s=t_pass * passes, passes_to_accuracy=passes,
-                passes=passes, train_time_s=t_pass * passes))
+            recs.append(
+                TrialRecord(
+                    trial_id=f"{b}-{seed}",
+                    mechanism="vanilla",
+                    step_size=0.1,
+                    global_batch_size=b,
+                    seed=seed,
+                    status="reached_target",
+                    time_to_accuracy_s=t_pass * passes,
+                    passes_to_accuracy=passes,
+                    passes=passes,
+                    train_time_s=t_pass * passes,
+                )
+            )
     rows = results.scaling_rows(stats.pair_stats(recs))
     assert [r.global_batch_size for r in rows] == [64, 256, 1024]
     assert [r.pass_speedup for r in rows] == pytest.approx([1.0, 2.0, 4.0])
@@ -89,8 +112,11 @@ def test_scaling_rows_per_pass_speedup_against_smallest_batch():
 
 
 def test_bound_vs_best_ratio_and_sweeps_not_run():
-    rows = results.bound_vs_best({"vanilla": 128.0, "dropconnect(p=0.4)": 300.0}, {"vanilla": 40.0},
-                                 {"vanilla": (256, "paper-dropconnect sweep")})
+    rows = results.bound_vs_best(
+        {"vanilla": 128.0, "dropconnect(p=0.4)": 300.0},
+        {"vanilla": 40.0},
+        {"vanilla": (256, "paper-dropconnect sweep")},
+    )
     by = {r.setting: r for r in rows}
     assert by["vanilla"].ratio_best_to_bound == pytest.approx(2.0)
     assert by["vanilla"].bound_min_along == 40.0

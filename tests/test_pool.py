@@ -16,26 +16,42 @@ DETERMINISTIC = ("train/loss", "train/accuracy", "train/batch_loss", "progress/p
 
 
 def _cfg(idx_dir, uri, *overrides):
-    return load_run_config(None, [
-        f"data.data_dir={idx_dir}", "train.model=logreg", "train.num_workers=2", "train.global_batch_size=32",
-        "train.step_size=0.002", "train.target_accuracy=1.0", "train.eval_every_steps=5", "train.max_passes=1",
-        f"tracking.tracking_uri={uri}", "tracking.experiment_name=pool", *overrides,
-    ])
+    return load_run_config(
+        None,
+        [
+            f"data.data_dir={idx_dir}",
+            "train.model=logreg",
+            "train.num_workers=2",
+            "train.global_batch_size=32",
+            "train.step_size=0.002",
+            "train.target_accuracy=1.0",
+            "train.eval_every_steps=5",
+            "train.max_passes=1",
+            f"tracking.tracking_uri={uri}",
+            "tracking.experiment_name=pool",
+            *overrides,
+        ],
+    )
 
 
 MECHANISMS = {
     "qsgd": ["mechanism.name=quantize", "mechanism.quant_levels=4"],
     "vanilla": [],
     "sgld": ["mechanism.name=sgld", "mechanism.sgld_sigma=0.05"],
-    "dropconnect": ["mechanism.name=dropconnect", "mechanism.drop_prob=0.3",
-                    "mechanism.dropconnect_granularity=per_example"],
+    "dropconnect": [
+        "mechanism.name=dropconnect",
+        "mechanism.drop_prob=0.3",
+        "mechanism.dropconnect_granularity=per_example",
+    ],
 }
 
 
 def _history(uri, run_id):
     client = MlflowClient(uri)
-    return {k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
-            for k in DETERMINISTIC}
+    return {
+        k: [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)]
+        for k in DETERMINISTIC
+    }
 
 
 def _in_fresh_pool(cfgs, path, sweep_id=None):
@@ -47,15 +63,18 @@ def _in_fresh_pool(cfgs, path, sweep_id=None):
 
 
 @pytest.mark.parametrize("first, second", [("qsgd", "vanilla"), ("sgld", "dropconnect")])
-def test_a_trial_after_another_in_a_warm_pool_matches_it_alone(ray_session, idx_dir, sqlite_uri, tmp_path,
-                                                                 first, second):
+def test_a_trial_after_another_in_a_warm_pool_matches_it_alone(
+    ray_session, idx_dir, sqlite_uri, tmp_path, first, second
+):
     a, b = (_cfg(idx_dir, sqlite_uri, *MECHANISMS[m]) for m in (first, second))
     warm = _in_fresh_pool([a, b], tmp_path / "warm")
     alone = _in_fresh_pool([b], tmp_path / "alone")
     per_trial = fit(b, save_model_to=str(tmp_path / "fit.pt"))  # sweep.trial_pool: false
 
-    weights = [torch.load(p, weights_only=True) for p in
-               (tmp_path / "warm" / "1.pt", tmp_path / "alone" / "0.pt", tmp_path / "fit.pt")]
+    weights = [
+        torch.load(p, weights_only=True)
+        for p in (tmp_path / "warm" / "1.pt", tmp_path / "alone" / "0.pt", tmp_path / "fit.pt")
+    ]
     for other in weights[1:]:
         assert other.keys() == weights[0].keys()
         for name in weights[0]:
@@ -79,10 +98,17 @@ def _sweep_spec(tmp_path, idx_dir, uri, name, space, train, **extra):
 
     from tuning.spec import load_sweep_spec
 
-    spec = {"name": name, "space": space, "storage_path": str(tmp_path / "ray_results"), **extra,
-            "base": {"data": {"data_dir": str(idx_dir), "eval_size": 600},
-                     "train": {"model": "logreg", "num_workers": 2, "global_batch_size": 32, **train},
-                     "tracking": {"tracking_uri": uri}}}
+    spec = {
+        "name": name,
+        "space": space,
+        "storage_path": str(tmp_path / "ray_results"),
+        **extra,
+        "base": {
+            "data": {"data_dir": str(idx_dir), "eval_size": 600},
+            "train": {"model": "logreg", "num_workers": 2, "global_batch_size": 32, **train},
+            "tracking": {"tracking_uri": uri},
+        },
+    }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return load_sweep_spec(str(path))
@@ -94,8 +120,9 @@ def _no_duplicate_steps(client, run_id):
         assert steps and steps == sorted(set(steps)), (key, steps)
 
 
-def test_a_pool_worker_killed_mid_trial_restarts_the_group_and_the_sweep_completes(ray_session, idx_dir, sqlite_uri,
-                                                                                     tmp_path):
+def test_a_pool_worker_killed_mid_trial_restarts_the_group_and_the_sweep_completes(
+    ray_session, idx_dir, sqlite_uri, tmp_path
+):
     import os
     import signal
     import threading
@@ -106,15 +133,20 @@ def test_a_pool_worker_killed_mid_trial_restarts_the_group_and_the_sweep_complet
     from tuning.sweep import run_sweep
 
     # The CNN at small step sizes trains for seconds per trial, checkpointing at every evaluation.
-    spec = _sweep_spec(tmp_path, idx_dir, sqlite_uri, "pool-kill", {"step_size": [0.01, 0.012, 0.014, 0.016]},
-                       {"model": "mnist_cnn", "target_accuracy": 0.9, "max_passes": 40, "eval_every_steps": 5,
-                        "max_failures": 1})
+    spec = _sweep_spec(
+        tmp_path,
+        idx_dir,
+        sqlite_uri,
+        "pool-kill",
+        {"step_size": [0.01, 0.012, 0.014, 0.016]},
+        {"model": "mnist_cnn", "target_accuracy": 0.9, "max_passes": 40, "eval_every_steps": 5, "max_failures": 1},
+    )
     outcome: dict = {}
 
     def run() -> None:
         try:
             outcome["sweep"] = run_sweep(spec)
-        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as err:
             outcome["error"] = err
 
     thread = threading.Thread(target=run, daemon=True)

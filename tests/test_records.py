@@ -33,16 +33,31 @@ from tests.trials import rec
 
 
 def test_from_dict_tolerates_missing_optional_keys():
-    r = TrialRecord.from_dict({"trial_id": "x", "mechanism": "vanilla", "step_size": 0.1,
-                               "global_batch_size": 64, "status": "max_passes", "extra": 1})
+    r = TrialRecord.from_dict(
+        {
+            "trial_id": "x",
+            "mechanism": "vanilla",
+            "step_size": 0.1,
+            "global_batch_size": 64,
+            "status": "max_passes",
+            "extra": 1,
+        }
+    )
     assert (r.seed, r.replication, r.time_to_accuracy_s, r.final_train_loss) == (0, 1, None, None)
     assert not r.reached
 
 
-@pytest.mark.parametrize("status,time,reached", [
-    ("reached_target", 3.0, True), ("reached_target", None, False), ("reached_target", math.nan, False),
-    ("reached_target", math.inf, False), ("max_passes", 3.0, False), ("diverged", None, False),
-])
+@pytest.mark.parametrize(
+    "status,time,reached",
+    [
+        ("reached_target", 3.0, True),
+        ("reached_target", None, False),
+        ("reached_target", math.nan, False),
+        ("reached_target", math.inf, False),
+        ("max_passes", 3.0, False),
+        ("diverged", None, False),
+    ],
+)
 def test_reached_needs_status_and_finite_time(status, time, reached):
     assert TrialRecord.from_dict(rec(time=time, status=status)).reached is reached
 
@@ -57,12 +72,16 @@ def test_unknown_status_raises():
 
 def test_status_values_are_the_plain_strings_stored_in_mlflow():
     assert [s.value for s in Status] == ["reached_target", "max_passes", "stopped_early", "diverged", "failed"]
-    assert STATUS_ORDER == tuple(Status)
+    assert tuple(Status) == STATUS_ORDER
     for s in Status:
         assert s == s.value and str(s) == s.value and f"{s}" == s.value and json.dumps(s) == f'"{s.value}"'
     assert {s: s.run_status for s in Status} == {
-        Status.REACHED_TARGET: "FINISHED", Status.MAX_PASSES: "FINISHED", Status.STOPPED_EARLY: "KILLED",
-        Status.DIVERGED: "FINISHED", Status.FAILED: "FAILED"}
+        Status.REACHED_TARGET: "FINISHED",
+        Status.MAX_PASSES: "FINISHED",
+        Status.STOPPED_EARLY: "KILLED",
+        Status.DIVERGED: "FINISHED",
+        Status.FAILED: "FAILED",
+    }
 
 
 @pytest.mark.parametrize("stored", ["failed", "error"])
@@ -84,8 +103,9 @@ def _sweep_parent(uri: str, experiment: str = "records") -> str:
     return create_run(uri, experiment, "sweep", {}, {KIND_TAG: SWEEP_KIND})
 
 
-def _child(uri: str, parent: str, ended: str | None, tags: dict, metrics: dict | None = None,
-           params: dict | None = None) -> str:
+def _child(
+    uri: str, parent: str, ended: str | None, tags: dict, metrics: dict | None = None, params: dict | None = None
+) -> str:
     run_id = create_run(uri, "records", "trial", params or {}, tags, parent_run_id=parent)
     client = MlflowClient(uri)
     for key, value in (metrics or {}).items():
@@ -95,18 +115,21 @@ def _child(uri: str, parent: str, ended: str | None, tags: dict, metrics: dict |
     return run_id
 
 
-@pytest.mark.parametrize("ended,tags,expected", [
-    ("FINISHED", {STATUS_TAG: "reached_target"}, Status.REACHED_TARGET),
-    ("FINISHED", {STATUS_TAG: "diverged"}, Status.DIVERGED),
-    ("FAILED", {STATUS_TAG: "failed"}, Status.FAILED),
-    ("FINISHED", {STATUS_TAG: "error"}, Status.FAILED),  # a record of an older raygd
-    ("FAILED", {STATUS_TAG: "max_passes"}, Status.FAILED),  # the run failed after tagging
-    ("FINISHED", {}, Status.FAILED),  # nothing tagged how it ended
-    ("KILLED", {STATUS_TAG: "stopped_early", STOPPED_STEP_TAG: "4"}, Status.STOPPED_EARLY),
-    ("FAILED", {STATUS_TAG: "failed", STOPPED_STEP_TAG: "4"}, Status.STOPPED_EARLY),  # stopped, then died
-    (None, {STOPPED_STEP_TAG: "4"}, Status.STOPPED_EARLY),  # still RUNNING: stopped, not yet ended
-    ("KILLED", {}, Status.STOPPED_EARLY),  # stopped by a scheduler under an older raygd
-])
+@pytest.mark.parametrize(
+    "ended,tags,expected",
+    [
+        ("FINISHED", {STATUS_TAG: "reached_target"}, Status.REACHED_TARGET),
+        ("FINISHED", {STATUS_TAG: "diverged"}, Status.DIVERGED),
+        ("FAILED", {STATUS_TAG: "failed"}, Status.FAILED),
+        ("FINISHED", {STATUS_TAG: "error"}, Status.FAILED),  # a record of an older raygd
+        ("FAILED", {STATUS_TAG: "max_passes"}, Status.FAILED),  # the run failed after tagging
+        ("FINISHED", {}, Status.FAILED),  # nothing tagged how it ended
+        ("KILLED", {STATUS_TAG: "stopped_early", STOPPED_STEP_TAG: "4"}, Status.STOPPED_EARLY),
+        ("FAILED", {STATUS_TAG: "failed", STOPPED_STEP_TAG: "4"}, Status.STOPPED_EARLY),  # stopped, then died
+        (None, {STOPPED_STEP_TAG: "4"}, Status.STOPPED_EARLY),  # still RUNNING: stopped, not yet ended
+        ("KILLED", {}, Status.STOPPED_EARLY),  # stopped by a scheduler under an older raygd
+    ],
+)
 def test_run_outcome_of_a_child_run(store, ended, tags, expected):
     parent = _sweep_parent(store)
     run_id = _child(store, parent, ended, tags)
@@ -115,21 +138,52 @@ def test_run_outcome_of_a_child_run(store, ended, tags, expected):
 
 def test_trial_record_from_a_run_reads_params_tags_and_summary_metrics(store):
     parent = _sweep_parent(store)
-    params = {"train.step_size": 0.05, "train.global_batch_size": 128, "train.seed": 3, "data.replication": 2,
-              "mechanism.name": "dropconnect"}
-    metrics = {"time_to_accuracy_s": 1.5, "passes_to_accuracy": 0.25, "updates_to_accuracy": 12,
-               "final_train_loss": 0.3, "final_train_accuracy": 0.95, "passes": 1.0, "train_time_s": 4.0}
-    run_id = _child(store, parent, "FINISHED", {TRIAL_TAG: "t7", STATUS_TAG: "reached_target",
-                                                     MECHANISM_LABEL_TAG: "dropconnect(p=0.4)"}, metrics, params)
+    params = {
+        "train.step_size": 0.05,
+        "train.global_batch_size": 128,
+        "train.seed": 3,
+        "data.replication": 2,
+        "mechanism.name": "dropconnect",
+    }
+    metrics = {
+        "time_to_accuracy_s": 1.5,
+        "passes_to_accuracy": 0.25,
+        "updates_to_accuracy": 12,
+        "final_train_loss": 0.3,
+        "final_train_accuracy": 0.95,
+        "passes": 1.0,
+        "train_time_s": 4.0,
+    }
+    run_id = _child(
+        store,
+        parent,
+        "FINISHED",
+        {TRIAL_TAG: "t7", STATUS_TAG: "reached_target", MECHANISM_LABEL_TAG: "dropconnect(p=0.4)"},
+        metrics,
+        params,
+    )
     r = TrialRecord.from_run(MlflowClient(store).get_run(run_id))
     assert (r.trial_id, r.run_id, r.mechanism, r.step_size, r.global_batch_size, r.seed, r.replication) == (
-        "t7", run_id, "dropconnect(p=0.4)", 0.05, 128, 3, 2)
+        "t7",
+        run_id,
+        "dropconnect(p=0.4)",
+        0.05,
+        128,
+        3,
+        2,
+    )
     assert r.status is Status.REACHED_TARGET and r.reached
     assert {k: getattr(r, k) for k in metrics} == metrics
     bare = _child(store, parent, "FAILED", {})  # untagged: named after its run, vanilla, the defaults
     r = TrialRecord.from_run(MlflowClient(store).get_run(bare))
     assert (r.trial_id, r.mechanism, r.global_batch_size, r.seed, r.replication, r.status) == (
-        bare, "vanilla", 0, 0, 1, Status.FAILED)
+        bare,
+        "vanilla",
+        0,
+        0,
+        1,
+        Status.FAILED,
+    )
     assert math.isnan(r.step_size) and r.time_to_accuracy_s is None
 
 

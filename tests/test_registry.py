@@ -40,19 +40,25 @@ def test_builds_from_its_config_with_label_and_log_params(name: str) -> None:
 def test_excluded_estimators_are_refused_by_the_config(name: str) -> None:
     for estimator, reason in REGISTRY[name].excluded_estimators.items():
         assert estimator in DIVERSITY_ESTIMATORS
-        with pytest.raises(ConfigError, match="train.diversity_estimator") as err:
+        with pytest.raises(ConfigError, match=r"train.diversity_estimator") as err:
             RunConfig(mechanism=MechanismConfig(name=name), train=TrainConfig(diversity_estimator=estimator))
         assert reason in str(err.value)
 
 
-@pytest.mark.parametrize("mech,label,surrogate", [
-    ({"name": "vanilla"}, "vanilla", "vanilla"),
-    ({"name": "dropconnect", "drop_prob": 0.4}, "dropconnect(p=0.4)", "dropconnect(p=0.4)"),
-    ({"name": "dropconnect", "drop_prob": 0.4, "dropconnect_granularity": "per_group"},
-     "dropconnect(p=0.4, per_group)", "dropconnect(p=0.4)"),
-    ({"name": "sgld", "sgld_sigma": 0.001}, "sgld(sigma=0.001)", "sgld(sigma=0.001)"),
-    ({"name": "quantize", "quant_levels": 4}, "quantize(s=4)", "quantize(s=4)"),
-])
+@pytest.mark.parametrize(
+    "mech,label,surrogate",
+    [
+        ({"name": "vanilla"}, "vanilla", "vanilla"),
+        ({"name": "dropconnect", "drop_prob": 0.4}, "dropconnect(p=0.4)", "dropconnect(p=0.4)"),
+        (
+            {"name": "dropconnect", "drop_prob": 0.4, "dropconnect_granularity": "per_group"},
+            "dropconnect(p=0.4, per_group)",
+            "dropconnect(p=0.4)",
+        ),
+        ({"name": "sgld", "sgld_sigma": 0.001}, "sgld(sigma=0.001)", "sgld(sigma=0.001)"),
+        ({"name": "quantize", "quant_levels": 4}, "quantize(s=4)", "quantize(s=4)"),
+    ],
+)
 def test_labels_read_back_into_the_config_fields_they_show(mech: dict, label: str, surrogate: str) -> None:
     assert mechanism_label(mech) == label and parse_label(label) == mech
     assert surrogate_label(mech) == surrogate == surrogate_label(parse_label(label))

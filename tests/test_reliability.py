@@ -18,25 +18,39 @@ def _alive_train_workers() -> list:
     from ray.util.state import list_actors
 
     address = ray.get_runtime_context().gcs_address  # this session's Ray, whatever else runs on the machine
-    return [a for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-            if a.class_name == "RayTrainWorker"]
+    return [
+        a
+        for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+        if a.class_name == "RayTrainWorker"
+    ]
 
 
 def test_killed_worker_resumes_from_its_checkpoint(ray_session, idx_dir, sqlite_uri, tmp_path):
     # A small step size keeps the run going for ~100 updates, checkpointed every 5 (a barrier each),
     # so there is time to kill a worker after the first checkpoint and before the target.
-    cfg = load_run_config(None, [
-        f"data.data_dir={idx_dir}", "train.model=mnist_cnn", "train.num_workers=2", "train.global_batch_size=32",
-        "train.step_size=0.01", "train.target_accuracy=0.9", "train.eval_every_steps=5", "train.max_passes=40",
-        "train.max_failures=1", f"tracking.tracking_uri={sqlite_uri}", "tracking.experiment_name=kill",
-    ])
+    cfg = load_run_config(
+        None,
+        [
+            f"data.data_dir={idx_dir}",
+            "train.model=mnist_cnn",
+            "train.num_workers=2",
+            "train.global_batch_size=32",
+            "train.step_size=0.01",
+            "train.target_accuracy=0.9",
+            "train.eval_every_steps=5",
+            "train.max_passes=40",
+            "train.max_failures=1",
+            f"tracking.tracking_uri={sqlite_uri}",
+            "tracking.experiment_name=kill",
+        ],
+    )
     storage = tmp_path / "ray-storage"
     outcome: dict = {}
 
     def run() -> None:
         try:
             outcome["summary"] = fit(cfg, storage_path=str(storage))
-        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as err:
             outcome["error"] = err
 
     thread = threading.Thread(target=run, daemon=True)

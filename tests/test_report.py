@@ -21,10 +21,27 @@ from raygd.tracking import create_run
 from tuning.report import close_sweep, collect_sweep, write_outputs
 
 
-def _trial(uri, parent, i, label, step, batch, seed, status, ended="FINISHED", phase=SEARCH_PHASE, tta=None,
-           replication=1, **tags) -> str:
-    params = {"train.step_size": step, "train.global_batch_size": batch, "train.seed": seed,
-              "data.replication": replication}
+def _trial(
+    uri,
+    parent,
+    i,
+    label,
+    step,
+    batch,
+    seed,
+    status,
+    ended="FINISHED",
+    phase=SEARCH_PHASE,
+    tta=None,
+    replication=1,
+    **tags,
+) -> str:
+    params = {
+        "train.step_size": step,
+        "train.global_batch_size": batch,
+        "train.seed": seed,
+        "data.replication": replication,
+    }
     run_tags = {TRIAL_TAG: f"t{i}", MECHANISM_LABEL_TAG: label, PHASE_TAG: phase, **tags}
     if status is not None:
         run_tags[STATUS_TAG] = status
@@ -49,8 +66,9 @@ def sweep(sqlite_uri):
         "fast": _trial(sqlite_uri, parent, 0, "vanilla", 0.1, 64, 0, "reached_target", tta=2.0),
         "dc": _trial(sqlite_uri, parent, 1, "dc", 0.1, 64, 0, "reached_target", tta=1.0),
         "div": _trial(sqlite_uri, parent, 2, "vanilla", 9.0, 64, 0, "diverged"),
-        "stopped": _trial(sqlite_uri, parent, 3, "dc", 0.01, 64, 0, "failed", ended="FAILED",
-                          **{STOPPED_STEP_TAG: "4"}),
+        "stopped": _trial(
+            sqlite_uri, parent, 3, "dc", 0.01, 64, 0, "failed", ended="FAILED", **{STOPPED_STEP_TAG: "4"}
+        ),
         "orphan": _trial(sqlite_uri, parent, 4, "dc", 0.02, 64, 0, None, ended=None),
     }
     for seed in (7, 8):
@@ -82,8 +100,12 @@ def test_close_ends_unfinished_children_logs_the_outputs_and_ends_the_parent(swe
     collected = collect_sweep(uri, parent)
     outcome = close_sweep(uri, parent)
     assert _states(uri, runs) == {
-        "fast": ("FINISHED", "reached_target"), "dc": ("FINISHED", "reached_target"),
-        "div": ("FINISHED", "diverged"), "stopped": ("KILLED", "stopped_early"), "orphan": ("FAILED", "failed")}
+        "fast": ("FINISHED", "reached_target"),
+        "dc": ("FINISHED", "reached_target"),
+        "div": ("FINISHED", "diverged"),
+        "stopped": ("KILLED", "stopped_early"),
+        "orphan": ("FAILED", "failed"),
+    }
     assert (outcome.table, outcome.best_rows) == (collected.table, collected.best_rows)
     client = MlflowClient(uri)
     run = client.get_run(parent)
@@ -91,7 +113,12 @@ def test_close_ends_unfinished_children_logs_the_outputs_and_ends_the_parent(swe
     assert run.data.metrics["num_trials"] == 5 and run.data.metrics["num_reached"] == 2
     assert run.data.metrics["speedup/dc"] == pytest.approx(2.0)
     assert {a.path for a in client.list_artifacts(parent)} == {
-        "summary.md", "summary.csv", "trials.csv", "time_vs_batch.png", "speedup.png"}
+        "summary.md",
+        "summary.csv",
+        "trials.csv",
+        "time_vs_batch.png",
+        "speedup.png",
+    }
     assert collect_sweep(uri, parent).table == outcome.table
     assert run.data.tags["mlflow.note.content"] == outcome.table  # the run page's description is the answer
 
@@ -102,6 +129,12 @@ def test_write_outputs_adds_the_loss_ratio_figure_for_several_replications(sqlit
         _trial(sqlite_uri, parent, i, "vanilla", 0.1, batch, 0, "max_passes", replication=r)
     outcome = collect_sweep(sqlite_uri, parent)
     paths = write_outputs(tmp_path, outcome.records, outcome.best_rows, outcome.table)
-    assert [p.name for p in paths] == ["summary.md", "summary.csv", "trials.csv", "time_vs_batch.png", "speedup.png",
-                                       "loss_ratio_vs_r.png"]
+    assert [p.name for p in paths] == [
+        "summary.md",
+        "summary.csv",
+        "trials.csv",
+        "time_vs_batch.png",
+        "speedup.png",
+        "loss_ratio_vs_r.png",
+    ]
     assert (tmp_path / "summary.md").read_text() == outcome.table + "\n"

@@ -26,30 +26,43 @@ from tuning.tables import summary_markdown, write_trials_csv
 # --------------------------------------------------------------------------- ranking
 
 
-@pytest.mark.parametrize("fn", [
-    rank_trials, best_per_mechanism, confirm_summary, lambda rs: loss_ratios(rs, 16, 512),
-    lambda rs: write_trials_csv(rs, "/nonexistent/never-written.csv"),
-])
+@pytest.mark.parametrize(
+    "fn",
+    [
+        rank_trials,
+        best_per_mechanism,
+        confirm_summary,
+        lambda rs: loss_ratios(rs, 16, 512),
+        lambda rs: write_trials_csv(rs, "/nonexistent/never-written.csv"),
+    ],
+)
 def test_duplicate_trial_ids_raise(fn):
     records = [rec(time=1.0, trial_id="dup"), rec(time=2.0, trial_id="ok"), rec(time=3.0, trial_id="dup")]
-    with pytest.raises(ValueError, match="duplicate trial ids.*dup"):
+    with pytest.raises(ValueError, match=r"duplicate trial ids.*dup"):
         fn(records)
 
 
 def test_rank_orders_reached_by_time_then_max_passes_stopped_diverged_error():
     records = [
-        rec(trial_id="err", status="error"), rec(trial_id="div", status="diverged", loss=math.nan),
-        rec(trial_id="slow", time=9.0), rec(trial_id="max", status="max_passes"),
+        rec(trial_id="err", status="error"),
+        rec(trial_id="div", status="diverged", loss=math.nan),
+        rec(trial_id="slow", time=9.0),
+        rec(trial_id="max", status="max_passes"),
         rec(trial_id="asha", status="stopped_early", acc=0.3),
-        rec(trial_id="fast", time=1.5), rec(trial_id="nan-time", status="reached_target", time=math.nan),
+        rec(trial_id="fast", time=1.5),
+        rec(trial_id="nan-time", status="reached_target", time=math.nan),
     ]
     assert [r.trial_id for r in rank_trials(records)] == ["fast", "slow", "max", "nan-time", "asha", "div", "err"]
 
 
 def test_rank_ties_are_deterministic():
-    records = [rec(trial_id="b", time=2.0, passes_to_accuracy=0.5), rec(trial_id="c", time=2.0, passes_to_accuracy=0.3),
-               rec(trial_id="a", time=2.0, passes_to_accuracy=0.5), rec(trial_id="z", status="diverged"),
-               rec(trial_id="y", status="diverged")]
+    records = [
+        rec(trial_id="b", time=2.0, passes_to_accuracy=0.5),
+        rec(trial_id="c", time=2.0, passes_to_accuracy=0.3),
+        rec(trial_id="a", time=2.0, passes_to_accuracy=0.5),
+        rec(trial_id="z", status="diverged"),
+        rec(trial_id="y", status="diverged"),
+    ]
     expected = ["c", "a", "b", "y", "z"]
     for perm in itertools.permutations(records):
         assert [r.trial_id for r in rank_trials(perm)] == expected
@@ -88,9 +101,9 @@ def test_rows_are_baseline_first_then_by_time():
 
 @pytest.mark.parametrize("bad_seed", ["max_passes", "stopped_early", "diverged", "error"])
 def test_pair_with_one_failed_seed_is_unreached(bad_seed):
-    records = seeds("vanilla", 0.1, 256, [1.0, 1.0]) + [rec("vanilla", 0.1, 256, seed=2, status=bad_seed)]
+    records = [*seeds("vanilla", 0.1, 256, [1.0, 1.0]), rec("vanilla", 0.1, 256, seed=2, status=bad_seed)]
     records += seeds("vanilla", 0.2, 256, [5.0, 6.0, 7.0])
-    (pair_bad, pair_ok) = sorted(pair_stats(records), key=lambda p: p.step_size)
+    (pair_bad, _pair_ok) = sorted(pair_stats(records), key=lambda p: p.step_size)
     assert not pair_bad.reached and pair_bad.score == math.inf and pair_bad.n_reached == 2
     (row,) = best_per_mechanism(records)
     assert row.step_size == 0.2 and row.n_reached_pairs == 1
@@ -108,7 +121,8 @@ def test_brute_force_best_pair_on_random_sweeps():
         scores = {}
         for r in records:
             scores.setdefault((r["mechanism"], r["global_batch_size"], r["step_size"]), []).append(
-                r["time_to_accuracy_s"])
+                r["time_to_accuracy_s"]
+            )
         best = {}
         for (mech, batch, step), ts in sorted(scores.items()):
             score = statistics.mean(ts) if None not in ts else math.inf
@@ -125,8 +139,12 @@ def test_brute_force_best_pair_on_random_sweeps():
 
 
 def test_ties_prefer_smaller_batch_then_smaller_step_regardless_of_order():
-    pairs = [seeds("m", 0.2, 512, [4.0, 6.0]), seeds("m", 0.2, 256, [5.0, 5.0]),
-             seeds("m", 0.1, 256, [6.0, 4.0]), seeds("m", 0.1, 1024, [5.0, 5.0])]
+    pairs = [
+        seeds("m", 0.2, 512, [4.0, 6.0]),
+        seeds("m", 0.2, 256, [5.0, 5.0]),
+        seeds("m", 0.1, 256, [6.0, 4.0]),
+        seeds("m", 0.1, 1024, [5.0, 5.0]),
+    ]
     for perm in itertools.permutations(pairs):
         (row,) = best_per_mechanism([r for pair in perm for r in reversed(pair)])
         assert (row.global_batch_size, row.step_size) == (256, 0.1)
@@ -142,8 +160,11 @@ def test_no_baseline_and_unreached_baseline_give_no_speedup():
 
 
 def test_all_unreached_shows_closest_pair_as_not_reached():
-    records = (seeds("vanilla", 0.1, 256, [None, None], acc=0.7) + seeds("vanilla", 0.2, 256, [None, None], acc=0.9)
-               + [rec("vanilla", 0.4, 256, status="diverged", loss=math.nan, acc=math.nan)])
+    records = (
+        seeds("vanilla", 0.1, 256, [None, None], acc=0.7)
+        + seeds("vanilla", 0.2, 256, [None, None], acc=0.9)
+        + [rec("vanilla", 0.4, 256, status="diverged", loss=math.nan, acc=math.nan)]
+    )
     (row,) = best_per_mechanism(records)
     assert row.step_size == 0.2 and row.time_to_accuracy_s is None and row.n_reached_pairs == 0
     assert "not reached" in summary_markdown([row])
@@ -174,8 +195,11 @@ def test_best_row_is_frozen():
 
 def test_confirm_summary_mean_std_reached_fraction_and_speedup():
     base, dc = [10.0, 12.0, 11.0, 13.0], [7.0, 9.0, 8.0]
-    records = (seeds("vanilla", 0.1, 256, base) + seeds("dc", 0.2, 512, dc)
-               + seeds("sgld", 0.1, 256, [5.0, None, 6.0], passes_to_accuracy=0.5))
+    records = (
+        seeds("vanilla", 0.1, 256, base)
+        + seeds("dc", 0.2, 512, dc)
+        + seeds("sgld", 0.1, 256, [5.0, None, 6.0], passes_to_accuracy=0.5)
+    )
     rows = {r.mechanism: r for r in confirm_summary(records)}
     d = rows["dc"]
     assert d.time_mean_s == pytest.approx(statistics.mean(dc)) and d.time_std_s == pytest.approx(statistics.stdev(dc))
@@ -190,8 +214,11 @@ def test_confirm_summary_mean_std_reached_fraction_and_speedup():
 def test_bootstrap_spread_matches_exact_enumeration():
     num, den = [10.0, 12.0, 15.0], [6.0, 9.0, 7.0]
     # Exact bootstrap distribution: every resample (with replacement) of both sides, equally likely.
-    exact = [statistics.mean(a) / statistics.mean(b)
-             for a in itertools.product(num, repeat=3) for b in itertools.product(den, repeat=3)]
+    exact = [
+        statistics.mean(a) / statistics.mean(b)
+        for a in itertools.product(num, repeat=3)
+        for b in itertools.product(den, repeat=3)
+    ]
     ratio, std, lo, hi = bootstrap_ratio(num, den, n_boot=20000, seed=3)
     assert ratio == pytest.approx(statistics.mean(num) / statistics.mean(den))
     assert std == pytest.approx(statistics.pstdev(exact), rel=0.05)
@@ -206,8 +233,14 @@ def test_bootstrap_of_constant_times_has_no_spread():
 def test_confirm_rows_baseline_first_then_best_pair_first_within_mechanism():
     rows = confirm_summary(_sweep())
     assert [(r.mechanism, r.step_size, r.global_batch_size) for r in rows] == [
-        ("vanilla", 0.1, 256), ("vanilla", 0.2, 512), ("vanilla", 0.4, 1024),
-        ("dc(p=0.4)", 0.2, 512), ("dc(p=0.4)", 0.1, 256), ("dc(p=0.4)", 0.4, 512), ("sgld", 0.1, 256)]
+        ("vanilla", 0.1, 256),
+        ("vanilla", 0.2, 512),
+        ("vanilla", 0.4, 1024),
+        ("dc(p=0.4)", 0.2, 512),
+        ("dc(p=0.4)", 0.1, 256),
+        ("dc(p=0.4)", 0.4, 512),
+        ("sgld", 0.1, 256),
+    ]
 
 
 # --------------------------------------------------------------------------- loss ratio
@@ -219,7 +252,7 @@ def test_loss_ratio_uses_each_batch_sizes_own_tuned_step_and_averages_seeds():
     records = [_loss("vanilla", 16, g, s, x) for g, xs in small.items() for s, x in enumerate(xs)]
     records += [_loss("vanilla", 512, g, s, x) for g, xs in large.items() for s, x in enumerate(xs)]
     (row,) = loss_ratios(records, small_batch=16, large_batch=512)
-    ratios = [lg / sm for lg, sm in zip(large[0.4], small[0.1])]
+    ratios = [lg / sm for lg, sm in zip(large[0.4], small[0.1], strict=True)]
     assert (row.small_step_size, row.large_step_size, row.n_seeds) == (0.1, 0.4, 3)
     assert row.ratio_mean == pytest.approx(statistics.mean(ratios))
     assert row.ratio_std == pytest.approx(statistics.stdev(ratios))
@@ -236,16 +269,25 @@ def test_loss_ratio_per_replication_and_mechanism_pairs_seeds():
         records += [_loss(mech, 512, 0.3, s, x, replication=r) for s, x in lg.items()]
         expected[(r, mech)] = [lg[s] / sm[s] for s in (1, 2)]
     rows = loss_ratios(records, 16, 512)
-    assert [(r.mechanism, r.replication) for r in rows] == [("vanilla", 1), ("vanilla", 2), ("vanilla", 4),
-                                                            ("dc", 1), ("dc", 2), ("dc", 4)]
+    assert [(r.mechanism, r.replication) for r in rows] == [
+        ("vanilla", 1),
+        ("vanilla", 2),
+        ("vanilla", 4),
+        ("dc", 1),
+        ("dc", 2),
+        ("dc", 4),
+    ]
     for row in rows:
         assert row.n_seeds == 2
         assert row.ratio_mean == pytest.approx(statistics.mean(expected[(row.replication, row.mechanism)]))
 
 
 def test_loss_ratio_side_without_finite_loss_is_none():
-    records = [_loss("vanilla", 16, 0.1, 0, 0.3), _loss("vanilla", 512, 0.1, 0, math.nan),
-               _loss("vanilla", 512, 0.2, 0, None)]
+    records = [
+        _loss("vanilla", 16, 0.1, 0, 0.3),
+        _loss("vanilla", 512, 0.1, 0, math.nan),
+        _loss("vanilla", 512, 0.2, 0, None),
+    ]
     (row,) = loss_ratios(records, 16, 512)
     assert row.ratio_mean is None and row.large_step_size is None and row.n_seeds == 0
 
@@ -258,7 +300,7 @@ def test_loss_ratio_single_seed_has_no_std():
 def test_loss_ratio_passes_mismatch_raises_but_diverged_runs_may_stop_early():
     ok = [_loss("dc", 16, 0.1, 0, 0.5), _loss("dc", 512, 0.1, 0, 1.0), _loss("dc", 512, 0.9, 0, math.nan, passes=0.3)]
     assert loss_ratios(ok, 16, 512)[0].ratio_mean == pytest.approx(2.0)
-    bad = ok + [_loss("dc", 512, 0.2, 0, 1.1, passes=5.01)]
-    with pytest.raises(ValueError, match="dc.*passes"):
+    bad = [*ok, _loss("dc", 512, 0.2, 0, 1.1, passes=5.01)]
+    with pytest.raises(ValueError, match=r"dc.*passes"):
         loss_ratios(bad, 16, 512)
     assert loss_ratios(bad, 16, 512, passes_tol=0.02)[0].n_seeds == 1

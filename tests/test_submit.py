@@ -22,16 +22,39 @@ from raygd.submit import build_entrypoint, resolve_address, split_entrypoint, wo
 from tests.localray import LocalRayCluster, MlflowServer, free_port, marked_pids
 
 REPO = Path(__file__).resolve().parents[1]
-SWEEP = ["raygd", "sweep", "quickstart", "--set", "data.name=synthetic", "--set", "data.train_size=null",
-         "--set", "data.eval_size=512", "--set", "data.synthetic_size=1024", "--set", "train.num_workers=1",
-         "--set", "train.max_passes=1", "--set", "train.target_accuracy=0.6",
-         "--set", "sweep.space.step_size=[0.4]", "--set", "sweep.space.global_batch_size=[64]",
-         "--set", "sweep.space.mechanism=[{name: vanilla}]", "--set", "sweep.name=cluster-smoke"]
+SWEEP = [
+    "raygd",
+    "sweep",
+    "quickstart",
+    "--set",
+    "data.name=synthetic",
+    "--set",
+    "data.train_size=null",
+    "--set",
+    "data.eval_size=512",
+    "--set",
+    "data.synthetic_size=1024",
+    "--set",
+    "train.num_workers=1",
+    "--set",
+    "train.max_passes=1",
+    "--set",
+    "train.target_accuracy=0.6",
+    "--set",
+    "sweep.space.step_size=[0.4]",
+    "--set",
+    "sweep.space.global_batch_size=[64]",
+    "--set",
+    "sweep.space.mechanism=[{name: vanilla}]",
+    "--set",
+    "sweep.name=cluster-smoke",
+]
 
 
 def raygd(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: float = 120):
-    return subprocess.run([sys.executable, "-m", "raygd.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "raygd.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def user_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -61,26 +84,35 @@ def submit_main(monkeypatch, capsys, tmp_path: Path, *args: str, **env: str) -> 
 # --- pure parts -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv, rest, command", [
-    (["submit", "--", "raygd", "sweep", "q", "--set", "a=1"], ["submit"], ["raygd", "sweep", "q", "--set", "a=1"]),
-    (["submit", "--address", "h:1", "--", "raygd", "sweep", "--", "x"], ["submit", "--address", "h:1"],
-     ["raygd", "sweep", "--", "x"]),
-    (["submit", "--status", "j"], ["submit", "--status", "j"], None),
-    (["train", "c.yaml", "--", "x"], ["train", "c.yaml", "--", "x"], None),
-])
+@pytest.mark.parametrize(
+    "argv, rest, command",
+    [
+        (["submit", "--", "raygd", "sweep", "q", "--set", "a=1"], ["submit"], ["raygd", "sweep", "q", "--set", "a=1"]),
+        (
+            ["submit", "--address", "h:1", "--", "raygd", "sweep", "--", "x"],
+            ["submit", "--address", "h:1"],
+            ["raygd", "sweep", "--", "x"],
+        ),
+        (["submit", "--status", "j"], ["submit", "--status", "j"], None),
+        (["train", "c.yaml", "--", "x"], ["train", "c.yaml", "--", "x"], None),
+    ],
+)
 def test_split_entrypoint_cuts_only_submit_at_the_first_double_dash(argv, rest, command):
     assert split_entrypoint(argv) == (rest, command)
 
 
-@pytest.mark.parametrize("flag, env, expected", [
-    ("http://10.0.0.5:8265", {}, "http://10.0.0.5:8265"),
-    ("127.0.0.1:9000", {}, "http://127.0.0.1:9000"),
-    ("head.internal", {}, "http://head.internal:8265"),
-    ("https://ray.example.com/", {}, "https://ray.example.com"),
-    (None, {"RAY_API_SERVER_ADDRESS": "http://a:1"}, "http://a:1"),
-    (None, {"RAY_ADDRESS": "10.0.0.5:6379"}, "http://127.0.0.1:8265"),  # a GCS address is not the Jobs API
-    (None, {"RAY_ADDRESS": "http://b:2"}, "http://b:2"),
-])
+@pytest.mark.parametrize(
+    "flag, env, expected",
+    [
+        ("http://10.0.0.5:8265", {}, "http://10.0.0.5:8265"),
+        ("127.0.0.1:9000", {}, "http://127.0.0.1:9000"),
+        ("head.internal", {}, "http://head.internal:8265"),
+        ("https://ray.example.com/", {}, "https://ray.example.com"),
+        (None, {"RAY_API_SERVER_ADDRESS": "http://a:1"}, "http://a:1"),
+        (None, {"RAY_ADDRESS": "10.0.0.5:6379"}, "http://127.0.0.1:8265"),  # a GCS address is not the Jobs API
+        (None, {"RAY_ADDRESS": "http://b:2"}, "http://b:2"),
+    ],
+)
 def test_resolve_address(monkeypatch, flag, env, expected):
     for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
@@ -95,16 +127,32 @@ def test_resolve_address_rejects_what_is_not_a_jobs_api_url(flag):
         resolve_address(flag)
 
 
-@pytest.mark.parametrize("command, uri, expected", [
-    (["raygd", "sweep", "quickstart"], "http://10.0.0.2:5000",
-     "raygd sweep quickstart --set tracking.tracking_uri=http://10.0.0.2:5000"),
-    (["raygd", "train", "c.yaml", "--set", "tracking.tracking_uri=http://x:1"], "http://10.0.0.2:5000",
-     "raygd train c.yaml --set tracking.tracking_uri=http://x:1"),
-    (["raygd", "report", "quickstart"], "http://10.0.0.2:5000", "raygd report quickstart --tracking-uri http://10.0.0.2:5000"),
-    (["python", "-m", "raygd.cli", "diversity", "c.yaml"], "http://m:5000",
-     "python -m raygd.cli diversity c.yaml --set tracking.tracking_uri=http://m:5000"),
-    (["python", "script.py", "--x", "a b"], "http://m:5000", "python script.py --x 'a b'"),
-])
+@pytest.mark.parametrize(
+    "command, uri, expected",
+    [
+        (
+            ["raygd", "sweep", "quickstart"],
+            "http://10.0.0.2:5000",
+            "raygd sweep quickstart --set tracking.tracking_uri=http://10.0.0.2:5000",
+        ),
+        (
+            ["raygd", "train", "c.yaml", "--set", "tracking.tracking_uri=http://x:1"],
+            "http://10.0.0.2:5000",
+            "raygd train c.yaml --set tracking.tracking_uri=http://x:1",
+        ),
+        (
+            ["raygd", "report", "quickstart"],
+            "http://10.0.0.2:5000",
+            "raygd report quickstart --tracking-uri http://10.0.0.2:5000",
+        ),
+        (
+            ["python", "-m", "raygd.cli", "diversity", "c.yaml"],
+            "http://m:5000",
+            "python -m raygd.cli diversity c.yaml --set tracking.tracking_uri=http://m:5000",
+        ),
+        (["python", "script.py", "--x", "a b"], "http://m:5000", "python script.py --x 'a b'"),
+    ],
+)
 def test_build_entrypoint_makes_the_tracking_uri_explicit(command, uri, expected):
     assert build_entrypoint(command, uri) == expected
 
@@ -112,8 +160,9 @@ def test_build_entrypoint_makes_the_tracking_uri_explicit(command, uri, expected
 def test_build_entrypoint_default_reads_the_clusters_mlflow_uri_in_the_jobs_shell(tmp_path):
     line = build_entrypoint(["raygd", "sweep", "q"], "cluster")
     run = "printf '%s\\n' " + line.split(" --set ", 1)[1]
-    with_uri = subprocess.run(["sh", "-c", run], capture_output=True, text=True,
-                              env={"MLFLOW_TRACKING_URI": "http://10.1.2.3:5000"})
+    with_uri = subprocess.run(
+        ["sh", "-c", run], capture_output=True, text=True, env={"MLFLOW_TRACKING_URI": "http://10.1.2.3:5000"}
+    )
     assert with_uri.stdout.strip() == "tracking.tracking_uri=http://10.1.2.3:5000"
     without = subprocess.run(["sh", "-c", run], capture_output=True, text=True, env={})
     assert without.returncode != 0 and "raygd submit --tracking-uri" in without.stderr
@@ -122,8 +171,14 @@ def test_build_entrypoint_default_reads_the_clusters_mlflow_uri_in_the_jobs_shel
 def test_working_dir_excludes_leave_out_venv_git_and_mlflow_stores(tmp_path):
     (tmp_path / "raygd").mkdir()
     (tmp_path / "raygd" / "code.py").write_text("x = 1\n")
-    for junk in (".venv/lib/big.bin", ".git/objects/pack", "mlruns/0/meta.yaml", "mlflow.db",
-                 "raygd/__pycache__/code.pyc", "sub/mlartifacts/a.png"):
+    for junk in (
+        ".venv/lib/big.bin",
+        ".git/objects/pack",
+        "mlruns/0/meta.yaml",
+        "mlflow.db",
+        "raygd/__pycache__/code.pyc",
+        "sub/mlartifacts/a.png",
+    ):
         (tmp_path / junk).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / junk).write_bytes(b"\0" * 4096)
     from raygd.submit import WORKING_DIR_EXCLUDES
@@ -135,23 +190,59 @@ def test_working_dir_excludes_leave_out_venv_git_and_mlflow_stores(tmp_path):
 # --- bad input: exit 2, the input named, the fix given, nothing started or uploaded --------------------------------
 
 
-@pytest.mark.parametrize("args, extra_env, named", [
-    (["--address", "ray://head:10001", "--", "raygd", "sweep", "quickstart"], {}, "--address"),
-    (["--address", "http://127.0.0.1:{closed}", "--", "raygd", "sweep", "quickstart"], {},
-     "cannot reach the Ray Jobs API at http://127.0.0.1:{closed}"),
-    (["--", "raygd", "sweep", "quickstart"], {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:{closed}"},
-     "ray dashboard cluster/aws.yaml"),
-    (["--address", "http://127.0.0.1:{closed}", "--working-dir", "/nonexistent/dir", "--", "raygd", "sweep", "q"],
-     {}, "--working-dir"),
-    (["--address", "http://127.0.0.1:{closed}", "--", "raygd", "sweep", "q"],
-     {"RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, "RAY_AUTH_TOKEN_PATH"),
-    (["--address", "http://127.0.0.1:{closed}", "raygd", "sweep", "q", "--set", "a=1"], {}, "without `--`"),
-    (["--address", "http://127.0.0.1:{closed}", "--tracking-uri", "sqlite:///mlflow.db", "--", "raygd", "sweep",
-      "q"], {}, "--tracking-uri 'sqlite:///mlflow.db'"),
-    (["--status", "raysubmit_x", "--", "raygd", "sweep", "q"], {}, "not both"),
-    ([], {}, "needs a command after `--`"),
-    (["--logs", "raysubmit_x", "--follow", "--stop", "raysubmit_y"], {}, None),  # argparse: not allowed together
-])
+@pytest.mark.parametrize(
+    "args, extra_env, named",
+    [
+        (["--address", "ray://head:10001", "--", "raygd", "sweep", "quickstart"], {}, "--address"),
+        (
+            ["--address", "http://127.0.0.1:{closed}", "--", "raygd", "sweep", "quickstart"],
+            {},
+            "cannot reach the Ray Jobs API at http://127.0.0.1:{closed}",
+        ),
+        (
+            ["--", "raygd", "sweep", "quickstart"],
+            {"RAY_API_SERVER_ADDRESS": "http://127.0.0.1:{closed}"},
+            "ray dashboard cluster/aws.yaml",
+        ),
+        (
+            [
+                "--address",
+                "http://127.0.0.1:{closed}",
+                "--working-dir",
+                "/nonexistent/dir",
+                "--",
+                "raygd",
+                "sweep",
+                "q",
+            ],
+            {},
+            "--working-dir",
+        ),
+        (
+            ["--address", "http://127.0.0.1:{closed}", "--", "raygd", "sweep", "q"],
+            {"RAY_AUTH_TOKEN_PATH": "/nonexistent/token"},
+            "RAY_AUTH_TOKEN_PATH",
+        ),
+        (["--address", "http://127.0.0.1:{closed}", "raygd", "sweep", "q", "--set", "a=1"], {}, "without `--`"),
+        (
+            [
+                "--address",
+                "http://127.0.0.1:{closed}",
+                "--tracking-uri",
+                "sqlite:///mlflow.db",
+                "--",
+                "raygd",
+                "sweep",
+                "q",
+            ],
+            {},
+            "--tracking-uri 'sqlite:///mlflow.db'",
+        ),
+        (["--status", "raysubmit_x", "--", "raygd", "sweep", "q"], {}, "not both"),
+        ([], {}, "needs a command after `--`"),
+        (["--logs", "raysubmit_x", "--follow", "--stop", "raysubmit_y"], {}, None),  # argparse: not allowed together
+    ],
+)
 def test_bad_input_exits_2_naming_it(monkeypatch, capsys, tmp_path, args, extra_env, named):
     closed = str(free_port())
     args = [a.replace("{closed}", closed) for a in args]
@@ -175,8 +266,19 @@ def test_oversized_working_dir_is_refused_before_contacting_the_cluster(monkeypa
     big.mkdir()
     with open(big / "data.bin", "wb") as f:
         f.truncate(101 * 2**20)  # sparse: the size counts, the disk does not
-    code, out, err = submit_main(monkeypatch, capsys, tmp_path, "--address", f"http://127.0.0.1:{free_port()}",
-                                 "--working-dir", str(big), "--", "raygd", "sweep", "q")
+    code, _out, err = submit_main(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        "--address",
+        f"http://127.0.0.1:{free_port()}",
+        "--working-dir",
+        str(big),
+        "--",
+        "raygd",
+        "sweep",
+        "q",
+    )
     assert code == 2 and "--working-dir" in err and "--exclude" in err, err
     assert "cannot reach" not in err
 
@@ -215,14 +317,24 @@ def client_env(cluster: LocalRayCluster, tmp_path: Path) -> dict[str, str]:
     return user_env(tmp_path, RAY_AUTH_TOKEN_PATH=str(cluster.token_path))
 
 
-def test_submit_runs_a_sweep_on_the_cluster_and_its_runs_land_in_the_mlflow_server(cluster, tmp_path, monkeypatch,
-                                                                                   capsys):
+def test_submit_runs_a_sweep_on_the_cluster_and_its_runs_land_in_the_mlflow_server(
+    cluster, tmp_path, monkeypatch, capsys
+):
     from mlflow.tracking import MlflowClient
 
     storage = cluster.root / "tune"
     start = time.monotonic()
-    out = raygd("submit", "--address", cluster.dashboard_url, "--", *SWEEP, "--set", f"sweep.storage_path={storage}",
-                env=client_env(cluster, tmp_path), timeout=480)
+    out = raygd(
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--",
+        *SWEEP,
+        "--set",
+        f"sweep.storage_path={storage}",
+        env=client_env(cluster, tmp_path),
+        timeout=480,
+    )
     elapsed = time.monotonic() - start
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     job_id = out.stdout.splitlines()[0]
@@ -246,25 +358,30 @@ def test_submit_runs_a_sweep_on_the_cluster_and_its_runs_land_in_the_mlflow_serv
 
     print(f"submitted sweep finished in {elapsed:.1f} s")
     token = {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}
-    code, out, _ = submit_main(monkeypatch, capsys, tmp_path, "--address", cluster.dashboard_url, "--status", job_id,
-                               **token)
+    code, out, _ = submit_main(
+        monkeypatch, capsys, tmp_path, "--address", cluster.dashboard_url, "--status", job_id, **token
+    )
     assert code == 0 and "SUCCEEDED" in out and "--set tracking.tracking_uri=" in out
-    code, out, _ = submit_main(monkeypatch, capsys, tmp_path, "--address", cluster.dashboard_url, "--logs", job_id,
-                               **token)
+    code, out, _ = submit_main(
+        monkeypatch, capsys, tmp_path, "--address", cluster.dashboard_url, "--logs", job_id, **token
+    )
     assert code == 0 and "raygd sweep cluster-smoke" in out
 
 
-@pytest.mark.parametrize("token_env, named", [
-    ({}, "requires token authentication and no token was found"),
-    ({"RAY_AUTH_TOKEN": "not-the-cluster-token"}, "rejected the token from $RAY_AUTH_TOKEN"),
-])
-def test_cluster_token_is_required_and_checked_before_upload(cluster, monkeypatch, capsys, tmp_path, token_env,
-                                                             named):
+@pytest.mark.parametrize(
+    "token_env, named",
+    [
+        ({}, "requires token authentication and no token was found"),
+        ({"RAY_AUTH_TOKEN": "not-the-cluster-token"}, "rejected the token from $RAY_AUTH_TOKEN"),
+    ],
+)
+def test_cluster_token_is_required_and_checked_before_upload(cluster, monkeypatch, capsys, tmp_path, token_env, named):
     import requests
 
     listed = requests.get(f"{cluster.dashboard_url}/api/jobs/", headers=cluster.auth_headers(), timeout=30).json()
-    code, out, err = submit_main(monkeypatch, capsys, tmp_path, "--address", cluster.dashboard_url, "--", "python",
-                                 "-c", "print(1)", **token_env)
+    code, out, err = submit_main(
+        monkeypatch, capsys, tmp_path, "--address", cluster.dashboard_url, "--", "python", "-c", "print(1)", **token_env
+    )
     assert code == 2 and named in err and "RAY_AUTH_TOKEN_PATH" in err and out == "", err
     after = requests.get(f"{cluster.dashboard_url}/api/jobs/", headers=cluster.auth_headers(), timeout=30).json()
     assert len(after) == len(listed)  # nothing was submitted
@@ -273,8 +390,19 @@ def test_cluster_token_is_required_and_checked_before_upload(cluster, monkeypatc
 def test_stop_ends_a_running_job(cluster, monkeypatch, capsys, tmp_path):
     token = {"RAY_AUTH_TOKEN_PATH": str(cluster.token_path)}
     address = ["--address", cluster.dashboard_url]
-    code, out, err = submit_main(monkeypatch, capsys, tmp_path, *address, "--working-dir", str(tmp_path),
-                                 "--no-wait", "--", "sleep", "300", **token)
+    code, out, err = submit_main(
+        monkeypatch,
+        capsys,
+        tmp_path,
+        *address,
+        "--working-dir",
+        str(tmp_path),
+        "--no-wait",
+        "--",
+        "sleep",
+        "300",
+        **token,
+    )
     assert code == 0, err
     job_id = out.strip()
     code, out, err = submit_main(monkeypatch, capsys, tmp_path, *address, "--stop", job_id, **token)

@@ -26,33 +26,48 @@ REPO = Path(__file__).resolve().parents[1]
 def _write_spec(tmp_path, idx_dir, sqlite_uri, name, space, **extra) -> Path:
     spec = {
         "name": name,
-        "base": {"data": {"data_dir": str(idx_dir), "eval_size": 600},
-                 "train": {"model": "logreg", "num_workers": 2, "target_accuracy": 0.9, "max_passes": 3,
-                           "eval_every_steps": 4, "global_batch_size": 32},
-                 "tracking": {"tracking_uri": sqlite_uri}},
-        "space": space, "storage_path": str(tmp_path / "ray_results"), **extra,
+        "base": {
+            "data": {"data_dir": str(idx_dir), "eval_size": 600},
+            "train": {
+                "model": "logreg",
+                "num_workers": 2,
+                "target_accuracy": 0.9,
+                "max_passes": 3,
+                "eval_every_steps": 4,
+                "global_batch_size": 32,
+            },
+            "tracking": {"tracking_uri": sqlite_uri},
+        },
+        "space": space,
+        "storage_path": str(tmp_path / "ray_results"),
+        **extra,
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
 
-def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_session, tmp_path, idx_dir,
-                                                                            sqlite_uri):
+def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_session, tmp_path, idx_dir, sqlite_uri):
     # step size 1e38 overflows float32 within two steps: those trials must be recorded as diverged,
     # with the step, and ranked last, while the others finish.
-    path = _write_spec(tmp_path, idx_dir, sqlite_uri, "it-sweep",
-                       {"step_size": [0.05, 1e38], "mechanism": [{"name": "vanilla"}, {"name": "sgld",
-                                                                                        "sgld_sigma": 0.001}]},
-                       confirm_seeds=[7])
+    path = _write_spec(
+        tmp_path,
+        idx_dir,
+        sqlite_uri,
+        "it-sweep",
+        {"step_size": [0.05, 1e38], "mechanism": [{"name": "vanilla"}, {"name": "sgld", "sgld_sigma": 0.001}]},
+        confirm_seeds=[7],
+    )
     outcome = run_sweep(load_sweep_spec(str(path)))
     client = MlflowClient(sqlite_uri)
     children = child_runs(sqlite_uri, outcome.parent_run_id)
     confirm = [c for c in children if c.data.tags[PHASE_TAG] == "confirm"]
     children = [c for c in children if c.data.tags[PHASE_TAG] == "search"]
     # the confirm phase re-runs each mechanism's winner (step 0.05) with the new seed
-    assert sorted((c.data.tags["raygd.mechanism_label"], c.data.params["train.step_size"], c.data.params["train.seed"])
-                  for c in confirm) == [("sgld(sigma=0.001)", "0.05", "7"), ("vanilla", "0.05", "7")]
+    assert sorted(
+        (c.data.tags["raygd.mechanism_label"], c.data.params["train.step_size"], c.data.params["train.seed"])
+        for c in confirm
+    ) == [("sgld(sigma=0.001)", "0.05", "7"), ("vanilla", "0.05", "7")]
     assert "Confirmed with fresh seeds" in outcome.table
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags[KEY_TAG] for c in children}) == 4
@@ -68,8 +83,7 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     assert [r.status for r in ranked] == ["reached_target"] * 2 + ["diverged"] * 2
     assert {r.run_id for r in ranked[2:]} == {c.info.run_id for c in diverged}
     fastest = min(reached, key=lambda c: c.data.metrics["time_to_accuracy_s"])
-    winner = min((r for r in outcome.best_rows if r.time_to_accuracy_s is not None),
-                 key=lambda r: r.time_to_accuracy_s)
+    winner = min((r for r in outcome.best_rows if r.time_to_accuracy_s is not None), key=lambda r: r.time_to_accuracy_s)
     assert winner.mechanism == fastest.data.tags["raygd.mechanism_label"]
     assert winner.time_to_accuracy_s == fastest.data.metrics["time_to_accuracy_s"]
     assert "vanilla" in outcome.table and "sgld(sigma=0.001)" in outcome.table
@@ -80,7 +94,8 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     assert main(["report", "it-sweep", "--tracking-uri", sqlite_uri, "--out", str(tmp_path / "report")]) == 0
     assert (tmp_path / "report" / "summary.md").read_text().strip() == outcome.table.strip()
     assert {"summary.csv", "trials.csv", "time_vs_batch.png", "speedup.png"} <= {
-        p.name for p in (tmp_path / "report").iterdir()}
+        p.name for p in (tmp_path / "report").iterdir()
+    }
 
 
 def _sweep_cmd(path, *extra):
@@ -89,15 +104,28 @@ def _sweep_cmd(path, *extra):
 
 def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tmp_path, idx_dir, sqlite_uri):
     # Small step sizes and a checkpoint every other update keep each trial training for seconds,
-    # so the kill lands inside the second trial's loop, after it has logged and checkpointed.
-    path = _write_spec(tmp_path, idx_dir, sqlite_uri, "resume-sweep",
-                       {"step_size": [0.0005, 0.001, 0.002], "mechanism": [{"name": "vanilla"}]})
+    # so the kill lands inside the second trial's loop, after it has logged and checkpointed. Six passes:
+    # the local Ray's processes outlive the killed driver for a moment, and a warm pool would otherwise
+    # finish a short trial in that moment.
+    path = _write_spec(
+        tmp_path,
+        idx_dir,
+        sqlite_uri,
+        "resume-sweep",
+        {"step_size": [0.0005, 0.001, 0.002], "mechanism": [{"name": "vanilla"}]},
+    )
     spec = yaml.safe_load(path.read_text())
-    spec["base"]["train"].update(checkpoint_every_steps=2, target_accuracy=0.99, max_passes=2)
+    spec["base"]["train"].update(checkpoint_every_steps=2, target_accuracy=0.99, max_passes=6)
     path.write_text(yaml.safe_dump(spec))
     env = dict(os.environ, RAY_ADDRESS="")
-    proc = subprocess.Popen(_sweep_cmd(path), cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _sweep_cmd(path),
+        cwd=tmp_path,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     client = MlflowClient(sqlite_uri)
     deadline = time.time() + 300
     parent = partial = None
@@ -114,8 +142,9 @@ def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tm
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (same process group)
     proc.wait()
     logged_before = [m.step for m in client.get_metric_history(partial, "train/loss")]
-    done = subprocess.run(_sweep_cmd(path, "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        _sweep_cmd(path, "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     children = child_runs(sqlite_uri, parent)
     assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
@@ -126,7 +155,7 @@ def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tm
     assert partial in {c.info.run_id for c in children} and reattached.data.tags["raygd.attempt"] == "2"
     assert reattached.data.metrics["train/restarts"] == 1.0
     steps = [m.step for m in sorted(client.get_metric_history(partial, "train/loss"), key=lambda m: m.timestamp)]
-    assert steps[:len(logged_before)] == sorted(logged_before) and steps == sorted(set(steps)), steps
+    assert steps[: len(logged_before)] == sorted(logged_before) and steps == sorted(set(steps)), steps
 
 
 def _suggestions(spec, n: int) -> list[dict]:
@@ -138,9 +167,21 @@ def _suggestions(spec, n: int) -> list[dict]:
 
 
 def _optuna_spec(tmp_path, idx_dir, sqlite_uri, seed: int, **extra):
-    return load_sweep_spec(str(_write_spec(
-        tmp_path, idx_dir, sqlite_uri, "it-optuna", {"step_size": {"low": 1e-4, "high": 0.1, "log": True}},
-        search="optuna", num_samples=3, search_seed=seed, **extra)))
+    return load_sweep_spec(
+        str(
+            _write_spec(
+                tmp_path,
+                idx_dir,
+                sqlite_uri,
+                "it-optuna",
+                {"step_size": {"low": 1e-4, "high": 0.1, "log": True}},
+                search="optuna",
+                num_samples=3,
+                search_seed=seed,
+                **extra,
+            )
+        )
+    )
 
 
 @pytest.mark.parametrize("search", ["optuna", "random"])
@@ -159,8 +200,9 @@ def test_searcher_suggestions_are_reproducible_from_the_seed(tmp_path, idx_dir, 
     assert steps(0) == first and steps(1) != first
 
 
-def test_optuna_sweep_with_asha_stops_a_lagging_trial_and_the_next_one_still_runs(ray_session, tmp_path, idx_dir,
-                                                                                  sqlite_uri):
+def test_optuna_sweep_with_asha_stops_a_lagging_trial_and_the_next_one_still_runs(
+    ray_session, tmp_path, idx_dir, sqlite_uri
+):
     # Pick a searcher seed whose first suggestions are a step size that reaches 90% at the first evaluation
     # (>= 0.01 here) and then a hopeless one (<= 3e-4: ~10% after 4 steps): ASHA, comparing train accuracy
     # at 0.2 passes (step 4), must stop the second; the third must still start (nothing leaked) and end.
@@ -169,8 +211,9 @@ def test_optuna_sweep_with_asha_stops_a_lagging_trial_and_the_next_one_still_run
         return first >= 0.01 and second <= 3e-4
 
     seed = next(s for s in range(500) if fits(s))
-    spec = _optuna_spec(tmp_path, idx_dir, sqlite_uri, seed, scheduler="asha", asha_time_attr="progress/passes",
-                        asha_grace_period=0.2)
+    spec = _optuna_spec(
+        tmp_path, idx_dir, sqlite_uri, seed, scheduler="asha", asha_time_attr="progress/passes", asha_grace_period=0.2
+    )
     expected = [c["step_size"] for c in _suggestions(spec, 3)]
     outcome = run_sweep(spec)
     children = sorted(child_runs(sqlite_uri, outcome.parent_run_id), key=lambda r: r.info.start_time)
@@ -182,13 +225,19 @@ def test_optuna_sweep_with_asha_stops_a_lagging_trial_and_the_next_one_still_run
     client = MlflowClient(sqlite_uri)
     assert client.get_metric_history(last.info.run_id, "train/accuracy"), "the trial after the stop never trained"
     assert last.info.status in ("FINISHED", "KILLED") and last.data.tags["raygd.status"] in (
-        "reached_target", "max_passes", "stopped_early")
+        "reached_target",
+        "max_passes",
+        "stopped_early",
+    )
     ranked = [r.run_id for r in rank_trials(outcome.records)]
     assert ranked.index(stopped.info.run_id) > ranked.index(first.info.run_id)
     # In the warm pool (the default) the stopped trial is abandoned at the first evaluation after the stop
     # reached the pool, and the same pool takes the next trial.
-    after_stop = [m for m in client.get_metric_history(stopped.info.run_id, "train/accuracy")
-                  if m.timestamp > stopped.info.end_time]
+    after_stop = [
+        m
+        for m in client.get_metric_history(stopped.info.run_id, "train/accuracy")
+        if m.timestamp > stopped.info.end_time
+    ]
     assert len(after_stop) <= 1, after_stop
     assert stopped.data.tags["raygd.pool_id"] == last.data.tags["raygd.pool_id"]
     assert int(last.data.tags["raygd.pool_position"]) == int(stopped.data.tags["raygd.pool_position"]) + 1

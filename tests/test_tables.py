@@ -29,7 +29,7 @@ def test_summary_csv_round_trip(tmp_path):
     with path.open() as f:
         back = list(csv.DictReader(f))
     assert len(back) == len(rows)
-    for row, got in zip(rows, back):
+    for row, got in zip(rows, back, strict=True):
         for name, value in row.as_dict().items():
             if value is None:
                 assert got[name] == ""
@@ -41,7 +41,7 @@ def test_summary_csv_round_trip(tmp_path):
 
 
 def test_trials_csv_round_trip(tmp_path):
-    records = _sweep() + [rec("dc", status="diverged", loss=math.nan), rec("dc", status="error", loss=None)]
+    records = [*_sweep(), rec("dc", status="diverged", loss=math.nan), rec("dc", status="error", loss=None)]
     path = write_trials_csv(records, tmp_path / "trials.csv")
     with path.open() as f:
         back = [TrialRecord.from_dict(d) for d in csv.DictReader(f)]
@@ -54,7 +54,8 @@ def test_trials_csv_round_trip(tmp_path):
 
 
 def test_trials_csv_names_a_failure_failed_also_for_a_legacy_error_record(tmp_path):
-    path = write_trials_csv([rec(trial_id="old", status="error"), rec(trial_id="new", status="failed")],
-                            tmp_path / "trials.csv")
+    path = write_trials_csv(
+        [rec(trial_id="old", status="error"), rec(trial_id="new", status="failed")], tmp_path / "trials.csv"
+    )
     with path.open() as f:
         assert {d["trial_id"]: d["status"] for d in csv.DictReader(f)} == {"old": "failed", "new": "failed"}

@@ -39,9 +39,11 @@ def test_child_run_points_at_its_parent(sqlite_uri):
 
 @pytest.mark.parametrize(
     "uri, secret",
-    [("http://alice:s3cret@mlflow.internal:5000", "s3cret"),
-     ("postgresql://u:hunter2@db/mlflow", "hunter2"),
-     ("https://host/path?token=abc123&x=1", "abc123")],
+    [
+        ("http://alice:s3cret@mlflow.internal:5000", "s3cret"),
+        ("postgresql://u:hunter2@db/mlflow", "hunter2"),
+        ("https://host/path?token=abc123&x=1", "abc123"),
+    ],
 )
 def test_passwords_in_uris_are_redacted_in_params(sqlite_uri, uri, secret):
     assert secret not in redact_uri(uri) and "***" in redact_uri(uri)
@@ -66,9 +68,9 @@ def test_store_checks_name_the_tracking_uri(tmp_path):
     from raygd.tracking import check_tracking_store
 
     check_tracking_store(f"sqlite:///{tmp_path / 'mlflow.db'}")  # a writable folder: fine
-    with pytest.raises(ConfigError, match="tracking.tracking_uri .* does not exist"):
+    with pytest.raises(ConfigError, match=r"tracking.tracking_uri .* does not exist"):
         check_tracking_store(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}")
-    with pytest.raises(ConfigError, match="tracking.tracking_uri = 'http://u:\\*\\*\\*@127.0.0.1:1' cannot be reached"):
+    with pytest.raises(ConfigError, match=r"tracking.tracking_uri = 'http://u:\*\*\*@127.0.0.1:1' cannot be reached"):
         check_tracking_store("http://u:pw@127.0.0.1:1")  # the password is not echoed either
 
 

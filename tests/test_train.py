@@ -14,8 +14,17 @@ from tests.dist import run_group
 
 
 def _cfg(idx_dir, *overrides):
-    return load_run_config(None, [f"data.data_dir={idx_dir}", "train.num_workers=1", "train.model=logreg",
-                                  "train.global_batch_size=32", "train.eval_every_steps=5", *overrides])
+    return load_run_config(
+        None,
+        [
+            f"data.data_dir={idx_dir}",
+            "train.num_workers=1",
+            "train.model=logreg",
+            "train.global_batch_size=32",
+            "train.eval_every_steps=5",
+            *overrides,
+        ],
+    )
 
 
 def test_reaches_target_and_accounts_passes(idx_dir):
@@ -45,8 +54,16 @@ def test_divergence_ends_the_run_with_its_step(idx_dir):
 
 def test_evaluation_is_paused_out_of_the_clock(idx_dir):
     # Evaluating 600 examples every step costs more than a logreg step; the clock must not see it.
-    cfg = _cfg(idx_dir, "train.eval_every_steps=1", "train.target_accuracy=1.0", "train.max_passes=2",
-               "train.step_size=1e-6", "data.eval_size=300", "train.model=mnist_cnn", "train.max_passes=0.5")
+    cfg = _cfg(
+        idx_dir,
+        "train.eval_every_steps=1",
+        "train.target_accuracy=1.0",
+        "train.max_passes=2",
+        "train.step_size=1e-6",
+        "data.eval_size=300",
+        "train.model=mnist_cnn",
+        "train.max_passes=0.5",
+    )
     reports = []
     summary = train_rank(cfg, load_data(cfg.data, 0), report=reports.append)
     assert len(reports) == summary.steps
@@ -64,8 +81,14 @@ def _final_weights(rank, world_size, cfg, data):
 @pytest.mark.parametrize("model, sampling", [("mnist_cnn", "shuffle"), ("logreg", "with_replacement")])
 def test_two_workers_equal_one_worker_at_the_same_global_batch(idx_dir, model, sampling):
     # 20 updates of B=32 over n=600: max_passes = 20 * 32 / 600; an unreachable target keeps it going.
-    overrides = [f"train.model={model}", f"data.sampling={sampling}", "train.target_accuracy=1.0",
-                 f"train.max_passes={20 * 32 / 600}", "train.step_size=0.05", "train.eval_every_steps=100"]
+    overrides = [
+        f"train.model={model}",
+        f"data.sampling={sampling}",
+        "train.target_accuracy=1.0",
+        f"train.max_passes={20 * 32 / 600}",
+        "train.step_size=0.05",
+        "train.eval_every_steps=100",
+    ]
     cfg1 = _cfg(idx_dir, *overrides)
     cfg2 = _cfg(idx_dir, *overrides, "train.num_workers=2")
     data = load_data(cfg1.data, 0)
@@ -88,13 +111,24 @@ def _exact_bound(cfg, data, model):
 @pytest.mark.parametrize("estimator, world_size", [("in_step", 1), ("in_step", 2), ("free", 2)])
 def test_online_diversity_tracks_the_exact_bound(idx_dir, estimator, world_size):
     # A tiny step size keeps w (nearly) fixed, so the smoothed estimate should approach the exact B_D at w.
-    cfg = _cfg(idx_dir, f"train.diversity_estimator={estimator}", f"train.num_workers={world_size}",
-               "train.step_size=1e-7", "train.target_accuracy=1.0", "train.max_passes=8",
-               "train.eval_every_steps=150", "train.diversity_every_steps=1", "data.sampling=with_replacement",
-               "train.global_batch_size=64")
+    cfg = _cfg(
+        idx_dir,
+        f"train.diversity_estimator={estimator}",
+        f"train.num_workers={world_size}",
+        "train.step_size=1e-7",
+        "train.target_accuracy=1.0",
+        "train.max_passes=8",
+        "train.eval_every_steps=150",
+        "train.diversity_every_steps=1",
+        "data.sampling=with_replacement",
+        "train.global_batch_size=64",
+    )
     data = load_data(cfg.data, 0)
-    reports = run_group(_diversity_reports, world_size, cfg, data)[0] if world_size > 1 else \
-        _diversity_reports(0, 1, cfg, data)
+    reports = (
+        run_group(_diversity_reports, world_size, cfg, data)[0]
+        if world_size > 1
+        else _diversity_reports(0, 1, cfg, data)
+    )
     exact = _exact_bound(cfg, data, build_state(_cfg(idx_dir), data).model)  # same seed: same initial w
     assert reports and all(math.isfinite(r["diversity/batch_bound"]) for r in reports)
     assert reports[-1]["diversity/delta"] == pytest.approx(reports[-1]["diversity/batch_bound"] / data.n)
@@ -112,13 +146,21 @@ def _measured_run(rank, world_size, cfg, data):
 def test_the_online_estimator_measures_every_kth_update_and_leaves_training_unchanged(idx_dir, estimator):
     # 20 updates at P=2, measuring updates 0, 3, ..., 18 (7 of them): the free estimator's measured
     # updates skip DDP's all-reduce and reduce by hand, which must give the same weights as DDP.
-    common = ["train.num_workers=2", "train.target_accuracy=1.0", f"train.max_passes={20 * 32 / 600}",
-              "train.step_size=0.05", "train.eval_every_steps=100"]
+    common = [
+        "train.num_workers=2",
+        "train.target_accuracy=1.0",
+        f"train.max_passes={20 * 32 / 600}",
+        "train.step_size=0.05",
+        "train.eval_every_steps=100",
+    ]
     data = load_data(_cfg(idx_dir).data, 0)
     (steps, _, plain), _ = run_group(_measured_run, 2, _cfg(idx_dir, *common), data)
     (steps_m, measured, weights), (_, measured1, weights1) = run_group(
-        _measured_run, 2, _cfg(idx_dir, *common, f"train.diversity_estimator={estimator}",
-                               "train.diversity_every_steps=3"), data)
+        _measured_run,
+        2,
+        _cfg(idx_dir, *common, f"train.diversity_estimator={estimator}", "train.diversity_every_steps=3"),
+        data,
+    )
     assert steps == steps_m == 20 and measured == measured1 == 7
     for name, value in plain.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
@@ -152,22 +194,37 @@ def _straight_and_resumed(rank, world_size, cfg, data, folder, resume_at):
     return saved, straight, resumed, weights
 
 
-@pytest.mark.parametrize("model, mechanism, world_size", [
-    ("logreg", "vanilla", 1), ("mnist_cnn", "dropconnect", 1), ("mnist_cnn", "sgld", 1), ("logreg", "dropconnect", 2),
-])
+@pytest.mark.parametrize(
+    "model, mechanism, world_size",
+    [
+        ("logreg", "vanilla", 1),
+        ("mnist_cnn", "dropconnect", 1),
+        ("mnist_cnn", "sgld", 1),
+        ("logreg", "dropconnect", 2),
+    ],
+)
 def test_resuming_from_a_checkpoint_continues_the_same_run(idx_dir, tmp_path, model, mechanism, world_size):
     # 20 updates, a checkpoint every 5 (default: at every evaluation once max_failures != 0). The resumed
     # run must end at exactly the same weights: sampler, torch RNG and the mechanism's per-rank generators
     # restored. (QSGD resumes equal in distribution only: DDP rebuilds its gradient buckets after the first
     # step of a fresh process, which reorders the buffer the quantizer draws over.)
-    cfg = _cfg(idx_dir, f"train.model={model}", f"mechanism.name={mechanism}", f"train.num_workers={world_size}",
-               "mechanism.dropconnect_granularity=per_worker", "mechanism.sgld_sigma=0.05",
-               "train.target_accuracy=1.0", f"train.max_passes={20 * 32 / 600}", "train.max_failures=1",
-               "train.step_size=0.002")  # small enough that 100% accuracy is not reached in 20 updates
+    cfg = _cfg(
+        idx_dir,
+        f"train.model={model}",
+        f"mechanism.name={mechanism}",
+        f"train.num_workers={world_size}",
+        "mechanism.dropconnect_granularity=per_worker",
+        "mechanism.sgld_sigma=0.05",
+        "train.target_accuracy=1.0",
+        f"train.max_passes={20 * 32 / 600}",
+        "train.max_failures=1",
+        "train.step_size=0.002",
+    )  # small enough that 100% accuracy is not reached in 20 updates
     data = load_data(cfg.data, 0)
     args = (cfg, data, tmp_path, 10)
-    results = run_group(_straight_and_resumed, world_size, *args) if world_size > 1 else \
-        [_straight_and_resumed(0, 1, *args)]
+    results = (
+        run_group(_straight_and_resumed, world_size, *args) if world_size > 1 else [_straight_and_resumed(0, 1, *args)]
+    )
     for saved, straight, resumed, (w_straight, w_resumed) in results:
         assert saved == [5, 10, 15]  # never at the final step
         assert resumed.steps == straight.steps == 20

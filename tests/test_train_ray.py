@@ -9,12 +9,23 @@ from raygd.train import fit
 
 
 def test_two_worker_run_reaches_target_and_is_recorded(ray_session, idx_dir, sqlite_uri):
-    cfg = load_run_config(None, [
-        f"data.data_dir={idx_dir}", "train.model=mnist_cnn", "train.num_workers=2", "train.global_batch_size=32",
-        "train.step_size=0.05", "train.target_accuracy=0.9", "train.eval_every_steps=5", "train.max_passes=5",
-        f"tracking.tracking_uri={sqlite_uri}", "tracking.experiment_name=it", "mechanism.name=sgld",
-        "mechanism.sgld_sigma=0.001",
-    ])
+    cfg = load_run_config(
+        None,
+        [
+            f"data.data_dir={idx_dir}",
+            "train.model=mnist_cnn",
+            "train.num_workers=2",
+            "train.global_batch_size=32",
+            "train.step_size=0.05",
+            "train.target_accuracy=0.9",
+            "train.eval_every_steps=5",
+            "train.max_passes=5",
+            f"tracking.tracking_uri={sqlite_uri}",
+            "tracking.experiment_name=it",
+            "mechanism.name=sgld",
+            "mechanism.sgld_sigma=0.001",
+        ],
+    )
     summary = fit(cfg)
     assert summary.status == "reached_target" and summary.time_to_accuracy_s > 0
     assert summary.final_train_accuracy >= 0.9
@@ -52,6 +63,10 @@ def test_a_failing_block_marks_its_run_failed_unless_it_was_ended_elsewhere(sqli
         with pytest.raises(RuntimeError, match="boom"), failing(Tracker(sqlite_uri, run_id, enabled=True)):
             raise RuntimeError("boom")
     assert (client.get_run(running).info.status, client.get_run(running).data.tags["raygd.status"]) == (
-        "FAILED", "failed")
+        "FAILED",
+        "failed",
+    )
     assert (client.get_run(stopped).info.status, client.get_run(stopped).data.tags["raygd.status"]) == (
-        "KILLED", "stopped_early")
+        "KILLED",
+        "stopped_early",
+    )

@@ -117,13 +117,15 @@ def fig3a_rows(runs: Iterable[Mapping[str, Any]], small_batch: int, large_batch:
     the averaged ratio ``mean_loss_ratio`` and the final-point ratio L_large(end) / L_small(end).
     """
     groups: dict[tuple[int, str], dict[int, dict[float, dict[int, Curve]]]] = defaultdict(
-        lambda: defaultdict(lambda: defaultdict(dict)))
+        lambda: defaultdict(lambda: defaultdict(dict))
+    )
     runs = list(runs)
     grid = sorted({float(r["step_size"]) for r in runs})
     for r in runs:
         if r["global_batch_size"] in (small_batch, large_batch):
             groups[(int(r["replication"]), r["mechanism"])][r["global_batch_size"]][float(r["step_size"])][
-                int(r["seed"])] = r["curve"]
+                int(r["seed"])
+            ] = r["curve"]
     rows = []
     for (rep, mech), by_b in groups.items():
         steps = {b: tuned_step({g: list(s.values()) for g, s in by_b[b].items()}) for b in (small_batch, large_batch)}
@@ -136,8 +138,18 @@ def fig3a_rows(runs: Iterable[Mapping[str, Any]], small_batch: int, large_batch:
                     ratios.append(rho)
                     finals.append(large[seed].loss[-1] / small[seed].loss[-1])
         edges = [f"B={b}: γ={s:g}" for b, s in steps.items() if s is not None and grid and s in (grid[0], grid[-1])]
-        rows.append(Fig3aRow(rep, mech, steps[small_batch], steps[large_batch], *_mean_std(ratios),
-                             *_mean_std(finals), len(ratios), "; ".join(edges)))
+        rows.append(
+            Fig3aRow(
+                rep,
+                mech,
+                steps[small_batch],
+                steps[large_batch],
+                *_mean_std(ratios),
+                *_mean_std(finals),
+                len(ratios),
+                "; ".join(edges),
+            )
+        )
     return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.replication))
 
 
@@ -153,13 +165,36 @@ def _table(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> 
 
 
 def fig3a_markdown(rows: Sequence[Fig3aRow], small_batch: int, large_batch: int) -> str:
-    intro = (f"Loss ratio L(B={large_batch}) / L(B={small_batch}), averaged over the evaluation points of training "
-             f"(and at the end), each B at its tuned step size; mean ± std over seeds.\n\n")
+    intro = (
+        f"Loss ratio L(B={large_batch}) / L(B={small_batch}), averaged over the evaluation points of training "
+        f"(and at the end), each B at its tuned step size; mean ± std over seeds.\n\n"
+    )
     return intro + _table(
-        ["mechanism", "r", "γ*(B small)", "γ*(B large)", "avg loss ratio", "final loss ratio", "seeds",
-         "tuned γ at grid edge"], "lrrrrrrl",
-        [[r.mechanism, r.replication, _g(r.small_step), _g(r.large_step), _pm(r.ratio_mean, r.ratio_std),
-          _pm(r.final_ratio_mean, r.final_ratio_std), r.n_seeds, r.edge_steps or "–"] for r in rows])
+        [
+            "mechanism",
+            "r",
+            "γ*(B small)",
+            "γ*(B large)",
+            "avg loss ratio",
+            "final loss ratio",
+            "seeds",
+            "tuned γ at grid edge",
+        ],
+        "lrrrrrrl",
+        [
+            [
+                r.mechanism,
+                r.replication,
+                _g(r.small_step),
+                _g(r.large_step),
+                _pm(r.ratio_mean, r.ratio_std),
+                _pm(r.final_ratio_mean, r.final_ratio_std),
+                r.n_seeds,
+                r.edge_steps or "–",
+            ]
+            for r in rows
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- Figures 1-2
@@ -193,25 +228,50 @@ def scaling_rows(pairs: Iterable[Any]) -> list[ScalingRow]:
     for b in sorted(best):
         p = best[b]
         reached = [t for t in p.trials if t.reached]
-        per_pass = [t.train_time_s / t.passes for t in p.trials if _finite(t.train_time_s) and _finite(t.passes)
-                    and t.passes > 0]
-        rows.append(ScalingRow(b, p.step_size, p.n_seeds,
-                               *_mean_std([t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)]),
-                               *_mean_std([t.time_to_accuracy_s for t in reached]),
-                               statistics.fmean(per_pass) if per_pass else None, None))
+        per_pass = [
+            t.train_time_s / t.passes
+            for t in p.trials
+            if _finite(t.train_time_s) and _finite(t.passes) and t.passes > 0
+        ]
+        rows.append(
+            ScalingRow(
+                b,
+                p.step_size,
+                p.n_seeds,
+                *_mean_std([t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)]),
+                *_mean_std([t.time_to_accuracy_s for t in reached]),
+                statistics.fmean(per_pass) if per_pass else None,
+                None,
+            )
+        )
     base = rows[0].pass_time_s if rows else None
-    return [ScalingRow(**{**r.__dict__, "pass_speedup": base / r.pass_time_s if base and r.pass_time_s else None})
-            for r in rows]
+    return [
+        ScalingRow(**{**r.__dict__, "pass_speedup": base / r.pass_time_s if base and r.pass_time_s else None})
+        for r in rows
+    ]
 
 
 def scaling_markdown(rows: Sequence[ScalingRow], target: float | None, label: str = "Vanilla SGD") -> str:
-    intro = (f"{label} per batch size at its best step size (target train accuracy {target}); "
-             "mean ± std over seeds that reached.\n\n")
+    intro = (
+        f"{label} per batch size at its best step size (target train accuracy {target}); "
+        "mean ± std over seeds that reached.\n\n"
+    )
     return intro + _table(
-        ["B", "step size", "seeds", "passes to acc", "time to acc (s)", "s per pass", "per-pass speedup"], "rrrrrrr",
-        [[r.global_batch_size, f"{r.step_size:g}", r.n_seeds, _pm(r.passes_mean, r.passes_std),
-          _pm(r.time_mean_s, r.time_std_s), _pm(r.pass_time_s, None), _pm(r.pass_speedup, None, ".2f")]
-         for r in rows])
+        ["B", "step size", "seeds", "passes to acc", "time to acc (s)", "s per pass", "per-pass speedup"],
+        "rrrrrrr",
+        [
+            [
+                r.global_batch_size,
+                f"{r.step_size:g}",
+                r.n_seeds,
+                _pm(r.passes_mean, r.passes_std),
+                _pm(r.time_mean_s, r.time_std_s),
+                _pm(r.pass_time_s, None),
+                _pm(r.pass_speedup, None, ".2f"),
+            ]
+            for r in rows
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- bound vs observed
@@ -230,8 +290,11 @@ class BoundRow:
     """best_batch / bound_init."""
 
 
-def bound_vs_best(bounds: Mapping[str, float | None], along_min: Mapping[str, float | None],
-                  best: Mapping[str, tuple[int | None, str]]) -> list[BoundRow]:
+def bound_vs_best(
+    bounds: Mapping[str, float | None],
+    along_min: Mapping[str, float | None],
+    best: Mapping[str, tuple[int | None, str]],
+) -> list[BoundRow]:
     """Join B_D per setting with the best batch size found per setting (None: that sweep was not run)."""
     rows = []
     for setting in dict.fromkeys([*bounds, *best]):
@@ -243,10 +306,20 @@ def bound_vs_best(bounds: Mapping[str, float | None], along_min: Mapping[str, fl
 
 def bound_markdown(rows: Sequence[BoundRow]) -> str:
     return _table(
-        ["setting", "B_D at w0", "min B_D along training", "best B found", "found by", "best B / B_D(w0)"], "lrrrlr",
-        [[r.setting, _pm(r.bound_init, None, ".4g"), _pm(r.bound_min_along, None, ".4g"),
-          "not run yet" if r.best_batch is None else r.best_batch, r.best_source,
-          _pm(r.ratio_best_to_bound, None, ".3g")] for r in rows])
+        ["setting", "B_D at w0", "min B_D along training", "best B found", "found by", "best B / B_D(w0)"],
+        "lrrrlr",
+        [
+            [
+                r.setting,
+                _pm(r.bound_init, None, ".4g"),
+                _pm(r.bound_min_along, None, ".4g"),
+                "not run yet" if r.best_batch is None else r.best_batch,
+                r.best_source,
+                _pm(r.ratio_best_to_bound, None, ".3g"),
+            ]
+            for r in rows
+        ],
+    )
 
 
 # --------------------------------------------------------------------------- figures
@@ -264,13 +337,22 @@ def plot_fig3a(rows: Sequence[Fig3aRow], path: Path, small_batch: int, large_bat
     for mech in dict.fromkeys(r.mechanism for r in rows):
         pts = [r for r in rows if r.mechanism == mech and r.ratio_mean is not None]
         if pts:
-            ax.errorbar([r.replication for r in pts], [r.ratio_mean for r in pts],
-                        yerr=[r.ratio_std or 0.0 for r in pts], marker="o", capsize=3, label=mech)
+            ax.errorbar(
+                [r.replication for r in pts],
+                [r.ratio_mean for r in pts],
+                yerr=[r.ratio_std or 0.0 for r in pts],
+                marker="o",
+                capsize=3,
+                label=mech,
+            )
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set(xlabel="replication factor r", ylabel=f"avg loss ratio L(B={large_batch}) / L(B={small_batch})",
-           title="Figure 3a: logistic regression, Fashion-MNIST 0 vs 6")
+    ax.set(
+        xlabel="replication factor r",
+        ylabel=f"avg loss ratio L(B={large_batch}) / L(B={small_batch})",
+        title="Figure 3a: logistic regression, Fashion-MNIST 0 vs 6",
+    )
     ax.legend(fontsize="small")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -282,12 +364,15 @@ def plot_scaling(rows: Sequence[ScalingRow], path: Path) -> Path:
     ax_s, ax_p = fig.subplots(1, 2)
     bs = [r.global_batch_size for r in rows]
     ax_s.plot(bs, [r.pass_speedup or math.nan for r in rows], marker="o")
-    ax_s.set(xlabel="global batch size B", ylabel="per-pass speedup vs smallest B",
-             title="Figure 1: speedup per pass")
-    ax_p.errorbar(bs, [r.passes_mean or math.nan for r in rows], yerr=[r.passes_std or 0.0 for r in rows],
-                  marker="o", capsize=3)
-    ax_p.set(xlabel="global batch size B", ylabel="passes to target accuracy (reached runs)",
-             title="Figure 2: passes to accuracy")
+    ax_s.set(xlabel="global batch size B", ylabel="per-pass speedup vs smallest B", title="Figure 1: speedup per pass")
+    ax_p.errorbar(
+        bs, [r.passes_mean or math.nan for r in rows], yerr=[r.passes_std or 0.0 for r in rows], marker="o", capsize=3
+    )
+    ax_p.set(
+        xlabel="global batch size B",
+        ylabel="passes to target accuracy (reached runs)",
+        title="Figure 2: passes to accuracy",
+    )
     for ax in (ax_s, ax_p):  # every B of the grid labelled, no log-scale minor labels
         ax.set_xscale("log", base=2)
         ax.set_xticks(bs, [str(b) for b in bs])
@@ -308,8 +393,12 @@ def plot_bound(along: Sequence[tuple[float, float]], rows: Sequence[BoundRow], p
             ax.axhline(r.bound_init, color=f"C{i + 1}", ls=":", label=f"B_D at w0, {r.setting}")
         if r.best_batch is not None:
             ax.axhline(r.best_batch, color=f"C{i + 1}", ls="--", label=f"best B found, {r.setting}")
-    ax.set(yscale="log", xlabel="passes over the data", ylabel="batch size",
-           title="bound B_D = nΔ_D vs best batch size found")
+    ax.set(
+        yscale="log",
+        xlabel="passes over the data",
+        ylabel="batch size",
+        title="bound B_D = nΔ_D vs best batch size found",
+    )
     ax.legend(fontsize="x-small")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

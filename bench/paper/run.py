@@ -77,8 +77,9 @@ def _emit(name: str, table: str, paths: list[Path], uri: str, run_id: str, extra
 # --------------------------------------------------------------------------- Figure 3a
 
 
-def _run_inprocess_trial(cfg, data, grid_examples: int, parent_run_id: str, label: str, trial: str,
-                         tags: dict[str, str]) -> None:
+def _run_inprocess_trial(
+    cfg, data, grid_examples: int, parent_run_id: str, label: str, trial: str, tags: dict[str, str]
+) -> None:
     """One trial in this process: raygd's loop with the config's B and step size, evaluated every grid_examples,
     trained for max_passes whatever the accuracy."""
     from raygd.loop import build_state, run_loop
@@ -86,14 +87,21 @@ def _run_inprocess_trial(cfg, data, grid_examples: int, parent_run_id: str, labe
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1))
     tc = cfg.train
-    run_id = create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
-                        f"{trial}-{label}-B{tc.global_batch_size}-lr{tc.step_size:g}-s{tc.seed}",
-                        {**cfg.flat(), "engine": "inprocess"},
-                        {**tags, TRIAL_TAG: trial, MECHANISM_LABEL_TAG: label},
-                        parent_run_id=parent_run_id)
+    run_id = create_run(
+        cfg.tracking.tracking_uri,
+        cfg.tracking.experiment_name,
+        f"{trial}-{label}-B{tc.global_batch_size}-lr{tc.step_size:g}-s{tc.seed}",
+        {**cfg.flat(), "engine": "inprocess"},
+        {**tags, TRIAL_TAG: trial, MECHANISM_LABEL_TAG: label},
+        parent_run_id=parent_run_id,
+    )
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
-    summary = run_loop(build_state(cfg, data), tracker, stop_at_target=False,
-                       eval_due=lambda step: (step * tc.global_batch_size) % grid_examples == 0)
+    summary = run_loop(
+        build_state(cfg, data),
+        tracker,
+        stop_at_target=False,
+        eval_due=lambda step: (step * tc.global_batch_size) % grid_examples == 0,
+    )
     tracker.log_metrics(summary.summary_metrics(), step=summary.steps)
     tracker.set_tags({STATUS_TAG: summary.status})
     tracker.finish("FINISHED")
@@ -107,10 +115,18 @@ def _fig3a_inprocess(spec) -> str:
     params_all = spec.trial_params()
     b_max = max(spec.space["global_batch_size"])
     grid_examples = spec.run_config(params_all[0]).train.eval_every_steps * b_max
-    parent = create_run(spec.tracking_uri, spec.name, f"sweep-{spec.name}",
-                        {"engine": "inprocess", "num_trials": len(params_all), "eval_every_examples": grid_examples,
-                         **{f"space.{k}": json.dumps(v) for k, v in spec.space.items()}},
-                        provenance_tags({KIND_TAG: SWEEP_KIND}))
+    parent = create_run(
+        spec.tracking_uri,
+        spec.name,
+        f"sweep-{spec.name}",
+        {
+            "engine": "inprocess",
+            "num_trials": len(params_all),
+            "eval_every_examples": grid_examples,
+            **{f"space.{k}": json.dumps(v) for k, v in spec.space.items()},
+        },
+        provenance_tags({KIND_TAG: SWEEP_KIND}),
+    )
     cache: dict = {}
     tags = provenance_tags()  # git and library versions: once, not per trial (0.3 s each)
     start = time.time()
@@ -119,8 +135,9 @@ def _fig3a_inprocess(spec) -> str:
         key = (cfg.data.replication, cfg.train.seed)
         if key not in cache:
             cache = {key: load_data(cfg.data, cfg.train.seed)}  # params vary seed and r slowest: keep one
-        _run_inprocess_trial(cfg, cache[key], grid_examples, parent, mechanism_label(params["mechanism"]),
-                             f"t{i:04d}", tags)
+        _run_inprocess_trial(
+            cfg, cache[key], grid_examples, parent, mechanism_label(params["mechanism"]), f"t{i:04d}", tags
+        )
         if (i + 1) % 20 == 0:
             print(f"  fig3a: {i + 1}/{len(params_all)} runs, {time.time() - start:.0f} s", flush=True)
     from mlflow.tracking import MlflowClient
@@ -142,10 +159,16 @@ def _curves(uri: str, parent: str) -> list[dict]:
         curve = results.Curve(tuple(passes[s] for s in steps), tuple(loss[s] for s in steps))
         if run.data.tags.get(STATUS_TAG) == Status.DIVERGED:
             curve = results.Curve((*curve.passes, math.inf), (*curve.loss, math.nan))
-        out.append({"replication": int(p.get("data.replication", 1)),
-                    "mechanism": run.data.tags.get(MECHANISM_LABEL_TAG, p.get("mechanism.name")),
-                    "global_batch_size": int(p["train.global_batch_size"]), "step_size": float(p["train.step_size"]),
-                    "seed": int(p["train.seed"]), "curve": curve})
+        out.append(
+            {
+                "replication": int(p.get("data.replication", 1)),
+                "mechanism": run.data.tags.get(MECHANISM_LABEL_TAG, p.get("mechanism.name")),
+                "global_batch_size": int(p["train.global_batch_size"]),
+                "step_size": float(p["train.step_size"]),
+                "seed": int(p["train.seed"]),
+                "curve": curve,
+            }
+        )
     return out
 
 
@@ -190,8 +213,10 @@ def exp_dropconnect(args: argparse.Namespace) -> None:
     for pair in stats.pair_stats(outcome.records):
         by_mechanism.setdefault(pair.mechanism, []).append(pair)
     target = spec.run_config(spec.trial_params()[0]).train.target_accuracy
-    per_batch = "\n".join(results.scaling_markdown(results.scaling_rows(pairs), target, label=mechanism)
-                          for mechanism, pairs in by_mechanism.items())
+    per_batch = "\n".join(
+        results.scaling_markdown(results.scaling_rows(pairs), target, label=mechanism)
+        for mechanism, pairs in by_mechanism.items()
+    )
     _emit("dropconnect", outcome.table + "\n\n" + per_batch, figs, spec.tracking_uri, outcome.parent_run_id)
 
 
@@ -239,16 +264,23 @@ def exp_bound(args: argparse.Namespace) -> None:
     bounds = {"vanilla": rows[0].batch_bound}
     # DropConnect's B_D is a Monte Carlo over per-example masks of the CNN's fc weights (~3M draws per
     # example and draw): on 2 cores only a subset is affordable; vanilla is measured on it too, like for like.
-    sub = cfg if not args.dc_sample else dataclasses.replace(
-        cfg, data=dataclasses.replace(cfg.data, train_size=args.dc_sample))
+    sub = (
+        cfg
+        if not args.dc_sample
+        else dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, train_size=args.dc_sample))
+    )
     if args.dc_sample:
-        rows += [dataclasses.replace(r, mechanism=f"vanilla_n{args.dc_sample}")
-                 for r in measure.measure_replications(sub, [1], ["vanilla"])]
+        rows += [
+            dataclasses.replace(r, mechanism=f"vanilla_n{args.dc_sample}")
+            for r in measure.measure_replications(sub, [1], ["vanilla"])
+        ]
         bounds[rows[-1].mechanism] = rows[-1].batch_bound
     for p in BOUND_DROP_PROBS:
         mech = dataclasses.replace(cfg.mechanism, name="dropconnect", drop_prob=p)
-        rows += [dataclasses.replace(r, mechanism=f"dropconnect_p{p:g}")
-                 for r in measure.measure_replications(dataclasses.replace(sub, mechanism=mech), [1], ["dropconnect"])]
+        rows += [
+            dataclasses.replace(r, mechanism=f"dropconnect_p{p:g}")
+            for r in measure.measure_replications(dataclasses.replace(sub, mechanism=mech), [1], ["dropconnect"])
+        ]
         bounds[surrogate_label(mech)] = rows[-1].batch_bound
     print(f"  bound: CNN at w0 measured in {time.time() - t0:.0f} s", flush=True)
     along = measure.measure_along_training(cfg, BOUND_EVERY)
@@ -257,41 +289,66 @@ def exp_bound(args: argparse.Namespace) -> None:
 
     spec3 = load_sweep_spec(PRESETS["fig3a"], [f"tracking.tracking_uri={args.tracking_uri}"])  # its own config
     cfg3 = spec3.run_config(spec3.trial_params()[0])
-    lr_rows = [dataclasses.replace(r, mechanism=f"logreg-{r.mechanism}") for r in measure.measure_replications(
-        cfg3, sorted(spec3.space["replication"]), ["vanilla", "dropconnect"])]
+    lr_rows = [
+        dataclasses.replace(r, mechanism=f"logreg-{r.mechanism}")
+        for r in measure.measure_replications(cfg3, sorted(spec3.space["replication"]), ["vanilla", "dropconnect"])
+    ]
     run_id = measure.record(cfg, rows + lr_rows, along)
     best = _best_batches(cfg.tracking.tracking_uri)
     table_rows = results.bound_vs_best(bounds, {"vanilla": min(r.batch_bound for r in along)}, best)
     fig = results.plot_bound([(r.passes, r.batch_bound) for r in along], table_rows, OUT / "bound" / "figure.png")
     b3 = sorted(spec3.space["global_batch_size"])
     dc_n = f"a random subset of n={args.dc_sample}" if args.dc_sample else "the same data"
-    table = (f"MNIST CNN on Fashion-MNIST (n={rows[0].n}), exact B_D = nΔ_D; DropConnect: per-example masks, "
-             f"Monte Carlo, on {dc_n} (its own B_D = nΔ_D there). Along training: vanilla SGD, "
-             f"B={cfg.train.global_batch_size}, step size "
-             f"{cfg.train.step_size:g}, every {BOUND_EVERY} updates.\n\n" + results.bound_markdown(table_rows)
-             + "\nB_D along training (vanilla):\n\n" + measure.table(along)
-             + f"\n\nFigure 3a's logistic regression at w0 (compare with its B = {b3}):\n\n"
-             + measure.table(lr_rows) + "\n")
+    table = (
+        f"MNIST CNN on Fashion-MNIST (n={rows[0].n}), exact B_D = nΔ_D; DropConnect: per-example masks, "
+        f"Monte Carlo, on {dc_n} (its own B_D = nΔ_D there). Along training: vanilla SGD, "
+        f"B={cfg.train.global_batch_size}, step size "
+        f"{cfg.train.step_size:g}, every {BOUND_EVERY} updates.\n\n"
+        + results.bound_markdown(table_rows)
+        + "\nB_D along training (vanilla):\n\n"
+        + measure.table(along)
+        + f"\n\nFigure 3a's logistic regression at w0 (compare with its B = {b3}):\n\n"
+        + measure.table(lr_rows)
+        + "\n"
+    )
     _emit("bound", table, [fig], cfg.tracking.tracking_uri, run_id)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment", choices=["fig3a", "dropconnect", "batch-scaling", "bound"])
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="raygd overrides (section.field=value, sweep.space.seed=[0,1]); repeatable")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="raygd overrides (section.field=value, sweep.space.seed=[0,1]); repeatable",
+    )
     parser.add_argument("--tracking-uri", default=DEFAULT_URI, help="MLflow store (default %(default)s)")
-    parser.add_argument("--engine", choices=["inprocess", "ray"], default="inprocess",
-                        help="fig3a only: run trials in this process (default) or as a Ray Tune sweep")
-    parser.add_argument("--dc-sample", type=int, default=0,
-                        help="bound only: measure DropConnect's B_D on a random subset of this size (0: all data)")
-    parser.add_argument("--report-only", action="store_true",
-                        help="rebuild table and figure from the latest MLflow parent run, run nothing")
+    parser.add_argument(
+        "--engine",
+        choices=["inprocess", "ray"],
+        default="inprocess",
+        help="fig3a only: run trials in this process (default) or as a Ray Tune sweep",
+    )
+    parser.add_argument(
+        "--dc-sample",
+        type=int,
+        default=0,
+        help="bound only: measure DropConnect's B_D on a random subset of this size (0: all data)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild table and figure from the latest MLflow parent run, run nothing",
+    )
     args = parser.parse_args(argv)
     OUT.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    {"fig3a": exp_fig3a, "dropconnect": exp_dropconnect, "batch-scaling": exp_batch_scaling,
-     "bound": exp_bound}[args.experiment](args)
+    {"fig3a": exp_fig3a, "dropconnect": exp_dropconnect, "batch-scaling": exp_batch_scaling, "bound": exp_bound}[
+        args.experiment
+    ](args)
     print(f"wall time {time.time() - start:.0f} s")
     return 0
 

@@ -10,8 +10,10 @@ import importlib.abc
 import importlib.machinery
 import sys
 
-MESSAGE = ("Ray started under pytest -m 'not ray' (make test-fast): mark the test `ray` "
-           "(tests/conftest.py: RAY_FIXTURES or STARTS_RAY_IN_A_SUBPROCESS)")
+MESSAGE = (
+    "Ray started under pytest -m 'not ray' (make test-fast): mark the test `ray` "
+    "(tests/conftest.py: RAY_FIXTURES or STARTS_RAY_IN_A_SUBPROCESS)"
+)
 
 
 def _refuse(*args, **kwargs):
