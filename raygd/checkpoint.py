@@ -72,3 +72,15 @@ def load_checkpoint(folder: str | os.PathLike, rank: int) -> dict[str, Any]:
     saved = torch.load(folder / f"rank_{rank}.pt", map_location="cpu", weights_only=False)
     saved.update(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=False))
     return saved
+
+
+def report_checkpoint(metrics: dict[str, float], saved: dict[str, Any], dir_name: str) -> None:
+    """Inside Ray Train: write this rank's ``checkpoint_state`` to a temporary folder and report it with
+    ``metrics`` (a barrier across the workers); Ray Train merges the ranks' folders under ``dir_name``."""
+    import tempfile
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raygd-ckpt-") as folder:
+        save_checkpoint(folder, saved)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=dir_name)

@@ -197,11 +197,8 @@ def _broadcast(obj: Any, rank: int, world_size: int) -> Any:
 
 def _run_trial(request: dict, rank: int, world_size: int, device: torch.device, coordinator) -> None:
     """One trial in a warm pool, on every rank: the same loop, hooks and records as ``train_loop_per_worker``."""
-    import tempfile
 
-    import ray.train
-
-    from raygd.checkpoint import save_checkpoint
+    from raygd.checkpoint import report_checkpoint
     from raygd.train import _progress_line, _say, resume_point
 
     loop_entry_wall = time.time()
@@ -224,13 +221,7 @@ def _run_trial(request: dict, rank: int, world_size: int, device: torch.device, 
             raise TrialCancelled(run_id)
 
     def checkpoint(metrics: dict[str, float], state: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory(prefix="raygd-ckpt-") as folder:
-            save_checkpoint(folder, state)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"{run_id}-step_{state['step']:09d}",
-            )
+        report_checkpoint(metrics, state, f"{run_id}-step_{state['step']:09d}")
         evaluation(metrics, "  [checkpoint]")
 
     try:

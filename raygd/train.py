@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from raygd.checkpoint import load_checkpoint, save_checkpoint
+from raygd.checkpoint import load_checkpoint, report_checkpoint
 from raygd.config import RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, load_data
 from raygd.loop import RunSummary, build_state, run_loop
@@ -76,7 +76,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     After a worker failure Ray Train restarts every worker here; the loop continues from the
     last checkpoint (``ray.train.get_checkpoint``).
     """
-    import tempfile
 
     import ray
     import ray.train
@@ -103,13 +102,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     def checkpoint(metrics: dict[str, float], state: dict[str, Any]) -> None:
         if progress:
             _say(_progress_line(metrics) + "  [checkpoint]")
-        with tempfile.TemporaryDirectory(prefix="raygd-ckpt-") as folder:
-            save_checkpoint(folder, state)
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(folder),
-                checkpoint_dir_name=f"step_{state['step']:09d}",
-            )
+        report_checkpoint(metrics, state, f"step_{state['step']:09d}")
 
     state = build_state(cfg, data, rank, world_size, device)
     summary = run_loop(state, tracker, report=report, checkpoint=checkpoint, resume=resume)
