@@ -27,7 +27,7 @@ What is here, one module per concept (every public name is re-exported: ``dv.X``
 
 Per-example gradients are undefined when a layer mixes examples (BatchNorm in train mode)
 and random under a DropConnectLinear in train mode; both raise ``ValueError``: measure
-with ``model.eval()``. Run the benchmark with ``python bench/diversity_overhead.py``.
+with ``model.eval()``. Run the benchmark with ``python -m bench.diversity_overhead``.
 
 Training-loop use (P workers, global batch B, b = B/P per worker, mean loss; n_wor = n for
 ``shuffle`` sampling, None for ``with_replacement``):
