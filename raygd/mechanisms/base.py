@@ -57,6 +57,9 @@ class Mechanism:
     """Online estimator (``train.diversity_estimator``) -> why it cannot run with this mechanism."""
     estimator: ClassVar[str] = "exact (ghost norms)"
     """How ``surrogate_diversity`` computes B_D (the ``raygd diversity`` table's estimator column)."""
+    per_rank_generator: ClassVar[bool] = False
+    """True: ``setup`` gives the mechanism ``self.generator``, seeded by (seed, name, rank), which the base
+    ``state_dict()`` checkpoints."""
 
     def __init__(self) -> None:
         self.seed, self.rank, self.world_size, self.global_batch_size = 0, 0, 1, 1
@@ -98,11 +101,14 @@ class Mechanism:
     def setup(
         self, model: nn.Module, *, seed: int, rank: int, world_size: int, global_batch_size: int, device: torch.device
     ) -> nn.Module:
-        """Remember the worker's place and return the (possibly modified) model; call before DDP."""
+        """Remember the worker's place (and make the per-rank generator) and return the (possibly modified)
+        model; call before DDP."""
         import torch
 
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.global_batch_size, self.device = global_batch_size, torch.device(device)
+        if self.per_rank_generator:
+            self.generator = make_generator(device, seed, self.name, rank)
         return model
 
     def attach_ddp(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from raygd.mechanisms.base import Mechanism, make_generator
+from raygd.mechanisms.base import Mechanism
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +28,7 @@ class DropConnect(Mechanism):
     """
 
     name = "dropconnect"
+    per_rank_generator = True
     implementation = "masked nn.Linear weights, batched matmul per mask group, masks redrawn in backward"
     label_fields = (("drop_prob", "p"),)
     granularity_field = "dropconnect_granularity"
@@ -74,5 +75,5 @@ class DropConnect(Mechanism):
         super().setup(
             model, seed=seed, rank=rank, world_size=world_size, global_batch_size=global_batch_size, device=device
         )
-        self.generator = make_generator(device, seed, "dropconnect", rank)
+        assert self.generator is not None
         return replace_linears(model, self.p, self.examples_per_mask, self.generator)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from raygd.mechanisms.base import Mechanism, make_generator
+from raygd.mechanisms.base import Mechanism
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +36,7 @@ class Quantize(Mechanism):
     """
 
     name = "quantize"
+    per_rank_generator = True
     granularity = "per_worker"
     implementation = "QSGD int8 levels + float32 bucket norms, all_gather DDP comm hook"
     label_fields = (("quant_levels", "s"),)
@@ -69,15 +70,6 @@ class Quantize(Mechanism):
         from raygd.diversity import quantized_diversity
 
         return quantized_diversity(model, x, y, self.levels, self.bucket_size, dtype=dtype)
-
-    def setup(
-        self, model: nn.Module, *, seed: int, rank: int, world_size: int, global_batch_size: int, device: torch.device
-    ) -> nn.Module:
-        super().setup(
-            model, seed=seed, rank=rank, world_size=world_size, global_batch_size=global_batch_size, device=device
-        )
-        self.generator = make_generator(device, seed, "quantize", rank)
-        return model
 
     def attach_ddp(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
         """Register the QSGD all_gather communication hook on ``ddp_model``."""
