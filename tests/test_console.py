@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
+from tests.sweeps import write_sweep_spec
 from tuning.console import describe
 
 
@@ -27,28 +27,15 @@ def test_a_trial_is_described_by_what_it_varies():
 
 @pytest.mark.ray
 def test_sweep_console_fits_on_one_screen_and_ends_with_the_table_and_the_ui_link(tmp_path, idx_dir):
-    spec = {
-        "name": "console",
-        "storage_path": str(tmp_path / "ray_results"),
-        "base": {
-            "data": {"data_dir": str(idx_dir), "eval_size": 600},
-            "train": {
-                "model": "logreg",
-                "num_workers": 2,
-                "target_accuracy": 0.8,
-                "max_passes": 2,
-                "eval_every_steps": 4,
-                "global_batch_size": 32,
-            },
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-        },
-        "space": {
-            "step_size": [0.05, 0.1],
-            "mechanism": [{"name": "vanilla"}, {"name": "dropconnect", "drop_prob": 0.4}],
-        },
-    }
-    path = tmp_path / "console.yaml"
-    path.write_text(yaml.safe_dump(spec))
+    space = {"step_size": [0.05, 0.1], "mechanism": [{"name": "vanilla"}, {"name": "dropconnect", "drop_prob": 0.4}]}
+    path = write_sweep_spec(
+        tmp_path,
+        idx_dir,
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "console",
+        space,
+        {"target_accuracy": 0.8, "max_passes": 2},
+    )
     done = subprocess.run(
         [sys.executable, "-m", "raygd.cli", "sweep", str(path)],
         cwd=tmp_path,

@@ -27,11 +27,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import yaml
 
 from raygd.cli import runs_page_url
 from raygd.records import child_runs
 from tests.localray import MlflowServer
+from tests.sweeps import write_sweep_spec
 from tuning.spec import load_sweep_spec
 from tuning.sweep import run_sweep
 
@@ -157,25 +157,7 @@ def ui_sweep(ray_session, tmp_path_factory, idx_dir):
     server = MlflowServer(root / "mlflow")
     try:
         server.wait_ready()
-        spec = {
-            "name": "ui-sweep",
-            "storage_path": str(root / "ray_results"),
-            "base": {
-                "data": {"data_dir": str(idx_dir), "eval_size": 600},
-                "train": {
-                    "model": "logreg",
-                    "num_workers": 2,
-                    "target_accuracy": 0.9,
-                    "max_passes": 3,
-                    "eval_every_steps": 4,
-                    "global_batch_size": 32,
-                },
-                "tracking": {"tracking_uri": server.url},
-            },
-            "space": {"step_size": [0.05, 0.1]},
-        }
-        path = root / "ui-sweep.yaml"
-        path.write_text(yaml.safe_dump(spec))
+        path = write_sweep_spec(root, idx_dir, server.url, "ui-sweep", {"step_size": [0.05, 0.1]})
         yield server, run_sweep(load_sweep_spec(str(path))), chromium
     finally:
         server.stop()

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 from raygd.config import load_run_config
 from raygd.pool import POOL_TAG, POSITION_TAG, fit_in_pool, start_pools
 from raygd.train import fit
+from tests.sweeps import write_sweep_spec
 
 DETERMINISTIC = ("train/loss", "train/accuracy", "train/batch_loss", "progress/passes")
 
@@ -94,24 +95,9 @@ def test_a_trial_after_another_in_a_warm_pool_matches_it_alone(
 
 
 def _sweep_spec(tmp_path, idx_dir, uri, name, space, train, **extra):
-    import yaml
-
     from tuning.spec import load_sweep_spec
 
-    spec = {
-        "name": name,
-        "space": space,
-        "storage_path": str(tmp_path / "ray_results"),
-        **extra,
-        "base": {
-            "data": {"data_dir": str(idx_dir), "eval_size": 600},
-            "train": {"model": "logreg", "num_workers": 2, "global_batch_size": 32, **train},
-            "tracking": {"tracking_uri": uri},
-        },
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return load_sweep_spec(str(path))
+    return load_sweep_spec(str(write_sweep_spec(tmp_path, idx_dir, uri, name, space, train, **extra)))
 
 
 def _no_duplicate_steps(client, run_id):

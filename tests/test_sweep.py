@@ -15,36 +15,13 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from raygd.records import KEY_TAG, PHASE_TAG, TUNE_DIR_TAG, child_runs
+from tests.sweeps import write_sweep_spec as _write_spec
 from tuning.objective import UNREACHED_PENALTY_S
 from tuning.spec import load_sweep_spec
 from tuning.stats import rank_trials
 from tuning.sweep import _param_space, _search_alg, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _write_spec(tmp_path, idx_dir, sqlite_uri, name, space, **extra) -> Path:
-    spec = {
-        "name": name,
-        "base": {
-            "data": {"data_dir": str(idx_dir), "eval_size": 600},
-            "train": {
-                "model": "logreg",
-                "num_workers": 2,
-                "target_accuracy": 0.9,
-                "max_passes": 3,
-                "eval_every_steps": 4,
-                "global_batch_size": 32,
-            },
-            "tracking": {"tracking_uri": sqlite_uri},
-        },
-        "space": space,
-        "storage_path": str(tmp_path / "ray_results"),
-        **extra,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
 
 
 def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_session, tmp_path, idx_dir, sqlite_uri):
