@@ -128,7 +128,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
     from raygd.ray_env import ensure_ray
 
     configs = [spec.run_config(p) for p in spec.trial_params()]
-    _say(f"raygd sweep {spec.name}: checking the data ({configs[0].data.name}) ...", verbose)
+    _say(f"raygd sweep {spec.name}: checking the data ({configs[0].data.name}) ...")
     load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
     shapes = {(c.train.num_workers, c.train.cpus_per_worker, c.train.device) for c in configs}
     if spec.trial_pool and len(shapes) > 1:
@@ -143,8 +143,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
     if spec.trial_pool:
         _say(
             f"starting {spec.max_concurrent_trials} warm worker group(s) of {configs[0].train.num_workers} "
-            "workers; trials follow as soon as one is up ...",
-            verbose,
+            "workers; trials follow as soon as one is up ..."
         )
         pools = _start_pools(spec, configs[0], parent_run_id, tune_dir)
     try:
@@ -159,8 +158,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
     return close_sweep(spec.tracking_uri, parent_run_id)
 
 
-def _say(line: str, verbose: bool) -> None:
-    """A line for the user waiting on a long step (printed either way; ``verbose`` adds Tune's own)."""
+def _say(line: str) -> None:
+    """A line for the user waiting on a long step (printed with or without ``verbose``)."""
     print(line, flush=True)
 
 
@@ -187,7 +186,7 @@ def _run_phases(
         return
     winners = confirm_params(spec, collect_sweep(spec.tracking_uri, parent_run_id).best_rows)
     if winners:
-        _say(f"confirm phase: {len(winners)} trials (each mechanism's winner with seeds {spec.confirm_seeds})", verbose)
+        _say(f"confirm phase: {len(winners)} trials (each mechanism's winner with seeds {spec.confirm_seeds})")
         _fit_tuner(
             trainable,
             tune_dir + "-confirm",
