@@ -41,8 +41,25 @@ MECHANISM_LABEL_TAG = "raygd.mechanism_label"
 """The mechanism's display label, e.g. ``dropconnect(p=0.4)``: what the sweep's tables group by."""
 TUNE_DIR_TAG = "raygd.tune_dir"
 """On a sweep's parent run: the Tune experiment folder that ``--resume`` restores."""
+BOUND_OF_TAG = "raygd.bound_of"
+"""Whose diversity a trial's B_D measures: ``gradient`` (vanilla), ``surrogate`` (the mechanism's
+gradient as trained, e.g. DropConnect at its mask granularity) or ``plain_gradient`` (the mechanism's
+surrogate diversity is not estimated; the value is the plain gradient's)."""
 VERSION_TAG = "raygd.version"
 GIT_COMMIT_TAG = "raygd.git_commit"
+
+
+# Summary metrics of a trial's child run that the sweep's tables read (besides the RunSummary fields).
+BOUND_W0_METRIC = "diversity/batch_bound_w0"
+"""B_D = nΔ_D at the initial weights, on the trial's evaluation sample, for the mechanism as trained."""
+BOUND_W0_SE_METRIC = "diversity/batch_bound_w0_se"
+"""Its Monte Carlo standard error (0 where the value is exact)."""
+BOUND_MEDIAN_METRIC = "diversity/batch_bound_median"
+"""Median of the online estimate ``diversity/batch_bound`` along training."""
+GAP_AT_TARGET_METRIC = "generalization_gap_at_target"
+"""Training minus test accuracy at the evaluation that reached the target (Theorem 5's side)."""
+EVAL_RESOLUTION_METRIC = "eval_resolution_passes"
+"""Passes between evaluations: the resolution of passes- and time-to-target."""
 
 
 class Status(str, Enum):
@@ -204,6 +221,16 @@ class TrialRecord:
     """Passes over the data the run made."""
     train_time_s: float | None = None
     """Training wall-clock seconds of the whole run."""
+    batch_bound_w0: float | None = None
+    """B_D at the initial weights (``BOUND_W0_METRIC``)."""
+    batch_bound_w0_se: float | None = None
+    """Its standard error (0: exact)."""
+    batch_bound_median: float | None = None
+    """Median online B_D along training (``BOUND_MEDIAN_METRIC``)."""
+    generalization_gap_at_target: float | None = None
+    """Train − test accuracy when the target was reached."""
+    eval_resolution_passes: float | None = None
+    """Passes between evaluations."""
 
     def __post_init__(self) -> None:
         try:
@@ -233,6 +260,11 @@ class TrialRecord:
             final_train_accuracy=_opt_float(d.get("final_train_accuracy")),
             passes=_opt_float(d.get("passes")),
             train_time_s=_opt_float(d.get("train_time_s")),
+            batch_bound_w0=_opt_float(d.get("batch_bound_w0")),
+            batch_bound_w0_se=_opt_float(d.get("batch_bound_w0_se")),
+            batch_bound_median=_opt_float(d.get("batch_bound_median")),
+            generalization_gap_at_target=_opt_float(d.get("generalization_gap_at_target")),
+            eval_resolution_passes=_opt_float(d.get("eval_resolution_passes")),
         )
 
     @classmethod
@@ -256,6 +288,11 @@ class TrialRecord:
                 "final_train_accuracy": m.get("final_train_accuracy"),
                 "passes": m.get("passes"),
                 "train_time_s": m.get("train_time_s"),
+                "batch_bound_w0": m.get(BOUND_W0_METRIC),
+                "batch_bound_w0_se": m.get(BOUND_W0_SE_METRIC),
+                "batch_bound_median": m.get(BOUND_MEDIAN_METRIC),
+                "generalization_gap_at_target": m.get(GAP_AT_TARGET_METRIC),
+                "eval_resolution_passes": m.get(EVAL_RESOLUTION_METRIC),
             }
         )
 
