@@ -10,6 +10,8 @@ the client calls here are made with MLflow's ``MlflowClient`` directly.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import subprocess
 import time
@@ -21,7 +23,14 @@ from raygd import __version__
 from raygd.records import ATTEMPT_TAG, GIT_COMMIT_TAG, PARENT_TAG, VERSION_TAG
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     from mlflow.tracking import MlflowClient
+
+SYSTEM_METRICS_INTERVAL_S = 2.0
+"""Seconds between samples of a run's system metrics (each sample is one point, ``system/...`` at steps 0, 1, ...);
+MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it."""
 
 
 def redact_uri(uri: str) -> str:
@@ -273,3 +282,47 @@ def _finite(value: Any) -> bool:
         return float(value) == float(value) and abs(float(value)) != float("inf")
     except (TypeError, ValueError):
         return False
+
+
+@contextlib.contextmanager
+def system_metrics(
+    tracking_uri: str | None, run_id: str | None, enabled: bool, interval_s: float = SYSTEM_METRICS_INTERVAL_S
+) -> Iterator[SystemMetricsMonitor | None]:
+    """MLflow's own system-metrics logging for the run while the block runs (rank zero's node).
+
+    MLflow's ``SystemMetricsMonitor`` samples CPU utilisation, memory, disk and network every
+    ``interval_s`` (and GPU utilisation and memory where ``nvidia-ml-py`` finds an NVIDIA GPU) in a
+    daemon thread and logs them as ``system/cpu_utilization_percentage``,
+    ``system/system_memory_usage_megabytes``, ``system/gpu_0_utilization_percentage``, ...
+    On leaving the block, also when it raises, the thread is stopped and joined (it does not wait for
+    the next sample), and one last sample is logged, so a run shorter than ``interval_s`` has one too.
+    Continues the steps of an earlier attempt of the run (a restart). Yields the monitor, or None when
+    disabled or when the monitor cannot start (psutil missing): metrics are never worth failing a run.
+    """
+    monitor = None
+    if enabled and run_id and tracking_uri:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # INFO lines at start and stop
+            monitor = SystemMetricsMonitor(
+                run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=tracking_uri
+            )
+            monitor.start()
+        except Exception as err:  # psutil missing, store unreachable: the run goes on without them
+            logging.getLogger(__name__).warning("raygd: no system metrics for run %s: %r", run_id, err)
+            monitor = None
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            _stop_system_metrics(monitor)
+
+
+def _stop_system_metrics(monitor: SystemMetricsMonitor) -> None:
+    """Stop and join the sampling thread, then log one last sample (the thread is gone: no race)."""
+    with contextlib.suppress(Exception):  # the store may be what failed; the run's own error matters
+        monitor.finish()
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
