@@ -163,8 +163,14 @@ class TrainConfig:
     """Stop when training accuracy (on the fixed eval sample) reaches this."""
     max_passes: float = 5.0
     """Stop after this many passes over the training set if the target is not reached."""
-    eval_every_steps: int = 20
-    """Measure training accuracy every this many updates (paused out of the clock)."""
+    eval_every_passes: float = 0.05
+    """Measure training and test accuracy every this fraction of a pass over the training set, the
+    same number of examples N at every B: after each update that crosses a multiple of N (every
+    update when N <= B), so passes-to-target are resolved alike at every B. In (0, 1]; paused out
+    of the clock."""
+    eval_every_steps: int | None = None
+    """Explicit override: evaluate every this many updates instead (a resolution of k*B/n passes,
+    coarser at larger B). null: the pass-based schedule of ``eval_every_passes``."""
     seed: int = 0
     """Seed for data order, subsets, replication, initialisation and mechanisms."""
     device: str = "auto"
@@ -210,7 +216,18 @@ class TrainConfig:
             self.max_passes,
             "must be a finite number > 0",
         )
-        _require(self.eval_every_steps >= 1, "train.eval_every_steps", self.eval_every_steps, "must be an integer >= 1")
+        _require(
+            math.isfinite(self.eval_every_passes) and 0 < self.eval_every_passes <= 1,
+            "train.eval_every_passes",
+            self.eval_every_passes,
+            "must be a fraction of a pass in (0, 1]",
+        )
+        _require(
+            self.eval_every_steps is None or self.eval_every_steps >= 1,
+            "train.eval_every_steps",
+            self.eval_every_steps,
+            "must be an integer >= 1, or null (evaluate every train.eval_every_passes)",
+        )
         _require(self.seed >= 0, "train.seed", self.seed, "must be an integer >= 0")
         _choice("train.device", self.device, DEVICES)
         _require(self.cpus_per_worker >= 1, "train.cpus_per_worker", self.cpus_per_worker, "must be an integer >= 1")
@@ -243,14 +260,22 @@ class TrainConfig:
 
     @property
     def checkpoint_interval(self) -> int:
-        """Updates between checkpoints (0 = never), after resolving the default."""
+        """Updates between checkpoints after resolving the default; 0 = never. The default with
+        max_failures != 0 checkpoints at every evaluation: eval_every_steps, or
+        ``CHECKPOINT_AT_EVALUATIONS`` on the pass-based schedule (its interval in updates depends on n)."""
         if self.checkpoint_every_steps:
             return self.checkpoint_every_steps
-        return self.eval_every_steps if self.max_failures != 0 else 0
+        if self.max_failures == 0:
+            return 0
+        return self.eval_every_steps or CHECKPOINT_AT_EVALUATIONS
 
     @property
     def batch_size_per_worker(self) -> int:
         return self.global_batch_size // self.num_workers
+
+
+CHECKPOINT_AT_EVALUATIONS = -1
+"""``TrainConfig.checkpoint_interval`` when checkpoints fall at the pass-based schedule's evaluations."""
 
 
 @dataclass

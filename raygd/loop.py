@@ -13,6 +13,13 @@ training set reaches the target. Evaluation, reporting and checkpoints are pause
 clock; both figures are logged. Every rank takes the stop decision from the same all-reduced
 numbers (accuracy, and the first step at which any rank saw a non-finite loss or weights), so all
 ranks return together and agree on ``diverged_at_step``.
+
+Evaluation is fair across batch sizes: by default it falls every ``train.eval_every_passes`` of a
+pass (the same example counts at every B, ``eval_schedule``), and measures test accuracy and the
+generalization gap alongside train accuracy in the same all-reduce.
+
+One module (over 400 lines) because state, step, evaluation schedule and loop change together:
+the loop's stop, checkpoint and clock decisions read all of them.
 """
 
 from __future__ import annotations
@@ -28,12 +35,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from raygd.config import RunConfig
+from raygd.config import CHECKPOINT_AT_EVALUATIONS, RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, eval_indices
 from raygd.diversity.online import OnlineDiversity
 from raygd.mechanisms import Mechanism, build_mechanism
 from raygd.models import build_model
-from raygd.records import Status
+from raygd.records import EVAL_RESOLUTION_METRIC, GAP_AT_TARGET_METRIC, Status
 from raygd.tracking import Tracker
 
 EVAL_CHUNK = 2048
@@ -127,6 +134,9 @@ class TrainState:
     x_eval: torch.Tensor
     y_eval: torch.Tensor
     estimator: OnlineDiversity | None = None
+    x_test_eval: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    """This rank's slice of the fixed test sample (min(test size, data.eval_size) examples)."""
+    y_test_eval: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
 def build_state(
@@ -160,6 +170,7 @@ def build_state(
             data.num_classes,
         )
     ev = eval_indices(data.n, cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
+    ev_test = eval_indices(data.y_test.shape[0], cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
     estimator = (
         OnlineDiversity(cfg, data.n, model, net, world_size, device) if tc.diversity_estimator != "none" else None
     )
@@ -177,6 +188,8 @@ def build_state(
         data.x_train[ev],
         data.y_train[ev],
         estimator,
+        data.x_test[ev_test],
+        data.y_test[ev_test],
     )
 
 
@@ -219,8 +232,35 @@ class Clock:
 
 
 def every_steps(k: int) -> Callable[[int], bool]:
-    """The default evaluation schedule: after every ``k``-th update (the last update always evaluates)."""
+    """Evaluate after every ``k``-th update (``train.eval_every_steps``; the last update always evaluates)."""
     return lambda step: step % k == 0
+
+
+def every_examples(examples: int, batch: int) -> Callable[[int], bool]:
+    """Evaluate after each update whose examples cross a multiple of N = ``examples`` at B = ``batch``:
+
+        due(step) = step·B // N > (step − 1)·B // N        (step: 1-based update count)
+
+    One evaluation per N examples, at the first update that reaches k·N (so at the same example
+    counts for every B that divides N); every update when N ≤ B.
+    """
+    if examples < 1 or batch < 1:
+        raise ValueError(f"every_examples needs examples >= 1 and batch >= 1, got {examples}, {batch}")
+    return lambda step: step * batch // examples > (step - 1) * batch // examples
+
+
+def eval_schedule(cfg: RunConfig, n: int) -> tuple[Callable[[int], bool], float]:
+    """The run's evaluation schedule and its resolution in passes over the n training examples.
+
+    ``train.eval_every_steps`` = k set: every k updates, resolution k·B/n. Otherwise every
+    N = max(1, round(``train.eval_every_passes``·n)) examples (``every_examples``), resolution
+    max(N, B)/n: the same at every B ≤ N.
+    """
+    B = cfg.train.global_batch_size
+    if cfg.train.eval_every_steps is not None:
+        return every_steps(cfg.train.eval_every_steps), cfg.train.eval_every_steps * B / n
+    examples = max(1, round(cfg.train.eval_every_passes * n))
+    return every_examples(examples, B), max(examples, B) / n
 
 
 @dataclass
@@ -231,10 +271,11 @@ class Evaluation:
     accuracy: float
     loss: float
     diverged_at_step: int | None
+    test_accuracy: float = math.nan
 
 
 def _evaluation(state: TrainState, step: int, clock: Clock, first_bad_step: float) -> Evaluation:
-    """Evaluate on the fixed training sample; one sum and one min all-reduce across ranks.
+    """Evaluate on the fixed training and test samples; one sum and one min all-reduce across ranks.
 
     A rank's first bad step is the first update whose batch loss was not finite (or this step if the
     weights are not); the run diverged at the earliest such step over all ranks.
@@ -242,14 +283,18 @@ def _evaluation(state: TrainState, step: int, clock: Clock, first_bad_step: floa
     tc, n, P = state.cfg.train, state.data.n, state.world_size
     if math.isinf(first_bad_step) and not _params_finite(state.model):
         first_bad_step = step
-    sums = [*_eval_sums(state.model, state.x_eval, state.y_eval), clock.window_loss]
-    loss_sum, correct, count, batch_loss_sum = all_reduce(sums, P, state.device)
+    test = _eval_sums(state.model, state.x_test_eval, state.y_test_eval)[1:]  # correct, count
+    sums = [*_eval_sums(state.model, state.x_eval, state.y_eval), *test, clock.window_loss]
+    loss_sum, correct, count, test_correct, test_count, batch_loss_sum = all_reduce(sums, P, state.device)
     (bad,) = all_reduce([first_bad_step], P, state.device, op="min")
     loss, acc = loss_sum / max(count, 1.0), correct / max(count, 1.0)
+    test_acc = test_correct / test_count if test_count > 0 else math.nan
+    test_metrics = {"test/accuracy": test_acc, "train/generalization_gap": acc - test_acc} if test_count > 0 else {}
     estimator = state.estimator.metrics() if state.estimator else {}
     metrics = {
         "train/loss": loss,
         "train/accuracy": acc,
+        **test_metrics,
         "train/batch_loss": batch_loss_sum / P / clock.window_steps,
         "perf/samples_per_s": tc.global_batch_size * clock.window_steps / clock.window_s,
         "perf/step_s": clock.window_s / clock.window_steps,
@@ -260,7 +305,7 @@ def _evaluation(state: TrainState, step: int, clock: Clock, first_bad_step: floa
     }
     clock.close_window()
     diverged_at = int(bad) if math.isfinite(bad) else (step if not math.isfinite(loss) else None)
-    return Evaluation(metrics, acc, loss, diverged_at)
+    return Evaluation(metrics, acc, loss, diverged_at, test_acc)
 
 
 def _resume(state: TrainState, resume: dict[str, Any]) -> tuple[int, Clock]:
@@ -292,23 +337,29 @@ def run_loop(
         tracker: rank-zero MLflow logger; None logs nothing.
         report: called with the metrics (and ``step``) at every evaluation that is not a checkpoint.
         checkpoint: called with (metrics, ``checkpoint_state``) every ``train.checkpoint_interval``
-            updates instead of ``report`` (not at the final evaluation); its time is paused out of the clock.
+            updates (or at every evaluation, the default with ``train.max_failures``) instead of
+            ``report`` (not at the final evaluation); its time is paused out of the clock.
         resume: a ``checkpoint_state`` to continue from (its step, clock, weights and RNG), plus
             optionally ``restarts`` and ``lost_train_s`` (training time spent on work the restart
             threw away, added to the clock so time-to-accuracy counts the time actually spent).
-        eval_due: the evaluation schedule, a predicate on the 1-based update count (default: every
-            ``train.eval_every_steps``); the last update always evaluates.
+        eval_due: the evaluation schedule, a predicate on the 1-based update count (default:
+            ``eval_schedule``, every ``train.eval_every_passes`` or ``train.eval_every_steps``, whose
+            resolution in passes the summary records as ``EVAL_RESOLUTION_METRIC``); the last update
+            always evaluates.
         stop_at_target: False trains to ``max_passes`` whatever the accuracy (diversity along training).
 
     Returns:
-        The run's ``RunSummary`` (the same decisions on every rank).
+        The run's ``RunSummary`` (the same decisions on every rank). Its ``extra`` holds
+        ``GAP_AT_TARGET_METRIC`` (train − test accuracy at the evaluation that reached the target).
     """
     from raygd.checkpoint import checkpoint_state
 
     tracker = tracker or Tracker(None, None, enabled=False)
     tc, n = state.cfg.train, state.data.n
     max_steps = max(1, math.ceil(tc.max_passes * n / tc.global_batch_size))
-    eval_due = eval_due or every_steps(tc.eval_every_steps)
+    resolution = None  # in passes; unknown for a caller's own schedule
+    if eval_due is None:
+        eval_due, resolution = eval_schedule(state.cfg, n)
     ckpt_every = tc.checkpoint_interval if checkpoint is not None else 0
     resume = resume or {}
     start, clock = _resume(state, resume)
@@ -320,8 +371,10 @@ def run_loop(
         clock.add_step(time.perf_counter() - t0, loss)
         if not math.isfinite(loss):
             first_bad_step = min(first_bad_step, step)
-        save = bool(ckpt_every) and step % ckpt_every == 0 and step != max_steps
-        if not (save or eval_due(step) or step == max_steps):
+        due = eval_due(step)
+        save = due if ckpt_every == CHECKPOINT_AT_EVALUATIONS else ckpt_every > 0 and step % ckpt_every == 0
+        save = save and step != max_steps
+        if not (save or due or step == max_steps):
             continue
         t_eval = time.perf_counter()
         last = _evaluation(state, step, clock, first_bad_step)
@@ -336,7 +389,12 @@ def run_loop(
         if done:
             status = Status.DIVERGED if last.diverged_at_step is not None else Status.REACHED_TARGET
             break
-    return _summary(state, status, step, clock, last, resume, first_step_wall)
+    summary = _summary(state, status, step, clock, last, resume, first_step_wall)
+    if resolution is not None:
+        summary.extra[EVAL_RESOLUTION_METRIC] = resolution
+    if status == Status.REACHED_TARGET and last is not None and math.isfinite(last.test_accuracy):
+        summary.extra[GAP_AT_TARGET_METRIC] = last.accuracy - last.test_accuracy
+    return summary
 
 
 def _summary(

@@ -25,6 +25,9 @@ from raygd.config import ConfigError, RunConfig, absolute_tracking_uri, apply_ov
         (["train.target_accuracy=1.5"], "train.target_accuracy"),
         (["train.num_workers=0"], "train.num_workers"),
         (["train.eval_every_steps=0"], "train.eval_every_steps"),
+        (["train.eval_every_passes=0"], "train.eval_every_passes"),
+        (["train.eval_every_passes=1.5"], "train.eval_every_passes"),
+        (["train.eval_every_passes=.nan"], "train.eval_every_passes"),
         (["mechanism.quant_levels=200"], "mechanism.quant_levels"),
         (["mechanism.sgld_sigma=-1"], "mechanism.sgld_sigma"),
         (["train.model=logreg_binary"], "train.model"),
@@ -90,3 +93,14 @@ def test_overrides_do_not_mutate_the_input():
     raw = {"train": {"step_size": 0.1}}
     apply_overrides(raw, ["train.step_size=0.2"])
     assert raw == {"train": {"step_size": 0.1}}
+
+
+def test_evaluation_is_pass_based_unless_eval_every_steps_is_given():
+    cfg = load_run_config(None)
+    assert cfg.train.eval_every_steps is None and cfg.train.eval_every_passes == 0.05
+    assert load_run_config(None, ["train.eval_every_steps=7"]).train.eval_every_steps == 7
+    assert load_run_config(None, ["train.eval_every_steps=null"]).train.eval_every_steps is None
+    with pytest.raises(
+        ConfigError, match=r"train.eval_every_passes = 2.0 is invalid: must be a fraction of a pass in \(0, 1\]"
+    ):
+        load_run_config(None, ["train.eval_every_passes=2"])
