@@ -122,3 +122,18 @@ def test_bound_vs_best_ratio_and_sweeps_not_run():
     assert by["vanilla"].bound_min_along == 40.0
     assert by["dropconnect(p=0.4)"].best_batch is None and by["dropconnect(p=0.4)"].best_source == "not run"
     assert "not run yet" in results.bound_markdown(rows)
+
+
+def test_fig3a_evaluates_on_the_grid_of_the_committed_results():
+    # docs/RESULTS.md: every 4 updates of B=512 (2048 examples, 0.25 passes of n=8192) at both B.
+    import dataclasses
+
+    from bench.paper.run import grid_examples
+    from tuning.spec import load_sweep_spec
+
+    spec = load_sweep_spec("paper-fig3a")
+    cfg = spec.run_config(spec.trial_params()[0])
+    assert cfg.train.eval_every_steps is None and grid_examples(cfg, 8192, 512) == 2048
+    explicit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every_steps=4))
+    assert grid_examples(explicit, 8192, 512) == 4 * 512
+    assert grid_examples(cfg, 10000, 512) == 2560  # 0.25 passes = 2500 examples, up to a multiple of 512

@@ -82,7 +82,7 @@ def _run_inprocess_trial(
 ) -> None:
     """One trial in this process: raygd's loop with the config's B and step size, evaluated every grid_examples,
     trained for max_passes whatever the accuracy."""
-    from raygd.loop import build_state, run_loop
+    from raygd.loop import build_state, every_examples, run_loop
     from raygd.tracking import Tracker, create_run
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1))
@@ -100,11 +100,21 @@ def _run_inprocess_trial(
         build_state(cfg, data),
         tracker,
         stop_at_target=False,
-        eval_due=lambda step: (step * tc.global_batch_size) % grid_examples == 0,
+        eval_due=every_examples(grid_examples, tc.global_batch_size),
     )
     tracker.log_metrics(summary.summary_metrics(), step=summary.steps)
     tracker.set_tags({STATUS_TAG: summary.status})
     tracker.finish("FINISHED")
+
+
+def grid_examples(cfg, n: int, b_max: int) -> int:
+    """Examples between evaluations, the same for every B of the sweep: train.eval_every_steps updates of
+    the largest B when that override is set, else train.eval_every_passes of the n examples rounded up
+    to a multiple of the largest B (so every B dividing it evaluates at the same example counts)."""
+    tc = cfg.train
+    if tc.eval_every_steps is not None:
+        return tc.eval_every_steps * b_max
+    return math.ceil(max(1, round(tc.eval_every_passes * n)) / b_max) * b_max
 
 
 def _fig3a_inprocess(spec) -> str:
@@ -114,7 +124,9 @@ def _fig3a_inprocess(spec) -> str:
 
     params_all = spec.trial_params()
     b_max = max(spec.space["global_batch_size"])
-    grid_examples = spec.run_config(params_all[0]).train.eval_every_steps * b_max
+    first = spec.run_config(params_all[0])
+    cache: dict = {(first.data.replication, first.train.seed): load_data(first.data, first.train.seed)}
+    grid = grid_examples(first, next(iter(cache.values())).n, b_max)  # r-replication keeps n
     parent = create_run(
         spec.tracking_uri,
         spec.name,
@@ -122,12 +134,11 @@ def _fig3a_inprocess(spec) -> str:
         {
             "engine": "inprocess",
             "num_trials": len(params_all),
-            "eval_every_examples": grid_examples,
+            "eval_every_examples": grid,
             **{f"space.{k}": json.dumps(v) for k, v in spec.space.items()},
         },
         provenance_tags({KIND_TAG: SWEEP_KIND}),
     )
-    cache: dict = {}
     tags = provenance_tags()  # git and library versions: once, not per trial (0.3 s each)
     start = time.time()
     for i, params in enumerate(params_all):
@@ -135,9 +146,7 @@ def _fig3a_inprocess(spec) -> str:
         key = (cfg.data.replication, cfg.train.seed)
         if key not in cache:
             cache = {key: load_data(cfg.data, cfg.train.seed)}  # params vary seed and r slowest: keep one
-        _run_inprocess_trial(
-            cfg, cache[key], grid_examples, parent, mechanism_label(params["mechanism"]), f"t{i:04d}", tags
-        )
+        _run_inprocess_trial(cfg, cache[key], grid, parent, mechanism_label(params["mechanism"]), f"t{i:04d}", tags)
         if (i + 1) % 20 == 0:
             print(f"  fig3a: {i + 1}/{len(params_all)} runs, {time.time() - start:.0f} s", flush=True)
     from mlflow.tracking import MlflowClient
