@@ -50,7 +50,7 @@ import torch
 from raygd.config import RunConfig
 from raygd.data import Dataset
 from raygd.loop import RunSummary, build_state, run_loop
-from raygd.tracking import Tracker
+from raygd.tracking import Tracker, system_metrics
 
 IDLE_POLL_S = 30.0
 """How long a pool waits for a trial before its ranks meet again (well inside the process group's timeout)."""
@@ -237,6 +237,12 @@ def _run_trial(request: dict, rank: int, world_size: int, device: torch.device, 
         ray.get(coordinator.finish.remote(request["pool_id"], run_id, result))
 
 
+def _system_metrics(request: dict, rank: int):
+    """Rank 0's system metrics of one trial (``raygd.tracking.system_metrics``): a monitor per trial, stopped
+    and joined before the pool takes the next one (the pool's processes outlive their trials)."""
+    return system_metrics(request["run"]["tracking"]["tracking_uri"], request["run_id"], enabled=rank == 0)
+
+
 def pool_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point of a pool: take trials from the coordinator until it closes."""
     import ray.train
@@ -266,7 +272,8 @@ def pool_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
             return {"trials": trials}
         if what == "trial":
             request = request or ray.get(coordinator.current.remote(pool_id))
-            _run_trial(request, rank, world_size, device, coordinator)  # pyright: ignore[reportArgumentType]
+            with _system_metrics(request, rank):  # pyright: ignore[reportArgumentType]
+                _run_trial(request, rank, world_size, device, coordinator)  # pyright: ignore[reportArgumentType]
             trials += 1
 
 

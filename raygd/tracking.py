@@ -305,8 +305,12 @@ def system_metrics(
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # INFO lines at start and stop
+            # MLflow infers int from its default of 10; any number of seconds works (Event.wait).
             monitor = SystemMetricsMonitor(
-                run_id, sampling_interval=interval_s, resume_logging=True, tracking_uri=tracking_uri
+                run_id,
+                sampling_interval=interval_s,  # pyright: ignore[reportArgumentType]
+                resume_logging=True,
+                tracking_uri=tracking_uri,
             )
             monitor.start()
         except Exception as err:  # psutil missing, store unreachable: the run goes on without them

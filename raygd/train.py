@@ -24,7 +24,7 @@ from raygd.loop import RunSummary, build_state, run_loop
 from raygd.mechanisms import build_mechanism
 from raygd.ray_env import check_ray_address, ensure_ray, use_gpu
 from raygd.records import STATUS_TAG, Status
-from raygd.tracking import Tracker, check_tracking_store, create_run, log_dataset, provenance_tags
+from raygd.tracking import Tracker, check_tracking_store, create_run, log_dataset, provenance_tags, system_metrics
 
 
 def _say(line: str) -> None:
@@ -105,7 +105,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         report_checkpoint(metrics, state, f"step_{state['step']:09d}")
 
     state = build_state(cfg, data, rank, world_size, device)
-    summary = run_loop(state, tracker, report=report, checkpoint=checkpoint, resume=resume)
+    with system_metrics(cfg.tracking.tracking_uri, loop_config["run_id"], enabled=rank == 0):  # also on an error
+        summary = run_loop(state, tracker, report=report, checkpoint=checkpoint, resume=resume)
     summary.walls["loop_entry"] = loop_entry_wall
     if rank == 0 and loop_config.get("save_model_to"):
         torch.save(state.model.state_dict(), loop_config["save_model_to"])

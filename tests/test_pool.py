@@ -92,6 +92,10 @@ def test_a_trial_after_another_in_a_warm_pool_matches_it_alone(
         run = client.get_run(s.run_id)
         assert run.info.status == "FINISHED" and run.data.tags["raygd.status"] == s.status
         assert run.data.metrics["overhead/fit_to_first_step_s"] > 0
+    for s in [*warm, per_trial]:  # MLflow's system metrics, from the pool's rank 0 and from a fit's rank 0
+        metrics = client.get_run(s.run_id).data.metrics
+        assert metrics["system/system_memory_usage_megabytes"] > 0, sorted(metrics)
+        assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
 
 
 def _sweep_spec(tmp_path, idx_dir, uri, name, space, train, **extra):
