@@ -58,6 +58,49 @@ CONDITION_KEYS = ("seed", "replication")
 ASHA_TIME_ATTRS = ("time/train_s", "progress/passes")
 
 
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
+"""URI schemes ``storage_path`` may use: the pyarrow filesystems through which Ray Train and Tune write."""
+
+
+def check_storage_path(value: Any) -> None:
+    """``sweep.storage_path``: None (``~/ray_results``), an absolute path (on a cluster: a folder every node
+    mounts, e.g. NFS) or a URI of one of ``STORAGE_SCHEMES`` naming its bucket. Checked offline: no
+    credentials in it (the nodes' own, e.g. an instance role, are used), nothing is contacted."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return
+    problem = None
+    if not isinstance(value, str) or not value.strip():
+        problem = "it is not a non-empty string"
+    elif "://" in value:
+        parts = urlsplit(value)
+        if parts.scheme.lower() not in STORAGE_SCHEMES:
+            problem = f"Ray's storage does not read {parts.scheme!r} URIs"
+        elif parts.password is not None or parts.username is not None:
+            problem = "it holds credentials; the nodes' own are used (instance role, environment)"
+        elif parts.scheme.lower() == "file" and not parts.path.startswith("/"):
+            problem = "a file:// URI needs an absolute path (file:///path)"
+        elif parts.scheme.lower() != "file" and not parts.netloc:
+            problem = "it names no bucket (or host)"
+    elif not Path(value).expanduser().is_absolute():
+        problem = "it is relative; every node and a resumed sweep must find the same folder"
+    if problem:
+        raise ConfigError(
+            f"sweep.storage_path = {value!r} is invalid: {problem}. Use an absolute path (on a cluster, a "
+            "shared mount every node sees, e.g. /mnt/shared/ray_results) or a URI such as s3://bucket/path or "
+            f"gs://bucket/path (schemes: {', '.join(STORAGE_SCHEMES)})."
+        )
+
+
+def storage_root(storage_path: str | None) -> str:
+    """``sweep.storage_path`` as Ray Train and Tune take it: a URI (``s3://``, ``gs://``, ...) as given, a path
+    made absolute here on the driver; ``~/ray_results`` by default."""
+    if storage_path and "://" in storage_path:
+        return storage_path.rstrip("/")
+    return str(Path(storage_path or Path.home() / "ray_results").expanduser().resolve())
+
+
 def _is_number(value: Any) -> TypeGuard[float]:
     """A finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -91,7 +134,9 @@ class SweepSpec:
     max_concurrent_trials: int = 1
     """Trials at once; each takes num_workers CPUs (+1 for the trial driver)."""
     storage_path: str | None = None
-    """Tune experiment storage (default ~/ray_results); --resume reads it."""
+    """Tune experiment and checkpoint storage (default ~/ray_results): an absolute path, on a cluster a shared
+    mount, or an s3:// / gs:// URI (``check_storage_path``), so a trial restarted on another node resumes;
+    --resume reads it."""
     confirm_seeds: list[int] = field(default_factory=list)
     """After the search, re-run each mechanism's fastest pair with these new seeds (>= 3 for a spread)."""
     trial_pool: bool = True
@@ -107,6 +152,7 @@ class SweepSpec:
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"scheduler = {self.scheduler!r} is invalid: allowed values are {', '.join(SCHEDULERS)}.")
         self._check_numbers()
+        check_storage_path(self.storage_path)
         unknown = sorted(set(self.space) - set(SPACE_KEYS))
         if unknown:
             raise ConfigError(f"space keys {unknown} are unknown: allowed keys are {', '.join(SPACE_KEYS)}.")

@@ -26,14 +26,13 @@ import json
 import logging
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 from raygd.config import ConfigError
 from raygd.records import KIND_TAG, SWEEP_KIND, TUNE_DIR_TAG, newest_sweep
 from raygd.tracking import Tracker, create_run, provenance_tags
 from tuning.report import SweepOutcome, close_sweep, collect_sweep
-from tuning.spec import SweepSpec, mechanism_label
+from tuning.spec import SweepSpec, mechanism_label, storage_root
 from tuning.trial import CONFIRM_PARAM, run_trial
 
 REUSE_TRIAL_ACTORS = True
@@ -99,6 +98,12 @@ def _tune_config(spec: SweepSpec):
     )
 
 
+def split_storage_dir(tune_dir: str) -> tuple[str, str]:
+    """(storage path, experiment name) of a Tune folder, path or URI (``Path`` would fold ``s3://`` to ``s3:/``)."""
+    parent, _, name = tune_dir.rstrip("/").rpartition("/")
+    return parent, name
+
+
 def _start_parent(spec: SweepSpec, resume: bool) -> tuple[str, str]:
     """The sweep's parent run id and Tune folder: a new parent run, or with ``resume`` the latest unfinished one."""
     if resume:
@@ -112,8 +117,7 @@ def _start_parent(spec: SweepSpec, resume: bool) -> tuple[str, str]:
     parent_run_id = create_run(
         spec.tracking_uri, spec.name, f"sweep-{spec.name}", _spec_params(spec), provenance_tags({KIND_TAG: SWEEP_KIND})
     )
-    storage = Path(spec.storage_path or Path.home() / "ray_results").expanduser().resolve()
-    tune_dir = str(storage / f"{spec.name}-{parent_run_id[:12]}")
+    tune_dir = f"{storage_root(spec.storage_path)}/{spec.name}-{parent_run_id[:12]}"
     Tracker(spec.tracking_uri, parent_run_id, enabled=True).set_tags({TUNE_DIR_TAG: tune_dir})
     return parent_run_id, tune_dir
 
@@ -205,7 +209,7 @@ def _start_pools(spec: SweepSpec, cfg, parent_run_id: str, tune_dir: str):
     from raygd.ray_env import use_gpu
 
     return start_pools(
-        cfg, spec.max_concurrent_trials, parent_run_id, str(Path(tune_dir).parent), gpu=use_gpu(cfg.train.device)
+        cfg, spec.max_concurrent_trials, parent_run_id, split_storage_dir(tune_dir)[0], gpu=use_gpu(cfg.train.device)
     )
 
 
@@ -218,9 +222,9 @@ def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume:
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
         else:
-            path = Path(tune_dir)
+            storage_path, name = split_storage_dir(tune_dir)
             run_config = tune.RunConfig(
-                name=path.name, storage_path=str(path.parent), callbacks=callbacks, verbose=0 if console else None
+                name=name, storage_path=storage_path, callbacks=callbacks, verbose=0 if console else None
             )
             tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         tuner.fit()
