@@ -147,6 +147,47 @@ class MechanismConfig:
         )
 
 
+NETWORK_TOPOLOGIES = ("ring", "parameter_server")
+
+
+@dataclass
+class NetworkConfig:
+    """An emulated network (``raygd.network``): each DDP collective runs for real, then the rank waits out the
+    time ``raygd.costmodel`` gives its bytes on this link. Time only: the weights are those of a run without it."""
+
+    bandwidth_gbps: float = 10.0
+    """Link bandwidth in gigabits per second (10^9 bit/s)."""
+    latency_us: float = 50.0
+    """One-way latency per message in microseconds."""
+    topology: str = "ring"
+    """ring (all-reduce: 2(P-1) latencies, 2(P-1)/P of the bytes per rank) or parameter_server (one server's link)."""
+    overlap: float = 0.0
+    """Fraction of the modelled transfer hidden behind the step's compute so far (0: none, 1: up to all of it)."""
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.bandwidth_gbps, (int, float))
+            and math.isfinite(self.bandwidth_gbps)
+            and self.bandwidth_gbps > 0,
+            "train.network.bandwidth_gbps",
+            self.bandwidth_gbps,
+            "must be a finite number > 0 (gigabits per second)",
+        )
+        _require(
+            isinstance(self.latency_us, (int, float)) and math.isfinite(self.latency_us) and self.latency_us >= 0,
+            "train.network.latency_us",
+            self.latency_us,
+            "must be a finite number >= 0 (microseconds)",
+        )
+        _choice("train.network.topology", self.topology, NETWORK_TOPOLOGIES)
+        _require(
+            isinstance(self.overlap, (int, float)) and 0.0 <= self.overlap <= 1.0,
+            "train.network.overlap",
+            self.overlap,
+            "must be a number in [0, 1]",
+        )
+
+
 @dataclass
 class TrainConfig:
     """Model, parallelism and the SGD schedule."""
@@ -190,6 +231,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     """Checkpoint (model, optimizer, RNG, step, training clock) every this many updates through Ray
     Train. 0: at every evaluation when max_failures != 0, otherwise never. Paused out of the clock."""
+    network: NetworkConfig | None = None
+    """An emulated network link (``NetworkConfig``); None: the machine's own. Needs train.num_workers > 1
+    to change anything; such runs are tagged ``raygd.network = emulated``."""
 
     def __post_init__(self) -> None:
         _choice("train.model", self.model, MODELS)
@@ -337,7 +381,10 @@ class RunConfig:
 
     def flat(self) -> dict[str, Any]:
         """Flatten to ``{"section.field": value}`` (MLflow params, Tune search keys)."""
-        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+        flat = {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+        if isinstance(flat.get("train.network"), dict):  # a nested section flattens one level further
+            flat.update({f"train.network.{k}": v for k, v in flat.pop("train.network").items()})
+        return flat
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> RunConfig:
@@ -375,6 +422,10 @@ def _coerce(field_name: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         hint = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):  # a nested section, e.g. train.network
+        if not isinstance(value, dict):
+            raise ConfigError(f"{field_name} = {value!r} is invalid: must be a mapping of fields or null.")
+        return _build_section(field_name, hint, value)
     origin = get_origin(hint)
     if origin is list:
         (item,) = get_args(hint)

@@ -40,6 +40,7 @@ from raygd.data import Dataset, GlobalBatchSampler, eval_indices
 from raygd.diversity.online import OnlineDiversity
 from raygd.mechanisms import Mechanism, build_mechanism
 from raygd.models import build_model
+from raygd.network import install_network
 from raygd.records import EVAL_RESOLUTION_METRIC, GAP_AT_TARGET_METRIC, Status
 from raygd.tracking import Tracker
 
@@ -160,6 +161,7 @@ def build_state(
     if world_size > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        install_network(net, tc.network, world_size)  # before attach_ddp: it wraps the mechanism's hook
         mechanism.attach_ddp(net)
     if device.type != "cpu":
         data = Dataset(

@@ -1,0 +1,158 @@
+"""An emulated network: DDP's collectives run for real, then each rank waits out the modelled transfer.
+
+On one machine communication is almost free, so the communication-bound regime of a cluster (the
+paper's EC2 runs) never shows. ``install_network(ddp, network_cfg, world_size)`` puts a DDP
+communication hook in front of whatever hook the mechanism registers (QSGD's int8 all_gather) or of
+DDP's own all-reduce: the real collective runs (so the weights are bitwise those of a run without
+the hook), then the rank sleeps
+
+    wait = t_comm(bucket) − overlap · min(t_comm(bucket), t_compute so far)
+
+where t_comm comes from ``raygd.costmodel.comm_time`` for the bucket's payload on the configured
+link and topology (QSGD's payload is its int8 levels plus norms, so it waits less), and t_compute
+so far is the time since this step's forward began. Buckets share one link: a bucket's transfer
+starts when the previous one's ends. The hook changes time only; runs that use it are tagged
+``raygd.network = emulated`` (``NETWORK_TAG``) and carry ``train.network.*`` params.
+
+Order: DDP takes one comm hook and cannot swap it, so ``install_network`` runs after DDP wrapping and
+*before* ``mechanism.attach_ddp``: it wraps ``ddp.register_comm_hook`` so that the mechanism's hook
+is registered inside the emulation, and if none is registered by the first forward it registers
+DDP's own all-reduce arithmetic (each rank's gradient / P, then SUM) inside it.
+Collectives outside DDP's hook (evaluation, the free diversity estimator's extra all-reduce) are
+not delayed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from raygd import costmodel
+
+if TYPE_CHECKING:
+    from raygd.config import NetworkConfig
+
+NETWORK_TAG = "raygd.network"
+"""Tag of runs whose communication time is emulated: ``EMULATED``."""
+EMULATED = "emulated"
+
+
+@dataclass
+class EmulatedLink:
+    """The link every bucket of one rank shares, and what it has waited so far."""
+
+    link: costmodel.Link
+    topology: str
+    overlap: float
+    world_size: int
+    step_started: float = 0.0
+    free_at: float = 0.0
+    waited_s: float = 0.0
+    """Seconds slept in total (the time this emulation added)."""
+    modelled_s: float = 0.0
+    """Modelled transfer seconds in total (before overlap)."""
+    collectives: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def transfer_s(self, payload: int, collective: str) -> float:
+        """t_comm of one bucket of ``payload`` bytes per rank."""
+        return costmodel.comm_time(payload, self.world_size, self.link, self.topology, collective)
+
+    def wait(self, payload: int, collective: str) -> float:
+        """Sleep out one bucket's exposed transfer time, after the link's previous transfer; returns the wait."""
+        t_comm = self.transfer_s(payload, collective)
+        with self.lock:
+            now = time.perf_counter()
+            exposed = costmodel.exposed_comm(t_comm, max(0.0, now - self.step_started), self.overlap)
+            start = max(now, self.free_at)
+            self.free_at = start + exposed
+            self.modelled_s += t_comm
+            self.collectives += 1
+            until = self.free_at
+        _sleep_until(until)
+        waited = max(0.0, until - now)
+        with self.lock:
+            self.waited_s += waited
+        return waited
+
+
+def _sleep_until(deadline: float) -> None:
+    """time.sleep to ~2 ms before the deadline, then spin: sleep alone overshoots by up to a scheduler tick."""
+    remaining = deadline - time.perf_counter()
+    if remaining > 3e-3:
+        time.sleep(remaining - 2e-3)
+    while time.perf_counter() < deadline:
+        pass
+
+
+def _allreduce_hook(process_group, bucket):
+    """DDP's own arithmetic (each rank's gradient / P, then a SUM all-reduce), as a hook."""
+    buffer = bucket.buffer()
+    buffer.div_(dist.get_world_size(process_group))
+    work = dist.all_reduce(buffer, group=process_group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def _payload(hook, state: Any, numel: int, element_size: int) -> tuple[int, str]:
+    """(bytes this rank contributes, collective) for a bucket of ``numel`` gradients under ``hook``."""
+    from raygd.mechanisms.qsgd import qsgd_comm_hook
+
+    if hook is qsgd_comm_hook:
+        return costmodel.payload_bytes(numel, "quantize", state.bucket_size), "all_gather"
+    return numel * element_size, "all_reduce"
+
+
+def _emulated(emulation: EmulatedLink, inner_state: Any, inner_hook):
+    """The hook that runs ``inner_hook`` (the real collective), waits for it, then waits out the transfer."""
+
+    def hook(state, bucket):
+        buffer = bucket.buffer()
+        payload, collective = _payload(inner_hook, inner_state, buffer.numel(), buffer.element_size())
+        fut = inner_hook(inner_state, bucket)
+        result = fut.wait()
+        emulation.wait(payload, collective)
+        done: torch.futures.Future = torch.futures.Future()
+        done.set_result(result)
+        return done
+
+    return hook
+
+
+def install_network(ddp: torch.nn.parallel.DistributedDataParallel, network_cfg: NetworkConfig | None, world_size: int):
+    """Emulate ``network_cfg``'s link on ``ddp``'s gradient collectives; returns the ``EmulatedLink`` (or None).
+
+    Call before ``mechanism.attach_ddp(ddp)``: a hook the mechanism registers later is wrapped; if none is
+    registered by the first forward, DDP's all-reduce is. A hook registered before this call cannot be
+    wrapped (DDP accepts one) and raises. Nothing happens when ``network_cfg`` is None or world_size is 1.
+    """
+    if network_cfg is None or world_size < 2:
+        return None
+    if ddp._comm_hooks:
+        raise RuntimeError("install_network must run before mechanism.attach_ddp: DDP takes one comm hook.")
+    emulation = EmulatedLink(
+        costmodel.Link.from_gbps_us(network_cfg.bandwidth_gbps, network_cfg.latency_us),
+        network_cfg.topology,
+        network_cfg.overlap,
+        world_size,
+    )
+    register = ddp.register_comm_hook
+
+    def register_wrapped(state: object, hook) -> None:
+        register(None, _emulated(emulation, state, hook))
+
+    ddp.register_comm_hook = register_wrapped  # type: ignore[method-assign]
+
+    def step_start(module, args) -> None:
+        if not ddp._comm_hooks:  # no mechanism hook: emulate DDP's own all-reduce
+            register(None, _emulated(emulation, ddp.process_group, _allreduce_hook))
+        emulation.step_started = time.perf_counter()
+        emulation.free_at = 0.0
+
+    ddp.register_forward_pre_hook(step_start)
+    ddp.emulated_link = emulation  # type: ignore[attr-defined]
+    return emulation
