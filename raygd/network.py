@@ -156,3 +156,8 @@ def install_network(ddp: torch.nn.parallel.DistributedDataParallel, network_cfg:
     ddp.register_forward_pre_hook(step_start)
     ddp.emulated_link = emulation  # type: ignore[attr-defined]
     return emulation
+
+
+def emulation_tags(network_cfg: NetworkConfig | None, world_size: int) -> dict[str, str]:
+    """``{NETWORK_TAG: EMULATED}`` for a run whose collectives the emulated link delays (P > 1), else nothing."""
+    return {NETWORK_TAG: EMULATED} if network_cfg is not None and world_size > 1 else {}
