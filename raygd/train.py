@@ -22,6 +22,7 @@ from raygd.config import RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, load_data
 from raygd.loop import RunSummary, build_state, run_loop
 from raygd.mechanisms import build_mechanism
+from raygd.network import emulation_tags
 from raygd.ray_env import check_ray_address, ensure_ray, use_gpu
 from raygd.records import STATUS_TAG, Status
 from raygd.tracking import Tracker, check_tracking_store, create_run, log_dataset, provenance_tags, system_metrics
@@ -141,7 +142,7 @@ def open_run(cfg: RunConfig, data: Dataset, gpu: bool, parent_run_id: str | None
         cfg.tracking.experiment_name,
         cfg.tracking.run_name or default_run_name(cfg),
         params,
-        {**provenance_tags(shape), **(run_tags or {})},
+        {**provenance_tags(shape), **emulation_tags(cfg.train.network, tc.num_workers), **(run_tags or {})},
         parent_run_id,
     )
     log_dataset(cfg.tracking.tracking_uri, run_id, cfg.data, data)
