@@ -34,8 +34,10 @@ TRIAL_TAG = "raygd.trial_id"
 KEY_TAG = "raygd.trial_key"
 """A hash of the trial's parameters and phase: a resumed sweep finds its earlier child run by it."""
 PHASE_TAG = "raygd.phase"
-"""``SEARCH_PHASE`` or ``CONFIRM_PHASE`` (the winners re-run with fresh seeds)."""
+"""``SEARCH_PHASE``, ``EXTEND_PHASE`` (values added beyond a grid edge) or ``CONFIRM_PHASE`` (the winners
+re-run with fresh seeds)."""
 SEARCH_PHASE = "search"
+EXTEND_PHASE = "extend"
 CONFIRM_PHASE = "confirm"
 MECHANISM_LABEL_TAG = "raygd.mechanism_label"
 """The mechanism's display label, e.g. ``dropconnect(p=0.4)``: what the sweep's tables group by."""
@@ -231,6 +233,10 @@ class TrialRecord:
     """Train − test accuracy when the target was reached."""
     eval_resolution_passes: float | None = None
     """Passes between evaluations."""
+    phase: str = SEARCH_PHASE
+    """``PHASE_TAG``: search, extend (beyond a grid edge) or confirm."""
+    bound_of: str | None = None
+    """``BOUND_OF_TAG``: whose diversity ``batch_bound_w0`` is (gradient, surrogate, plain_gradient)."""
 
     def __post_init__(self) -> None:
         try:
@@ -265,6 +271,8 @@ class TrialRecord:
             batch_bound_median=_opt_float(d.get("batch_bound_median")),
             generalization_gap_at_target=_opt_float(d.get("generalization_gap_at_target")),
             eval_resolution_passes=_opt_float(d.get("eval_resolution_passes")),
+            phase=str(d.get("phase") or SEARCH_PHASE),
+            bound_of=d.get("bound_of") or None,
         )
 
     @classmethod
@@ -293,6 +301,8 @@ class TrialRecord:
                 "batch_bound_median": m.get(BOUND_MEDIAN_METRIC),
                 "generalization_gap_at_target": m.get(GAP_AT_TARGET_METRIC),
                 "eval_resolution_passes": m.get(EVAL_RESOLUTION_METRIC),
+                "phase": t.get(PHASE_TAG, SEARCH_PHASE),
+                "bound_of": t.get(BOUND_OF_TAG),
             }
         )
 

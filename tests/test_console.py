@@ -20,6 +20,10 @@ def test_a_trial_is_described_by_what_it_varies():
         describe({"confirm": {"step_size": 0.4, "global_batch_size": 256, "mechanism": {"name": "vanilla"}, "seed": 7}})
         == "confirm vanilla γ=0.4 B=256 seed=7"
     )
+    assert (
+        describe({"extend": {"step_size": 0.8, "global_batch_size": 64, "mechanism": {"name": "vanilla"}, "seed": 0}})
+        == "extend vanilla γ=0.8 B=64 seed=0"
+    )
     assert describe({"step_size": 0.0123456, "mechanism": "sgld(sigma=0.01)", "replication": 4}) == (
         "sgld(sigma=0.01) γ=0.0123 r=4"
     )

@@ -44,3 +44,19 @@ def test_loss_ratio_figure_with_several_replications(tmp_path):
         for m, b, s, r in itertools.product(["vanilla", "dc"], [16, 512], range(3), [1, 2, 4])
     ]
     _assert_png(plot_loss_ratio(loss_ratios(records, 16, 512), tmp_path / "loss.png"))
+
+
+def test_time_vs_batch_marks_the_bound_at_its_batch_size(tmp_path):
+    """The B_D line is drawn in the mechanism's colour at x = B_D: the columns between the plotted batch sizes
+    change only where a bound is drawn."""
+    import numpy as np
+    from matplotlib.image import imread
+
+    recs = seeds("vanilla", 0.1, 64, [10.0, 11.0]) + seeds("vanilla", 0.1, 1024, [8.0, 9.0])
+    plain = imread(plot_time_vs_batch(recs, tmp_path / "plain.png"))
+    marked = imread(plot_time_vs_batch(recs, tmp_path / "marked.png", bounds={"vanilla": 256.0}))
+    assert plain.shape == marked.shape
+    changed = np.flatnonzero((np.abs(plain - marked).sum(axis=2) > 0.1).sum(axis=0) > plain.shape[0] // 3)
+    # one vertical dashed line per panel (changed columns: two narrow groups), nowhere else in full height
+    groups = np.split(changed, np.flatnonzero(np.diff(changed) > 3) + 1)
+    assert len(groups) == 2 and all(len(g) <= 4 for g in groups), changed

@@ -92,7 +92,7 @@ def test_collect_reads_records_and_tables_and_changes_nothing(sweep):
     assert status[runs["stopped"]] is Status.STOPPED_EARLY and status[runs["orphan"]] is Status.FAILED
     assert [(r.mechanism, r.time_to_accuracy_s) for r in outcome.best_rows] == [("vanilla", 2.0), ("dc", 1.0)]
     assert "Confirmed with fresh seeds" in outcome.table
-    assert "| dc | 0.1 | 64 | 2 | 100% | 1.5 ± 0 | 0.15 ± 0 | 1.67 ± 0.00 |" in outcome.table
+    assert "| dc | 0.1 | 64 | 2 | 100% | 1.5 ± 0 | 0.15 ± 0 | 1.67 ± 0.00 [1.67–1.67] |" in outcome.table
 
 
 def test_close_ends_unfinished_children_logs_the_outputs_and_ends_the_parent(sweep):

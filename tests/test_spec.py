@@ -58,6 +58,9 @@ def test_grid_is_the_product_of_the_space():
         (["sweep.scheduler=asha", "sweep.asha_reduction_factor=1"], "asha_reduction_factor"),
         (["sweep.space.mechanism=[{name: vanilla}, {name: vanilla}]"], "space.mechanism"),
         (["sweep.asha=1"], "asha"),
+        (["sweep.extend_edges=maybe"], "extend_edges"),
+        (["sweep.extend_edges_rounds=0"], "extend_edges_rounds"),
+        (["sweep.extend_edges_scope=everywhere"], "extend_edges_scope"),
     ],
 )
 def test_bad_sweeps_name_the_field(overrides, named):

@@ -26,37 +26,49 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_session, tmp_path, idx_dir, sqlite_uri):
     # step size 1e38 overflows float32 within two steps: those trials must be recorded as diverged,
-    # with the step, and ranked last, while the others finish.
+    # with the step, and ranked last, while the others finish. The winner 0.002 (~17 updates to target
+    # on these data) is the grid's lower edge: extend_edges runs 0.001 for each mechanism, which needs
+    # twice the updates, so the winner is interior and the extension stops.
     path = _write_spec(
         tmp_path,
         idx_dir,
         sqlite_uri,
         "it-sweep",
-        {"step_size": [0.05, 1e38], "mechanism": [{"name": "vanilla"}, {"name": "sgld", "sgld_sigma": 0.001}]},
+        {"step_size": [0.002, 1e38], "mechanism": [{"name": "vanilla"}, {"name": "sgld", "sgld_sigma": 0.001}]},
+        train={"max_passes": 4},
         confirm_seeds=[7],
+        extend_edges=True,
+        extend_edges_rounds=2,
     )
     outcome = run_sweep(load_sweep_spec(str(path)))
     client = MlflowClient(sqlite_uri)
     children = child_runs(sqlite_uri, outcome.parent_run_id)
     confirm = [c for c in children if c.data.tags[PHASE_TAG] == "confirm"]
+    extend = [c for c in children if c.data.tags[PHASE_TAG] == "extend"]
     children = [c for c in children if c.data.tags[PHASE_TAG] == "search"]
-    # the confirm phase re-runs each mechanism's winner (step 0.05) with the new seed
+    assert sorted((c.data.tags["raygd.mechanism_label"], c.data.params["train.step_size"]) for c in extend) == [
+        ("sgld(sigma=0.001)", "0.001"),
+        ("vanilla", "0.001"),
+    ]
+    assert all(r.step_edge is None and r.step_size == 0.002 for r in outcome.best_rows)
+    assert "Grid edges extended: sgld(sigma=0.001): γ + 0.001; vanilla: γ + 0.001." in outcome.table
+    # the confirm phase re-runs each mechanism's winner (step 0.002) with the new seed
     assert sorted(
         (c.data.tags["raygd.mechanism_label"], c.data.params["train.step_size"], c.data.params["train.seed"])
         for c in confirm
-    ) == [("sgld(sigma=0.001)", "0.05", "7"), ("vanilla", "0.05", "7")]
+    ) == [("sgld(sigma=0.001)", "0.002", "7"), ("vanilla", "0.002", "7")]
     assert "Confirmed with fresh seeds" in outcome.table
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags[KEY_TAG] for c in children}) == 4
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"summary.csv", "summary.md", "time_vs_batch.png", "speedup.png"} <= artifacts
     reached = [c for c in children if "time_to_accuracy_s" in c.data.metrics]
-    assert {float(c.data.params["train.step_size"]) for c in reached} == {0.05}
+    assert {float(c.data.params["train.step_size"]) for c in reached} == {0.002}
     diverged = [c for c in children if c.data.tags["raygd.status"] == "diverged"]
     assert {float(c.data.params["train.step_size"]) for c in diverged} == {1e38} and len(diverged) == 2
     for c in diverged:
         assert 1 <= c.data.metrics["diverged_at_step"] <= c.data.metrics["steps"]
-    ranked = rank_trials(outcome.records)
+    ranked = rank_trials([r for r in outcome.records if r.phase == "search"])
     assert [r.status for r in ranked] == ["reached_target"] * 2 + ["diverged"] * 2
     assert {r.run_id for r in ranked[2:]} == {c.info.run_id for c in diverged}
     fastest = min(reached, key=lambda c: c.data.metrics["time_to_accuracy_s"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import math
 
+import pytest
+
 from raygd.records import TrialRecord
 from tests.trials import rec, seeds
 from tests.trials import sweep_records as _sweep
@@ -19,7 +21,7 @@ def test_summary_markdown_has_one_row_per_mechanism_and_formats():
     assert [ln.split("|")[1].strip() for ln in lines] == [r.mechanism for r in rows]
     assert "0.95" in md and "not reached" in lines[-1]
     dc = next(r for r in rows if r.mechanism == "dc(p=0.4)")
-    assert f"{dc.speedup:.2f}×" in md and f"{dc.time_saved_frac:.1%}" in md
+    assert f"{dc.speedup:.2f}× ({dc.speedup_pct:+.0f}%)" in md
     assert summary_text(rows) == summary_markdown(rows)
 
 
@@ -59,3 +61,32 @@ def test_trials_csv_names_a_failure_failed_also_for_a_legacy_error_record(tmp_pa
     )
     with path.open() as f:
         assert {d["trial_id"]: d["status"] for d in csv.DictReader(f)} == {"old": "failed", "new": "failed"}
+
+
+def test_bound_columns_and_the_batch_table():
+    from tuning.stats import per_batch
+    from tuning.tables import batch_markdown
+
+    bound = {"batch_bound_w0": 800.0, "batch_bound_w0_se": 30.0, "batch_bound_median": 400.0}
+    records = [
+        *seeds("vanilla", 0.1, 64, [10.0, 12.0], generalization_gap_at_target=0.02, eval_resolution_passes=0.05),
+        *seeds("vanilla", 0.2, 64, [14.0, 13.0], generalization_gap_at_target=0.01),
+        *seeds("dc", 0.1, 256, [6.0, 8.0], bound_of="surrogate", generalization_gap_at_target=0.04, **bound),
+        *seeds("sgld", 0.1, 256, [9.0, 8.0], bound_of="plain_gradient", batch_bound_w0=100.0),
+    ]
+    rows = best_per_mechanism(records)
+    dc = next(r for r in rows if r.mechanism == "dc")
+    # two seeds with se 30 each: √(30² + 30²) / 2
+    assert dc.batch_bound_w0 == 800.0 and dc.batch_bound_w0_se == pytest.approx(30 / 2**0.5)
+    assert dc.batch_over_bound == 256 / 800
+    md = summary_markdown(rows)
+    assert "| 800 ± 21 | 400 | 0.32 |" in md and "| 100* | – | 2.6 |" in md and "*: the plain gradient" in md
+    by_b = per_batch(records)
+    assert [(r.mechanism, r.global_batch_size, r.step_size) for r in by_b] == [
+        ("vanilla", 64, 0.1),
+        ("dc", 256, 0.1),
+        ("sgld", 256, 0.1),
+    ]
+    assert by_b[0].step_edge == "low" and by_b[0].generalization_gap_at_target == pytest.approx(0.02)
+    text = batch_markdown(by_b)
+    assert "| vanilla | 64 | 0.1↓ | 11 ± 1.4 | 1.1 | 0.05 | +0.020 | 2 |" in text

@@ -30,8 +30,10 @@ def rec(mechanism="vanilla", step_size=0.1, global_batch_size=256, seed=0, time=
         "passes": kw.pop("passes", 5.0),
         "train_time_s": time or 50.0,
     }
-    assert not kw, kw
-    return d
+    optional = {"batch_bound_w0", "batch_bound_w0_se", "batch_bound_median", "generalization_gap_at_target"}
+    optional |= {"eval_resolution_passes", "phase", "bound_of"}
+    assert set(kw) <= optional, kw
+    return {**d, **kw}
 
 
 def seeds(mechanism, step_size, batch, times, **kw) -> list[dict]:

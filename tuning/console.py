@@ -22,8 +22,10 @@ from raygd.mechanisms import mechanism_label
 
 
 def describe(config: dict[str, Any]) -> str:
-    """A trial's parameters as one short phrase (the confirm phase's params sit under ``confirm``)."""
-    params = config.get("confirm", config)
+    """A trial's parameters as one short phrase (the confirm and edge-extension phases' params sit under
+    ``confirm`` and ``extend``)."""
+    phase = next((key for key in ("confirm", "extend") if key in config), None)
+    params = config[phase] if phase else config
     mech = params.get("mechanism", "vanilla")
     label = mechanism_label(mech) if isinstance(mech, dict) else str(mech)
     parts = [label]
@@ -34,7 +36,7 @@ def describe(config: dict[str, Any]) -> str:
     for key in ("seed", "replication"):
         if key in params:
             parts.append(f"{'r' if key == 'replication' else key}={params[key]}")
-    return ("confirm " if "confirm" in config else "") + " ".join(parts)
+    return (f"{phase} " if phase else "") + " ".join(parts)
 
 
 class ConsoleReporter(Callback):

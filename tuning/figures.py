@@ -42,12 +42,16 @@ def _note(ax, text: str) -> None:
 
 
 def plot_time_vs_batch(
-    records: Iterable[TrialRecord | Mapping[str, Any]], path: str | Path, replication: int | None = None
+    records: Iterable[TrialRecord | Mapping[str, Any]],
+    path: str | Path,
+    replication: int | None = None,
+    bounds: Mapping[str, float] | None = None,
 ) -> Path:
     """Time to accuracy and passes to accuracy vs global batch size, one line per mechanism.
 
     At each B the best step size (``PairStats.sort_key``) is plotted, with ± std over seeds;
-    pairs that did not reach the target are left out. x axis: log2.
+    pairs that did not reach the target are left out. x axis: log2. ``bounds`` (mechanism → B_D at
+    the initial weights) are drawn as dashed vertical lines in the mechanism's colour, labelled B_D.
 
     Returns:
         The written PNG path.
@@ -71,6 +75,11 @@ def plot_time_vs_batch(
                 label=mech,
             )
             ax_p.plot(bs, [p.passes_to_accuracy or math.nan for _, p in pts], marker="o", label=mech)
+            bound = (bounds or {}).get(mech)
+            if bound is not None and math.isfinite(bound) and bound > 0:
+                colour = ax_t.get_lines()[-1].get_color()
+                for ax in (ax_t, ax_p):
+                    ax.axvline(bound, color=colour, ls="--", lw=1.0, label=f"B_D {mech} = {bound:.3g}")
     for ax, ylabel in ((ax_t, "time to accuracy (s)"), (ax_p, "passes to accuracy")):
         ax.set_xlabel("global batch size B")
         ax.set_ylabel(ylabel)

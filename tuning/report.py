@@ -26,7 +26,7 @@ from raygd.records import (
     mlflow_client,
 )
 from raygd.tracking import Tracker
-from tuning import figures, stats, tables
+from tuning import edges, figures, stats, tables
 
 
 @dataclass
@@ -48,7 +48,10 @@ def collect_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     # With several replication factors the table ranks the unreplicated data (the smallest r).
     replication = min((r.replication for r in records), default=1)
     best = stats.best_per_mechanism(records, replication=replication)
-    table = tables.summary_markdown(best)
+    table = tables.summary_markdown(best, extensions=edges.describe_extensions(records))
+    by_batch = stats.per_batch(records, replication=replication)
+    if len({r.global_batch_size for r in by_batch}) > 1:
+        table += "\n" + tables.batch_markdown(by_batch)
     if confirm_runs:
         confirmed = stats.confirm_summary([TrialRecord.from_run(r) for r in confirm_runs])
         table += "\n\n" + tables.confirm_markdown(confirmed)
@@ -103,6 +106,10 @@ def _parent_metrics(outcome: SweepOutcome) -> dict[str, float]:
             metrics[f"best/{key}/step_size"] = row.step_size
         if row.speedup is not None:
             metrics[f"speedup/{key}"] = row.speedup
+        if row.batch_bound_w0 is not None:
+            metrics[f"bound/{key}/batch_bound_w0"] = row.batch_bound_w0
+        if row.batch_over_bound is not None:
+            metrics[f"bound/{key}/batch_over_bound"] = row.batch_over_bound
     return metrics
 
 
@@ -116,7 +123,10 @@ def write_outputs(out: Path, records: list, best: list, table: str) -> list[Path
         tables.write_trials_csv(records, out / "trials.csv"),
     ]
     reps = {r.replication for r in records}
-    paths.append(figures.plot_time_vs_batch(records, out / "time_vs_batch.png", replication=min(reps, default=1)))
+    bounds = {r.mechanism: r.batch_bound_w0 for r in best if r.batch_bound_w0 is not None}
+    paths.append(
+        figures.plot_time_vs_batch(records, out / "time_vs_batch.png", replication=min(reps, default=1), bounds=bounds)
+    )
     paths.append(figures.plot_speedup_bars(best, out / "speedup.png"))
     batches = sorted({r.global_batch_size for r in records})
     if len(reps) > 1 and len(batches) > 1:

@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -56,13 +58,20 @@ RANGE_KEYS = ("step_size",)
 CONDITION_KEYS = ("seed", "replication")
 """Space keys that describe the experiment rather than tune it: one value each under optuna."""
 ASHA_TIME_ATTRS = ("time/train_s", "progress/passes")
+EXTEND_SCOPES = ("winner", "every_batch")
+"""``extend_edges_scope`` values (``tuning.edges.SCOPES``)."""
 
 
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
 """URI schemes ``storage_path`` may use: the pyarrow filesystems through which Ray Train and Tune write."""
+BUCKET_NAME = r"[a-z0-9][a-z0-9._-]*[a-z0-9]"
+"""S3 and GCS bucket names: lowercase (so the configs' placeholder ``YOUR-BUCKET`` fails here, not in Ray)."""
+STORAGE_ENV = "RAYGD_STORAGE_PATH"
+"""The default of ``sweep.storage_path`` where a spec and ``--set`` leave it out: the cluster configs set it
+on the head (a shared mount or a bucket), so every sweep submitted there checkpoints where all nodes read."""
 
 
-def check_storage_path(value: Any) -> None:
+def check_storage_path(value: Any, source: str = "sweep.storage_path") -> None:
     """``sweep.storage_path``: None (``~/ray_results``), an absolute path (on a cluster: a folder every node
     mounts, e.g. NFS) or a URI of one of ``STORAGE_SCHEMES`` naming its bucket. Checked offline: no
     credentials in it (the nodes' own, e.g. an instance role, are used), nothing is contacted."""
@@ -83,11 +92,13 @@ def check_storage_path(value: Any) -> None:
             problem = "a file:// URI needs an absolute path (file:///path)"
         elif parts.scheme.lower() != "file" and not parts.netloc:
             problem = "it names no bucket (or host)"
+        elif parts.scheme.lower() in ("s3", "gs", "gcs") and not re.fullmatch(BUCKET_NAME, parts.netloc):
+            problem = f"{parts.netloc!r} is no bucket name (lowercase letters, digits, '.', '-', '_'); set yours"
     elif not Path(value).expanduser().is_absolute():
         problem = "it is relative; every node and a resumed sweep must find the same folder"
     if problem:
         raise ConfigError(
-            f"sweep.storage_path = {value!r} is invalid: {problem}. Use an absolute path (on a cluster, a "
+            f"{source} = {value!r} is invalid: {problem}. Use an absolute path (on a cluster, a "
             "shared mount every node sees, e.g. /mnt/shared/ray_results) or a URI such as s3://bucket/path or "
             f"gs://bucket/path (schemes: {', '.join(STORAGE_SCHEMES)})."
         )
@@ -139,6 +150,15 @@ class SweepSpec:
     --resume reads it."""
     confirm_seeds: list[int] = field(default_factory=list)
     """After the search, re-run each mechanism's fastest pair with these new seeds (>= 3 for a spread)."""
+    extend_edges: bool = False
+    """After a grid search, where a mechanism's winner is the smallest or largest step size or batch size
+    searched, add the next value beyond it (×2 or ÷2) and run it in the same sweep, round after round,
+    until the winner is interior or ``extend_edges_rounds`` is reached (``tuning.edges``). Grid search only:
+    random and Optuna draws have no grid edge, and the sweep says it skips the extension."""
+    extend_edges_rounds: int = 3
+    """The stated limit of ``extend_edges``: rounds of added values."""
+    extend_edges_scope: str = "winner"
+    """winner: bracket γ at the winner's B; every_batch: at every B (for time-vs-B curves)."""
     trial_pool: bool = True
     """Run trials in warm worker groups (``raygd.pool``: max_concurrent_trials pools kept across trials);
     false: one TorchTrainer per trial."""
@@ -177,6 +197,14 @@ class SweepSpec:
 
         positive_int("num_samples", self.num_samples, optional=True)
         positive_int("max_concurrent_trials", self.max_concurrent_trials)
+        positive_int("extend_edges_rounds", self.extend_edges_rounds)
+        if not isinstance(self.extend_edges, bool):
+            raise ConfigError(f"extend_edges = {self.extend_edges!r} is invalid: true or false.")
+        if self.extend_edges_scope not in EXTEND_SCOPES:
+            raise ConfigError(
+                f"extend_edges_scope = {self.extend_edges_scope!r} is invalid: allowed values are "
+                f"{', '.join(EXTEND_SCOPES)}."
+            )
         if not isinstance(self.trial_pool, bool):
             raise ConfigError(f"trial_pool = {self.trial_pool!r} is invalid: true or false.")
         if type(self.search_seed) is not int or self.search_seed < 0:
@@ -312,6 +340,9 @@ def load_sweep_spec(name_or_path: str, overrides: list[str] | None = None) -> Sw
         else:
             base_overrides.append(text)
     raw["base"] = apply_overrides(raw.get("base") or {}, base_overrides)
+    if raw.get("storage_path") is None and os.environ.get(STORAGE_ENV):  # the cluster's shared storage
+        check_storage_path(os.environ[STORAGE_ENV], f"sweep.storage_path (from ${STORAGE_ENV})")
+        raw["storage_path"] = os.environ[STORAGE_ENV]
     # Made absolute here, in the driver's working directory: Tune runs trials in their own folders.
     tracking = raw["base"].setdefault("tracking", {})
     if isinstance(tracking, dict):

@@ -200,6 +200,35 @@ class BestRow:
     time_saved_frac: float | None
     """1 − T̄_mechanism / T̄_baseline = 1 − 1/S."""
     trial_ids: tuple[str, ...]
+    speedup_lo: float | None = None
+    """2.5% bootstrap percentile of the speedup (``bootstrap_ratio`` over seeds); None with < 2 seeds a side."""
+    speedup_hi: float | None = None
+    """97.5% bootstrap percentile."""
+    step_edge: str | None = None
+    """``EDGE_LOW``/``EDGE_HIGH`` when γ* is the smallest/largest γ tried at B* (two or more tried), else None."""
+    batch_edge: str | None = None
+    """The same for B* among the mechanism's batch sizes."""
+    batch_bound_w0: float | None = None
+    """B_D = nΔ_D at the initial weights, mean over the best pair's seeds (``raygd.bound``)."""
+    batch_bound_w0_se: float | None = None
+    """Its standard error: √(Σ se²)/k over the k seeds (0: exact)."""
+    batch_bound_median: float | None = None
+    """Median of the online B_D along training, mean over the best pair's seeds."""
+    bound_of: str | None = None
+    """Whose diversity B_D is (``raygd.records.BOUND_OF_TAG``): gradient, surrogate or plain_gradient."""
+
+    @property
+    def significant(self) -> bool | None:
+        """Whether the speedup's bootstrap interval excludes 1.0×; None without an interval."""
+        if self.speedup_lo is None or self.speedup_hi is None:
+            return None
+        return not self.speedup_lo <= 1.0 <= self.speedup_hi
+
+    @property
+    def batch_over_bound(self) -> float | None:
+        """B* / B_D(w0): above 1 the winner is beyond the batch size the bound guarantees."""
+        b = self.batch_bound_w0
+        return self.global_batch_size / b if _finite(b) and b > 0 else None
 
     @property
     def speedup_pct(self) -> float | None:
@@ -210,8 +239,38 @@ class BestRow:
         """Flat dict with speedup_pct and trial ids joined by ';' (for CSV and MLflow)."""
         d = asdict(self)
         d["speedup_pct"] = self.speedup_pct
+        d["batch_over_bound"] = self.batch_over_bound
+        d["significant"] = None if self.significant is None else ("yes" if self.significant else "no")
         d["trial_ids"] = ";".join(self.trial_ids)
         return d
+
+
+EDGE_LOW, EDGE_HIGH = "low", "high"
+
+
+def edge_side(value: float, tried: Iterable[float]) -> str | None:
+    """``EDGE_LOW``/``EDGE_HIGH`` when ``value`` is the smallest/largest of two or more tried values, else None."""
+    values = set(tried)
+    if len(values) < 2:
+        return None
+    return EDGE_LOW if value == min(values) else EDGE_HIGH if value == max(values) else None
+
+
+def _mean_finite(xs: Iterable[float | None]) -> float | None:
+    finite = [x for x in xs if _finite(x)]
+    return statistics.fmean(finite) if finite else None
+
+
+def _bound_fields(trials: Sequence[TrialRecord]) -> dict[str, Any]:
+    """The best pair's B_D at w0 (mean, and √(Σ se²)/k), and its median along training (mean)."""
+    w0 = [t for t in trials if _finite(t.batch_bound_w0)]
+    se = [t.batch_bound_w0_se for t in w0 if _finite(t.batch_bound_w0_se)]
+    return {
+        "batch_bound_w0": _mean_finite(t.batch_bound_w0 for t in w0),
+        "batch_bound_w0_se": math.sqrt(sum(x * x for x in se)) / len(se) if se and len(se) == len(w0) else None,
+        "batch_bound_median": _mean_finite(t.batch_bound_median for t in trials),
+        "bound_of": next((t.bound_of for t in trials if t.bound_of), None),
+    }
 
 
 def _speedup(t_base: float | None, t_mech: float | None) -> tuple[float | None, float | None]:
@@ -236,12 +295,22 @@ def best_per_mechanism(
     by_mech: dict[str, list[PairStats]] = defaultdict(list)
     for p in pair_stats(records, replication):
         by_mech[p.mechanism].append(p)
-    base_time = by_mech[baseline][0].score if baseline in by_mech else None
+    base_pair = by_mech[baseline][0] if baseline in by_mech else None
+    base_time = base_pair.score if base_pair is not None else None
     rows = []
     for mech, pairs in by_mech.items():
         best = pairs[0]
         t = best.score if best.reached else None
         speedup, saved = _speedup(base_time, t)
+        lo = hi = None
+        if (
+            speedup is not None
+            and base_pair is not None
+            and mech != baseline
+            and min(base_pair.n_seeds, best.n_seeds) >= 2
+        ):
+            _, _, lo, hi = bootstrap_ratio(_times(base_pair.trials), _times(best.trials))
+        same_batch = [p.step_size for p in pairs if p.global_batch_size == best.global_batch_size]
         rows.append(
             BestRow(
                 mechanism=mech,
@@ -256,9 +325,61 @@ def best_per_mechanism(
                 speedup=speedup,
                 time_saved_frac=saved,
                 trial_ids=tuple(tr.trial_id for tr in best.trials),
+                speedup_lo=lo,
+                speedup_hi=hi,
+                step_edge=edge_side(best.step_size, same_batch) if best.reached else None,
+                batch_edge=edge_side(best.global_batch_size, [p.global_batch_size for p in pairs])
+                if best.reached
+                else None,
+                **_bound_fields(best.trials),
             )
         )
     return sorted(rows, key=lambda r: (r.mechanism != baseline, _key_or_inf(r.time_to_accuracy_s), r.mechanism))
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One mechanism at one batch size, at its best step size there: the time-vs-B curve with the gap."""
+
+    mechanism: str
+    global_batch_size: int
+    step_size: float
+    step_edge: str | None
+    """``EDGE_LOW``/``EDGE_HIGH`` when this γ is the smallest/largest tried at this B."""
+    time_to_accuracy_s: float | None
+    time_std_s: float | None
+    passes_to_accuracy: float | None
+    n_seeds: int
+    generalization_gap_at_target: float | None
+    """Train − test accuracy at the target, mean over seeds."""
+    eval_resolution_passes: float | None
+    """Passes between evaluations (the resolution of ``passes_to_accuracy``)."""
+
+
+def per_batch(records: Iterable[TrialRecord | Mapping[str, Any]], replication: int | None = None) -> list[BatchRow]:
+    """Per (mechanism, B): the best pair at that B (``PairStats.sort_key``), baseline first, then by B."""
+    best: dict[tuple[str, int], PairStats] = {}
+    steps: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for p in pair_stats(records, replication):
+        best.setdefault((p.mechanism, p.global_batch_size), p)
+        steps[(p.mechanism, p.global_batch_size)].append(p.step_size)
+    rows = []
+    for (mech, b), p in best.items():
+        rows.append(
+            BatchRow(
+                mech,
+                b,
+                p.step_size,
+                edge_side(p.step_size, steps[(mech, b)]),
+                p.score if p.reached else None,
+                p.time_std_s,
+                p.passes_to_accuracy,
+                p.n_seeds,
+                _mean_finite(t.generalization_gap_at_target for t in p.trials) if p.reached else None,
+                _mean_finite(t.eval_resolution_passes for t in p.trials),
+            )
+        )
+    return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.global_batch_size))
 
 
 # --------------------------------------------------------------------------- confirm phase

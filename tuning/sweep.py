@@ -33,7 +33,7 @@ from raygd.records import KIND_TAG, SWEEP_KIND, TUNE_DIR_TAG, newest_sweep
 from raygd.tracking import Tracker, create_run, provenance_tags
 from tuning.report import SweepOutcome, close_sweep, collect_sweep
 from tuning.spec import SweepSpec, mechanism_label, storage_root
-from tuning.trial import CONFIRM_PARAM, run_trial
+from tuning.trial import CONFIRM_PARAM, EXTEND_PARAM, run_trial
 
 REUSE_TRIAL_ACTORS = True
 """Run trials in one warm Tune actor (its imports of torch, Ray Train and MLflow done once), not one each:
@@ -186,6 +186,10 @@ def _run_phases(
     total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
     console = None if verbose else ConsoleReporter(total)
     _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
+    if spec.extend_edges and spec.search != "grid":
+        _say(f"extend_edges: skipped, {spec.search} search has no grid edges")
+    elif spec.extend_edges:
+        _extend_edges(spec, parent_run_id, tune_dir, resume, verbose, trainable, recorder)
     if not spec.confirm_seeds:
         return
     winners = confirm_params(spec, collect_sweep(spec.tracking_uri, parent_run_id).best_rows)
@@ -200,6 +204,67 @@ def _run_phases(
             recorder,
             None if verbose else ConsoleReporter(len(winners)),
         )
+
+
+def _extend_edges(
+    spec: SweepSpec, parent_run_id: str, tune_dir: str, resume: bool, verbose: bool, trainable, recorder
+) -> None:
+    """Rounds of ``tuning.edges.next_trials`` (values beyond a winner's grid edge), each on Tune in the same
+    parent run, until every winner is interior, nothing valid is left to add, or ``extend_edges_rounds``."""
+    from ray import tune
+
+    from tuning.console import ConsoleReporter
+    from tuning.edges import next_trials
+
+    for k in range(1, spec.extend_edges_rounds + 1):
+        records = collect_sweep(spec.tracking_uri, parent_run_id).records
+        proposals = next_trials(
+            records,
+            searched={key: len(spec.space.get(key, [])) for key in ("step_size", "global_batch_size")},
+            scope=spec.extend_edges_scope,
+            valid_batch=lambda b: _valid_batch(spec, b),
+            replication=min((r.replication for r in records), default=1),
+        )
+        if not proposals:
+            return
+        params = extension_params(spec, proposals)
+        added = ", ".join(sorted({f"{p.mechanism} γ={p.step_size:g} B={p.global_batch_size}" for p in proposals}))
+        _say(f"grid edges, round {k}/{spec.extend_edges_rounds}: {len(params)} trials ({added})")
+        _fit_tuner(
+            trainable,
+            f"{tune_dir}-extend{k}",
+            {EXTEND_PARAM: tune.grid_search(params)},
+            tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=REUSE_TRIAL_ACTORS),
+            resume,
+            recorder,
+            None if verbose else ConsoleReporter(len(params)),
+        )
+
+
+def _valid_batch(spec: SweepSpec, batch: int) -> bool:
+    """Whether a batch size beyond the grid is a valid trial (divisible by the workers, within the data)."""
+    base = spec.trial_params()[0]
+    try:
+        cfg = spec.run_config({**base, "global_batch_size": batch})
+    except ConfigError:
+        return False
+    n = cfg.data.train_size  # None: the whole data set, which train.fit checks B against
+    return n is None or batch <= n
+
+
+def extension_params(spec: SweepSpec, proposals: list) -> list[dict[str, Any]]:
+    """Trial params of an extension round: each proposal with every search seed, the smallest replication."""
+    mechs = {mechanism_label(m): m for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
+    out = []
+    for p in proposals:
+        for seed in spec.space.get("seed", [0]):
+            params: dict[str, Any] = {"step_size": p.step_size, "global_batch_size": p.global_batch_size, "seed": seed}
+            if p.mechanism in mechs:
+                params["mechanism"] = mechs[p.mechanism]
+            if "replication" in spec.space:
+                params["replication"] = min(spec.space["replication"])
+            out.append(params)
+    return out
 
 
 def _start_pools(spec: SweepSpec, cfg, parent_run_id: str, tune_dir: str):

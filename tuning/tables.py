@@ -13,19 +13,54 @@ from pathlib import Path
 from typing import Any
 
 from raygd.records import TrialRecord
-from tuning.stats import BestRow, ConfirmRow, rank_trials
+from tuning.stats import BASELINE, EDGE_HIGH, EDGE_LOW, BatchRow, BestRow, ConfirmRow, rank_trials
+
+PLAIN_GRADIENT = "plain_gradient"
+"""``raygd.records.BOUND_OF_TAG`` value: the B_D shown is the plain gradient's, not the mechanism's surrogate's."""
 
 
 def _fmt(x: float | None, spec: str, missing: str = "–") -> str:
     return missing if x is None else format(x, spec)
 
 
-def summary_markdown(best_rows: Sequence[BestRow], target_accuracy: float | None = None) -> str:
-    """A markdown table of ``best_per_mechanism`` rows ('not reached' where there is no time).
+MARKS = {EDGE_LOW: "↓", EDGE_HIGH: "↑"}
+"""How the tables mark a winner on the smallest (↓) or largest (↑) value searched on an axis."""
+
+
+def _edge(value: str, edge: str | None) -> str:
+    return value + MARKS.get(edge or "", "")
+
+
+def _speedup_cell(r: BestRow) -> str:
+    if r.speedup is None:
+        return "–"
+    cell = f"{r.speedup:.2f}× ({r.speedup_pct:+.0f}%)"
+    if r.speedup_lo is not None and r.speedup_hi is not None:
+        cell += f" [{r.speedup_lo:.2f}–{r.speedup_hi:.2f}]" + ("" if r.significant else " n.s.")
+    return cell
+
+
+def _bound_cells(r: BestRow) -> tuple[str, str, str]:
+    """B_D at w0 (± its standard error when Monte Carlo; * when it is the plain gradient's), along training, B/B_D."""
+    w0 = "–"
+    if r.batch_bound_w0 is not None:
+        w0 = f"{r.batch_bound_w0:.3g}"
+        if r.batch_bound_w0_se:
+            w0 += f" ± {r.batch_bound_w0_se:.2g}"
+        if r.bound_of == PLAIN_GRADIENT:
+            w0 += "*"
+    ratio = r.batch_over_bound
+    return w0, _fmt(r.batch_bound_median, ".3g"), "–" if ratio is None else f"{ratio:.2g}"
+
+
+def summary_markdown(best_rows: Sequence[BestRow], target_accuracy: float | None = None, extensions: str = "") -> str:
+    """A markdown table of ``best_per_mechanism`` rows ('not reached' where there is no time), with the
+    diversity bound B_D beside the best B, grid-edge marks and the notes that explain them.
 
     Args:
         best_rows: the rows.
         target_accuracy: shown in the title when given (e.g. 0.95).
+        extensions: ``tuning.edges.describe_extensions`` of the sweep ('' when nothing was extended).
     Returns:
         The markdown text, ending in a newline.
     """
@@ -33,9 +68,9 @@ def summary_markdown(best_rows: Sequence[BestRow], target_accuracy: float | None
     lines = [
         f"Fastest (step size, batch size) per mechanism: time to{target}, mean ± std over seeds.",
         "",
-        "| mechanism | step size | B | time to acc (s) | passes | speedup vs vanilla | time saved | seeds "
-        "| pairs reached/tried |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mechanism | step size | B | time to acc (s) | passes | speedup vs vanilla | B_D at w0 "
+        "| B_D training | B / B_D | seeds | pairs reached/tried |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in best_rows:
         time = (
@@ -43,20 +78,63 @@ def summary_markdown(best_rows: Sequence[BestRow], target_accuracy: float | None
             if r.time_to_accuracy_s is None
             else (f"{r.time_to_accuracy_s:.4g}" + (f" ± {r.time_std_s:.2g}" if r.time_std_s is not None else ""))
         )
-        speed = "–" if r.speedup is None else f"{r.speedup:.2f}× ({r.speedup_pct:+.0f}%)"
+        w0, median, ratio = _bound_cells(r)
+        step, batch = _edge(f"{r.step_size:g}", r.step_edge), _edge(str(r.global_batch_size), r.batch_edge)
         lines.append(
-            f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {time} "
-            f"| {_fmt(r.passes_to_accuracy, '.3g')} | {speed} | {_fmt(r.time_saved_frac, '.1%')} "
+            f"| {r.mechanism} | {step} | {batch} "
+            f"| {time} | {_fmt(r.passes_to_accuracy, '.3g')} | {_speedup_cell(r)} | {w0} | {median} | {ratio} "
             f"| {r.n_seeds} | {r.n_reached_pairs}/{r.n_pairs_tried} |"
         )
     if not best_rows:
-        lines.append("| (no trials) | | | | | | | | |")
+        lines.append("| (no trials) | | | | | | | | | | |")
+    lines += _notes(best_rows, extensions)
     return "\n".join(lines) + "\n"
 
 
-def summary_text(best_rows: Sequence[BestRow], target_accuracy: float | None = None) -> str:
+def _notes(best_rows: Sequence[BestRow], extensions: str) -> list[str]:
+    """The footnotes a row needs: the bound, edge marks, extensions, significance, plain-gradient bounds."""
+    notes = [
+        "B_D = nΔ_D: the batch size up to which SGD keeps serial SGD's progress per gradient (paper Thm 3), "
+        "at the initial weights and median along training; B / B_D > 1: the winner is past it."
+    ]
+    if any(r.step_edge or r.batch_edge for r in best_rows):
+        notes.append(
+            "↑/↓: the winner is the largest/smallest value searched on that axis; the best may lie beyond "
+            "(sweep.extend_edges)."
+        )
+    if extensions:
+        notes.append("Grid edges extended: " + extensions.replace("\n", "; ") + ".")
+    if any(r.significant is False for r in best_rows):
+        notes.append("n.s.: the speedup's 95% bootstrap interval over seeds covers 1.0× (not significant).")
+    if any(r.bound_of == PLAIN_GRADIENT for r in best_rows):
+        notes.append("*: the plain gradient's B_D; the mechanism's surrogate diversity is not estimated.")
+    return ["", *notes]
+
+
+def batch_markdown(rows: Sequence[BatchRow]) -> str:
+    """Per mechanism and B, the best step size there: time, passes, evaluation resolution and the
+    generalization gap (train − test accuracy) at the target."""
+    lines = [
+        "Per batch size (best step size at each B; gap = train − test accuracy at the target):",
+        "",
+        "| mechanism | B | step size | time to acc (s) | passes | resolution (passes) | gap at target | seeds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        time = "not reached" if r.time_to_accuracy_s is None else f"{r.time_to_accuracy_s:.3g}"
+        if r.time_std_s is not None:
+            time += f" ± {r.time_std_s:.2g}"
+        lines.append(
+            f"| {r.mechanism} | {r.global_batch_size} | {_edge(f'{r.step_size:g}', r.step_edge)} | {time} "
+            f"| {_fmt(r.passes_to_accuracy, '.3g')} | {_fmt(r.eval_resolution_passes, '.2g')} "
+            f"| {_fmt(r.generalization_gap_at_target, '+.3f')} | {r.n_seeds} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary_text(best_rows: Sequence[BestRow], target_accuracy: float | None = None, extensions: str = "") -> str:
     """The table for the terminal: the same markdown, which reads fine as plain text."""
-    return summary_markdown(best_rows, target_accuracy)
+    return summary_markdown(best_rows, target_accuracy, extensions)
 
 
 def confirm_markdown(rows: Sequence[ConfirmRow]) -> str:
@@ -66,7 +144,8 @@ def confirm_markdown(rows: Sequence[ConfirmRow]) -> str:
         return "–" if mean is None else f"{mean:{fmt}}" + ("" if std is None else f" ± {std:{fmt}}")
 
     lines = [
-        "Confirmed with fresh seeds (mean ± std over seeds; speedup = ratio of mean times, bootstrap std):",
+        "Confirmed with fresh seeds (mean ± std over seeds; speedup = ratio of mean times, ± bootstrap std "
+        "[95% interval]; n.s.: the interval covers 1.0×):",
         "",
         "| mechanism | step size | B | seeds | reached | time to acc (s) | passes | speedup vs vanilla |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -75,9 +154,16 @@ def confirm_markdown(rows: Sequence[ConfirmRow]) -> str:
         lines.append(
             f"| {r.mechanism} | {r.step_size:g} | {r.global_batch_size} | {r.n_seeds} | "
             f"{r.reached_frac:.0%} | {pm(r.time_mean_s, r.time_std_s, '.3g')} | "
-            f"{pm(r.passes_mean, r.passes_std, '.3g')} | {pm(r.speedup, r.speedup_std, '.2f')} |"
+            f"{pm(r.passes_mean, r.passes_std, '.3g')} | {pm(r.speedup, r.speedup_std, '.2f')}{_interval(r)} |"
         )
     return "\n".join(lines)
+
+
+def _interval(r: ConfirmRow) -> str:
+    if r.speedup_lo is None or r.speedup_hi is None or r.mechanism == BASELINE:
+        return ""
+    covers = r.speedup_lo <= 1.0 <= r.speedup_hi
+    return f" [{r.speedup_lo:.2f}–{r.speedup_hi:.2f}]" + (" n.s." if covers else "")
 
 
 def _write_csv(rows: list[dict[str, Any]], columns: list[str], path: str | Path) -> Path:
@@ -92,7 +178,7 @@ def _write_csv(rows: list[dict[str, Any]], columns: list[str], path: str | Path)
 
 def write_summary_csv(best_rows: Sequence[BestRow], path: str | Path) -> Path:
     """Write the rows (``BestRow.as_dict``; None as '') to a CSV file; returns its path."""
-    columns = [f.name for f in fields(BestRow)] + ["speedup_pct"]
+    columns = [f.name for f in fields(BestRow)] + ["speedup_pct", "batch_over_bound", "significant"]
     return _write_csv([r.as_dict() for r in best_rows], columns, path)
 
 

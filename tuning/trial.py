@@ -16,6 +16,7 @@ from typing import Any
 
 from raygd.records import (
     CONFIRM_PHASE,
+    EXTEND_PHASE,
     KEY_TAG,
     MECHANISM_LABEL_TAG,
     PHASE_TAG,
@@ -31,6 +32,8 @@ from tuning.spec import SweepSpec, mechanism_label
 
 CONFIRM_PARAM = "confirm"
 """The param-space key of the confirm phase: each of its grid values is a winner's trial params."""
+EXTEND_PARAM = "extend"
+"""The param-space key of a grid-edge extension round (``tuning.edges``): each grid value is a trial's params."""
 
 _DATA_CACHE: dict[str, Any] = {}
 """The last data set a trial loaded in this process, by data config and seed: a reused trial actor
@@ -140,8 +143,8 @@ def run_trial(
     from ray import tune
 
     entry_wall = time.time()
-    phase = CONFIRM_PHASE if CONFIRM_PARAM in params else SEARCH_PHASE
-    params = spec.decode(params.get(CONFIRM_PARAM, params))
+    phase = CONFIRM_PHASE if CONFIRM_PARAM in params else EXTEND_PHASE if EXTEND_PARAM in params else SEARCH_PHASE
+    params = spec.decode(params.get(CONFIRM_PARAM) or params.get(EXTEND_PARAM) or params)
     cfg = spec.run_config(params)
     uri = cfg.tracking.tracking_uri
     trial_id, key = tune.get_context().get_trial_id(), trial_key({**params, "phase": phase})
