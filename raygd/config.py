@@ -30,7 +30,7 @@ MECHANISMS = tuple(_MECHANISM_REGISTRY)
 SAMPLING = ("shuffle", "with_replacement")
 DROPCONNECT_GRANULARITY = ("per_example", "per_group", "per_worker")
 DEVICES = ("auto", "cpu", "cuda")
-DIVERSITY_ESTIMATORS = ("none", "in_step", "free")
+DIVERSITY_ESTIMATORS = ("auto", "none", "in_step", "free")
 
 
 class ConfigError(ValueError):
@@ -218,13 +218,19 @@ class TrainConfig:
     """auto (CUDA + NCCL when Ray sees GPUs, else CPU + gloo), cpu or cuda."""
     cpus_per_worker: int = 1
     """CPUs Ray reserves for each worker; also the worker's torch threads."""
-    diversity_estimator: str = "none"
-    """Online B_D estimate logged at each evaluation: none, in_step (per-example norms of the
-    batch) or free (local B/P vs all-reduced B gradient norms, needs P > 1)."""
+    diversity_estimator: str = "auto"
+    """Online B_D estimate logged at each evaluation: auto (free at P > 1, in_step at P = 1, none where
+    the mechanism excludes that one; ``RunConfig.online_estimator``), none, in_step (per-example norms of
+    the batch) or free (local B/P vs all-reduced B gradient norms, needs P > 1)."""
     diversity_every_steps: int = 10
     """The online estimator measures one update in this many (the first, then every k-th), smoothed
     over measurements (EMA, decay 0.9). 1 measures every update: lowest variance, but a measured
     update costs ~1.05x (CNN) to ~1.3x (logistic regression) a plain one (bench/diversity_overhead.py)."""
+    bound_sample: int = 1024
+    """B_D = nΔ_D at the initial weights (``raygd.bound``) is measured on the first this many examples of
+    the evaluation sample (all of it when smaller), before training; 0 = not measured."""
+    bound_draws: int = 8
+    """Monte Carlo mask draws of that B_D under DropConnect (its standard error shrinks as 1/sqrt(draws))."""
     max_failures: int = 0
     """Restarts of the worker group after a worker dies (Ray Train FailureConfig); -1 = unlimited.
     A restart resumes from the last checkpoint."""
@@ -289,6 +295,8 @@ class TrainConfig:
             self.diversity_every_steps,
             "must be an integer >= 1 (1 = measure every update)",
         )
+        _require(self.bound_sample >= 0, "train.bound_sample", self.bound_sample, "must be an integer >= 0 (0 = off)")
+        _require(self.bound_draws >= 2, "train.bound_draws", self.bound_draws, "must be an integer >= 2")
         _require(
             self.max_failures >= -1,
             "train.max_failures",
@@ -375,6 +383,18 @@ class RunConfig:
                 self.train.model,
                 "synthetic data is a flat feature vector: use logreg or logreg_binary",
             )
+
+    @property
+    def online_estimator(self) -> str:
+        """``train.diversity_estimator`` with auto resolved: free at P > 1 (no extra backward), else
+        in_step, skipping an estimator the mechanism excludes (quantize at P > 1: in_step); none when
+        both are excluded (dropconnect at P = 1)."""
+        est = self.train.diversity_estimator
+        if est != "auto":
+            return est
+        excluded = _MECHANISM_REGISTRY[self.mechanism.name].excluded_estimators
+        preferred = ("free", "in_step") if self.train.num_workers > 1 else ("in_step",)
+        return next((e for e in preferred if e not in excluded), "none")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -433,6 +433,7 @@ def _summary(
             **state.mechanism.metrics(),
             "train/restarts": float(resume.get("restarts", 0)),
             "time/lost_train_s": float(resume.get("lost_train_s", 0.0)),
+            **(state.estimator.summary() if state.estimator else {}),  # median online B_D (raygd.bound)
         },
         walls={"first_step": first_step_wall},
     )

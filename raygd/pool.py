@@ -47,6 +47,7 @@ from typing import Any
 import ray
 import torch
 
+from raygd.bound import log_initial_bound
 from raygd.config import RunConfig
 from raygd.data import Dataset
 from raygd.loop import RunSummary, build_state, run_loop
@@ -226,6 +227,8 @@ def _run_trial(request: dict, rank: int, world_size: int, device: torch.device, 
 
     try:
         state = build_state(cfg, data, rank, world_size, device)
+        if "model" not in resume:  # B_D at the initial weights, once per trial, outside the training clock
+            log_initial_bound(state, tracker)
         summary = run_loop(state, tracker, report=evaluation, checkpoint=checkpoint, resume=resume)
         summary.walls["loop_entry"] = loop_entry_wall
         if rank == 0 and request.get("save_model_to"):

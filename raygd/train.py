@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from raygd.bound import log_initial_bound
 from raygd.checkpoint import load_checkpoint, report_checkpoint
 from raygd.config import RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, load_data
@@ -106,6 +107,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         report_checkpoint(metrics, state, f"step_{state['step']:09d}")
 
     state = build_state(cfg, data, rank, world_size, device)
+    if "model" not in resume:  # B_D at the initial weights, once per trial, outside the training clock
+        log_initial_bound(state, tracker)
     with system_metrics(cfg.tracking.tracking_uri, loop_config["run_id"], enabled=rank == 0):  # also on an error
         summary = run_loop(state, tracker, report=report, checkpoint=checkpoint, resume=resume)
     summary.walls["loop_entry"] = loop_entry_wall

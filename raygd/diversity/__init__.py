@@ -17,10 +17,12 @@ What is here, one module per concept (every public name is re-exported: ``dv.X``
   remaining parameters (e.g. GroupNorm); ``linear_softmax_sq_norms``, the closed form
   ‖g_i‖² = ‖p_i − e_{y_i}‖²(‖x_i‖² + 1) for logistic regression (``linear_softmax`` recognises
   it), taken by the exact path and by ``GhostNorms``.
-- ``exact``: ``gradient_diversity`` over a data set in batches; ``sgld_diversity``,
-  ``quantized_diversity``, ``dropconnect_diversity``: B_D^DIM with the per-example surrogates of
-  ``raygd.mechanisms`` (ratio of expectations, see each docstring); ``differential_diversity``:
-  Definition 2 between two parameter vectors.
+- ``exact``: ``gradient_diversity`` over a data set in batches (``gradient_sums`` keeps the summed
+  gradient, to add up across ranks); ``sgld_diversity``, ``quantized_diversity``,
+  ``dropconnect_diversity``: B_D^DIM with the per-example surrogates of ``raygd.mechanisms`` (ratio
+  of expectations, see each docstring; DropConnect also at a group granularity, Monte Carlo with a
+  standard error, ``ratio_of_means``); ``differential_diversity``: Definition 2 between two
+  parameter vectors.
 - ``online``: estimators for the training loop, ``in_step_moments`` (per-example norms of the
   batch), ``two_batch_moments`` (local vs all-reduced gradient norms, no extra backward),
   ``MomentsEMA`` (smoothing over steps) and ``reduce_gradients`` (DDP's all-reduce, by hand).
@@ -52,9 +54,12 @@ from raygd.diversity.exact import (
     Diversity,
     differential_diversity,
     dropconnect_diversity,
+    dropconnect_draw,
     gradient_diversity,
+    gradient_sums,
     qsgd_variance,
     quantized_diversity,
+    ratio_of_means,
     sgld_diversity,
 )
 from raygd.diversity.ghost import (
@@ -97,11 +102,13 @@ __all__ = [
     "check_per_example",
     "differential_diversity",
     "dropconnect_diversity",
+    "dropconnect_draw",
     "functional_state",
     "ghost_route",
     "ghost_supported",
     "grad_sq_norm",
     "gradient_diversity",
+    "gradient_sums",
     "in_step_moments",
     "linear_softmax",
     "linear_softmax_sq_norms",
@@ -111,6 +118,7 @@ __all__ = [
     "per_example_sq_norms",
     "qsgd_variance",
     "quantized_diversity",
+    "ratio_of_means",
     "reduce_gradients",
     "sgld_diversity",
     "two_batch_moments",

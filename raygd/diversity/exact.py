@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
+from raygd.diversity.ghost import GhostNorms
 from raygd.diversity.per_example import (
     Params,
     _batches,
@@ -42,6 +44,8 @@ class Diversity:
     n: int
     sum_sq_norms: float
     sum_grad_sq_norm: float
+    batch_bound_se: float = 0.0
+    """Monte Carlo standard error of ``batch_bound`` (0 where both sums are exact)."""
 
     @property
     def delta(self) -> float:
@@ -79,14 +83,46 @@ def gradient_diversity(
     Returns:
         ``Diversity`` with n, Σ‖g_i‖² and ‖Σ g_i‖².
     """
+    total_sq, summed = gradient_sums(model, x, y, batch_size=batch_size, dtype=dtype, method=method)
+    return Diversity(int(x.shape[0]), total_sq, float(summed @ summed))
+
+
+def gradient_sums(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 256,
+    dtype: torch.dtype | None = None,
+    method: str = "ghost",
+) -> tuple[float, torch.Tensor]:
+    """(Σ_i‖∇f_i(w)‖², Σ_i ∇f_i(w)) over (x, y): ``gradient_diversity``'s pass, the summed gradient kept
+    (flattened in parameter order, float64) so that sums from several ranks add up (``raygd.bound``)."""
     params, buffers = functional_state(model, dtype)
     total_sq, summed = 0.0, None
     for xb, yb in _batches(x, y, batch_size, _device(model), dtype):
         sq, grads = per_example_sq_norms(model, xb, yb, params=params, buffers=buffers, method=method)
         total_sq += float(sq.sum())
-        summed = grads if summed is None else [a + b for a, b in zip(summed, grads, strict=True)]
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads])
+        summed = flat if summed is None else summed + flat
     assert summed is not None, "x has no examples"
-    return Diversity(int(x.shape[0]), total_sq, _sq_norm(summed))
+    return total_sq, summed
+
+
+def ratio_of_means(n: int, sum_sq: list[float], grad_sq: list[float]) -> Diversity:
+    """B = n ā / b̄ from K Monte Carlo draws a_k = Σ_i‖g_ik‖², b_k = ‖Σ_i g_ik‖², with its standard error.
+
+    Delta method for a ratio of means: SE(B) = (n / b̄) · sqrt(s² / K), s² the sample variance (K − 1) of
+    the residuals a_k − (ā/b̄) b_k; it shrinks as 1/√K. One draw (an exact value) has SE 0.
+    """
+    k = len(sum_sq)
+    a, b = torch.tensor(sum_sq, dtype=torch.float64), torch.tensor(grad_sq, dtype=torch.float64)
+    a_mean, b_mean = float(a.mean()), float(b.mean())
+    se = 0.0
+    if k > 1 and b_mean > 0:
+        residual = a - (a_mean / b_mean) * b
+        se = n / b_mean * math.sqrt(float(residual.var(correction=1)) / k)
+    return Diversity(n, a_mean, b_mean, se)
 
 
 # --------------------------------------------------------------------------- mechanisms
@@ -158,38 +194,129 @@ def dropconnect_diversity(
     p: float,
     *,
     num_draws: int = 8,
+    examples_per_mask: int = 1,
     generator: torch.Generator | None = None,
     chunk_size: int = 8,
     dtype: torch.dtype | None = None,
 ) -> Diversity:
-    """B_D^DC for per-example DropConnect surrogates, by Monte Carlo over the masks.
+    """B_D^DC for DropConnect surrogates, by Monte Carlo over the masks, with its standard error.
 
-    g_i^DC = M_i ∘ ∇f_i(M_i ∘ W) with independent masks M_i = Bernoulli(1−p)/(1−p) on the
-    weight of every nn.Linear (biases unmasked), as ``raygd.mechanisms.DropConnect``.
-    No closed form exists for cross entropy (the loss derivative depends on M_i through
-    the logits, even for logistic regression), and E g_i^DC ≠ g_i in general. Each draw k
-    gives every example its own mask; the estimate is the ratio of the two unbiased means
-    (1/K)Σ_k Σ_i‖g_ik‖² → Σ_i E‖g_i^DC‖² and (1/K)Σ_k ‖Σ_i g_ik‖² → E‖Σ_i g_i^DC‖²,
-    consistent as K grows. Cost: K torch.func passes over the data.
+    g_i^DC = M_{k(i)} ∘ ∇f_i(M_{k(i)} ∘ W) with masks M = Bernoulli(1−p)/(1−p) on the weight of
+    every nn.Linear (biases unmasked), as ``raygd.mechanisms.DropConnect``; k(i) is example i's
+    group: consecutive runs of ``examples_per_mask`` examples share one mask (1: the paper's
+    per-example masks; a training group size or the worker batch B/P: the surrogate as trained).
+    No closed form exists for cross entropy (the loss derivative depends on M through the
+    logits, even for logistic regression), and E g_i^DC ≠ g_i in general. Each draw gives every
+    group its own mask (``dropconnect_draw``); the estimate is the ratio of the two unbiased means
+    (1/K)Σ_k Σ_i‖g_ik‖² → Σ_i E‖g_i^DC‖² and (1/K)Σ_k ‖Σ_i g_ik‖² → E‖Σ_i g_i^DC‖², consistent
+    as K grows, with the delta-method standard error of ``ratio_of_means``. Shared masks correlate
+    the examples of a group, which raises E‖Σ_i g_i^DC‖² and so lowers the bound.
+    Cost: K torch.func passes over the data.
+    """
+    if generator is None:
+        generator = torch.Generator(device=_device(model)).manual_seed(0)
+    sum_sq, grad_sq = [], []
+    for _ in range(num_draws):
+        sq, summed = dropconnect_draw(model, x, y, p, examples_per_mask, generator, chunk_size=chunk_size, dtype=dtype)
+        sum_sq.append(sq)
+        grad_sq.append(float(summed @ summed))
+    return ratio_of_means(int(x.shape[0]), sum_sq, grad_sq)
+
+
+def dropconnect_draw(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: float,
+    examples_per_mask: int,
+    generator: torch.Generator,
+    *,
+    chunk_size: int = 8,
+    dtype: torch.dtype | None = None,
+) -> tuple[float, torch.Tensor]:
+    """One mask draw: (Σ_i‖g_i^DC‖², Σ_i g_i^DC flattened in parameter order, float64) over (x, y).
+
+    Groups are consecutive runs of ``examples_per_mask`` examples (the last may be shorter). Masks come
+    from ``generator`` in order: per example, one (c, *shape) draw per masked weight for each chunk of
+    c examples; per group, one (1, *shape) draw per masked weight (in parameter order) for each group.
     """
     params, buffers = functional_state(model, dtype)
     linear = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     masked = [n for n in params if n in linear]
-    if generator is None:
-        generator = torch.Generator(device=_device(model)).manual_seed(0)
+    if examples_per_mask > 1:
+        ghost = GhostNorms(model)
+        if not ghost.uncovered and all(n.removesuffix("weight").removesuffix(".") in ghost.layers for n in masked):
+            return _dropconnect_draw_ghost(model, ghost, x, y, p, examples_per_mask, generator, masked, dtype)
+    masks = _group_masks({n: params[n] for n in masked}, p, max(1, examples_per_mask), generator)
+    total_sq, summed = 0.0, None
+    for g in _flat_grad_chunks(model, x, y, params, buffers, chunk_size, dtype, masks):
+        total_sq += float(_dot(g))
+        part = g.sum(0).to(torch.float64)
+        summed = part if summed is None else summed + part
+    assert summed is not None, "x has no examples"
+    return total_sq, summed
+
+
+GROUP_BATCH = 256
+"""Most examples of one mask group in one forward/backward of ``_dropconnect_draw_ghost``."""
+
+
+def _dropconnect_draw_ghost(
+    model: nn.Module,
+    ghost: GhostNorms,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: float,
+    group: int,
+    generator: torch.Generator,
+    masked: list[str],
+    dtype: torch.dtype | None,
+) -> tuple[float, torch.Tensor]:
+    """``dropconnect_draw`` for groups of > 1 examples: one ordinary forward and backward per group at
+    M_k ∘ W (ghost norms, the masked Linear norms in closed form ``_GhostMaskedLinear``), no torch.func.
+    Masks are drawn as ``_group_masks`` draws them (per group, one (1, *shape) per masked weight)."""
+    params, buffers = functional_state(model, dtype)
+    device = _device(model)
+    total_sq, summed = 0.0, torch.zeros(sum(t.numel() for t in params.values()), dtype=torch.float64, device=device)
+    for start in range(0, x.shape[0], group):
+        masks = {n: dropconnect_masks((1, *params[n].shape), p, generator, params[n].dtype)[0] for n in masked}
+        ghost.weight_masks = {n.removesuffix("weight").removesuffix("."): m for n, m in masks.items()}
+        stop = min(start + group, x.shape[0])
+        for xb, yb in _batches(x[start:stop], y[start:stop], GROUP_BATCH, device, dtype):
+            at = {**params, **{n: params[n] * masks[n] for n in masked}}
+            with ghost:
+                loss = F.cross_entropy(functional_call(model, (at, buffers), (xb,)), yb, reduction="sum")
+                grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            sq = ghost.sq_norms()
+            total_sq += float(sq.sum()) if sq is not None else 0.0
+            flat = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, params.values(), strict=True)]
+            summed += torch.cat([g.reshape(-1).to(torch.float64) for g in flat])
+    ghost.weight_masks = {}
+    return total_sq, summed
+
+
+def _group_masks(weights: Params, p: float, group: int, generator: torch.Generator):
+    """masks(c): the per-example masks of the next c examples, consecutive groups of ``group`` sharing one."""
+    position, current = 0, {}
 
     def masks(c: int) -> Params:
-        return {n: dropconnect_masks((c, *params[n].shape), p, generator, params[n].dtype) for n in masked}
+        nonlocal position, current
+        if group == 1:
+            position += c
+            return {n: dropconnect_masks((c, *w.shape), p, generator, w.dtype) for n, w in weights.items()}
+        parts: dict[str, list[torch.Tensor]] = {n: [] for n in weights}
+        i, end = position, position + c
+        while i < end:
+            if i % group == 0 or not current:
+                current = {n: dropconnect_masks((1, *w.shape), p, generator, w.dtype) for n, w in weights.items()}
+            stop = min(end, (i // group + 1) * group)
+            for n, w in weights.items():
+                parts[n].append(current[n].expand(stop - i, *w.shape))
+            i = stop
+        position = end
+        return {n: torch.cat(v) for n, v in parts.items()}
 
-    total_sq = total_grad_sq = 0.0
-    for _ in range(num_draws):
-        summed = None
-        for g in _flat_grad_chunks(model, x, y, params, buffers, chunk_size, dtype, masks):
-            total_sq += float(_dot(g))
-            summed = g.sum(0) if summed is None else summed + g.sum(0)
-        assert summed is not None, "x has no examples"
-        total_grad_sq += _sq_norm([summed])
-    return Diversity(int(x.shape[0]), total_sq / num_draws, total_grad_sq / num_draws)
+    return masks
 
 
 # --------------------------------------------------------------------------- differential diversity

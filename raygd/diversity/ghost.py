@@ -230,6 +230,37 @@ class _GhostLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+class _GhostMaskedLinear(torch.autograd.Function):
+    """y = x Wᵀ + b where the caller passes W = M ∘ W₀ (a DropConnect mask M shared by the batch);
+    backward adds per example ‖M ∘ (δ_i x_iᵀ)‖² + ‖δ_i‖² (bias unmasked), the masked surrogate's norm.
+
+    ‖M ∘ (δ xᵀ)‖² = Σ_jk M_jk² δ_j² x_k² = ((δ²) M²) · x², one matmul per batch (x (N, d) only).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, acc, name):
+        ctx.save_for_backward(x, weight, mask)
+        ctx.acc, ctx.name = acc, name
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, mask = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        sq = ((gy.square() @ mask.square()) * x.square()).sum(1) if need_w else gy.new_zeros(gy.shape[0])
+        if need_b:
+            sq = sq + _row_sq_norms(gy)
+        ctx.acc.add(sq, ctx.name)
+        return (
+            gy @ weight if need_x else None,
+            gy.T @ x if need_w else None,
+            gy.sum(0) if need_b else None,
+            None,
+            None,
+            None,
+        )
+
+
 def _conv_per_example(
     x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor, geometry: tuple, sq: torch.Tensor
 ) -> torch.Tensor:
@@ -320,6 +351,11 @@ def _ghost_forward(
             if module.padding_mode != "zeros":
                 x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
             return _GhostConv2d.apply(x, module.weight, module.bias, geometry, ghost._acc, name)
+        mask = ghost.weight_masks.get(name)
+        if mask is not None:
+            if x.dim() != 2:
+                raise ValueError(f"layer {name!r}: masked ghost norms need (N, features) inputs, got {tuple(x.shape)}.")
+            return _GhostMaskedLinear.apply(x, module.weight, module.bias, mask, ghost._acc, name)
         if light and x.dim() == 2:
             out = F.linear(x, module.weight, module.bias)
             if out.requires_grad:  # backward fills out.grad = ∂L/∂z; GhostNorms.sq_norms reads it
@@ -377,6 +413,9 @@ class GhostNorms:
             for name, m in self.layers.items()
         }
         self._mode_sensitive = mode_sensitive_layers(model)
+        self.weight_masks: dict[str, torch.Tensor] = {}
+        """Linear layer name -> the DropConnect mask M its weight carries in this forward (the caller
+        passes M ∘ W as the weight): its norms are then the masked surrogate's, ‖M ∘ ∂f_i/∂(M ∘ W)‖²."""
 
     # Entered every training step: the patch goes through the layers' __dict__ (nn.Module's
     # __setattr__/__delattr__ cost microseconds, which a logistic-regression step feels).

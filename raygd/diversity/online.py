@@ -11,6 +11,7 @@ small formulas on top of torch.distributed, tied to raygd's step.
 from __future__ import annotations
 
 import math
+import statistics
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from raygd.diversity.ghost import GhostNorms
+from raygd.mechanisms import build_mechanism
+from raygd.records import BOUND_MEDIAN_METRIC
 
 if TYPE_CHECKING:
     from raygd.config import RunConfig
@@ -128,6 +131,8 @@ class MomentsEMA:
             raise ValueError(f"decay = {decay} must be in [0, 1).")
         self.decay, self.steps = decay, 0
         self._num = self._den = 0.0
+        self.history: list[float] = []
+        """The smoothed B_D after each update that folded something in."""
 
     def update(self, m: Moments) -> Moments:
         """Fold in one step's estimate; return the smoothed moments (``.batch_bound`` for B_D)."""
@@ -135,6 +140,7 @@ class MomentsEMA:
             self.steps += 1
             self._num = self.decay * self._num + (1 - self.decay) * m.expected_sq_norm
             self._den = self.decay * self._den + (1 - self.decay) * m.sq_norm_of_mean
+            self.history.append(self.value.batch_bound)
         return self.value
 
     @property
@@ -146,11 +152,12 @@ class MomentsEMA:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything ``update`` has folded in (for a checkpoint)."""
-        return {"decay": self.decay, "steps": self.steps, "num": self._num, "den": self._den}
+        return {"decay": self.decay, "steps": self.steps, "num": self._num, "den": self._den, "history": self.history}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a ``state_dict``: the next ``update`` gives what it would have given there."""
         self.decay, self.steps, self._num, self._den = state["decay"], state["steps"], state["num"], state["den"]
+        self.history = list(state.get("history", []))  # checkpoints from before the history have none
 
 
 def reduce_gradients(model: nn.Module, world_size: int) -> tuple[float, float]:
@@ -199,7 +206,7 @@ class OnlineDiversity:
         world_size: int,
         device: torch.device,
     ):
-        self.kind, self.n = cfg.train.diversity_estimator, n
+        self.kind, self.n = cfg.online_estimator, n  # auto resolved; "none": never due, no metrics
         self.every = cfg.train.diversity_every_steps
         self.model, self.net, self.world_size, self.device = model, net, world_size, device
         self.B = cfg.train.global_batch_size
@@ -207,10 +214,13 @@ class OnlineDiversity:
         self.population = n if cfg.data.sampling == "shuffle" else None
         self.ema = MomentsEMA(0.9)
         self.ghost = GhostNorms(model) if self.kind == "in_step" else None
+        mechanism = build_mechanism(cfg.mechanism)
+        self.surrogate, self.bound_of = mechanism.surrogate_moments, mechanism.bound_of
+        self.num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def due(self, step: int) -> bool:
         """Whether update ``step`` (0-based) is measured."""
-        return step % self.every == 0
+        return self.kind != "none" and step % self.every == 0
 
     def measuring(self):
         """The context a measured update's forward and backward run in."""
@@ -231,8 +241,18 @@ class OnlineDiversity:
         else:
             small, big = reduce_gradients(self.model, P)
             moments = two_batch_moments(small, self.b, big, self.B, self.population)
-        self.ema.update(moments)
+        self.ema.update(Moments(*self.surrogate(*moments, n=self.n, num_params=self.num_params)))
 
     def metrics(self) -> dict[str, float]:
+        """``diversity/batch_bound`` (the smoothed B_D; nan before the first measured update) and
+        ``diversity/delta``; nothing when the estimator is off."""
+        if self.kind == "none":
+            return {}
         bound = self.ema.value.batch_bound
         return {"diversity/batch_bound": bound, "diversity/delta": bound / self.n}
+
+    def summary(self) -> dict[str, float]:
+        """``BOUND_MEDIAN_METRIC``: the median of the smoothed B_D after each measured update (the
+        values the estimator produced, kept across a checkpoint restart); empty when none."""
+        values = [v for v in self.ema.history if not math.isnan(v)]
+        return {BOUND_MEDIAN_METRIC: statistics.median(values)} if values else {}

@@ -57,6 +57,10 @@ class Mechanism:
     """Online estimator (``train.diversity_estimator``) -> why it cannot run with this mechanism."""
     estimator: ClassVar[str] = "exact (ghost norms)"
     """How ``surrogate_diversity`` computes B_D (the ``raygd diversity`` table's estimator column)."""
+    bound_of: ClassVar[str] = "gradient"
+    """Whose diversity a trial's B_D (``raygd.bound`` at w0, the online estimate) measures, the
+    ``raygd.records.BOUND_OF_TAG``: gradient (no surrogate), surrogate (the gradient as trained) or
+    plain_gradient (the mechanism's surrogate is not estimated: the value is the plain gradient's)."""
     per_rank_generator: ClassVar[bool] = False
     """True: ``setup`` gives the mechanism ``self.generator``, seeded by (seed, name, rank), which the base
     ``state_dict()`` checkpoints."""
@@ -97,6 +101,13 @@ class Mechanism:
         from raygd.diversity import gradient_diversity
 
         return gradient_diversity(model, x, y, dtype=dtype)
+
+    def surrogate_moments(
+        self, expected_sq_norm: float, sq_norm_of_mean: float, *, n: int, num_params: int
+    ) -> tuple[float, float]:
+        """(E‖g‖², ‖E g‖²) of the surrogate from those of the gradients the training step computed,
+        for a mechanism whose surrogate has a closed form in them (SGLD); default: unchanged."""
+        return expected_sq_norm, sq_norm_of_mean
 
     def setup(
         self, model: nn.Module, *, seed: int, rank: int, world_size: int, global_batch_size: int, device: torch.device

@@ -34,6 +34,7 @@ class DropConnect(Mechanism):
     granularity_field = "dropconnect_granularity"
     excluded_estimators = {"in_step": "in_step needs deterministic per-example gradients; with dropconnect use free"}
     estimator = "Monte Carlo (8 mask draws)"
+    bound_of = "surrogate"
 
     def __init__(self, p: float, granularity: str = "per_example", group_size: int = 8) -> None:
         super().__init__()

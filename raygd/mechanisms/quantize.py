@@ -45,6 +45,9 @@ class Quantize(Mechanism):
         "quantize's DDP communication hook; use in_step"
     }
     estimator = "exact (QSGD variance)"
+    bound_of = "plain_gradient"
+    """Training quantizes each worker's mean gradient, which has no per-example surrogate: a trial's B_D
+    is the plain gradient's (``raygd diversity`` reports the paper's per-example QSGD surrogate)."""
 
     def __init__(self, levels: int, bucket_size: int) -> None:
         super().__init__()

@@ -60,6 +60,7 @@ class SGLD(Mechanism):
     implementation = "one N(0, sigma^2/B I) draw on the averaged gradient, same on every rank"
     label_fields = (("sgld_sigma", "sigma"),)
     estimator = "exact (closed form)"
+    bound_of = "surrogate"
 
     def __init__(self, sigma: float) -> None:
         super().__init__()
@@ -83,6 +84,14 @@ class SGLD(Mechanism):
 
         base = gradient_diversity(model, x, y, dtype=dtype)
         return sgld_diversity(base, self.sigma, sum(p.numel() for p in model.parameters()))
+
+    def surrogate_moments(
+        self, expected_sq_norm: float, sq_norm_of_mean: float, *, n: int, num_params: int
+    ) -> tuple[float, float]:
+        """E‖g_i + ξ_i‖² = E‖g‖² + dσ² and ‖E(g + ξ)‖²'s counterpart in B_D^SGLD = n(Σ‖g_i‖² + ndσ²) /
+        (‖Σg_i‖² + ndσ²), ``raygd.diversity.sgld_diversity``: ‖μ‖² + dσ²/n (d = ``num_params``)."""
+        noise = num_params * self.sigma**2
+        return expected_sq_norm + noise, sq_norm_of_mean + noise / n
 
     def after_backward(self, model: nn.Module, step: int) -> None:
         import torch
