@@ -7,6 +7,7 @@
     raygd report quickstart                                  # rebuild its table and figures from MLflow
     raygd diversity configs/quickstart.yaml --replication 1,2,4,8 --mechanism vanilla,sgld
     raygd submit --address http://127.0.0.1:8265 -- raygd sweep quickstart   # on a Ray cluster (cluster/)
+    raygd project quickstart --profile p3-v100-25g --workers 2,8,32,128,256   # projected onto a cluster
 
 Every config value is validated before Ray starts; a bad value exits with status 2
 and a message naming the field and what is allowed.
@@ -96,8 +97,33 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
     report.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default %(default)s)")
     report.add_argument("--out", default=None, help="also write summary.md/csv and figures to this folder")
+    _add_project_parser(sub)
     submit.add_parser(sub)
     return parser
+
+
+def _add_project_parser(sub) -> None:
+    from raygd.profiles import COMPUTES, LINKS, PROFILES
+
+    proj = sub.add_parser(
+        "project",
+        help="project a sweep (or run) onto a cluster: measured updates to target x modelled time per update",
+        description="Projected time to accuracy per trial, best (step size, B) per mechanism and speedup over "
+        "vanilla at each P, Figure 1 at scale and speedup against rho = t_comm/t_compute, for a named cluster "
+        "profile or explicit figures; printed and logged under projected/ in the sweep's parent run.",
+    )
+    proj.add_argument("sweep", help="the sweep's name (its MLflow experiment; the newest sweep) or a run id")
+    proj.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default %(default)s)")
+    proj.add_argument("--profile", default=None, help=f"cluster profile: {', '.join(PROFILES)} (default ec2-10g)")
+    proj.add_argument("--link", default=None, help=f"network link: {', '.join(LINKS)}")
+    proj.add_argument("--compute", default=None, help=f"compute: measured (this machine), {', '.join(COMPUTES)}")
+    proj.add_argument("--bandwidth-gbps", type=float, default=None, help="explicit link bandwidth, Gbit/s")
+    proj.add_argument("--latency-us", type=float, default=None, help="explicit link latency, microseconds")
+    proj.add_argument("--topology", default="ring", help="ring or parameter_server (default ring)")
+    proj.add_argument("--overlap", type=float, default=0.0, help="fraction of communication hidden (default 0)")
+    proj.add_argument("--workers", default="2,8,32,128,256", help="comma-separated P values (default %(default)s)")
+    proj.add_argument("--out", default=None, help="also write the table, CSVs and figures to this folder")
+    proj.add_argument("--no-log", action="store_true", help="do not log the outputs to the parent run")
 
 
 def _fmt(value: float | None, unit: str = "", digits: int = 3) -> str:
@@ -231,6 +257,38 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_project(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from raygd import project
+    from raygd.config import absolute_tracking_uri
+    from raygd.records import latest_sweep, mlflow_client
+
+    workers = [w.strip() for w in args.workers.split(",")]
+    if not all(w.isdigit() and int(w) >= 1 for w in workers):
+        raise ConfigError(f"--workers {args.workers!r} is invalid: comma-separated integers >= 1, e.g. 2,8,32.")
+    target = project.resolve_target(
+        args.profile, args.link, args.compute, args.bandwidth_gbps, args.latency_us, args.topology, args.overlap
+    )
+    uri = absolute_tracking_uri(args.tracking_uri)
+    check_tracking_store(uri)
+    client = mlflow_client(uri)
+    is_run = len(args.sweep) == 32 and all(c in "0123456789abcdef" for c in args.sweep)
+    run_id = args.sweep if is_run else latest_sweep(uri, args.sweep)
+    if is_run:
+        client.get_run(run_id)  # raises if there is no such run
+    proj = project.project(project.read_trials(uri, run_id), target, [int(w) for w in workers])
+    print(project.table(proj))
+    folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="raygd-project-"))
+    project.write_outputs(proj, folder)
+    if not args.no_log:
+        project.log_to_run(uri, run_id, folder)
+        print(f"\nlogged under {project.PROJECTED}/ in MLflow run {run_id} (CSVs, projected.md, figures)")
+    if args.out:
+        print(f"written to {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv, entrypoint = submit.split_entrypoint(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(argv)
@@ -241,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": cmd_sweep,
             "report": cmd_report,
             "diversity": cmd_diversity,
+            "project": cmd_project,
             "submit": submit.cmd_submit,
         }
         return commands[args.command](args)
