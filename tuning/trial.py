@@ -28,7 +28,7 @@ from raygd.records import (
     mlflow_client,
 )
 from tuning.objective import objective_s
-from tuning.spec import SweepSpec, mechanism_label
+from tuning.spec import SweepSpec, mechanism_label, storage_root
 
 CONFIRM_PARAM = "confirm"
 """The param-space key of the confirm phase: each of its grid values is a winner's trial params."""
@@ -156,6 +156,8 @@ def run_trial(
     cfg.tracking.run_name = run_name(label, cfg, phase)
     run_tags = {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label}
     kwargs = {"progress": progress, "data": _trial_data(cfg), "parent_run_id": parent_run_id, "run_id": reattach}
+    if pools_name is None:  # its own Train run: checkpoints in the sweep's (shared) storage, as the pools'
+        kwargs["storage_path"] = storage_root(spec.storage_path)
     summary = _fit(cfg, pools_name, relay=spec.scheduler != "none", run_tags=run_tags, **kwargs)
     assert summary.run_id is not None, "fit and fit_in_pool record their run"
     mlflow_client(uri).log_metric(
