@@ -590,11 +590,17 @@ def test_moments_ema_state_dict_round_trip_continues_exactly():
     for m in [D.Moments(4.0, 2.0), D.Moments(5.0, 1.5), D.Moments(math.nan, 1.0)]:
         ema.update(m)
     state = ema.state_dict()
-    assert all(isinstance(v, (int, float)) for v in state.values())  # plain numbers: torch.save/load as is
+    history = state.pop("history")  # plain numbers: torch.save/load as is
+    assert all(isinstance(v, (int, float)) for v in [*state.values(), *history])
+    assert history == [4.0 / 2.0, ema.value.batch_bound]  # the smoothed B_D after each folded-in step
     restored = D.MomentsEMA()
-    restored.load_state_dict(state)
+    restored.load_state_dict({**state, "history": history})
     assert restored.value == ema.value and restored.steps == ema.steps == 2
     assert restored.update(D.Moments(6.0, 0.5)) == ema.update(D.Moments(6.0, 0.5))
+    assert restored.history == ema.history and len(ema.history) == 3
+    old = D.MomentsEMA()
+    old.load_state_dict(state)  # a checkpoint from before the history: none, and no error
+    assert old.history == []
 
 
 # --------------------------------------------------------------------------- under DDP
