@@ -56,6 +56,10 @@ class EmulatedLink:
     """Seconds slept in total (the time this emulation added)."""
     modelled_s: float = 0.0
     """Modelled transfer seconds in total (before overlap)."""
+    exposed_s: float = 0.0
+    """Modelled seconds not hidden by overlap: what the waits should add up to."""
+    debt_s: float = 0.0
+    """Seconds waited beyond ``exposed_s`` so far (sleep overshoot), taken off the next waits."""
     collectives: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,7 +68,11 @@ class EmulatedLink:
         return costmodel.comm_time(payload, self.world_size, self.link, self.topology, collective)
 
     def wait(self, payload: int, collective: str) -> float:
-        """Sleep out one bucket's exposed transfer time, after the link's previous transfer; returns the wait."""
+        """Sleep out one bucket's exposed transfer time, after the link's previous transfer; returns the wait.
+
+        A sleep overshoots (the scheduler wakes the rank late, more so on a busy machine); the overshoot is
+        carried as a debt and taken off the next waits, so the total added time tracks the modelled total.
+        """
         t_comm = self.transfer_s(payload, collective)
         with self.lock:
             now = time.perf_counter()
@@ -72,12 +80,15 @@ class EmulatedLink:
             start = max(now, self.free_at)
             self.free_at = start + exposed
             self.modelled_s += t_comm
+            self.exposed_s += exposed
             self.collectives += 1
-            until = self.free_at
+            until = max(now, self.free_at - self.debt_s)
         _sleep_until(until)
-        waited = max(0.0, until - now)
+        waited = time.perf_counter() - now
         with self.lock:
             self.waited_s += waited
+            self.debt_s = max(0.0, self.waited_s - self.exposed_s)
+            self.free_at = max(self.free_at, now + waited)
         return waited
 
 

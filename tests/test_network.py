@@ -5,6 +5,7 @@ Real 2-process gloo groups (tests/dist.py), logistic regression on synthetic dat
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -80,7 +81,7 @@ def test_emulated_link_leaves_weights_bitwise_equal(mechanism, network, payload,
         waited, modelled, collectives = totals
         assert collectives == steps  # one bucket per update
         assert modelled == pytest.approx(steps * per_update)
-        assert waited >= modelled * 0.999
+        assert waited == pytest.approx(modelled, rel=0.05)  # overshoot carried over, not accumulated
         for name, value in plain_w.items():
             assert torch.equal(net_w[name], value), name
     initial = build_state(cfg, data).model.state_dict()
@@ -88,18 +89,19 @@ def test_emulated_link_leaves_weights_bitwise_equal(mechanism, network, payload,
 
 
 def test_added_time_per_step_matches_the_model():
-    """The same fixed-size step with and without the link: the fastest of 30 each (load only adds time)
-    differ by the modelled transfer within 10%."""
+    """The same fixed-size step with and without a ~50 ms link: the medians of 30 steps each differ by the
+    modelled transfer within 10% (a long transfer, so the shared machine's jitter of a few ms stays small)."""
     cfg = _cfg()
     data = load_data(cfg.data, 0)
-    (plain, timed), _ = run_group(_both, 2, cfg, _cfg(SLOW), data, 30)
+    network = "train.network={bandwidth_gbps: 0.001, latency_us: 20000, topology: ring}"
+    (plain, timed), _ = run_group(_both, 2, cfg, _cfg(network), data, 30)
     params = sum(v.numel() for v in plain[0].values())
     modelled = costmodel.comm_time(
-        costmodel.payload_bytes(params), 2, costmodel.Link.from_gbps_us(0.001, 4000), "ring", "all_reduce"
+        costmodel.payload_bytes(params), 2, costmodel.Link.from_gbps_us(0.001, 20000), "ring", "all_reduce"
     )
-    assert modelled == pytest.approx(2 * 4e-3 + 4 * params / 125_000)
-    added = min(timed[1][2:]) - min(plain[1][2:])
-    assert added == pytest.approx(modelled, rel=0.10), (min(plain[1][2:]), min(timed[1][2:]), modelled)
+    assert modelled == pytest.approx(2 * 20e-3 + 4 * params / 125_000)
+    added = statistics.median(timed[1][2:]) - statistics.median(plain[1][2:])
+    assert added == pytest.approx(modelled, rel=0.10), (plain[1], timed[1], modelled)
 
 
 def test_overlap_hides_up_to_the_compute_time():
