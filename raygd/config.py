@@ -60,6 +60,11 @@ class DataConfig:
     """Keep only these class labels, relabelled 0..k-1 (e.g. [0, 1] for 2-class)."""
     replication: int = 1
     """r-replication: a random 1/r of the training set repeated r times (n unchanged)."""
+    replication_control: bool = False
+    """Control for r-replication (needs replication >= 2): train on exactly the ceil(n/r) distinct
+    examples the r-replicated set of the same seed holds, each once (n' = n/r), instead of the
+    replicated set. ``max_passes`` then counts passes over those n/r examples: r x max_passes gives
+    the replicated run's number of updates (bench/paper/run.py fig3a compares at equal updates)."""
     sampling: str = "shuffle"
     """shuffle (epochs without replacement) or with_replacement (the paper's analysis)."""
     eval_size: int = 10000
@@ -83,6 +88,12 @@ class DataConfig:
                 "a list of at least two distinct labels in 0..9, or null",
             )
         _require(self.replication >= 1, "data.replication", self.replication, "must be an integer >= 1")
+        _require(
+            isinstance(self.replication_control, bool) and (not self.replication_control or self.replication >= 2),
+            "data.replication_control",
+            self.replication_control,
+            f"must be true or false, and true needs data.replication >= 2 (got {self.replication})",
+        )
         _choice("data.sampling", self.sampling, SAMPLING)
         _require(self.eval_size >= 1, "data.eval_size", self.eval_size, "must be an integer >= 1")
         _require(self.synthetic_features >= 1, "data.synthetic_features", self.synthetic_features, "must be >= 1")

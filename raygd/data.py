@@ -49,6 +49,10 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    paired_eval_index: torch.Tensor | None = None
+    """The replication control only (``data.replication_control``): the r-replicated set's evaluation
+    sample (``eval_indices`` of its n) mapped to this set's distinct examples (``control_eval_indices``),
+    so a caller can evaluate the control on exactly the examples the replicated arm evaluates on."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -165,17 +169,38 @@ def _select_classes(x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> tup
     return x[keep], relabel[y[keep]]
 
 
-def replicate(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
-    """Indices of an r-replicated data set of size n (the paper's r-replication).
+def replicated_distinct(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    """The ceil(n/r) distinct indices that ``replicate`` repeats, in its order (r = 1: all n, in order).
 
-    A random ceil(n/r) of the n examples is picked and repeated r times; the result is
-    cut to n indices, so n is unchanged and each picked example appears r times (the
-    last one possibly fewer when r does not divide n). r = 1 is the identity.
+    Draws from ``generator`` exactly what ``replicate`` draws, so the same generator state gives the
+    same examples: ``replicate(n, r, g)[i] == replicated_distinct(n, r, g)[i % ceil(n/r)]``.
     """
     if r == 1:
         return torch.arange(n)
-    picked = torch.randperm(n, generator=generator)[: -(-n // r)]
-    return picked.repeat(r)[:n]
+    return torch.randperm(n, generator=generator)[: -(-n // r)]
+
+
+def replicate(n: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of an r-replicated data set of size n (the paper's r-replication).
+
+    A random ceil(n/r) of the n examples is picked (``replicated_distinct``) and repeated r times;
+    the result is cut to n indices, so n is unchanged and each picked example appears r times (the
+    last ones fewer when r does not divide n). r = 1 is the identity.
+    """
+    if r == 1:
+        return torch.arange(n)
+    return replicated_distinct(n, r, generator).repeat(r)[:n]
+
+
+def control_eval_indices(n: int, r: int, eval_size: int, seed: int) -> torch.Tensor:
+    """The evaluation sample of the r-replicated set of size n, as indices into its ceil(n/r) distinct
+    examples (the replication control's training set, in ``replicated_distinct`` order).
+
+    Index i of ``replicate`` is distinct example i mod ceil(n/r), so the control evaluated on
+    ``x_distinct[control_eval_indices(...)]`` sees the replicated arm's ``x[eval_indices(n, ...)]``,
+    the same examples with the same multiplicities.
+    """
+    return eval_indices(n, eval_size, seed) % -(-n // r)
 
 
 def load_data(cfg: DataConfig, seed: int) -> Dataset:
@@ -211,9 +236,19 @@ def load_data(cfg: DataConfig, seed: int) -> Dataset:
             )
         keep = torch.randperm(x_tr.shape[0], generator=g)[: cfg.train_size]
         x_tr, y_tr = x_tr[keep], y_tr[keep]
-    idx = replicate(x_tr.shape[0], cfg.replication, g)
+    n = x_tr.shape[0]
+    if cfg.replication_control:
+        idx = replicated_distinct(n, cfg.replication, g)
+        paired = control_eval_indices(n, cfg.replication, cfg.eval_size, seed)
+    else:
+        idx, paired = replicate(n, cfg.replication, g), None
     return Dataset(
-        x_tr[idx].contiguous(), y_tr[idx].contiguous(), x_te.contiguous(), y_te.contiguous(), cfg.num_classes
+        x_tr[idx].contiguous(),
+        y_tr[idx].contiguous(),
+        x_te.contiguous(),
+        y_te.contiguous(),
+        cfg.num_classes,
+        paired,
     )
 
 

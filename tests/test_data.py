@@ -8,8 +8,16 @@ from collections import Counter
 import pytest
 import torch
 
-from raygd.config import DataConfig
-from raygd.data import DataError, GlobalBatchSampler, eval_indices, load_data, replicate
+from raygd.config import ConfigError, DataConfig
+from raygd.data import (
+    DataError,
+    GlobalBatchSampler,
+    control_eval_indices,
+    eval_indices,
+    load_data,
+    replicate,
+    replicated_distinct,
+)
 from tests.idx import make_images, write_idx_dataset
 
 
@@ -59,6 +67,65 @@ def test_replication_lowers_distinct_examples_in_loaded_data(idx_dir):
     data = load_data(DataConfig(data_dir=str(idx_dir), replication=4), seed=0)
     assert data.n == 600
     assert torch.unique(data.x_train.flatten(1), dim=0).shape[0] == 150
+
+
+def _rows(x: torch.Tensor) -> list[tuple[float, ...]]:
+    return [tuple(row.tolist()) for row in x.flatten(1)]
+
+
+@pytest.mark.parametrize("r, seed", [(2, 0), (4, 3), (7, 1), (600, 2)])
+def test_replication_control_holds_exactly_the_replicated_sets_distinct_examples(idx_dir, r, seed):
+    # Brute force over indices: every example of the replicated set is one of the control's, and each
+    # control example appears in the replicated set as often as replicate() repeats it (r, or r - 1 at
+    # the end when r does not divide n); the control holds each once.
+    rep = load_data(DataConfig(data_dir=str(idx_dir), replication=r, eval_size=100), seed=seed)
+    ctl = load_data(DataConfig(data_dir=str(idx_dir), replication=r, replication_control=True, eval_size=100), seed)
+    n, m = rep.n, -(-rep.n // r)
+    assert ctl.n == m and rep.paired_eval_index is None
+    rep_rows, ctl_rows = _rows(rep.x_train), _rows(ctl.x_train)
+    assert len(set(ctl_rows)) == m  # each distinct example once
+    for j in range(m):
+        hits = [i for i in range(n) if rep_rows[i] == ctl_rows[j]]
+        assert len(hits) == len(range(j, n, m)) >= max(r - 1, 1)
+        assert all(int(rep.y_train[i]) == int(ctl.y_train[j]) for i in hits)
+    assert sum(len(range(j, n, m)) for j in range(m)) == n  # so no replicated example is outside the control
+    assert torch.equal(ctl.x_test, rep.x_test) and torch.equal(ctl.y_test, rep.y_test)
+    # the same evaluation sample: the replicated arm's, in the control's indices
+    ev = eval_indices(n, 100, seed)
+    assert ctl.paired_eval_index is not None
+    assert torch.equal(ctl.x_train[ctl.paired_eval_index], rep.x_train[ev])
+    assert torch.equal(ctl.y_train[ctl.paired_eval_index], rep.y_train[ev])
+
+
+@pytest.mark.parametrize("n, r", [(100, 2), (99, 4), (12, 12), (5, 1)])
+def test_replicated_distinct_is_what_replicate_repeats(n, r):
+    idx = replicate(n, r, torch.Generator().manual_seed(4))
+    distinct = replicated_distinct(n, r, torch.Generator().manual_seed(4))
+    m = -(-n // r)
+    assert distinct.shape == (m,) and len(set(distinct.tolist())) == m
+    assert all(int(idx[i]) == int(distinct[i % m]) for i in range(n))
+    assert torch.equal(control_eval_indices(n, r, 30, 9), eval_indices(n, 30, 9) % m)
+
+
+def test_replication_control_is_validated():
+    with pytest.raises(ConfigError, match=r"data.replication_control = True.*data.replication >= 2"):
+        DataConfig(replication_control=True)
+    with pytest.raises(ConfigError, match=r"data.replication_control = 'yes'.*true or false"):
+        DataConfig(replication=2, replication_control="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("r", [2, 4, 8])
+def test_with_replacement_control_draws_the_replicated_runs_examples(r):
+    # Sampling with replacement, n and n/r powers of two: at every step the control's batch is the
+    # replicated run's batch, example for example (replicated index i is distinct example i mod n/r, and
+    # torch.randint(n) mod n/r = torch.randint(n/r) for the same generator). The Figure 3a control at
+    # equal updates is then the replicated run itself; at other sizes it is the same only in distribution.
+    cfg = DataConfig(name="synthetic", synthetic_size=1024, classes=[0, 1], replication=r, sampling="with_replacement")
+    rep, ctl = load_data(cfg, seed=3), load_data(DataConfig(**{**cfg.__dict__, "replication_control": True}), seed=3)
+    a = GlobalBatchSampler(rep.n, 16, "with_replacement", seed=3)
+    b = GlobalBatchSampler(ctl.n, 16, "with_replacement", seed=3)
+    for step in range(50):
+        assert torch.equal(rep.x_train[a.global_batch(step)], ctl.x_train[b.global_batch(step)])
 
 
 @pytest.mark.parametrize("sampling", ["shuffle", "with_replacement"])

@@ -137,3 +137,57 @@ def test_fig3a_evaluates_on_the_grid_of_the_committed_results():
     explicit = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every_steps=4))
     assert grid_examples(explicit, 8192, 512) == 4 * 512
     assert grid_examples(cfg, 10000, 512) == 2560  # 0.25 passes = 2500 examples, up to a multiple of 512
+
+
+def test_fig3a_control_rows_pair_with_their_replicated_rows_by_seed():
+    rng = random.Random(1)
+    runs = [
+        {
+            "replication": r,
+            "control": ctrl,
+            "mechanism": "vanilla",
+            "global_batch_size": b,
+            "step_size": 0.1,
+            "seed": seed,
+            "curve": _random_curve(rng, n, spacing),
+        }
+        for r, ctrl in ((1, False), (4, False), (4, True))
+        for b, spacing, n in ((16, 1 / 32, 96), (512, 0.25, 12))
+        for seed in range(4 if ctrl else 3)  # the control has a seed the replicated arm lacks
+    ]
+    rows = results.fig3a_rows(runs, 16, 512)
+    arms = [(r.replication, r.arm, r.n_seeds) for r in rows]
+    assert arms == [(1, "full data", 3), (4, "replicated", 3), (4, "control", 4)]
+    (pair,) = results.control_pairs(rows)
+
+    def rho(r, ctrl, seed):
+        small, large = (
+            next(x["curve"] for x in runs if (x["replication"], x["control"], x["global_batch_size"], x["seed"]) == key)
+            for key in ((r, ctrl, 16, seed), (r, ctrl, 512, seed))
+        )
+        return results.mean_loss_ratio(small, large)
+
+    diffs = [rho(4, False, s) - rho(4, True, s) for s in range(3)]
+    assert pair.n_paired == 3 and pair.replication == 4
+    assert pair.diff_mean == pytest.approx(sum(diffs) / 3)
+    assert pair.diff_std == pytest.approx((sum((d - sum(diffs) / 3) ** 2 for d in diffs) / 2) ** 0.5)
+    md = results.fig3a_control_markdown(rows)
+    assert "| vanilla | 4 |" in md and md.rstrip().endswith("| 3 |")
+
+
+def test_fig3a_jobs_add_a_control_per_replicated_run_with_equal_updates():
+    from bench.paper.run import control_config, fig3a_jobs
+    from tuning.spec import load_sweep_spec
+
+    spec = load_sweep_spec("paper-fig3a")
+    jobs = fig3a_jobs(spec)
+    assert len(jobs) == 800 + 600 and spec.space["seed"] == list(range(10))
+    assert [p["seed"] for p, _ in jobs] == sorted(p["seed"] for p, _ in jobs)  # whole seeds first
+    replicated = [p for p, ctrl in jobs if not ctrl and p["replication"] > 1]
+    assert sorted(map(str, replicated)) == sorted(str(p) for p, ctrl in jobs if ctrl)
+    assert len(fig3a_jobs(spec, control=False)) == 800
+    cfg = spec.run_config(replicated[0])
+    ctl = control_config(cfg)
+    assert ctl.data.replication_control and ctl.data.replication == cfg.data.replication
+    n, n_ctl = cfg.data.train_size, cfg.data.train_size // cfg.data.replication
+    assert ctl.train.max_passes * n_ctl == cfg.train.max_passes * n  # equal examples processed, equal updates

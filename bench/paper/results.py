@@ -8,6 +8,9 @@ Tests: ``pytest tests/test_paper.py``.
   of the large batch; the small batch's curve, evaluated more often, is linearly interpolated in
   passes. Each B has its own tuned step size γ*_B = argmin_γ mean_seeds mean_k L(B, γ, p_k)
   (fastest convergence = lowest average loss along the run); diverged runs rank last.
+  The replication control (r >= 2: the same n/r distinct examples without replication, at equal
+  updates, its passes given as examples processed / n) is tuned and averaged the same way, as its
+  own row; ``control_pairs`` sets each replicated row beside its control, paired by seed.
 - Figures 1-2: per batch size, the best step size's passes and time to accuracy; per-pass
   speedup S_pass(B) = t_pass(B_min) / t_pass(B), t_pass = training seconds / passes.
 - Bound vs observed: the best batch size a sweep found against B_D = nΔ_D.
@@ -108,34 +111,43 @@ class Fig3aRow:
     n_seeds: int
     edge_steps: str
     """Which tuned step sizes lie at an end of the grid ('' when none)."""
+    control: bool = False
+    """The replication control's row (n/r distinct examples, no replication, equal updates)."""
+    seed_ratios: tuple[tuple[int, float], ...] = ()
+    """(seed, averaged ratio) of every seed in the mean."""
+
+    @property
+    def arm(self) -> str:
+        return "control" if self.control else ("replicated" if self.replication > 1 else "full data")
 
 
 def fig3a_rows(runs: Iterable[Mapping[str, Any]], small_batch: int, large_batch: int) -> list[Fig3aRow]:
-    """Figure 3a rows from runs {replication, mechanism, global_batch_size, step_size, seed, curve: Curve}.
+    """Figure 3a rows from runs {replication, mechanism, global_batch_size, step_size, seed, curve: Curve}
+    and optionally control (bool, default False).
 
-    Per (r, mechanism): γ* per batch size (``tuned_step``), then per seed present at both γ*
+    Per (r, mechanism, control): γ* per batch size (``tuned_step``), then per seed present at both γ*
     the averaged ratio ``mean_loss_ratio`` and the final-point ratio L_large(end) / L_small(end).
     """
-    groups: dict[tuple[int, str], dict[int, dict[float, dict[int, Curve]]]] = defaultdict(
+    groups: dict[tuple[int, str, bool], dict[int, dict[float, dict[int, Curve]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(dict))
     )
     runs = list(runs)
     grid = sorted({float(r["step_size"]) for r in runs})
     for r in runs:
         if r["global_batch_size"] in (small_batch, large_batch):
-            groups[(int(r["replication"]), r["mechanism"])][r["global_batch_size"]][float(r["step_size"])][
-                int(r["seed"])
-            ] = r["curve"]
+            group = groups[(int(r["replication"]), r["mechanism"], bool(r.get("control", False)))]
+            group[r["global_batch_size"]][float(r["step_size"])][int(r["seed"])] = r["curve"]
     rows = []
-    for (rep, mech), by_b in groups.items():
+    for (rep, mech, ctrl), by_b in groups.items():
         steps = {b: tuned_step({g: list(s.values()) for g, s in by_b[b].items()}) for b in (small_batch, large_batch)}
-        ratios, finals = [], []
+        ratios, finals, seeds = [], [], []
         if steps[small_batch] is not None and steps[large_batch] is not None:
             small, large = by_b[small_batch][steps[small_batch]], by_b[large_batch][steps[large_batch]]
             for seed in sorted(small.keys() & large.keys()):
                 rho = mean_loss_ratio(small[seed], large[seed])
                 if rho is not None:
                     ratios.append(rho)
+                    seeds.append(seed)
                     finals.append(large[seed].loss[-1] / small[seed].loss[-1])
         edges = [f"B={b}: γ={s:g}" for b, s in steps.items() if s is not None and grid and s in (grid[0], grid[-1])]
         rows.append(
@@ -148,9 +160,39 @@ def fig3a_rows(runs: Iterable[Mapping[str, Any]], small_batch: int, large_batch:
                 *_mean_std(finals),
                 len(ratios),
                 "; ".join(edges),
+                ctrl,
+                tuple(zip(seeds, ratios, strict=True)),
             )
         )
-    return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.replication))
+    return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.replication, r.control))
+
+
+@dataclass(frozen=True)
+class ControlPair:
+    """A replicated row beside its control: the difference replicated − control of the averaged ratio,
+    per seed present in both (the same seed draws the same n/r examples for both arms)."""
+
+    replication: int
+    mechanism: str
+    replicated: Fig3aRow
+    control: Fig3aRow
+    diff_mean: float | None
+    diff_std: float | None
+    n_paired: int
+
+
+def control_pairs(rows: Sequence[Fig3aRow]) -> list[ControlPair]:
+    """Each (r, mechanism) that has both a replicated and a control row, with the paired difference."""
+    by_key = {(r.replication, r.mechanism, r.control): r for r in rows}
+    out = []
+    for (rep, mech, ctrl), row in by_key.items():
+        ctl = by_key.get((rep, mech, True))
+        if ctrl or ctl is None:
+            continue
+        theirs = dict(ctl.seed_ratios)
+        diffs = [rho - theirs[seed] for seed, rho in row.seed_ratios if seed in theirs]
+        out.append(ControlPair(rep, mech, row, ctl, *_mean_std(diffs), len(diffs)))
+    return sorted(out, key=lambda p: (p.mechanism != BASELINE, p.mechanism, p.replication))
 
 
 def _g(x: float | None) -> str:
@@ -167,12 +209,15 @@ def _table(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> 
 def fig3a_markdown(rows: Sequence[Fig3aRow], small_batch: int, large_batch: int) -> str:
     intro = (
         f"Loss ratio L(B={large_batch}) / L(B={small_batch}), averaged over the evaluation points of training "
-        f"(and at the end), each B at its tuned step size; mean ± std over seeds.\n\n"
+        f"(and at the end), each B at its tuned step size; mean ± std over seeds. Arm: replicated = the "
+        f"r-replicated set (n examples, n/r distinct); control = the same n/r distinct examples without "
+        f"replication, trained for the same number of updates.\n\n"
     )
     return intro + _table(
         [
             "mechanism",
             "r",
+            "arm",
             "γ*(B small)",
             "γ*(B large)",
             "avg loss ratio",
@@ -180,11 +225,12 @@ def fig3a_markdown(rows: Sequence[Fig3aRow], small_batch: int, large_batch: int)
             "seeds",
             "tuned γ at grid edge",
         ],
-        "lrrrrrrl",
+        "lrlrrrrrl",
         [
             [
                 r.mechanism,
                 r.replication,
+                r.arm,
                 _g(r.small_step),
                 _g(r.large_step),
                 _pm(r.ratio_mean, r.ratio_std),
@@ -193,6 +239,32 @@ def fig3a_markdown(rows: Sequence[Fig3aRow], small_batch: int, large_batch: int)
                 r.edge_steps or "–",
             ]
             for r in rows
+        ],
+    )
+
+
+def fig3a_control_markdown(rows: Sequence[Fig3aRow]) -> str:
+    """The replicated arm beside its control per (mechanism, r), with the paired difference over seeds."""
+    pairs = control_pairs(rows)
+    if not pairs:
+        return ""
+    intro = (
+        "Replicated vs control (same seed = same n/r distinct examples, same evaluation sample, equal updates): "
+        "avg loss ratio mean ± std over seeds; difference replicated − control per seed, mean ± std.\n\n"
+    )
+    return intro + _table(
+        ["mechanism", "r", "replicated", "control", "replicated − control", "paired seeds"],
+        "lrrrrr",
+        [
+            [
+                p.mechanism,
+                p.replication,
+                _pm(p.replicated.ratio_mean, p.replicated.ratio_std),
+                _pm(p.control.ratio_mean, p.control.ratio_std),
+                _pm(p.diff_mean, p.diff_std, "+.3g"),
+                p.n_paired,
+            ]
+            for p in pairs
         ],
     )
 
@@ -334,16 +406,23 @@ def _figure(ncols: int = 1):
 def plot_fig3a(rows: Sequence[Fig3aRow], path: Path, small_batch: int, large_batch: int) -> Path:
     fig = _figure()
     ax = fig.subplots()
-    for mech in dict.fromkeys(r.mechanism for r in rows):
-        pts = [r for r in rows if r.mechanism == mech and r.ratio_mean is not None]
-        if pts:
+    for i, mech in enumerate(dict.fromkeys(r.mechanism for r in rows)):
+        for ctrl in (False, True):
+            pts = [r for r in rows if r.mechanism == mech and r.control == ctrl and r.ratio_mean is not None]
+            if not pts:
+                continue
+            shift = 1.04 if ctrl else 1.0  # side by side on the log axis
+            n = min(r.n_seeds for r in pts)
             ax.errorbar(
-                [r.replication for r in pts],
+                [r.replication * shift for r in pts],
                 [r.ratio_mean for r in pts],
                 yerr=[r.ratio_std or 0.0 for r in pts],
-                marker="o",
+                marker="s" if ctrl else "o",
+                mfc="none" if ctrl else None,
+                ls="--" if ctrl else "-",
+                color=f"C{i}",
                 capsize=3,
-                label=mech,
+                label=f"{mech}, control: n/r distinct, no replication (≥{n} seeds)" if ctrl else f"{mech} (≥{n} seeds)",
             )
     ax.set_xscale("log", base=2)
     ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])

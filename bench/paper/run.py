@@ -81,23 +81,28 @@ def _run_inprocess_trial(
     cfg, data, grid_examples: int, parent_run_id: str, label: str, trial: str, tags: dict[str, str]
 ) -> None:
     """One trial in this process: raygd's loop with the config's B and step size, evaluated every grid_examples,
-    trained for max_passes whatever the accuracy."""
+    trained for max_passes whatever the accuracy. A replication-control run (``data.replication_control``)
+    is evaluated on ``data.paired_eval_index``: the replicated arm's evaluation sample, same examples."""
     from raygd.loop import build_state, every_examples, run_loop
     from raygd.tracking import Tracker, create_run
 
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=1))
     tc = cfg.train
+    arm = "-control" if cfg.data.replication_control else ""
     run_id = create_run(
         cfg.tracking.tracking_uri,
         cfg.tracking.experiment_name,
-        f"{trial}-{label}-B{tc.global_batch_size}-lr{tc.step_size:g}-s{tc.seed}",
+        f"{trial}-{label}{arm}-r{cfg.data.replication}-B{tc.global_batch_size}-lr{tc.step_size:g}-s{tc.seed}",
         {**cfg.flat(), "engine": "inprocess"},
         {**tags, TRIAL_TAG: trial, MECHANISM_LABEL_TAG: label},
         parent_run_id=parent_run_id,
     )
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
+    state = build_state(cfg, data)
+    if data.paired_eval_index is not None:
+        state.x_eval, state.y_eval = data.x_train[data.paired_eval_index], data.y_train[data.paired_eval_index]
     summary = run_loop(
-        build_state(cfg, data),
+        state,
         tracker,
         stop_at_target=False,
         eval_due=every_examples(grid_examples, tc.global_batch_size),
@@ -105,6 +110,27 @@ def _run_inprocess_trial(
     tracker.log_metrics(summary.summary_metrics(), step=summary.steps)
     tracker.set_tags({STATUS_TAG: summary.status})
     tracker.finish("FINISHED")
+
+
+def control_config(cfg):
+    """The replication control of an r-replicated run (r >= 2): the same seed's n/r distinct examples,
+    each once (``data.replication_control``), trained for r x max_passes over them, i.e. the replicated
+    run's number of updates and examples processed.
+
+    Equal updates, not equal passes over the n/r examples: with ``with_replacement`` sampling a uniform
+    draw from the replicated set is a uniform draw from its distinct examples, so at equal updates the
+    control is the replicated run's process in distribution. Whatever the loss ratio does with r is then
+    shared by "the same n/r examples, without replication": a ratio that matched the control would
+    come from the number of distinct examples (and passes over them), not from repeating them.
+    Equal passes over n/r would instead cut the control's updates by r and compare runs of different
+    length.
+    """
+    r = cfg.data.replication
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, replication_control=True),
+        train=dataclasses.replace(cfg.train, max_passes=cfg.train.max_passes * r),
+    )
 
 
 def grid_examples(cfg, n: int, b_max: int) -> int:
@@ -117,38 +143,54 @@ def grid_examples(cfg, n: int, b_max: int) -> int:
     return math.ceil(max(1, round(tc.eval_every_passes * n)) / b_max) * b_max
 
 
-def _fig3a_inprocess(spec) -> str:
+def fig3a_jobs(spec, control: bool = True) -> list[tuple[dict, bool]]:
+    """(trial params, is_control) in run order: seed slowest, then replication, the replicated arm before
+    its control (r >= 2 only, when ``control``), the rest in the grid's order. Seeds finish one after
+    another, so a run cut short leaves whole seeds, and each (seed, r, arm) loads its data once."""
+    jobs = [(p, False) for p in spec.trial_params()]
+    if control:
+        jobs += [(p, True) for p in spec.trial_params() if p.get("replication", 1) >= 2]
+    return sorted(jobs, key=lambda job: (job[0].get("seed", 0), job[0].get("replication", 1), job[1]))  # stable
+
+
+def _fig3a_inprocess(spec, control: bool = True) -> str:
+    import torch
+
     from raygd.data import load_data
     from raygd.tracking import create_run, provenance_tags
     from tuning.spec import mechanism_label
 
-    params_all = spec.trial_params()
+    jobs = fig3a_jobs(spec, control)
+    # One worker's threads, as Ray Train gives it (train.cpus_per_worker): on a shared 2-core machine
+    # torch's default 2 intra-op threads made a B=16 logistic-regression step 15-35x slower (measured).
+    torch.set_num_threads(spec.run_config(jobs[0][0]).train.cpus_per_worker)
     b_max = max(spec.space["global_batch_size"])
-    first = spec.run_config(params_all[0])
-    cache: dict = {(first.data.replication, first.train.seed): load_data(first.data, first.train.seed)}
-    grid = grid_examples(first, next(iter(cache.values())).n, b_max)  # r-replication keeps n
+    first = spec.run_config(jobs[0][0])
+    grid = grid_examples(first, load_data(first.data, first.train.seed).n, b_max)  # r-replication keeps n
     parent = create_run(
         spec.tracking_uri,
         spec.name,
         f"sweep-{spec.name}",
         {
             "engine": "inprocess",
-            "num_trials": len(params_all),
+            "num_trials": len(jobs),
+            "replication_control": control,
             "eval_every_examples": grid,
             **{f"space.{k}": json.dumps(v) for k, v in spec.space.items()},
         },
         provenance_tags({KIND_TAG: SWEEP_KIND}),
     )
     tags = provenance_tags()  # git and library versions: once, not per trial (0.3 s each)
-    start = time.time()
-    for i, params in enumerate(params_all):
+    start, cache = time.time(), {}
+    for i, (params, ctrl) in enumerate(jobs):
         cfg = spec.run_config(params)
-        key = (cfg.data.replication, cfg.train.seed)
+        cfg = control_config(cfg) if ctrl else cfg
+        key = (cfg.data.replication, ctrl, cfg.train.seed)
         if key not in cache:
-            cache = {key: load_data(cfg.data, cfg.train.seed)}  # params vary seed and r slowest: keep one
+            cache = {key: load_data(cfg.data, cfg.train.seed)}  # jobs vary seed, r and arm slowest: keep one
         _run_inprocess_trial(cfg, cache[key], grid, parent, mechanism_label(params["mechanism"]), f"t{i:04d}", tags)
         if (i + 1) % 20 == 0:
-            print(f"  fig3a: {i + 1}/{len(params_all)} runs, {time.time() - start:.0f} s", flush=True)
+            print(f"  fig3a: {i + 1}/{len(jobs)} runs, {time.time() - start:.0f} s", flush=True)
     from mlflow.tracking import MlflowClient
 
     MlflowClient(spec.tracking_uri).set_terminated(parent, "FINISHED")
@@ -165,12 +207,16 @@ def _curves(uri: str, parent: str) -> list[dict]:
         passes = {m.step: m.value for m in client.get_metric_history(rid, "progress/passes")}
         loss = {m.step: m.value for m in client.get_metric_history(rid, "train/loss")}
         steps = sorted(passes.keys() & loss.keys())
-        curve = results.Curve(tuple(passes[s] for s in steps), tuple(loss[s] for s in steps))
+        control = p.get("data.replication_control") == "True"
+        r = int(p.get("data.replication", 1))
+        scale = 1 / r if control else 1.0  # the control's passes over n/r -> examples processed / n
+        curve = results.Curve(tuple(passes[s] * scale for s in steps), tuple(loss[s] for s in steps))
         if run.data.tags.get(STATUS_TAG) == Status.DIVERGED:
             curve = results.Curve((*curve.passes, math.inf), (*curve.loss, math.nan))
         out.append(
             {
-                "replication": int(p.get("data.replication", 1)),
+                "replication": r,
+                "control": control,
                 "mechanism": run.data.tags.get(MECHANISM_LABEL_TAG, p.get("mechanism.name")),
                 "global_batch_size": int(p["train.global_batch_size"]),
                 "step_size": float(p["train.step_size"]),
@@ -188,13 +234,15 @@ def exp_fig3a(args: argparse.Namespace) -> None:
     if args.report_only:
         parent = latest_sweep(spec.tracking_uri, spec.name)
     elif args.engine == "ray":
+        print("fig3a --engine ray: the replicated grid only (the replication control runs in-process)")
         parent = run_sweep(spec).parent_run_id
     else:
-        parent = _fig3a_inprocess(spec)
+        parent = _fig3a_inprocess(spec, control=not args.no_control)
     small, large = min(spec.space["global_batch_size"]), max(spec.space["global_batch_size"])
     rows = results.fig3a_rows(_curves(spec.tracking_uri, parent), small, large)
     fig = results.plot_fig3a(rows, OUT / "fig3a" / "figure.png", small, large)
-    _emit("fig3a", results.fig3a_markdown(rows, small, large), [fig], spec.tracking_uri, parent)
+    table = results.fig3a_markdown(rows, small, large) + "\n" + results.fig3a_control_markdown(rows)
+    _emit("fig3a", table, [fig], spec.tracking_uri, parent)
 
 
 # --------------------------------------------------------------------------- CNN sweeps
@@ -340,6 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["inprocess", "ray"],
         default="inprocess",
         help="fig3a only: run trials in this process (default) or as a Ray Tune sweep",
+    )
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="fig3a only: skip the replication control (n/r distinct examples, no replication, equal updates)",
     )
     parser.add_argument(
         "--dc-sample",
