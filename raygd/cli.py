@@ -93,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
         help="also train (1 process, vanilla SGD) and measure B_D every --every updates",
     )
     div.add_argument("--every", type=int, default=50, help="updates between measurements along training")
+    div.add_argument(
+        "--differential",
+        action="store_true",
+        help="with --along-training: also the differential bound B̄_D(w_prev, w) (Definition 2, Theorem 5) "
+        "between consecutive measured iterates, a column and an MLflow metric",
+    )
     report = sub.add_parser("report", help="rebuild a sweep's table and figures from MLflow")
     report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
     report.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default %(default)s)")
@@ -246,7 +252,9 @@ def cmd_diversity(args: argparse.Namespace) -> int:
     if args.every < 1:
         raise ConfigError(f"--every {args.every} is invalid: an integer >= 1.")
     rows = measure.measure_replications(cfg, replications, mechanisms)
-    along = measure.measure_along_training(cfg, args.every) if args.along_training else []
+    if args.differential and not args.along_training:
+        raise ConfigError("--differential is invalid without --along-training: it compares iterates of a training run.")
+    along = measure.measure_along_training(cfg, args.every, args.differential) if args.along_training else []
     run_id = measure.record(cfg, rows, along)
     print(f"raygd diversity: {cfg.train.model} on {cfg.data.name}")
     print(measure.table(rows + along))

@@ -10,6 +10,10 @@ MLflow run (tag ``raygd.kind=diversity``) holding the table as ``diversity.csv``
 
     raygd diversity configs/quickstart.yaml --replication 1,2,4,8 --mechanism vanilla,sgld
     raygd diversity configs/quickstart.yaml --along-training --every 50
+    raygd diversity configs/quickstart.yaml --along-training --every 50 --differential
+
+``--differential`` adds Theorem 5's differential bound B̄_D(w_prev, w) (Definition 2) between each
+measured iterate and the one before it: a column of the table and ``diversity/differential_batch_bound``.
 
 Runs on the current process's CPU threads; no Ray is needed for a measurement.
 """
@@ -26,7 +30,11 @@ import torch
 
 from raygd.config import MECHANISMS, ConfigError, MechanismConfig, RunConfig
 from raygd.data import Dataset, load_data
+from raygd.diversity import differential_diversity
 from raygd.mechanisms import build_mechanism, mechanism_class
+
+DIFFERENTIAL_METRIC = "diversity/differential_batch_bound"
+"""B̄_D(w_prev, w) between consecutive measured iterates (``--differential``), logged at the later one's update."""
 
 
 @dataclass
@@ -41,6 +49,9 @@ class DiversityRow:
     delta: float
     batch_bound: float
     estimator: str
+    differential_bound: float | None = None
+    """B̄_D(w_prev, w) (Definition 2) between the previous row's iterate and this one (along training
+    with ``differential``), on the same examples; None elsewhere."""
 
 
 def parse_list(text: str, kind: type, name: str, allowed: tuple[str, ...] | None = None) -> list:
@@ -84,9 +95,11 @@ def measure_replications(cfg: RunConfig, replications: list[int], mechanisms: li
     return rows
 
 
-def measure_along_training(cfg: RunConfig, every: int) -> list[DiversityRow]:
+def measure_along_training(cfg: RunConfig, every: int, differential: bool = False) -> list[DiversityRow]:
     """Exact vanilla B_D every ``every`` updates of in-process SGD (raygd's loop, one worker, the config's B),
-    at the initial weights and after the last update; trains for ``train.max_passes`` whatever the accuracy."""
+    at the initial weights and after the last update; trains for ``train.max_passes`` whatever the accuracy.
+    ``differential``: each row after the first also gets B̄_D(w_prev, w) between its iterate and the
+    previous row's (Theorem 5's quantity, ``raygd.diversity.differential_diversity``, float64)."""
     from raygd.loop import build_state, every_steps, run_loop
 
     single = dataclasses.replace(
@@ -97,10 +110,18 @@ def measure_along_training(cfg: RunConfig, every: int) -> list[DiversityRow]:
     data = load_data(cfg.data, cfg.train.seed)
     state = build_state(single, data)
     rows, g = [], torch.Generator().manual_seed(0)
+    previous: dict[str, torch.Tensor] = {}
 
     def row(step: int) -> None:
         bound = measure(state.model, data, single.mechanism, g)
         passes = step * cfg.train.global_batch_size / data.n
+        differential_bound = None
+        if differential:
+            if previous:
+                differential_bound = differential_diversity(
+                    state.model, previous, data.x_train, data.y_train, dtype=torch.float64
+                ).batch_bound
+            previous.update({n: p.detach().clone() for n, p in state.model.named_parameters()})
         rows.append(
             DiversityRow(
                 cfg.data.replication,
@@ -111,6 +132,7 @@ def measure_along_training(cfg: RunConfig, every: int) -> list[DiversityRow]:
                 bound / data.n,
                 bound,
                 mechanism_class("vanilla").estimator,
+                differential_bound,
             )
         )
 
@@ -120,15 +142,20 @@ def measure_along_training(cfg: RunConfig, every: int) -> list[DiversityRow]:
 
 
 def table(rows: list[DiversityRow]) -> str:
+    """The markdown table; a column B̄_D(w_prev, w) when some row has the differential bound."""
+    extra = any(r.differential_bound is not None for r in rows)
     lines = [
-        "| r | mechanism | passes | updates | n | Δ_D | B_D | estimator |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| r | mechanism | passes | updates | n | Δ_D | B_D | estimator |" + (" B̄_D(w_prev, w) |" if extra else ""),
+        "|---:|---|---:|---:|---:|---:|---:|---|" + ("---:|" if extra else ""),
     ]
-    lines += [
-        f"| {r.replication} | {r.mechanism} | {r.passes:.2f} | {r.updates} | {r.n} | {r.delta:.4g} | "
-        f"{r.batch_bound:.4g} | {r.estimator} |"
-        for r in rows
-    ]
+    for r in rows:
+        line = (
+            f"| {r.replication} | {r.mechanism} | {r.passes:.2f} | {r.updates} | {r.n} | {r.delta:.4g} | "
+            f"{r.batch_bound:.4g} | {r.estimator} |"
+        )
+        if extra:
+            line += f" {r.differential_bound:.4g} |" if r.differential_bound is not None else " – |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -156,7 +183,11 @@ def _plots(rows: list[DiversityRow], along: list[DiversityRow], out: Path) -> li
     if along:
         fig = Figure(figsize=(5, 3.5))
         ax = fig.add_subplot()
-        ax.plot([r.passes for r in along], [r.batch_bound for r in along], marker="o")
+        ax.plot([r.passes for r in along], [r.batch_bound for r in along], marker="o", label="B_D(w)")
+        differential = [(r.passes, r.differential_bound) for r in along if r.differential_bound is not None]
+        if differential:
+            ax.plot(*zip(*differential, strict=True), marker="s", label="B̄_D(w_prev, w)")
+            ax.legend()
         ax.set(
             yscale="log", xlabel="passes over the data", ylabel="B_D = nΔ_D", title="batch-size bound along training"
         )
@@ -185,6 +216,14 @@ def record(cfg: RunConfig, rows: list[DiversityRow], along: list[DiversityRow]) 
         )
     for r in along:
         tracker.log_metrics({"diversity/batch_bound": r.batch_bound, "diversity/delta": r.delta}, step=r.updates)
+        if r.differential_bound is not None:
+            tracker.log_metrics(
+                {
+                    DIFFERENTIAL_METRIC: r.differential_bound,
+                    "diversity/differential_delta": r.differential_bound / r.n,
+                },
+                step=r.updates,
+            )
     tracker.set_tags({"diversity/estimator": "exact"})
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

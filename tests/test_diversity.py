@@ -461,6 +461,17 @@ def test_differential_diversity_matches_a_per_example_loop():
     assert rel(by_dict.batch_bound, got.batch_bound) < 1e-12
 
 
+@pytest.mark.parametrize("name, k", [("logreg", 10), ("logreg_binary", 2)])
+def test_logistic_regression_differential_diversity_closed_form_matches_a_per_example_loop(name, k):
+    torch.manual_seed(0)
+    model, other = build_model(name, (1, 28, 28), k), build_model(name, (1, 28, 28), k)
+    x, y = torch.randn(20, 1, 28, 28), torch.randint(k, (20,))
+    assert D.linear_softmax(model) is not None  # the closed-form route
+    diff = brute_grads(model, x, y) - brute_grads(other, x, y)
+    got = D.differential_diversity(model, other, x, y, dtype=F64)
+    assert rel(got.delta, brute_diversity(diff)) < 1e-9 and got.n == 20
+
+
 def test_differential_diversity_known_cases():
     model, x, y = orthogonal_case()
     other = nn.Linear(x.shape[1], 3, bias=False)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from raygd.diversity.ghost import GhostNorms
+from raygd.diversity.ghost import GhostNorms, LinearSoftmax, linear_softmax
 from raygd.diversity.per_example import (
     Params,
     _batches,
@@ -28,6 +28,8 @@ from raygd.diversity.per_example import (
     _flat_grad_chunks,
     _sq_norm,
     functional_state,
+    linear_softmax_deltas,
+    linear_softmax_sums,
     per_example_sq_norms,
 )
 from raygd.mechanisms.dropconnect_linear import dropconnect_masks
@@ -333,6 +335,9 @@ def differential_diversity(
 ) -> Diversity:
     """Definition 2: Δ̄(w, w′) = Σ_i‖∇f_i(w) − ∇f_i(w′)‖² / ‖Σ_i (∇f_i(w) − ∇f_i(w′))‖², B̄ = nΔ̄.
 
+    Per-example gradients by torch.func at both points; logistic regression (``linear_softmax``) in
+    closed form: ∇f_i is linear in δ_i = ∂f_i/∂z_i, so ‖Δg_i‖² = ‖δ_i(w) − δ_i(w′)‖²(‖a_i‖² + 1).
+
     Args:
         model: the architecture with parameters w.
         other: a model of the same architecture, or a name -> tensor mapping, holding w′.
@@ -348,6 +353,9 @@ def differential_diversity(
     if missing:
         raise ValueError(f"other has no parameters named {missing[:3]}: it must share model's architecture.")
     other_params = {n: theirs[n].detach().to(params[n].dtype) for n in params}
+    closed = linear_softmax(model)
+    if closed is not None and (closed.name or x.dim() == 2):
+        return _differential_linear_softmax(closed, x, y, params, other_params, buffers, dtype)
     total_sq, summed = 0.0, None
     chunks = zip(
         _flat_grad_chunks(model, x, y, params, buffers, chunk_size, dtype),
@@ -360,3 +368,26 @@ def differential_diversity(
         summed = diff.sum(0) if summed is None else summed + diff.sum(0)
     assert summed is not None, "x has no examples"
     return Diversity(int(x.shape[0]), total_sq, _sq_norm([summed]))
+
+
+def _differential_linear_softmax(
+    found: LinearSoftmax,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: Params,
+    other_params: Params,
+    buffers: Params,
+    dtype: torch.dtype | None,
+    batch_size: int = 4096,
+) -> Diversity:
+    """``differential_diversity`` of a logistic regression from δ(w) − δ(w′), one forward per point."""
+    total_sq, summed = 0.0, None
+    for xb, yb in _batches(x, y, batch_size, _device(found.layer), dtype):
+        a, mine = linear_softmax_deltas(found, xb, yb, params, buffers)
+        _, theirs = linear_softmax_deltas(found, xb, yb, other_params, buffers)
+        sq, grads = linear_softmax_sums(found, a, mine - theirs, params)
+        total_sq += float(sq.sum())
+        flat = torch.cat([g.reshape(-1).to(torch.float64) for g in grads])
+        summed = flat if summed is None else summed + flat
+    assert summed is not None, "x has no examples"
+    return Diversity(int(x.shape[0]), total_sq, float(summed @ summed))

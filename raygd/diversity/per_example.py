@@ -124,6 +124,15 @@ def linear_softmax_sq_norms(
     Returns:
         (s, G) as ``per_example_sq_norms``.
     """
+    a, delta = linear_softmax_deltas(found, x, y, params, buffers)
+    return linear_softmax_sums(found, a, delta, params)
+
+
+def linear_softmax_deltas(
+    found: LinearSoftmax, x: torch.Tensor, y: torch.Tensor, params: Params, buffers: Params
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, δ) of a ``linear_softmax`` model: the flattened inputs a_i and δ_i = ∂f_i/∂z_i (see
+    ``linear_softmax_sq_norms``); ∇f_i is linear in δ_i, so differences of gradients are those of δ."""
     prefix = f"{found.name}." if found.name else ""
     weight = params.get(f"{prefix}weight", buffers.get(f"{prefix}weight"))
     bias = params.get(f"{prefix}bias", buffers.get(f"{prefix}bias"))
@@ -138,6 +147,15 @@ def linear_softmax_sq_norms(
         else:
             delta = torch.softmax(z, 1)
             delta[torch.arange(z.shape[0], device=z.device), y] -= 1
+    return a, delta
+
+
+def linear_softmax_sums(
+    found: LinearSoftmax, a: torch.Tensor, delta: torch.Tensor, params: Params
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(s, G) from (A, δ): s_i = ‖δ_i‖²(‖a_i‖² + 1), G = (δᵀA, Σ_i δ_i), in ``params`` order."""
+    prefix = f"{found.name}." if found.name else ""
+    with torch.no_grad():
         sq = _linear_sq_norms(a, delta, f"{prefix}weight" in params, f"{prefix}bias" in params)
         grads = {f"{prefix}weight": delta.T @ a, f"{prefix}bias": delta.sum(0)}
     return sq.to(torch.float64), [grads[n] for n in params]
