@@ -191,3 +191,20 @@ def test_fig3a_jobs_add_a_control_per_replicated_run_with_equal_updates():
     assert ctl.data.replication_control and ctl.data.replication == cfg.data.replication
     n, n_ctl = cfg.data.train_size, cfg.data.train_size // cfg.data.replication
     assert ctl.train.max_passes * n_ctl == cfg.train.max_passes * n  # equal examples processed, equal updates
+
+
+def test_fig3a_extra_counts_control_runs_identical_to_their_replicated_twin():
+    from bench.paper.fig3a_extra import control_identity, losses_by_batch
+
+    a, b = results.Curve((0.0, 1.0), (0.7, 0.5)), results.Curve((0.0, 1.0), (0.7, 0.4))
+    base = {"replication": 2, "mechanism": "vanilla", "global_batch_size": 16, "step_size": 0.1}
+    runs = [
+        {**base, "seed": 0, "control": False, "curve": a},
+        {**base, "seed": 0, "control": True, "curve": a},
+        {**base, "seed": 1, "control": False, "curve": a},
+        {**base, "seed": 1, "control": True, "curve": b},
+    ]
+    assert control_identity(runs).startswith("control runs with a replicated twin: 2; identical loss curves: 1;")
+    assert "max |ΔL| 0.1" in control_identity(runs)
+    table = losses_by_batch(runs)
+    assert "| vanilla | 2 | replicated | 16 | 0.1 | 2 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in table
