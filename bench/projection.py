@@ -41,6 +41,8 @@ LINKS = {
     "slow": {"bandwidth_gbps": 0.05, "latency_us": 500.0},
     "medium": {"bandwidth_gbps": 0.5, "latency_us": 100.0},
 }
+ZERO = {"bandwidth_gbps": 1e6, "latency_us": 0.0}
+"""A free link: what the emulation itself costs per update on this machine (hook, sleep wake-up)."""
 MECHANISMS = ("vanilla", "quantize")
 
 
@@ -104,7 +106,8 @@ def _plan(base: list[str], batches: list[int], reps: int) -> list[tuple[tuple, o
     for rep in range(reps):
         for batch, mech in ((b, m) for b in batches for m in MECHANISMS):
             arms = [((batch, mech, None, rep), _cfg(base, batch, mech, None))]
-            arms += [((batch, mech, name, rep), _cfg(base, batch, mech, link)) for name, link in LINKS.items()]
+            links = {**LINKS, "zero": ZERO}
+            arms += [((batch, mech, name, rep), _cfg(base, batch, mech, link)) for name, link in links.items()]
             plan += arms if i % 2 == 0 else arms[::-1]
             i += 1
     return plan
@@ -127,7 +130,7 @@ def main() -> None:
             "train.target_accuracy=0.78",
             "train.step_size=0.01",
         ]
-        batches, sizes, reps = [32, 128, 512], [1 << k for k in range(10, 25, 2)], 7
+        batches, sizes, reps = [32, 512], [1 << k for k in range(10, 25, 2)], 7
     base += [
         "train.model=logreg",
         "train.num_workers=2",
@@ -173,13 +176,24 @@ def main() -> None:
             f"{computes[mech].per_example_s * 1e6:.2f} µs × B/P "
             f"(max relative residual {cfit.max_relative_residual:.1%}; medians of {args.reps} plain runs per B)"
         )
+
+    def per_update(batch, mech, link):
+        return statistics.median(
+            by_rep[(batch, mech, link, r)][2] / by_rep[(batch, mech, link, r)][3] for r in range(args.reps)
+        )
+
+    overhead = {(b, m): per_update(b, m, "zero") - per_update(b, m, None) for b in batches for m in MECHANISMS}
+    lines.append(
+        "emulation overhead per update (free link minus plain, medians): "
+        + ", ".join(f"B={b} {m} {v * 1e3:+.2f} ms" for (b, m), v in overhead.items())
+    )
     lines += [
         "",
         "| B | mechanism | link | ρ | updates (plain = emulated, all reps) | predicted TTA s "
-        "| measured TTA s (median) | error |",
-        "|---|---|---|---|---|---|---|---|",
+        "| measured TTA s (median) | error | error, model + emulation overhead |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    errors = []
+    errors, errors2 = [], []
     for batch in batches:
         for mech in MECHANISMS:
             plain_updates = by_rep[(batch, mech, None, 0)][0]
@@ -202,16 +216,20 @@ def main() -> None:
                     )
                     continue
                 err = (predicted - measured) / measured
+                with_overhead = plain_updates * (cost.total_s + overhead[(batch, mech)])
+                err2 = (with_overhead - measured) / measured
                 errors.append(abs(err))
+                errors2.append(abs(err2))
                 lines.append(
                     f"| {batch} | {mech} | {name} | {cost.rho:.2g} | {same} {plain_updates} | {predicted:.2f} "
-                    f"| {measured:.2f} | {err:+.1%} |"
+                    f"| {measured:.2f} | {err:+.1%} | {err2:+.1%} |"
                 )
     if errors:
         lines += [
             "",
             f"{len(errors)} settings: median |error| {statistics.median(errors):.1%}, worst {max(errors):.1%} "
-            "(goal: median ≤ 10%)",
+            "(goal: median ≤ 10%); with the emulation's own measured overhead added: median "
+            f"{statistics.median(errors2):.1%}, worst {max(errors2):.1%}",
         ]
     text = "\n".join(lines)
     SAY(text)

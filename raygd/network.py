@@ -1,10 +1,10 @@
-"""An emulated network: DDP's collectives run for real, then each rank waits out the modelled transfer.
+"""An emulated network: each rank waits out the modelled transfer, then DDP's collective runs for real.
 
 On one machine communication is almost free, so the communication-bound regime of a cluster (the
 paper's EC2 runs) never shows. ``install_network(ddp, network_cfg, world_size)`` puts a DDP
 communication hook in front of whatever hook the mechanism registers (QSGD's int8 all_gather) or of
-DDP's own all-reduce: the real collective runs (so the weights are bitwise those of a run without
-the hook), then the rank sleeps
+DDP's own all-reduce: the rank sleeps, then the real collective runs unchanged (so the weights are
+bitwise those of a run without the hook, and the collective lines the ranks up after the sleep); the sleep is
 
     wait = t_comm(bucket) − overlap · min(t_comm(bucket), t_compute so far)
 
@@ -57,9 +57,7 @@ class EmulatedLink:
     modelled_s: float = 0.0
     """Modelled transfer seconds in total (before overlap)."""
     exposed_s: float = 0.0
-    """Modelled seconds not hidden by overlap: what the waits should add up to."""
-    debt_s: float = 0.0
-    """Seconds waited beyond ``exposed_s`` so far (sleep overshoot), taken off the next waits."""
+    """Modelled seconds not hidden by overlap: what the waits add up to, plus the sleeps' overshoot."""
     collectives: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,35 +68,31 @@ class EmulatedLink:
     def wait(self, payload: int, collective: str) -> float:
         """Sleep out one bucket's exposed transfer time, after the link's previous transfer; returns the wait.
 
-        A sleep overshoots (the scheduler wakes the rank late, more so on a busy machine); the overshoot is
-        carried as a debt and taken off the next waits, so the total added time tracks the modelled total.
+        Every rank sleeps the same modelled time before the real collective, which then lines the ranks up
+        again, so a late wake-up on one rank is not carried into the next step.
         """
         t_comm = self.transfer_s(payload, collective)
         with self.lock:
             now = time.perf_counter()
             exposed = costmodel.exposed_comm(t_comm, max(0.0, now - self.step_started), self.overlap)
-            start = max(now, self.free_at)
-            self.free_at = start + exposed
+            self.free_at = max(now, self.free_at) + exposed
             self.modelled_s += t_comm
             self.exposed_s += exposed
             self.collectives += 1
-            until = max(now, self.free_at - self.debt_s)
+            until = self.free_at
         _sleep_until(until)
         waited = time.perf_counter() - now
         with self.lock:
             self.waited_s += waited
-            self.debt_s = max(0.0, self.waited_s - self.exposed_s)
-            self.free_at = max(self.free_at, now + waited)
         return waited
 
 
 def _sleep_until(deadline: float) -> None:
-    """time.sleep to ~2 ms before the deadline, then spin: sleep alone overshoots by up to a scheduler tick."""
+    """Sleep, never spin: on a shared machine a spinning rank is descheduled later, which costs more than the
+    spin saves (a sleep overshoots by the scheduler's wake-up latency, ~0.1 ms on an idle machine)."""
     remaining = deadline - time.perf_counter()
-    if remaining > 3e-3:
-        time.sleep(remaining - 2e-3)
-    while time.perf_counter() < deadline:
-        pass
+    if remaining > 0:
+        time.sleep(remaining)
 
 
 def _allreduce_hook(process_group, bucket):
@@ -119,17 +113,13 @@ def _payload(hook, state: Any, numel: int, element_size: int) -> tuple[int, str]
 
 
 def _emulated(emulation: EmulatedLink, inner_state: Any, inner_hook):
-    """The hook that runs ``inner_hook`` (the real collective), waits for it, then waits out the transfer."""
+    """The hook that waits out the modelled transfer, then runs ``inner_hook`` (the real collective)."""
 
     def hook(state, bucket):
         buffer = bucket.buffer()
         payload, collective = _payload(inner_hook, inner_state, buffer.numel(), buffer.element_size())
-        fut = inner_hook(inner_state, bucket)
-        result = fut.wait()
         emulation.wait(payload, collective)
-        done: torch.futures.Future = torch.futures.Future()
-        done.set_result(result)
-        return done
+        return inner_hook(inner_state, bucket)
 
     return hook
 
