@@ -16,6 +16,9 @@ extrapolated. Every output says "projected": the table, the CSVs and figures log
 
     raygd project my-sweep --profile p3-v100-25g --workers 2,8,32,128,256
     raygd project my-sweep --bandwidth-gbps 10 --latency-us 50 --topology parameter_server
+
+One module (about 500 lines) because it is one pipeline: reading the trials, the compute fit, the
+projection and its four outputs share the same rows and are changed together.
 """
 
 from __future__ import annotations
