@@ -206,8 +206,9 @@ def _print_sweep(name: str, outcome, tracking_uri: str) -> None:
         f"raygd sweep {name}: {len(outcome.records)} trials, "
         f"{sum(r.reached for r in outcome.records)} reached the target"
     )
-    print(outcome.table)
-    print(f"MLflow parent run {outcome.parent_run_id} in experiment {name!r} (summary.md, summary.csv, figures)")
+    print(outcome.console_table or outcome.table)
+    more = "; per-batch table with the gap at target in summary.md" if outcome.console_table != outcome.table else ""
+    print(f"MLflow parent run {outcome.parent_run_id} in experiment {name!r} (summary.md, summary.csv, figures{more})")
     print(f"see it with: {mlflow_ui_command(tracking_uri)}")
     print(f"then open:   {runs_page_url(tracking_uri, outcome.parent_run_id)}")
 

@@ -51,11 +51,51 @@ def test_sweep_console_fits_on_one_screen_and_ends_with_the_table_and_the_ui_lin
     assert done.returncode == 0, done.stdout[-3000:]
     lines = done.stdout.rstrip().splitlines()
     assert len(lines) <= 40, "\n".join(lines)
+    # one trial at a time: one line per trial, its start written when it starts and its end appended
     for n in range(1, 5):
-        assert any(line.startswith(f"trial {n}/4 start ") for line in lines), lines
-        assert any(line.startswith(f"trial {n}/4 end ") and "done," in line for line in lines), lines
+        assert any(line.startswith(f"trial {n}/4  ") and " -> " in line and "done," in line for line in lines), lines
     assert any("4 done, 0 running, 0 pending" in line for line in lines), lines
     table = next(i for i, line in enumerate(lines) if line.startswith("| mechanism |"))
     assert any(line.startswith("| vanilla |") for line in lines[table:])
     assert "#/experiments/" in lines[-1] and "workflowType=machine_learning" in lines[-1], lines[-3:]
     assert "mlflow ui --backend-store-uri" in lines[-2], lines[-3:]
+
+
+def test_sequential_trials_print_one_line_each_and_concurrent_ones_two():
+    """The reporter's own logic on Tune's trial fields (trial_id, config, status, last_result)."""
+    import io
+    from types import SimpleNamespace
+
+    from tuning.console import ConsoleReporter
+
+    def trial(i, status="RUNNING", result=None):
+        config = {"step_size": 0.1, "global_batch_size": 64, "mechanism": {"name": "vanilla"}, "seed": i}
+        return SimpleNamespace(trial_id=f"t{i}", config=config, status=status, last_result=result)
+
+    reached = {"status": "reached_target", "time_to_accuracy_s": 1.5, "passes_to_accuracy": 0.5}
+    out = io.StringIO()
+    rep = ConsoleReporter(2, out=out, sequential=True)
+    a, b = trial(0), trial(1, "PENDING")
+    rep.on_trial_start(0, [a, b], a)
+    assert out.getvalue() == "trial 1/2  vanilla γ=0.1 B=64 seed=0  ->"  # the start, while it runs
+    a.last_result = reached
+    rep.on_trial_complete(0, [a, b], a)
+    a.status, b.status = "TERMINATED", "RUNNING"
+    rep.on_trial_start(0, [a, b], b)
+    rep.on_trial_error(0, [a, b], b)
+    assert out.getvalue().splitlines() == [
+        "trial 1/2  vanilla γ=0.1 B=64 seed=0  -> reached_target  time to acc 1.5 s  passes 0.5  "
+        "[1 done, 0 running, 1 pending; best vanilla γ=0.1 B=64 seed=0 1.5 s]",
+        "trial 2/2  vanilla γ=0.1 B=64 seed=1  -> error  [2 done, 0 running, 0 pending; "
+        "best vanilla γ=0.1 B=64 seed=0 1.5 s]",
+    ]
+    out = io.StringIO()
+    rep = ConsoleReporter(2, out=out)
+    a, b = trial(0), trial(1)
+    rep.on_trial_start(0, [a, b], a)
+    rep.on_trial_start(0, [a, b], b)
+    a.last_result = reached
+    rep.on_trial_complete(0, [a, b], a)
+    lines = out.getvalue().splitlines()
+    assert [line[:16] for line in lines] == ["trial 1/2 start ", "trial 2/2 start ", "trial 1/2 end   "]
+    assert lines[-1].endswith("[1 done, 1 running, 0 pending; best vanilla γ=0.1 B=64 seed=0 1.5 s]")

@@ -7,6 +7,10 @@ Tune's own console output (a status table after every trial, ~500 lines for 8 tr
     trial 3/8 end    reached_target  time to acc 1.94 s  passes 0.83  [3 done, 0 running, 5 pending;
                      best vanilla γ=0.4 B=256 0.71 s]   (one line)
 
+or, when trials run one at a time (``sequential``), one line per trial: its start is written when it
+starts and its end appended when it ends (``trial 3/8  dropconnect(p=0.4) γ=0.1 B=64 seed=0  ->
+reached_target  time to acc 1.94 s ...``), so a 16-trial sweep still fits on one screen.
+
 Imported only inside a sweep (it imports Ray Tune).
 """
 
@@ -47,38 +51,67 @@ class ConsoleReporter(Callback):
         out: where to print (standard output).
     """
 
-    def __init__(self, total: int | None = None, out: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int | None = None,
+        out: TextIO | None = None,
+        sequential: bool = False,
+        best: tuple[float, str] | None = None,
+    ) -> None:
         self.total, self._out = total, out  # the stream is looked up when printing: Tune pickles callbacks
+        self.sequential = sequential
         self.numbers: dict[str, int] = {}
-        self.best: tuple[float, str] | None = None
+        self.best: tuple[float, str] | None = best
+        self._open: str | None = None
+        """The trial whose start line waits for its end (sequential trials: one line per trial)."""
 
     def _number(self, trial) -> str:
         n = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
         return f"{n}/{self.total}" if self.total else str(n)
 
-    def _say(self, text: str) -> None:
+    def _write(self, text: str) -> None:
         out = self._out or sys.stdout
-        out.write(text + "\n")
+        out.write(text)
         out.flush()
 
+    def _say(self, text: str) -> None:
+        if self._open is not None:  # another trial's line while a start line waits: close it first
+            self._write("\n")
+            self._open = None
+        self._write(text + "\n")
+
+    def _finish(self, trial, what: str, trials: list) -> None:
+        """The end of a trial: on its own start line (sequential), else a line of its own."""
+        tally = self._tally(trials, trial)
+        if self._open == trial.trial_id:
+            self._open = None
+            self._write(f" {what}  [{tally}]\n")
+        else:
+            self._say(f"trial {self._number(trial)} {what}  [{tally}]")
+
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        if self.sequential:  # one line per trial: its start now, its end appended when it ends
+            if self._open is not None:
+                self._write("\n")
+            self._write(f"trial {self._number(trial)}  {describe(trial.config)}  ->")
+            self._open = trial.trial_id
+            return
         self._say(f"trial {self._number(trial)} start  {describe(trial.config)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}
-        status = result.get("status", "stopped_early")
+        what = result.get("status", "stopped_early")
         tta = result.get("time_to_accuracy_s")
-        line = f"trial {self._number(trial)} end    {status}"
         if isinstance(tta, (int, float)) and math.isfinite(tta):
-            line += f"  time to acc {tta:.3g} s  passes {result.get('passes_to_accuracy', float('nan')):.3g}"
+            what += f"  time to acc {tta:.3g} s  passes {result.get('passes_to_accuracy', float('nan')):.3g}"
             if self.best is None or tta < self.best[0]:
                 self.best = (tta, describe(trial.config))
         elif "passes" in result:
-            line += f"  after {result['passes']:.3g} passes, train acc {result.get('final_train_accuracy', 0):.3f}"
-        self._say(f"{line}  [{self._tally(trials, trial)}]")
+            what += f"  after {result['passes']:.3g} passes, train acc {result.get('final_train_accuracy', 0):.3f}"
+        self._finish(trial, what if self._open == trial.trial_id else f"end    {what}", trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._say(f"trial {self._number(trial)} error  {describe(trial.config)}  [{self._tally(trials, trial)}]")
+        self._finish(trial, "error" if self._open == trial.trial_id else f"error  {describe(trial.config)}", trials)
 
     def _tally(self, trials: list, ended) -> str:
         done = sum(t.status in ("TERMINATED", "ERROR") or t is ended for t in trials)

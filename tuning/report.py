@@ -37,6 +37,9 @@ class SweepOutcome:
     records: list
     best_rows: list
     table: str
+    """Everything: the summary (with B_D and notes), the per-batch table, the confirm table."""
+    console_table: str = ""
+    """What the terminal shows: the summary and the confirm table (the per-batch table is in summary.md)."""
 
 
 def collect_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
@@ -48,14 +51,15 @@ def collect_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     # With several replication factors the table ranks the unreplicated data (the smallest r).
     replication = min((r.replication for r in records), default=1)
     best = stats.best_per_mechanism(records, replication=replication)
-    table = tables.summary_markdown(best, extensions=edges.describe_extensions(records))
+    table = console = tables.summary_markdown(best, extensions=edges.describe_extensions(records))
     by_batch = stats.per_batch(records, replication=replication)
     if len({r.global_batch_size for r in by_batch}) > 1:
         table += "\n" + tables.batch_markdown(by_batch)
     if confirm_runs:
-        confirmed = stats.confirm_summary([TrialRecord.from_run(r) for r in confirm_runs])
-        table += "\n\n" + tables.confirm_markdown(confirmed)
-    return SweepOutcome(parent_run_id, records, best, table)
+        confirmed = tables.confirm_markdown(stats.confirm_summary([TrialRecord.from_run(r) for r in confirm_runs]))
+        table += "\n\n" + confirmed
+        console += "\n" + confirmed
+    return SweepOutcome(parent_run_id, records, best, table, console.rstrip("\n"))
 
 
 def end_unfinished_children(tracking_uri: str, parent_run_id: str) -> None:

@@ -184,7 +184,8 @@ def _run_phases(
     )  # the trial only waits on its workers
     recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
     total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
-    console = None if verbose else ConsoleReporter(total)
+    sequential = spec.max_concurrent_trials == 1
+    console = None if verbose else ConsoleReporter(total, sequential=sequential)
     _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
     if spec.extend_edges and spec.search != "grid":
         _say(f"extend_edges: skipped, {spec.search} search has no grid edges")
@@ -202,7 +203,7 @@ def _run_phases(
             tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=REUSE_TRIAL_ACTORS),
             resume,
             recorder,
-            None if verbose else ConsoleReporter(len(winners)),
+            None if verbose else ConsoleReporter(len(winners), sequential=sequential),
         )
 
 
@@ -228,8 +229,8 @@ def _extend_edges(
         if not proposals:
             return
         params = extension_params(spec, proposals)
-        added = ", ".join(sorted({f"{p.mechanism} γ={p.step_size:g} B={p.global_batch_size}" for p in proposals}))
-        _say(f"grid edges, round {k}/{spec.extend_edges_rounds}: {len(params)} trials ({added})")
+        _say(f"grid edges, round {k}/{spec.extend_edges_rounds}: {len(params)} trials beyond the winners' edges")
+        best = _fastest(records)
         _fit_tuner(
             trainable,
             f"{tune_dir}-extend{k}",
@@ -237,8 +238,16 @@ def _extend_edges(
             tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=REUSE_TRIAL_ACTORS),
             resume,
             recorder,
-            None if verbose else ConsoleReporter(len(params)),
+            None if verbose else ConsoleReporter(len(params), sequential=spec.max_concurrent_trials == 1, best=best),
         )
+
+
+def _fastest(records: list) -> tuple[float, str] | None:
+    """The fastest reached trial so far, as the console's "best" (time, description)."""
+    fastest = min((r for r in records if r.reached), key=lambda r: r.time_to_accuracy_s, default=None)
+    if fastest is None:
+        return None
+    return fastest.time_to_accuracy_s, f"{fastest.mechanism} γ={fastest.step_size:g} B={fastest.global_batch_size}"
 
 
 def _valid_batch(spec: SweepSpec, batch: int) -> bool:
