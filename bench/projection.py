@@ -4,14 +4,16 @@ One 2-process gloo group (spawned once, no Ray) runs everything, one run at a ti
 
 1. link calibration: timed gloo all-reduces of 1 KB–16 MB on this machine, fitted as
    t = 2α + bytes/β (``raygd.costmodel.fit_link``), fit and residuals printed;
-2. per (B, mechanism): a plain run (the machine's own link) and the same run under each emulated
-   link (``train.network``), in alternating order (plain first, then last, ...: bench/pairing.py);
+2. per (B, mechanism): a plain run (the machine's own link), the same run under each emulated link
+   (``train.network``) and under a free link (what the emulation itself costs: hook, sleep wake-up),
+   in alternating order (plain first, then last, ...: bench/pairing.py), all of it ``--reps`` times;
 3. the compute fit t_step = fixed + c·B/P per mechanism from the plain runs' step times;
 4. per emulated setting: predicted TTA = updates to target of the *plain* run × (fitted compute step
    + the cost model's communication on that link), against the emulated run's measured TTA.
 
 The prediction never sees the emulated run: it transfers updates (P- and link-independent, checked:
 the emulated run's updates must equal the plain one's) and models time. Goal: median error ≤ 10%.
+A second error column adds the free-link arm's measured cost per update (not fitted to the settings).
 
     .venv/bin/python -m bench.projection                 # logistic regression, Fashion-MNIST subset
     .venv/bin/python -m bench.projection --smoke         # a few seconds, synthetic data
