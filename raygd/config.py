@@ -237,10 +237,11 @@ class TrainConfig:
     """The online estimator measures one update in this many (the first, then every k-th), smoothed
     over measurements (EMA, decay 0.9). 1 measures every update: lowest variance, but a measured
     update costs ~1.05x (CNN) to ~1.3x (logistic regression) a plain one (bench/diversity_overhead.py)."""
-    bound_sample: int = 1024
+    bound_sample: int = 512
     """B_D = nΔ_D at the initial weights (``raygd.bound``) is measured on the first this many examples of
-    the evaluation sample (all of it when smaller), before training; 0 = not measured."""
-    bound_draws: int = 8
+    the evaluation sample (all of it when smaller), before training; 0 = not measured. Costs about one
+    forward+backward of these examples per rank share (CNN: ~1% of a trial), times bound_draws under DropConnect."""
+    bound_draws: int = 4
     """Monte Carlo mask draws of that B_D under DropConnect (its standard error shrinks as 1/sqrt(draws))."""
     max_failures: int = 0
     """Restarts of the worker group after a worker dies (Ray Train FailureConfig); -1 = unlimited.

@@ -124,14 +124,15 @@ def test_sgld_records_its_surrogate_and_quantize_labels_the_plain_gradient(idx_d
 
 
 def _brute_draw(model: nn.Module, x, y, p: float, group: int, generator) -> tuple[float, torch.Tensor]:
-    """Σ‖g_i^DC‖², Σ g_i^DC by a plain loop: one backward per example at M_k ∘ W, masks drawn per group
-    in parameter order (the order ``dropconnect_draw`` documents)."""
+    """Σ‖g_i^DC‖², Σ g_i^DC by a plain loop: one backward per example at M_k ∘ W, masks drawn in the order
+    ``dropconnect_draw`` documents (every group in one chunk: one (groups, *shape) draw per weight)."""
     params = {n: t.detach().to(F64) for n, t in model.named_parameters()}
     masked = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    total, summed, masks = 0.0, None, {}
+    total, summed = 0.0, None
+    groups = -(-x.shape[0] // group)  # every group in one chunk: one (groups, *shape) draw per weight
+    drawn = {n: dropconnect_masks((groups, *params[n].shape), p, generator, F64) for n in masked}
     for i in range(x.shape[0]):
-        if i % group == 0:
-            masks = {n: dropconnect_masks((1, *params[n].shape), p, generator, F64)[0] for n in masked}
+        masks = {n: m[i // group] for n, m in drawn.items()}
         leaves = {n: t.clone().requires_grad_() for n, t in params.items()}
         at = {n: leaves[n] * masks[n] if n in masks else leaves[n] for n in leaves}
         loss = F.cross_entropy(functional_call(model, at, (x[i : i + 1].to(F64),)), y[i : i + 1])
@@ -142,7 +143,7 @@ def _brute_draw(model: nn.Module, x, y, p: float, group: int, generator) -> tupl
     return total, summed
 
 
-@pytest.mark.parametrize("group", [4, 7, 40])
+@pytest.mark.parametrize("group", [1, 4, 7, 40])
 @pytest.mark.parametrize("arch", ["logreg", "cnn"])
 def test_grouped_dropconnect_draw_matches_a_per_example_loop(arch, group):
     torch.manual_seed(0)

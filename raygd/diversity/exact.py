@@ -238,17 +238,18 @@ def dropconnect_draw(
 ) -> tuple[float, torch.Tensor]:
     """One mask draw: (Σ_i‖g_i^DC‖², Σ_i g_i^DC flattened in parameter order, float64) over (x, y).
 
-    Groups are consecutive runs of ``examples_per_mask`` examples (the last may be shorter). Masks come
-    from ``generator`` in order: per example, one (c, *shape) draw per masked weight for each chunk of
-    c examples; per group, one (1, *shape) draw per masked weight (in parameter order) for each group.
+    Groups are consecutive runs of ``examples_per_mask`` examples (the last may be shorter). Models whose
+    trainable layers are all Linear/Conv2d take ``_dropconnect_draw_ghost`` (ordinary backwards, masked
+    norms in closed form; its docstring gives the order masks are drawn in); others torch.func's
+    per-example gradients at the masked weights, masks drawn per chunk of ``chunk_size`` examples
+    (per example) or per group, in parameter order.
     """
     params, buffers = functional_state(model, dtype)
     linear = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     masked = [n for n in params if n in linear]
-    if examples_per_mask > 1:
-        ghost = GhostNorms(model)
-        if not ghost.uncovered and all(n.removesuffix("weight").removesuffix(".") in ghost.layers for n in masked):
-            return _dropconnect_draw_ghost(model, ghost, x, y, p, examples_per_mask, generator, masked, dtype)
+    ghost = GhostNorms(model)
+    if not ghost.uncovered and all(n.removesuffix("weight").removesuffix(".") in ghost.layers for n in masked):
+        return _dropconnect_draw_ghost(model, ghost, x, y, p, examples_per_mask, generator, masked, dtype)
     masks = _group_masks({n: params[n] for n in masked}, p, max(1, examples_per_mask), generator)
     total_sq, summed = 0.0, None
     for g in _flat_grad_chunks(model, x, y, params, buffers, chunk_size, dtype, masks):
@@ -261,6 +262,8 @@ def dropconnect_draw(
 
 GROUP_BATCH = 256
 """Most examples of one mask group in one forward/backward of ``_dropconnect_draw_ghost``."""
+MASK_BYTES = 64 * 2**20
+"""Per-example masks (examples_per_mask = 1): examples per forward so that their masks fit in this."""
 
 
 def _dropconnect_draw_ghost(
@@ -274,24 +277,39 @@ def _dropconnect_draw_ghost(
     masked: list[str],
     dtype: torch.dtype | None,
 ) -> tuple[float, torch.Tensor]:
-    """``dropconnect_draw`` for groups of > 1 examples: one ordinary forward and backward per group at
-    M_k ∘ W (ghost norms, the masked Linear norms in closed form ``_GhostMaskedLinear``), no torch.func.
-    Masks are drawn as ``_group_masks`` draws them (per group, one (1, *shape) per masked weight)."""
+    """``dropconnect_draw`` by ordinary forwards and backwards at W, the masks applied inside the Linear
+    layers (``_GhostMaskedLinear``: masked norms as cheap as the forward), ghost norms for the rest; no
+    torch.func. Chunks of G whole groups (G·group <= ``GROUP_BATCH`` examples unless one group is larger,
+    G masks of the largest masked weight <= ``MASK_BYTES``); masks come from ``generator`` as one
+    (G, *shape) draw per masked weight (parameter order) per chunk: with every group in one chunk, group k
+    of the whole draw has row k."""
     params, buffers = functional_state(model, dtype)
     device = _device(model)
+    layer = {n: n.removesuffix("weight").removesuffix(".") for n in masked}
     total_sq, summed = 0.0, torch.zeros(sum(t.numel() for t in params.values()), dtype=torch.float64, device=device)
-    for start in range(0, x.shape[0], group):
-        masks = {n: dropconnect_masks((1, *params[n].shape), p, generator, params[n].dtype)[0] for n in masked}
-        ghost.weight_masks = {n.removesuffix("weight").removesuffix("."): m for n, m in masks.items()}
-        stop = min(start + group, x.shape[0])
-        for xb, yb in _batches(x[start:stop], y[start:stop], GROUP_BATCH, device, dtype):
-            at = {**params, **{n: params[n] * masks[n] for n in masked}}
+    largest = max((params[n].numel() * params[n].element_size() for n in masked), default=1)
+    per_chunk = max(1, min(MASK_BYTES // largest, GROUP_BATCH // group))
+    n = x.shape[0]
+    for start in range(0, n, per_chunk * group):
+        stop = min(start + per_chunk * group, n)
+        count = -(-(stop - start) // group)
+        drawn = {layer[m]: dropconnect_masks((count, *params[m].shape), p, generator, params[m].dtype) for m in masked}
+        full = (stop - start) // group
+        if group > GROUP_BATCH:  # one group per chunk, in forwards of GROUP_BATCH examples sharing its mask
+            pieces = [(t, min(t + GROUP_BATCH, stop), slice(0, 1)) for t in range(start, stop, GROUP_BATCH)]
+        else:  # the full groups in one forward, a shorter last group in its own (its mask is the last row)
+            pieces = [(start, start + full * group, slice(0, full)), (start + full * group, stop, slice(full, count))]
+        for t, u, rows in pieces:
+            if u <= t:
+                continue
+            ghost.weight_masks = {k: m[rows] for k, m in drawn.items()}
+            ((xb, yb),) = _batches(x[t:u], y[t:u], u - t, device, dtype)
             with ghost:
-                loss = F.cross_entropy(functional_call(model, (at, buffers), (xb,)), yb, reduction="sum")
+                loss = F.cross_entropy(functional_call(model, (params, buffers), (xb,)), yb, reduction="sum")
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             sq = ghost.sq_norms()
             total_sq += float(sq.sum()) if sq is not None else 0.0
-            flat = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, params.values(), strict=True)]
+            flat = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, params.values(), strict=True)]
             summed += torch.cat([g.reshape(-1).to(torch.float64) for g in flat])
     ghost.weight_masks = {}
     return total_sq, summed

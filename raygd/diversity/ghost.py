@@ -231,34 +231,41 @@ class _GhostLinear(torch.autograd.Function):
 
 
 class _GhostMaskedLinear(torch.autograd.Function):
-    """y = x Wᵀ + b where the caller passes W = M ∘ W₀ (a DropConnect mask M shared by the batch);
-    backward adds per example ‖M ∘ (δ_i x_iᵀ)‖² + ‖δ_i‖² (bias unmasked), the masked surrogate's norm.
+    """DropConnect at W for G consecutive groups of g examples (N = G·g): y_i = (M_k ∘ W) x_i + b for
+    example i of group k, masks (G, out, in); backward returns the gradient with respect to W,
+    Σ_k M_k ∘ (Σ_{i∈k} δ_i x_iᵀ), and adds per example the masked surrogate's norm
+    ‖M_k ∘ (δ_i x_iᵀ)‖² + ‖δ_i‖² (bias unmasked).
 
-    ‖M ∘ (δ xᵀ)‖² = Σ_jk M_jk² δ_j² x_k² = ((δ²) M²) · x², one matmul per batch (x (N, d) only).
+    ‖M ∘ (δ xᵀ)‖² = Σ_jk M_jk² δ_j² x_k² = ((δ²) M²) · x²: one batched matmul per group, as cheap as the
+    forward; x (N, d) only.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, acc, name):
-        ctx.save_for_backward(x, weight, mask)
+        groups = mask.shape[0]
+        masked = mask * weight
+        ctx.save_for_backward(x, masked, mask)
         ctx.acc, ctx.name = acc, name
-        return F.linear(x, weight, bias)
+        out = torch.bmm(x.view(groups, -1, x.shape[1]), masked.transpose(1, 2)).view(x.shape[0], -1)
+        return out if bias is None else out + bias
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight, mask = ctx.saved_tensors
+        x, masked, mask = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        sq = ((gy.square() @ mask.square()) * x.square()).sum(1) if need_w else gy.new_zeros(gy.shape[0])
+        groups = mask.shape[0]
+        x3, gy3 = x.view(groups, -1, x.shape[1]), gy.reshape(groups, -1, gy.shape[1])
+        sq = gy.new_zeros(gy.shape[0])
+        grad_x = grad_w = None
+        if need_w:
+            sq = (torch.bmm(gy3.square(), mask.square()) * x3.square()).sum(2).view(-1)
+            grad_w = (mask * torch.bmm(gy3.transpose(1, 2), x3)).sum(0)
+        if need_x:
+            grad_x = torch.bmm(gy3, masked).view_as(x)
         if need_b:
             sq = sq + _row_sq_norms(gy)
         ctx.acc.add(sq, ctx.name)
-        return (
-            gy @ weight if need_x else None,
-            gy.T @ x if need_w else None,
-            gy.sum(0) if need_b else None,
-            None,
-            None,
-            None,
-        )
+        return grad_x, grad_w, gy.sum(0) if need_b else None, None, None, None
 
 
 def _conv_per_example(
@@ -414,8 +421,9 @@ class GhostNorms:
         }
         self._mode_sensitive = mode_sensitive_layers(model)
         self.weight_masks: dict[str, torch.Tensor] = {}
-        """Linear layer name -> the DropConnect mask M its weight carries in this forward (the caller
-        passes M ∘ W as the weight): its norms are then the masked surrogate's, ‖M ∘ ∂f_i/∂(M ∘ W)‖²."""
+        """Linear layer name -> the DropConnect masks (G, out, in) of this forward, one per consecutive group
+        of N/G examples: the layer computes at M_k ∘ W, its gradient is the surrogate's
+        Σ_i M_k(i) ∘ ∂f_i/∂(M_k(i) ∘ W) and its norms ‖M_k(i) ∘ ∂f_i/∂(M_k(i) ∘ W)‖² (``_GhostMaskedLinear``)."""
 
     # Entered every training step: the patch goes through the layers' __dict__ (nn.Module's
     # __setattr__/__delattr__ cost microseconds, which a logistic-regression step feels).
