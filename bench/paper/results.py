@@ -261,7 +261,9 @@ def fig3a_control_markdown(rows: Sequence[Fig3aRow]) -> str:
                 p.replication,
                 _pm(p.replicated.ratio_mean, p.replicated.ratio_std),
                 _pm(p.control.ratio_mean, p.control.ratio_std),
-                _pm(p.diff_mean, p.diff_std, "+.3g"),
+                _pm(p.diff_mean, p.diff_std).replace(f"{p.diff_mean:.3g}", f"{p.diff_mean:+.3g}", 1)
+                if p.diff_mean is not None
+                else "–",
                 p.n_paired,
             ]
             for p in pairs
