@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -23,6 +24,15 @@ def _alive_train_workers() -> list:
         for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
         if a.class_name == "RayTrainWorker"
     ]
+
+
+def _registered_checkpoint(storage) -> bool:
+    """Ray Train has recorded a checkpoint (its snapshot in storage names one), not only written its files:
+    a worker killed between writing and reporting a checkpoint restarts from the one before (step 0)."""
+    return any(
+        re.search(r"step_\d+", snapshot.read_text(errors="replace"))
+        for snapshot in storage.rglob("checkpoint_manager_snapshot.json")
+    )
 
 
 def test_killed_worker_resumes_from_its_checkpoint(ray_session, idx_dir, sqlite_uri, tmp_path):
@@ -56,7 +66,7 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, idx_dir, sqlite_
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 240
-    while not any(storage.rglob("model.pt")):  # the first checkpoint is in storage
+    while not _registered_checkpoint(storage):  # the first checkpoint is in storage and recorded by Ray
         assert thread.is_alive() and time.monotonic() < deadline, f"no checkpoint was written: {outcome}"
         time.sleep(0.05)
     victims = _alive_train_workers()
