@@ -63,7 +63,14 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, idx_dir, sqlite_
         except BaseException as err:
             outcome["error"] = err
 
-    earlier = {a.pid for a in _alive_train_workers()}  # other tests' workers in this session are not ours to kill
+    # Earlier tests' Train workers may still be going down in this session (holding its 2 CPUs): wait for them,
+    # so this fit starts at once, and never pick one of theirs as the victim.
+    import ray
+
+    settle = time.monotonic() + 180
+    while time.monotonic() < settle and (_alive_train_workers() or ray.available_resources().get("CPU", 0) < 2):
+        time.sleep(1)
+    earlier = {a.pid for a in _alive_train_workers()}
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 240
