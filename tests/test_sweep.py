@@ -27,8 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_session, tmp_path, idx_dir, sqlite_uri):
     # step size 1e38 overflows float32 within two steps: those trials must be recorded as diverged,
     # with the step, and ranked last, while the others finish. The winner 0.002 (~17 updates to target
-    # on these data) is the grid's lower edge: extend_edges runs 0.001 for each mechanism, which needs
-    # twice the updates, so the winner is interior and the extension stops.
+    # on these data) is the grid's lower edge: extend_edges runs 0.001 for each mechanism, which needs about
+    # twice the updates; at ~0.1 s per trial timing noise can still pick 0.001, and then round 2 tries 0.0005.
+    # Either way the extension goes down only, stops by its limit, and the table marks what is still an edge
+    # (the deterministic stop at an interior winner: tests/test_edges.py).
     path = _write_spec(
         tmp_path,
         idx_dir,
@@ -46,17 +48,18 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     confirm = [c for c in children if c.data.tags[PHASE_TAG] == "confirm"]
     extend = [c for c in children if c.data.tags[PHASE_TAG] == "extend"]
     children = [c for c in children if c.data.tags[PHASE_TAG] == "search"]
-    assert sorted((c.data.tags["raygd.mechanism_label"], c.data.params["train.step_size"]) for c in extend) == [
-        ("sgld(sigma=0.001)", "0.001"),
-        ("vanilla", "0.001"),
-    ]
-    assert all(r.step_edge is None and r.step_size == 0.002 for r in outcome.best_rows)
-    assert "Grid edges extended: sgld(sigma=0.001): γ + 0.001; vanilla: γ + 0.001." in outcome.table
-    # the confirm phase re-runs each mechanism's winner (step 0.002) with the new seed
+    # round 1 runs 0.001 for each mechanism; a further round only goes on down, and only where 0.001 won
+    added = sorted((c.data.tags["raygd.mechanism_label"], float(c.data.params["train.step_size"])) for c in extend)
+    assert {("sgld(sigma=0.001)", 0.001), ("vanilla", 0.001)} <= set(added) and len(added) <= 4, added
+    assert all(step <= 0.001 for _, step in added), added
+    for row in outcome.best_rows:  # interior, or still on the lower edge after the stated limit, and marked
+        assert row.step_edge in (None, "low") and (row.step_edge is None or f"| {row.step_size:g}↓ |" in outcome.table)
+    assert "Grid edges extended: sgld(sigma=0.001): γ + 0.001" in outcome.table
+    # the confirm phase re-runs each mechanism's winner (after the extension) with the new seed
     assert sorted(
-        (c.data.tags["raygd.mechanism_label"], c.data.params["train.step_size"], c.data.params["train.seed"])
+        (c.data.tags["raygd.mechanism_label"], float(c.data.params["train.step_size"]), c.data.params["train.seed"])
         for c in confirm
-    ) == [("sgld(sigma=0.001)", "0.002", "7"), ("vanilla", "0.002", "7")]
+    ) == sorted((r.mechanism, r.step_size, "7") for r in outcome.best_rows)
     assert "Confirmed with fresh seeds" in outcome.table
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
     assert len({c.data.tags[KEY_TAG] for c in children}) == 4
@@ -71,7 +74,10 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     ranked = rank_trials([r for r in outcome.records if r.phase == "search"])
     assert [r.status for r in ranked] == ["reached_target"] * 2 + ["diverged"] * 2
     assert {r.run_id for r in ranked[2:]} == {c.info.run_id for c in diverged}
-    fastest = min(reached, key=lambda c: c.data.metrics["time_to_accuracy_s"])
+    fastest = min(
+        [*reached, *(c for c in extend if "time_to_accuracy_s" in c.data.metrics)],
+        key=lambda c: c.data.metrics["time_to_accuracy_s"],
+    )
     winner = min((r for r in outcome.best_rows if r.time_to_accuracy_s is not None), key=lambda r: r.time_to_accuracy_s)
     assert winner.mechanism == fastest.data.tags["raygd.mechanism_label"]
     assert winner.time_to_accuracy_s == fastest.data.metrics["time_to_accuracy_s"]
