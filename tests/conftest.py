@@ -8,7 +8,10 @@ start (``tests/noray/sitecustomize.py``), so a test that starts Ray unmarked fai
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -42,6 +45,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             (item.path.name, getattr(item, "originalname", item.name)) in STARTS_RAY_IN_A_SUBPROCESS
         ):
             item.add_marker(pytest.mark.ray)
+    # Every test that starts Ray runs after all those that do not: a test forking this process (a
+    # multiprocessing Manager) once the session's Ray is up left later Train runs hanging in their start.
+    items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -60,6 +66,65 @@ def idx_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def sqlite_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def ray_state(ray) -> str:
+    """What holds the session Ray's CPUs: its free/total CPUs, alive actors and placement groups not removed."""
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    return (
+        f"CPU {ray.available_resources().get('CPU', 0)}/{ray.cluster_resources().get('CPU', 0)} free; "
+        f"actors {[(a.class_name, a.pid) for a in actors]}; "
+        f"placement groups {[(g['placement_group_id'][:8], g['state'], g['bundles']) for g in groups]}"
+    )
+
+
+def _cpus_free(ray, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def _clear_leftovers(ray) -> None:
+    """End what an earlier test left holding CPUs: its actors' processes (all on this node) and its groups."""
+    import signal
+
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000):
+        if actor.pid:
+            with contextlib.suppress(OSError):
+                os.kill(actor.pid, signal.SIGKILL)
+    for group_id, group in ray.util.placement_group_table().items():
+        if group["state"] != "REMOVED":
+            with contextlib.suppress(Exception):
+                remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group_id))))
+
+
+@pytest.fixture(autouse=True)
+def _ray_left_clean(request):
+    """After a test on the session's Ray, its CPUs are free again within 120 s; what a test leaves behind
+    (a fit still running after a failure, a group never released) is ended and reported as a warning
+    naming that test, so that it never stalls the tests after it."""
+    yield
+    if "ray_session" not in request.fixturenames:
+        return
+    ray = request.getfixturevalue("ray_session")
+    if not ray.is_initialized() or _cpus_free(ray, 120):
+        return
+    state = ray_state(ray)
+    _clear_leftovers(ray)
+    freed = _cpus_free(ray, 60)
+    warnings.warn(f"{request.node.nodeid} left the session Ray busy ({state}); ended it (freed: {freed})", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

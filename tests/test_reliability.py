@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from raygd.config import load_run_config
 from raygd.train import fit
+from tests.conftest import ray_state
 
 
 def _alive_train_workers() -> list:
@@ -75,7 +76,8 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_session, idx_dir, sqlite_
     thread.start()
     deadline = time.monotonic() + 240
     while not _registered_checkpoint(storage):  # the first checkpoint is in storage and recorded by Ray
-        assert thread.is_alive() and time.monotonic() < deadline, f"no checkpoint was written: {outcome}"
+        alive = thread.is_alive() and time.monotonic() < deadline
+        assert alive, f"no checkpoint was written: {outcome}; {ray_state(ray)}"
         time.sleep(0.05)
     victims = [a for a in _alive_train_workers() if a.pid not in earlier]
     assert len(victims) == 2, (victims, earlier)
