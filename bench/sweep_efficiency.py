@@ -31,6 +31,7 @@ GRID = [
     "sweep.space.mechanism=[{name: vanilla}]",
     "train.max_passes=6",
     "train.eval_every_steps=10",
+    "sweep.extend_edges=false",  # both sweeps run the same 6 trials: an extension round follows each sweep's winners
 ]
 
 

@@ -1,6 +1,7 @@
 """Where a sweep's wall time goes: per-trial start overhead and the fraction spent training.
 
-Runs a small grid sweep (default: the quickstart preset with 4 trials) on local Ray and
+Runs a small grid sweep (default: the quickstart grid's 4 vanilla trials, then its one round of 4
+beyond the winners' grid edges: 8 trials) on local Ray and
 reads, from each trial's MLflow child run, the start-up breakdown raygd records:
 
 - ``overhead/trial_to_first_step_s``: trial function entry -> first training step;
