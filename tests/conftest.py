@@ -45,8 +45,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             (item.path.name, getattr(item, "originalname", item.name)) in STARTS_RAY_IN_A_SUBPROCESS
         ):
             item.add_marker(pytest.mark.ray)
-    # Every test that starts Ray runs after all those that do not: a test forking this process (a
-    # multiprocessing Manager) once the session's Ray is up left later Train runs hanging in their start.
+    # Every test that starts Ray runs after all those that do not. With non-Ray tests (forked multiprocessing
+    # Managers, gloo groups, in-process training) run in this process beside the session's Ray, a later Train
+    # run hung at its start (controller up, CPUs free, no worker group); the Ray tests alone, in order, pass.
     items.sort(key=lambda item: item.get_closest_marker("ray") is not None)
 
 
@@ -92,7 +93,7 @@ def _cpus_free(ray, within_s: float) -> bool:
 
 
 def _clear_leftovers(ray) -> None:
-    """End what an earlier test left holding CPUs: its actors' processes (all on this node) and its groups."""
+    """End what a test left holding CPUs: the alive actors' processes (all on this node) and placement groups."""
     import signal
 
     from ray._raylet import PlacementGroupID
