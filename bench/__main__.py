@@ -31,6 +31,7 @@ BENCHES = {
     # 8 trials a sweep since grid edges are extended (#14): ~3.5 min a pair, 5 pairs took over 1200 s
     "sweep_overhead": ("Sweep start-up", ["--ab", "pool", "--pairs", "5"], 1800),
     "sweep_efficiency": ("Early stopping", [], 600),
+    "eval_cost": ("Evaluation cost", [], 300),
 }
 
 

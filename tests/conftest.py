@@ -69,12 +69,17 @@ def sqlite_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def ray_state(ray) -> str:
-    """What holds the session Ray's CPUs: its free/total CPUs, alive actors and placement groups not removed."""
+def alive_actors(ray, class_name: str | None = None) -> list:
+    """The alive actors of this session's Ray (whatever else runs on the machine), optionally of one class."""
     from ray.util.state import list_actors
 
-    address = ray.get_runtime_context().gcs_address
-    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
+    filters = [("state", "=", "ALIVE")] + ([("class_name", "=", class_name)] if class_name else [])
+    return list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, limit=1000)
+
+
+def ray_state(ray) -> str:
+    """What holds the session Ray's CPUs: its free/total CPUs, alive actors and placement groups not removed."""
+    actors = alive_actors(ray)
     groups = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
     return (
         f"CPU {ray.available_resources().get('CPU', 0)}/{ray.cluster_resources().get('CPU', 0)} free; "
@@ -98,10 +103,8 @@ def _clear_leftovers(ray) -> None:
 
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, remove_placement_group
-    from ray.util.state import list_actors
 
-    address = ray.get_runtime_context().gcs_address
-    for actor in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000):
+    for actor in alive_actors(ray):
         if actor.pid:
             with contextlib.suppress(OSError):
                 os.kill(actor.pid, signal.SIGKILL)

@@ -25,6 +25,8 @@ from raygd.config import ConfigError, RunConfig, absolute_tracking_uri, apply_ov
         (["train.target_accuracy=1.5"], "train.target_accuracy"),
         (["train.num_workers=0"], "train.num_workers"),
         (["train.eval_every_steps=0"], "train.eval_every_steps"),
+        (["train.test_every_evals=0"], "train.test_every_evals"),
+        (["train.test_every_evals=2.5"], "train.test_every_evals"),
         (["train.eval_every_passes=0"], "train.eval_every_passes"),
         (["train.eval_every_passes=1.5"], "train.eval_every_passes"),
         (["train.eval_every_passes=.nan"], "train.eval_every_passes"),

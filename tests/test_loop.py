@@ -1,5 +1,6 @@
-"""Evaluation in the loop (issue #14): the pass-based schedule is fair across B, and every evaluation
-measures test accuracy and the generalization gap alongside train accuracy. In-process, no Ray."""
+"""Evaluation in the loop (issue #14): the pass-based schedule is fair across B, and evaluations measure
+test accuracy and the generalization gap alongside train accuracy (every k-th, ``train.test_every_evals``,
+and always the one that ends the run). In-process, no Ray."""
 
 from __future__ import annotations
 
@@ -111,6 +112,27 @@ def test_every_evaluation_logs_test_accuracy_and_the_generalization_gap():
     assert 0.0 <= summary.final_test_accuracy <= 1.0
 
 
+def test_test_accuracy_at_every_kth_evaluation_and_at_the_last():
+    _, _, summary, reports = _run(
+        "train.global_batch_size=64", "train.eval_every_passes=0.05", "train.test_every_evals=3"
+    )
+    assert summary.status == "max_passes" and len(reports) == 20
+    tested = [i for i, r in enumerate(reports, 1) if "test/accuracy" in r]
+    assert tested == [1, 4, 7, 10, 13, 16, 19, 20]  # every 3rd from the first, and the last update's
+    for r in reports:
+        assert ("train/generalization_gap" in r) == ("test/accuracy" in r)
+
+
+def test_test_accuracy_at_the_evaluation_that_reaches_the_target_whatever_the_schedule():
+    overrides = ["train.global_batch_size=64", "train.eval_every_passes=0.05", "train.target_accuracy=0.6"]
+    _, _, every, every_reports = _run(*overrides, "train.max_passes=5")
+    _, _, sparse, reports = _run(*overrides, "train.max_passes=5", "train.test_every_evals=1000")
+    assert sparse.status == every.status == "reached_target" and len(reports) == len(every_reports) > 2
+    assert [i for i, r in enumerate(reports, 1) if "test/accuracy" in r] == [1, len(reports)]
+    assert reports[-1]["test/accuracy"] == every_reports[-1]["test/accuracy"]  # same weights, same sample
+    assert sparse.extra[GAP_AT_TARGET_METRIC] == pytest.approx(every.extra[GAP_AT_TARGET_METRIC])
+
+
 def test_the_gap_at_the_target_is_recorded_from_the_evaluation_that_reached_it():
     _, _, summary, reports = _run(
         "train.global_batch_size=64", "train.eval_every_passes=0.05", "train.target_accuracy=0.6", "train.max_passes=5"
@@ -148,3 +170,31 @@ def test_test_accuracy_is_summed_over_rank_slices():
     for (t1, a1), (t2, a2) in zip(single, rank0, strict=True):
         assert t1 == pytest.approx(t2, abs=1e-9) and a1 == pytest.approx(a2, abs=1e-9)
         assert not math.isnan(t1)
+
+
+def test_two_ranks_take_the_same_test_decisions_on_a_sparse_schedule():
+    # Test accuracy every 4th evaluation and at the one reaching the target: an extra all-reduce that
+    # both ranks must enter together (a rank deciding alone would hang the group).
+    overrides = [
+        "train.global_batch_size=64",
+        "train.eval_every_passes=0.05",
+        "train.target_accuracy=0.6",
+        "train.max_passes=5",
+        "train.test_every_evals=4",
+        "data.eval_size=301",
+    ]
+    cfg1, cfg2 = _cfg(*overrides), _cfg(*overrides, "train.num_workers=2")
+    data = load_data(cfg1.data, 0)
+    single = _sparse_reports(0, 1, cfg1, data)
+    rank0, rank1 = run_group(_sparse_reports, 2, cfg2, data)
+    assert rank0 == rank1 and len(single) == len(rank0) > 4
+    assert [t is not None for t, _ in rank0] == [i % 4 == 0 or i == len(rank0) - 1 for i in range(len(rank0))]
+    for (t1, a1), (t2, a2) in zip(single, rank0, strict=True):
+        assert a1 == pytest.approx(a2, abs=1e-9) and (t1 is None) == (t2 is None)
+        assert t1 is None or t1 == pytest.approx(t2, abs=1e-9)
+
+
+def _sparse_reports(rank, world_size, cfg, data):
+    reports: list[dict[str, float]] = []
+    run_loop(build_state(cfg, data, rank, world_size), report=reports.append)
+    return [(r.get("test/accuracy"), r["train/accuracy"]) for r in reports]

@@ -208,3 +208,16 @@ def test_fig3a_extra_counts_control_runs_identical_to_their_replicated_twin():
     assert "max |ΔL| 0.1" in control_identity(runs)
     table = losses_by_batch(runs)
     assert "| vanilla | 2 | replicated | 16 | 0.1 | 2 | 0.5000 ± 0.0000 | 0.5000 ± 0.0000 |" in table
+
+
+@pytest.mark.parametrize(
+    "argv", [["fig3a", "--resume"], ["bound", "--resume"], ["dropconnect", "--resume", "--report-only"]]
+)
+def test_resume_is_refused_where_there_is_no_sweep_to_resume(argv, capsys):
+    from bench.paper.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--resume is for the Ray Tune sweeps dropconnect and batch-scaling" in err and argv[0] in err

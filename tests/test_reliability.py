@@ -12,19 +12,13 @@ from mlflow.tracking import MlflowClient
 
 from raygd.config import load_run_config
 from raygd.train import fit
-from tests.conftest import ray_state
+from tests.conftest import alive_actors, ray_state
 
 
 def _alive_train_workers() -> list:
     import ray
-    from ray.util.state import list_actors
 
-    address = ray.get_runtime_context().gcs_address  # this session's Ray, whatever else runs on the machine
-    return [
-        a
-        for a in list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=1000)
-        if a.class_name == "RayTrainWorker"
-    ]
+    return alive_actors(ray, "RayTrainWorker")
 
 
 def _registered_checkpoint(storage) -> bool:

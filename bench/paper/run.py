@@ -6,6 +6,7 @@
     python -m bench.paper.run bound          # B_D at w0 and along training vs the best B the sweeps found
     python -m bench.paper.run fig3a --set 'sweep.space.seed=[0,1]'   # scaled down (any --set of raygd sweep)
     python -m bench.paper.run dropconnect --report-only             # rebuild from the latest MLflow parent run
+    python -m bench.paper.run dropconnect --resume                  # finish an interrupted sweep
 
 Search spaces and seeds are fixed in tuning/presets/paper-*.yaml and bench/paper/bound.yaml.
 Outputs: bench/paper/out/<experiment>/ (table.md, figure.png, ...), also logged to the
@@ -255,7 +256,7 @@ def _sweep_outcome(name: str, args: argparse.Namespace):
     spec = _spec(name, args)
     if args.report_only:
         return spec, collect_sweep(spec.tracking_uri, latest_sweep(spec.tracking_uri, spec.name))
-    return spec, run_sweep(spec)
+    return spec, run_sweep(spec, resume=args.resume)
 
 
 def exp_dropconnect(args: argparse.Namespace) -> None:
@@ -401,11 +402,22 @@ def main(argv: list[str] | None = None) -> int:
         help="bound only: measure DropConnect's B_D on a random subset of this size (0: all data)",
     )
     parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="dropconnect / batch-scaling: finish the latest interrupted sweep of this experiment (runs of hours "
+        "can span sessions) instead of starting a new one",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild table and figure from the latest MLflow parent run, run nothing",
     )
     args = parser.parse_args(argv)
+    if args.resume and (args.experiment not in ("dropconnect", "batch-scaling") or args.report_only):
+        parser.error(
+            f"--resume is for the Ray Tune sweeps dropconnect and batch-scaling without --report-only, "
+            f"not {args.experiment}{' --report-only' if args.report_only else ''}"
+        )
     OUT.mkdir(parents=True, exist_ok=True)
     start = time.time()
     {"fig3a": exp_fig3a, "dropconnect": exp_dropconnect, "batch-scaling": exp_batch_scaling, "bound": exp_bound}[
