@@ -173,8 +173,12 @@ def build_state(
             data.x_test.to(device),
             data.y_test.to(device),
             data.num_classes,
+            data.paired_eval_index,
         )
-    ev = eval_indices(data.n, cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
+    ev = data.paired_eval_index  # the replication control: the replicated arm's sample, as distinct examples
+    if ev is None:
+        ev = eval_indices(data.n, cfg.data.eval_size, tc.seed)
+    ev = ev[rank::world_size].to(device)
     ev_test = eval_indices(data.y_test.shape[0], cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
     estimator = (
         OnlineDiversity(cfg, data.n, model, net, world_size, device) if tc.diversity_estimator != "none" else None

@@ -144,6 +144,17 @@ def test_the_gap_at_the_target_is_recorded_from_the_evaluation_that_reached_it()
     assert summary.extra[EVAL_RESOLUTION_METRIC] == pytest.approx(205 / N_SYNTH)
 
 
+def test_a_replication_control_is_evaluated_on_the_replicated_arms_examples():
+    # Through any path that builds the state (Ray, CLI, in-process), not only bench.paper.run's.
+    replicated = _cfg("data.replication=4", "train.seed=3")
+    control = _cfg("data.replication=4", "data.replication_control=true", "train.seed=3")
+    rep, ctl = load_data(replicated.data, 3), load_data(control.data, 3)
+    assert ctl.n == N_SYNTH // 4 and ctl.paired_eval_index is not None
+    s_rep, s_ctl = build_state(replicated, rep), build_state(control, ctl)
+    assert s_ctl.x_eval.shape[0] == replicated.data.eval_size
+    assert torch.equal(s_ctl.x_eval, s_rep.x_eval) and torch.equal(s_ctl.y_eval, s_rep.y_eval)
+
+
 def test_default_checkpoints_fall_at_the_pass_based_evaluations():
     cfg = _cfg("train.global_batch_size=64", "train.eval_every_passes=0.25", "train.max_failures=1")
     assert cfg.train.checkpoint_interval == CHECKPOINT_AT_EVALUATIONS

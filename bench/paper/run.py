@@ -83,7 +83,7 @@ def _run_inprocess_trial(
 ) -> None:
     """One trial in this process: raygd's loop with the config's B and step size, evaluated every grid_examples,
     trained for max_passes whatever the accuracy. A replication-control run (``data.replication_control``)
-    is evaluated on ``data.paired_eval_index``: the replicated arm's evaluation sample, same examples."""
+    is evaluated on ``data.paired_eval_index`` (by ``build_state``): the replicated arm's evaluation sample."""
     from raygd.loop import build_state, every_examples, run_loop
     from raygd.tracking import Tracker, create_run
 
@@ -99,9 +99,7 @@ def _run_inprocess_trial(
         parent_run_id=parent_run_id,
     )
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
-    state = build_state(cfg, data)
-    if data.paired_eval_index is not None:
-        state.x_eval, state.y_eval = data.x_train[data.paired_eval_index], data.y_train[data.paired_eval_index]
+    state = build_state(cfg, data)  # a control run evaluates on data.paired_eval_index (raygd.loop.build_state)
     summary = run_loop(
         state,
         tracker,
