@@ -77,6 +77,26 @@ def alive_actors(ray, class_name: str | None = None) -> list:
     return list_actors(address=ray.get_runtime_context().gcs_address, filters=filters, limit=1000)
 
 
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants, frozen first so that none starts another meanwhile.
+
+    ``os.killpg`` on a driver's group is not enough: Ray puts each worker process in a process group
+    of its own, and a worker killed only through its raylet goes on training for a few seconds, long
+    enough to finish a short trial and end its MLflow run.
+    """
+    import psutil
+
+    root = psutil.Process(pid)
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.suspend()
+    procs = [root, *root.children(recursive=True)]  # including any started before its parent froze
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
 def ray_state(ray) -> str:
     """What holds the session Ray's CPUs: its free/total CPUs, alive actors and placement groups not removed."""
     actors = alive_actors(ray)

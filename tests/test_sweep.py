@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from raygd.records import KEY_TAG, PHASE_TAG, TUNE_DIR_TAG, child_runs
+from tests.conftest import kill_process_tree
 from tests.sweeps import write_sweep_spec as _write_spec
 from tuning.objective import UNREACHED_PENALTY_S
 from tuning.spec import load_sweep_spec
@@ -99,9 +99,7 @@ def _sweep_cmd(path, *extra):
 
 def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tmp_path, idx_dir, sqlite_uri):
     # Small step sizes and a checkpoint every other update keep each trial training for seconds,
-    # so the kill lands inside the second trial's loop, after it has logged and checkpointed. Six passes:
-    # the local Ray's processes outlive the killed driver for a moment, and a warm pool would otherwise
-    # finish a short trial in that moment.
+    # so the kill lands inside the second trial's loop, after it has logged and checkpointed.
     path = _write_spec(
         tmp_path,
         idx_dir,
@@ -134,8 +132,9 @@ def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tm
             break
         time.sleep(0.2)
     assert parent, "the sweep did not get going"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started (same process group)
+    kill_process_tree(proc.pid)  # the driver, the local Ray it started and that Ray's workers
     proc.wait()
+    assert client.get_run(partial).info.status == "RUNNING", "the killed trial ended its run: nothing to resume"
     logged_before = [m.step for m in client.get_metric_history(partial, "train/loss")]
     done = subprocess.run(
         _sweep_cmd(path, "--resume"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
