@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -63,36 +62,39 @@ def _in_fresh_pool(cfgs, path, sweep_id=None):
         pools.stop()
 
 
-@pytest.mark.parametrize("first, second", [("qsgd", "vanilla"), ("sgld", "dropconnect")])
-def test_a_trial_after_another_in_a_warm_pool_matches_it_alone(
-    ray_session, idx_dir, sqlite_uri, tmp_path, first, second
-):
-    a, b = (_cfg(idx_dir, sqlite_uri, *MECHANISMS[m]) for m in (first, second))
-    warm = _in_fresh_pool([a, b], tmp_path / "warm")
-    alone = _in_fresh_pool([b], tmp_path / "alone")
-    per_trial = fit(b, save_model_to=str(tmp_path / "fit.pt"))  # sweep.trial_pool: false
+def test_a_trial_after_others_in_a_warm_pool_matches_it_alone(ray_session, idx_dir, sqlite_uri, tmp_path):
+    """One warm pool runs four mechanisms in turn, each leaving its own state behind (a quantizer, noise,
+    masks); vanilla after qsgd and dropconnect after sgld train exactly as in a fresh group (their own
+    ``fit``, and dropconnect first in a fresh pool)."""
+    cfgs = [_cfg(idx_dir, sqlite_uri, *MECHANISMS[m]) for m in ("qsgd", "vanilla", "sgld", "dropconnect")]
+    warm = _in_fresh_pool(cfgs, tmp_path / "warm")
+    alone = _in_fresh_pool([cfgs[3]], tmp_path / "alone")
+    per_trial = {i: fit(cfgs[i], save_model_to=str(tmp_path / f"fit{i}.pt")) for i in (1, 3)}  # trial_pool: false
 
-    weights = [
-        torch.load(p, weights_only=True)
-        for p in (tmp_path / "warm" / "1.pt", tmp_path / "alone" / "0.pt", tmp_path / "fit.pt")
-    ]
-    for other in weights[1:]:
-        assert other.keys() == weights[0].keys()
-        for name in weights[0]:
-            torch.testing.assert_close(weights[0][name], other[name], rtol=0, atol=1e-6)
-    histories = [_history(sqlite_uri, s.run_id) for s in (warm[1], alone[0], per_trial)]
-    assert histories[0]["train/loss"] and histories[0] == histories[1] == histories[2]
-    assert warm[1].steps == alone[0].steps == per_trial.steps
+    references = {  # warm trial -> (summary, saved weights) of the same trial alone
+        1: [(per_trial[1], tmp_path / "fit1.pt")],
+        3: [(alone[0], tmp_path / "alone" / "0.pt"), (per_trial[3], tmp_path / "fit3.pt")],
+    }
+    for i, refs in references.items():
+        ours = torch.load(tmp_path / "warm" / f"{i}.pt", weights_only=True)
+        for _, path in refs:
+            theirs = torch.load(path, weights_only=True)
+            assert theirs.keys() == ours.keys()
+            for name in ours:
+                torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=1e-6)
+        history = _history(sqlite_uri, warm[i].run_id)
+        assert history["train/loss"] and all(_history(sqlite_uri, s.run_id) == history for s, _ in refs), i
+        assert all(s.steps == warm[i].steps for s, _ in refs), i
 
     client = MlflowClient(sqlite_uri)
     tags = [client.get_run(s.run_id).data.tags for s in warm]
-    assert tags[0][POOL_TAG] == tags[1][POOL_TAG] == "0"
-    assert [t[POSITION_TAG] for t in tags] == ["1", "2"]
+    assert {t[POOL_TAG] for t in tags} == {"0"}
+    assert [t[POSITION_TAG] for t in tags] == ["1", "2", "3", "4"]
     for s in warm:
         run = client.get_run(s.run_id)
         assert run.info.status == "FINISHED" and run.data.tags["raygd.status"] == s.status
         assert run.data.metrics["overhead/fit_to_first_step_s"] > 0
-    for s in [*warm, per_trial]:  # MLflow's system metrics, from the pool's rank 0 and from a fit's rank 0
+    for s in [*warm, per_trial[1]]:  # MLflow's system metrics, from the pool's rank 0 and from a fit's rank 0
         metrics = client.get_run(s.run_id).data.metrics
         assert metrics["system/system_memory_usage_megabytes"] > 0, sorted(metrics)
         assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
