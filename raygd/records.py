@@ -39,6 +39,9 @@ re-run with fresh seeds)."""
 SEARCH_PHASE = "search"
 EXTEND_PHASE = "extend"
 CONFIRM_PHASE = "confirm"
+EXTEND_ROUND_TAG = "raygd.extend_round"
+"""On an extension trial's run: the round (1, 2, ...) of ``sweep.extend_edges`` that proposed it. A resumed
+sweep plans round k again from the trials of the rounds before it (``tuning.sweep``)."""
 MECHANISM_LABEL_TAG = "raygd.mechanism_label"
 """The mechanism's display label, e.g. ``dropconnect(p=0.4)``: what the sweep's tables group by."""
 TUNE_DIR_TAG = "raygd.tune_dir"
@@ -237,6 +240,9 @@ class TrialRecord:
     """``PHASE_TAG``: search, extend (beyond a grid edge) or confirm."""
     bound_of: str | None = None
     """``BOUND_OF_TAG``: whose diversity ``batch_bound_w0`` is (gradient, surrogate, plain_gradient)."""
+    extend_round: int | None = None
+    """``EXTEND_ROUND_TAG``: the extension round of an extend-phase trial (None: another phase, or a run
+    recorded before the tag existed)."""
 
     def __post_init__(self) -> None:
         try:
@@ -273,6 +279,7 @@ class TrialRecord:
             eval_resolution_passes=_opt_float(d.get("eval_resolution_passes")),
             phase=str(d.get("phase") or SEARCH_PHASE),
             bound_of=d.get("bound_of") or None,
+            extend_round=_opt_int(d.get("extend_round")),
         )
 
     @classmethod
@@ -303,6 +310,7 @@ class TrialRecord:
                 "eval_resolution_passes": m.get(EVAL_RESOLUTION_METRIC),
                 "phase": t.get(PHASE_TAG, SEARCH_PHASE),
                 "bound_of": t.get(BOUND_OF_TAG),
+                "extend_round": t.get(EXTEND_ROUND_TAG),
             }
         )
 

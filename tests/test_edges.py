@@ -62,6 +62,39 @@ def test_unreached_batch_moves_down_when_all_diverged_and_up_when_none_did():
         next_trials(winner, searched=BOTH, scope="nowhere")
 
 
+def test_unreached_batch_follows_final_accuracy_and_stops_once_it_falls_to_chance():
+    """B = 1024 of the batch-scaling re-run: none of 0.05..1.6 reached; 0.8 sat at chance but did not diverge."""
+    climb = [rec("m", 0.05, 1024, acc=0.70), rec("m", 0.2, 1024, acc=0.80)]
+    assert [p.step_size for p in next_trials(climb, searched=BOTH)] == [0.4]
+    climb += [rec("m", 0.4, 1024, acc=0.82, phase=EXTEND_PHASE)]
+    assert [p.step_size for p in next_trials(climb, searched=BOTH)] == [0.8]
+    climb += [rec("m", 0.8, 1024, acc=0.10, phase=EXTEND_PHASE)]  # stuck at chance: the peak 0.4 is interior
+    assert next_trials(climb, searched=BOTH) == []
+    # the smallest γ stable but slow, the larger one diverged: a smaller γ would be slower still
+    slow_then_div = [rec("m", 0.05, 1024, acc=0.7), rec("m", 0.2, 1024, status="diverged", loss=math.nan, acc=0.1)]
+    assert next_trials(slow_then_div, searched=BOTH) == []
+    # ... but when a seed of the smallest γ diverged too, γ moves down
+    shaky = [*seeds("m", 0.05, 1024, [None, None]), rec("m", 0.05, 1024, seed=2, status="diverged", loss=math.nan)]
+    shaky += seeds("m", 0.2, 1024, [None], status="diverged", loss=math.nan)
+    assert [p.step_size for p in next_trials(shaky, searched=BOTH)] == [0.025]
+
+
+def test_a_resumed_round_is_planned_again_from_the_trials_before_it():
+    """--resume finds some of round k's trials recorded: round k must get the same proposals (not round k+1's)."""
+    records = grid("vanilla", {(0.1, 64): 9.0, (0.2, 64): 5.0})
+    round1 = next_trials(records, searched=BOTH, extend_round=1)
+    assert [(p.step_size, p.global_batch_size) for p in round1] == [(0.4, 64)]
+    records += [rec("vanilla", 0.4, 64, time=4.0, phase=EXTEND_PHASE, extend_round=1)]
+    assert next_trials(records, searched=BOTH, extend_round=1) == round1
+    assert [p.step_size for p in next_trials(records, searched=BOTH, extend_round=2)] == [0.8]
+    records += [rec("vanilla", 0.8, 64, time=4.5, phase=EXTEND_PHASE, extend_round=2)]
+    assert next_trials(records, searched=BOTH, extend_round=2) == next_trials(records[:-1], searched=BOTH)
+    assert next_trials(records, searched=BOTH, extend_round=3) == []  # 0.4 is interior now
+    # a sweep recorded before rounds were tagged keeps the old behaviour: every record counts
+    untagged = [*records[:2], rec("vanilla", 0.4, 64, time=4.0, phase=EXTEND_PHASE)]
+    assert [p.step_size for p in next_trials(untagged, searched=BOTH, extend_round=1)] == [0.8]
+
+
 def _true_time(step: float, batch: int) -> float:
     """A smooth landscape whose optimum (γ = 1.6 at B = 512) lies beyond the initial grid's top corner."""
     return 10.0 + (math.log2(step / 1.6)) ** 2 + (math.log2(batch / 512)) ** 2

@@ -31,7 +31,7 @@ def rec(mechanism="vanilla", step_size=0.1, global_batch_size=256, seed=0, time=
         "train_time_s": time or 50.0,
     }
     optional = {"batch_bound_w0", "batch_bound_w0_se", "batch_bound_median", "generalization_gap_at_target"}
-    optional |= {"eval_resolution_passes", "phase", "bound_of"}
+    optional |= {"eval_resolution_passes", "phase", "bound_of", "extend_round"}
     assert set(kw) <= optional, kw
     return {**d, **kw}
 

@@ -49,6 +49,9 @@ class ConsoleReporter(Callback):
     Args:
         total: the number of trials the search will run (None when unknown).
         out: where to print (standard output).
+        sequential: one trial at a time: one line per trial.
+        best: the fastest trial recorded before this experiment (time, description): an earlier phase's,
+            or a resumed experiment's own finished trials.
     """
 
     def __init__(
@@ -65,8 +68,12 @@ class ConsoleReporter(Callback):
         self._open: str | None = None
         """The trial whose start line waits for its end (sequential trials: one line per trial)."""
 
-    def _number(self, trial) -> str:
-        n = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
+    def _number(self, trial, trials: list) -> str:
+        """The trial's place in the experiment (a resumed one counts its finished trials too)."""
+        if trial.trial_id not in self.numbers:
+            place = next((i for i, t in enumerate(trials, 1) if t.trial_id == trial.trial_id), None)
+            self.numbers[trial.trial_id] = place or len(self.numbers) + 1
+        n = self.numbers[trial.trial_id]
         return f"{n}/{self.total}" if self.total else str(n)
 
     def _write(self, text: str) -> None:
@@ -87,16 +94,16 @@ class ConsoleReporter(Callback):
             self._open = None
             self._write(f" {what}  [{tally}]\n")
         else:
-            self._say(f"trial {self._number(trial)} {what}  [{tally}]")
+            self._say(f"trial {self._number(trial, trials)} {what}  [{tally}]")
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         if self.sequential:  # one line per trial: its start now, its end appended when it ends
             if self._open is not None:
                 self._write("\n")
-            self._write(f"trial {self._number(trial)}  {describe(trial.config)}  ->")
+            self._write(f"trial {self._number(trial, trials)}  {describe(trial.config)}  ->")
             self._open = trial.trial_id
             return
-        self._say(f"trial {self._number(trial)} start  {describe(trial.config)}")
+        self._say(f"trial {self._number(trial, trials)} start  {describe(trial.config)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         result = trial.last_result or {}

@@ -14,15 +14,19 @@ if its neighbours lost at their own best γ), and with every γ tried at B* for 
 batch size gets a step-size grid of its own, which the next round brackets in turn). With
 ``scope = every_batch`` the step size is bracketed at every B, not only the winner's: what
 a time-vs-B curve (the paper's batch-scaling figure) needs. A (mechanism, B) with no pair that
-reached the target moves γ down when every pair diverged and up when none diverged (all too
-slow); with both, γ is bracketed and nothing is added. ``tuning.sweep`` runs rounds until nothing
-is planned or ``sweep.extend_edges_rounds`` is reached.
+reached the target moves γ down when every pair diverged; otherwise it follows the final training
+accuracy (a diverged seed counts as 0) to its peak over γ: up when the peak is the largest γ tried
+(all too slow), down when it is the smallest and some of its seeds diverged, and nothing when the
+peak is interior, so a γ whose seeds end at chance accuracy stops the climb as one that diverged
+(at B = 1024 the batch-scaling re-run went on to 1.6 after 0.8 had sat at chance). ``tuning.sweep``
+runs rounds until nothing is planned or ``sweep.extend_edges_rounds`` is reached.
 
 Pure functions over ``TrialRecord`` s; tests: ``pytest tests/test_edges.py``.
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -54,12 +58,30 @@ def _step_proposal(pairs: list[PairStats]) -> float | None:
     best = pairs[0]
     if best.reached:
         side = _side(best.step_size, steps)
-    else:
-        diverged = [all(t.status == Status.DIVERGED for t in p.trials) for p in pairs]
-        side = LOW if all(diverged) else HIGH if not any(diverged) else None
+    elif all(_diverged_seeds(p) == p.n_seeds for p in pairs):
+        side = LOW
+    else:  # nothing reached: follow the final training accuracy to its peak over γ
+        closest = max(pairs, key=lambda p: (_mean_final_accuracy(p), p.step_size))
+        side = _side(closest.step_size, steps)
+        if side == LOW and not _diverged_seeds(closest):
+            side = None  # the smallest γ is stable, only slow: a smaller one is slower still
     if side is None:
         return None
     return min(steps) / FACTOR if side == LOW else max(steps) * FACTOR
+
+
+def _diverged_seeds(pair: PairStats) -> int:
+    return sum(t.status == Status.DIVERGED for t in pair.trials)
+
+
+def _mean_final_accuracy(pair: PairStats) -> float:
+    """Mean final training accuracy over the pair's seeds, a diverged (or unrecorded) seed counting as 0."""
+    return sum(_final_accuracy(t) for t in pair.trials) / max(1, pair.n_seeds)
+
+
+def _final_accuracy(trial: TrialRecord) -> float:
+    acc = trial.final_train_accuracy
+    return acc if trial.status != Status.DIVERGED and acc is not None and math.isfinite(acc) else 0.0
 
 
 @dataclass(frozen=True)
@@ -80,11 +102,15 @@ def next_trials(
     scope: str = "winner",
     valid_batch: Callable[[int], bool] = lambda b: b >= 1,
     replication: int | None = None,
+    extend_round: int | None = None,
 ) -> list[Proposal]:
     """One round of edge extension: the (mechanism, γ, B) not yet tried that bracket each winner.
 
     Args:
         records: the sweep's search and extension trials (not its confirm phase).
+        extend_round: plan this round (1, 2, ...) from the trials before it only: a resumed sweep, whose
+            records already hold some or all of the round's own trials, gets the round's proposals again.
+            None: from every record.
         searched: how many values the spec lists per axis (``step_size``, ``global_batch_size``): an
             axis with one value is not searched and never extended.
         scope: ``winner`` (γ at the winner's B and its neighbours) or ``every_batch`` (γ at every B tried).
@@ -95,6 +121,8 @@ def next_trials(
     """
     if scope not in SCOPES:
         raise ValueError(f"sweep.extend_edges_scope = {scope!r} is invalid: allowed values are {', '.join(SCOPES)}.")
+    if extend_round is not None:
+        records = [r for r in as_records(records) if _before_round(r, extend_round)]
     out: list[Proposal] = []
     for mech, pairs in _by_mechanism(records, replication).items():
         tried = {(p.step_size, p.global_batch_size) for p in pairs}
@@ -119,6 +147,12 @@ def next_trials(
                     steps = sorted({p.step_size for p in at_batch[best.global_batch_size]})
                     out.extend(Proposal(mech, s, b_new, "global_batch_size") for s in steps)
     return sorted(out, key=lambda p: (p.mechanism, p.axis, p.global_batch_size, p.step_size))
+
+
+def _before_round(record: TrialRecord, k: int) -> bool:
+    """A search trial, or one of extension rounds 1..k-1. An extension trial without a round (recorded
+    before ``EXTEND_ROUND_TAG`` existed) counts as before every round."""
+    return record.phase != EXTEND_PHASE or record.extend_round is None or record.extend_round < k
 
 
 def _round(x: float) -> float:

@@ -33,7 +33,7 @@ from raygd.records import KIND_TAG, SWEEP_KIND, TUNE_DIR_TAG, newest_sweep
 from raygd.tracking import Tracker, create_run, provenance_tags
 from tuning.report import SweepOutcome, close_sweep, collect_sweep
 from tuning.spec import SweepSpec, mechanism_label, storage_root
-from tuning.trial import CONFIRM_PARAM, EXTEND_PARAM, run_trial
+from tuning.trial import CONFIRM_PARAM, EXTEND_PARAM, EXTEND_ROUND_PARAM, run_trial
 
 REUSE_TRIAL_ACTORS = True
 """Run trials in one warm Tune actor (its imports of torch, Ray Train and MLflow done once), not one each:
@@ -185,7 +185,8 @@ def _run_phases(
     recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
     total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
     sequential = spec.max_concurrent_trials == 1
-    console = None if verbose else ConsoleReporter(total, sequential=sequential)
+    earlier = _fastest(collect_sweep(spec.tracking_uri, parent_run_id).records) if resume else None
+    console = None if verbose else ConsoleReporter(total, sequential=sequential, best=earlier)
     _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
     if spec.extend_edges and spec.search != "grid":
         _say(f"extend_edges: skipped, {spec.search} search has no grid edges")
@@ -219,12 +220,13 @@ def _extend_edges(
 
     for k in range(1, spec.extend_edges_rounds + 1):
         records = collect_sweep(spec.tracking_uri, parent_run_id).records
-        proposals = next_trials(
+        proposals = next_trials(  # on --resume, round k's own trials are ignored: Tune restores that round
             records,
             searched={key: len(spec.space.get(key, [])) for key in ("step_size", "global_batch_size")},
             scope=spec.extend_edges_scope,
             valid_batch=lambda b: _valid_batch(spec, b),
             replication=min((r.replication for r in records), default=1),
+            extend_round=k,
         )
         if not proposals:
             return
@@ -234,7 +236,7 @@ def _extend_edges(
         _fit_tuner(
             trainable,
             f"{tune_dir}-extend{k}",
-            {EXTEND_PARAM: tune.grid_search(params)},
+            {EXTEND_PARAM: tune.grid_search(params), EXTEND_ROUND_PARAM: k},
             tune.TuneConfig(max_concurrent_trials=spec.max_concurrent_trials, reuse_actors=REUSE_TRIAL_ACTORS),
             resume,
             recorder,

@@ -17,6 +17,7 @@ from typing import Any
 from raygd.records import (
     CONFIRM_PHASE,
     EXTEND_PHASE,
+    EXTEND_ROUND_TAG,
     KEY_TAG,
     MECHANISM_LABEL_TAG,
     PHASE_TAG,
@@ -34,6 +35,8 @@ CONFIRM_PARAM = "confirm"
 """The param-space key of the confirm phase: each of its grid values is a winner's trial params."""
 EXTEND_PARAM = "extend"
 """The param-space key of a grid-edge extension round (``tuning.edges``): each grid value is a trial's params."""
+EXTEND_ROUND_PARAM = "extend_round"
+"""Beside ``EXTEND_PARAM``: the round's number, recorded on the trial's run as ``EXTEND_ROUND_TAG``."""
 
 _DATA_CACHE: dict[str, Any] = {}
 """The last data set a trial loaded in this process, by data config and seed: a reused trial actor
@@ -143,8 +146,9 @@ def run_trial(
     from ray import tune
 
     entry_wall = time.time()
-    phase = CONFIRM_PHASE if CONFIRM_PARAM in params else EXTEND_PHASE if EXTEND_PARAM in params else SEARCH_PHASE
-    params = spec.decode(params.get(CONFIRM_PARAM) or params.get(EXTEND_PARAM) or params)
+    raw = params
+    phase = CONFIRM_PHASE if CONFIRM_PARAM in raw else EXTEND_PHASE if EXTEND_PARAM in raw else SEARCH_PHASE
+    params = spec.decode(raw.get(CONFIRM_PARAM) or raw.get(EXTEND_PARAM) or raw)
     cfg = spec.run_config(params)
     uri = cfg.tracking.tracking_uri
     trial_id, key = tune.get_context().get_trial_id(), trial_key({**params, "phase": phase})
@@ -155,6 +159,8 @@ def run_trial(
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
     cfg.tracking.run_name = run_name(label, cfg, phase)
     run_tags = {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label}
+    if phase == EXTEND_PHASE and EXTEND_ROUND_PARAM in raw:
+        run_tags[EXTEND_ROUND_TAG] = str(raw[EXTEND_ROUND_PARAM])
     kwargs = {"progress": progress, "data": _trial_data(cfg), "parent_run_id": parent_run_id, "run_id": reattach}
     if pools_name is None:  # its own Train run: checkpoints in the sweep's (shared) storage, as the pools'
         kwargs["storage_path"] = storage_root(spec.storage_path)
