@@ -208,7 +208,8 @@ def _print_sweep(name: str, outcome, tracking_uri: str) -> None:
     )
     print(outcome.console_table or outcome.table)
     more = "; per-batch table with the gap at target in summary.md" if outcome.console_table != outcome.table else ""
-    print(f"MLflow parent run {outcome.parent_run_id} in experiment {name!r} (summary.md, summary.csv, figures{more})")
+    files = f"summary.md, pairs.md (every step size and B over its seeds), CSVs, figures{more}"
+    print(f"MLflow parent run {outcome.parent_run_id} in experiment {name!r} ({files})")
     print(f"see it with: {mlflow_ui_command(tracking_uri)}")
     print(f"then open:   {runs_page_url(tracking_uri, outcome.parent_run_id)}")
 

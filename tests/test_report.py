@@ -115,6 +115,8 @@ def test_close_ends_unfinished_children_logs_the_outputs_and_ends_the_parent(swe
     assert {a.path for a in client.list_artifacts(parent)} == {
         "summary.md",
         "summary.csv",
+        "pairs.md",
+        "pairs.csv",
         "trials.csv",
         "time_vs_batch.png",
         "speedup.png",
@@ -132,6 +134,8 @@ def test_write_outputs_adds_the_loss_ratio_figure_for_several_replications(sqlit
     assert [p.name for p in paths] == [
         "summary.md",
         "summary.csv",
+        "pairs.md",
+        "pairs.csv",
         "trials.csv",
         "time_vs_batch.png",
         "speedup.png",

@@ -10,8 +10,15 @@ import pytest
 from raygd.records import TrialRecord
 from tests.trials import rec, seeds
 from tests.trials import sweep_records as _sweep
-from tuning.stats import best_per_mechanism, rank_trials
-from tuning.tables import summary_markdown, summary_text, write_summary_csv, write_trials_csv
+from tuning.stats import best_per_mechanism, every_pair, rank_trials
+from tuning.tables import (
+    pairs_markdown,
+    summary_markdown,
+    summary_text,
+    write_pairs_csv,
+    write_summary_csv,
+    write_trials_csv,
+)
 
 
 def test_summary_markdown_has_one_row_per_mechanism_and_formats():
@@ -90,3 +97,44 @@ def test_bound_columns_and_the_batch_table():
     assert by_b[0].step_edge == "low" and by_b[0].generalization_gap_at_target == pytest.approx(0.02)
     text = batch_markdown(by_b)
     assert "| vanilla | 64 | 0.1↓ | 11 ± 1.4 | 1.1 | 0.05 | +0.020 | 2 |" in text
+
+
+def test_every_pair_against_the_records_by_hand(tmp_path):
+    records = _sweep()
+    records += [rec("vanilla", 0.4, 1024, seed=3, status="diverged", loss=math.nan, acc=math.nan)]
+    records += [rec("dc(p=0.4)", 0.4, 512, seed=5, time=4.0, generalization_gap_at_target=0.03, passes=2.0)]
+    rows = every_pair(records)
+    by_pair: dict[tuple, list[dict]] = {}
+    for r in records:
+        by_pair.setdefault((r["mechanism"], r["step_size"], r["global_batch_size"]), []).append(r)
+    assert [(r.mechanism, r.step_size, r.global_batch_size) for r in rows] == sorted(
+        by_pair, key=lambda k: (k[0] != "vanilla", k[0], k[2], k[1])
+    )
+    for row in rows:
+        mine = by_pair[(row.mechanism, row.step_size, row.global_batch_size)]
+        times = [r["time_to_accuracy_s"] for r in mine if r["status"] == "reached_target"]
+        assert (row.n_seeds, row.n_reached) == (len(mine), len(times))
+        if times:
+            mean = sum(times) / len(times)
+            assert row.time_mean_s == pytest.approx(mean)
+            if len(times) > 1:
+                assert row.time_std_s == pytest.approx(
+                    math.sqrt(sum((t - mean) ** 2 for t in times) / (len(times) - 1))
+                )
+        else:
+            assert row.time_mean_s is None and row.passes_mean is None and row.gap_mean is None
+        per_pass = sorted(r["train_time_s"] / r["passes"] for r in mine)
+        k = len(per_pass)
+        median = per_pass[k // 2] if k % 2 else (per_pass[k // 2 - 1] + per_pass[k // 2]) / 2
+        assert row.seconds_per_pass == pytest.approx(median)
+    dc = next(r for r in rows if (r.mechanism, r.step_size, r.global_batch_size) == ("dc(p=0.4)", 0.4, 512))
+    assert (dc.n_reached, dc.n_seeds, dc.gap_mean) == (3, 4, pytest.approx(0.03))
+    assert dc.unreached == "1 max_passes; acc 0.80"
+    never = next(r for r in rows if r.global_batch_size == 1024)
+    assert never.unreached == "1 diverged, 3 max_passes; acc 0.80"  # a diverged seed has no accuracy to show
+    md = pairs_markdown(rows)
+    assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "mechanism" not in ln]) == len(rows)
+    assert "| vanilla | 1024 | 0.4 | 0/4 | – | – |" in md
+    with write_pairs_csv(rows, tmp_path / "pairs.csv").open() as f:
+        back = list(csv.DictReader(f))
+    assert [b["time_mean_s"] for b in back] == ["" if r.time_mean_s is None else str(r.time_mean_s) for r in rows]

@@ -118,15 +118,19 @@ def _parent_metrics(outcome: SweepOutcome) -> dict[str, float]:
 
 
 def write_outputs(out: Path, records: list, best: list, table: str) -> list[Path]:
-    """summary.md, summary.csv, trials.csv and the figures of a sweep, written into ``out``."""
+    """summary.md, summary.csv, pairs.md, pairs.csv, trials.csv and the figures of a sweep, written into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(table + "\n")
+    reps = {r.replication for r in records}
+    pairs = stats.every_pair(records, replication=min(reps, default=1))
+    (out / "pairs.md").write_text(tables.pairs_markdown(pairs))
     paths = [
         out / "summary.md",
         tables.write_summary_csv(best, out / "summary.csv"),
+        out / "pairs.md",
+        tables.write_pairs_csv(pairs, out / "pairs.csv"),
         tables.write_trials_csv(records, out / "trials.csv"),
     ]
-    reps = {r.replication for r in records}
     bounds = {r.mechanism: r.batch_bound_w0 for r in best if r.batch_bound_w0 is not None}
     paths.append(
         figures.plot_time_vs_batch(records, out / "time_vs_batch.png", replication=min(reps, default=1), bounds=bounds)

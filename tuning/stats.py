@@ -32,7 +32,7 @@ from typing import Any, TypeGuard
 
 import numpy as np
 
-from raygd.records import STATUS_ORDER, TrialRecord
+from raygd.records import STATUS_ORDER, Status, TrialRecord
 
 BASELINE = "vanilla"
 """Display label of vanilla SGD, the mechanism speedups are measured against."""
@@ -380,6 +380,74 @@ def per_batch(records: Iterable[TrialRecord | Mapping[str, Any]], replication: i
             )
         )
     return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.global_batch_size))
+
+
+@dataclass(frozen=True)
+class PairRow:
+    """Every (mechanism, γ, B) pair of a sweep over its seeds: what a time-vs-B or step-size study reads."""
+
+    mechanism: str
+    step_size: float
+    global_batch_size: int
+    n_seeds: int
+    n_reached: int
+    time_mean_s: float | None
+    """Mean time to accuracy over the seeds that reached (None: none did)."""
+    time_std_s: float | None
+    passes_mean: float | None
+    """Mean passes to accuracy over the seeds that reached."""
+    passes_std: float | None
+    seconds_per_pass: float | None
+    """Median over every seed of training seconds per pass (``train_time_s / passes``)."""
+    batch_bound_w0: float | None
+    """B_D at w0, mean over seeds."""
+    batch_bound_median: float | None
+    """Median online B_D along training, mean over seeds."""
+    gap_mean: float | None
+    """Train − test accuracy at the target, mean over the seeds that reached."""
+    unreached: str
+    """The seeds that did not reach: their statuses and final training accuracy range ('' when all reached)."""
+
+
+def every_pair(records: Iterable[TrialRecord | Mapping[str, Any]], replication: int | None = None) -> list[PairRow]:
+    """One ``PairRow`` per (mechanism, γ, B): baseline first, then by mechanism, B and γ."""
+    rows = []
+    for p in pair_stats(records, replication):
+        reached = [t for t in p.trials if t.reached]
+        times = _times(reached)
+        passes = [t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)]
+        per_pass = [t.train_time_s / t.passes for t in p.trials if _finite(t.train_time_s) and _finite(t.passes)]
+        per_pass = [x for x in per_pass if math.isfinite(x)]
+        rows.append(
+            PairRow(
+                p.mechanism,
+                p.step_size,
+                p.global_batch_size,
+                p.n_seeds,
+                len(reached),
+                *_mean_std(times),
+                *_mean_std(passes),
+                statistics.median(per_pass) if per_pass else None,
+                _mean_finite(t.batch_bound_w0 for t in p.trials),
+                _mean_finite(t.batch_bound_median for t in p.trials),
+                _mean_finite(t.generalization_gap_at_target for t in reached),
+                _unreached(t for t in p.trials if not t.reached),
+            )
+        )
+    return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.global_batch_size, r.step_size))
+
+
+def _unreached(trials: Iterable[TrialRecord]) -> str:
+    """E.g. ``2 max_passes, 1 diverged; acc 0.74–0.78`` (the final training accuracy of those not diverged)."""
+    trials = list(trials)
+    if not trials:
+        return ""
+    counts = Counter(t.status.value for t in trials)
+    text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    accs = [t.final_train_accuracy for t in trials if t.status != Status.DIVERGED and _finite(t.final_train_accuracy)]
+    if accs:
+        text += f"; acc {min(accs):.2f}" + (f"–{max(accs):.2f}" if max(accs) > min(accs) else "")
+    return text
 
 
 # --------------------------------------------------------------------------- confirm phase

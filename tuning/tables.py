@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from raygd.records import TrialRecord
-from tuning.stats import BASELINE, EDGE_HIGH, EDGE_LOW, BatchRow, BestRow, ConfirmRow, rank_trials
+from tuning.stats import BASELINE, EDGE_HIGH, EDGE_LOW, BatchRow, BestRow, ConfirmRow, PairRow, rank_trials
 
 PLAIN_GRADIENT = "plain_gradient"
 """``raygd.records.BOUND_OF_TAG`` value: the B_D shown is the plain gradient's, not the mechanism's surrogate's."""
@@ -130,6 +130,36 @@ def batch_markdown(rows: Sequence[BatchRow]) -> str:
             f"| {_fmt(r.generalization_gap_at_target, '+.3f')} | {r.n_seeds} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def pairs_markdown(rows: Sequence[PairRow]) -> str:
+    """Every (mechanism, γ, B) pair: seeds reached, time and passes to the target (mean ± std over the
+    seeds that reached), training seconds per pass, B_D, the gap at the target, and how the others ended."""
+    lines = [
+        "Every pair (mean ± std over the seeds that reached the target; s/pass: median over all seeds):",
+        "",
+        "| mechanism | B | step size | reached | time to acc (s) | passes | s/pass | B_D at w0 | B_D training "
+        "| gap at target | not reached |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+
+    def pm(mean: float | None, std: float | None) -> str:
+        return "–" if mean is None else f"{mean:.3g}" + ("" if std is None else f" ± {std:.2g}")
+
+    for r in rows:
+        lines.append(
+            f"| {r.mechanism} | {r.global_batch_size} | {r.step_size:g} | {r.n_reached}/{r.n_seeds} "
+            f"| {pm(r.time_mean_s, r.time_std_s)} | {pm(r.passes_mean, r.passes_std)} "
+            f"| {_fmt(r.seconds_per_pass, '.3g')} "
+            f"| {_fmt(r.batch_bound_w0, '.3g')} | {_fmt(r.batch_bound_median, '.3g')} | {_fmt(r.gap_mean, '+.3f')} "
+            f"| {r.unreached} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_pairs_csv(rows: Sequence[PairRow], path: str | Path) -> Path:
+    """Write ``every_pair`` rows (None as '') to a CSV file; returns its path."""
+    return _write_csv([asdict(r) for r in rows], [f.name for f in fields(PairRow)], path)
 
 
 def summary_text(best_rows: Sequence[BestRow], target_accuracy: float | None = None, extensions: str = "") -> str:

@@ -71,7 +71,7 @@ def _emit(name: str, table: str, paths: list[Path], uri: str, run_id: str, extra
     (out / "table.md").write_text(table)
     _log_to_parent(uri, run_id, [out / "table.md", *paths])
     print(f"\n== {name} ==\n{table}{extra}")
-    print("figures: " + ", ".join(str(p.relative_to(HERE.parent.parent)) for p in paths))
+    print("files: " + ", ".join(str(p.relative_to(HERE.parent.parent)) for p in paths))
     print(f"MLflow parent run {run_id} (store {uri})")
 
 
@@ -277,14 +277,17 @@ def exp_dropconnect(args: argparse.Namespace) -> None:
 
 
 def exp_batch_scaling(args: argparse.Namespace) -> None:
-    from tuning import stats
+    from tuning import stats, tables
 
     spec, outcome = _sweep_outcome("batch-scaling", args)
     pairs = [p for p in stats.pair_stats(outcome.records) if p.mechanism == results.BASELINE]
     rows = results.scaling_rows(pairs)
     fig = results.plot_scaling(rows, OUT / "batch-scaling" / "figure.png")
+    every = OUT / "batch-scaling" / "pairs.md"  # every (γ, B) over its seeds, beside the best-step table
+    every.write_text(tables.pairs_markdown(stats.every_pair(outcome.records)))
     target = spec.run_config(spec.trial_params()[0]).train.target_accuracy
-    _emit("batch-scaling", results.scaling_markdown(rows, target), [fig], spec.tracking_uri, outcome.parent_run_id)
+    paths = [fig, every]
+    _emit("batch-scaling", results.scaling_markdown(rows, target), paths, spec.tracking_uri, outcome.parent_run_id)
 
 
 # --------------------------------------------------------------------------- bound
