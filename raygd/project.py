@@ -346,6 +346,36 @@ def project(trials: Sequence[TrialInput], target: Target, workers: Sequence[int]
     return out
 
 
+def link_for_rho(
+    trials: Sequence[TrialInput],
+    rho: float,
+    batch: int,
+    workers: int = 2,
+    latency_us: float = 0.0,
+    topology: str = "ring",
+    mechanism: str = "vanilla",
+) -> cm.Link:
+    """The link on which ``mechanism``'s update at B = ``batch`` over P = ``workers`` has ρ = t_comm / t_compute
+    = ``rho``, t_compute from this machine's fit (``fit_measured_compute``): with α = ``latency_us``,
+
+        β = link_bytes / (ρ · t_compute − latency_terms · buckets · α)
+
+    How a paper-regime experiment picks the emulated link it runs under (``bench/paper/run.py dropconnect-link``).
+
+    Raises:
+        ValueError: no trial of ``mechanism``, or the latency alone exceeds ρ · t_compute.
+    """
+    ref = next((t for t in trials if t.record.mechanism == mechanism), None)
+    if ref is None:
+        raise ValueError(f"no trial of {mechanism!r} to take the model and its compute from")
+    t_compute = fit_measured_compute(trials)[(ref.model, mechanism)][0].per_example_s * batch / workers
+    latency = cm.latency_terms(workers, topology, ref.collective) * ref.buckets * latency_us * 1e-6
+    budget = rho * t_compute - latency
+    if budget <= 0:
+        raise ValueError(f"ρ = {rho:g} at B = {batch}: the latency alone ({latency:.3g} s) exceeds ρ·t_compute")
+    return cm.Link(latency_us * 1e-6, cm.link_bytes(ref.payload, workers, topology, ref.collective) / budget)
+
+
 def _figure1(trials: Sequence[TrialInput], target: Target, measured: dict, workers: Sequence[int]) -> list[dict]:
     """Per-pass speedup at B and P over one worker at the smallest B (vanilla's cost; the paper's Figure 1)."""
     ref = next((t for t in trials if t.record.mechanism == "vanilla"), trials[0])

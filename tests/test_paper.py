@@ -221,3 +221,82 @@ def test_resume_is_refused_where_there_is_no_sweep_to_resume(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--resume is for the Ray Tune sweeps dropconnect and batch-scaling" in err and argv[0] in err
+
+
+def _measured(mech, step, batch, seed, time=None, updates=None):
+    status = "reached_target" if time is not None else "max_passes"
+    return TrialRecord.from_dict(
+        {
+            "trial_id": f"{mech}-{step}-{batch}-{seed}",
+            "mechanism": mech,
+            "step_size": step,
+            "global_batch_size": batch,
+            "seed": seed,
+            "status": status,
+            "time_to_accuracy_s": time,
+            "updates_to_accuracy": updates,
+        }
+    )
+
+
+def _projected(mech, step, batch, seed, tta, updates, workers=2):
+    return {
+        "mechanism": mech,
+        "step_size": step,
+        "global_batch_size": batch,
+        "seed": seed,
+        "workers": workers,
+        "projected_time_to_accuracy_s": tta,
+        "updates_to_accuracy": updates,
+    }
+
+
+def test_link_check_pairs_each_seed_with_its_own_projection():
+    projected = [_projected("vanilla", 0.2, 256, s, 10.0 + s, 100 + s) for s in range(3)]
+    projected += [_projected("vanilla", 0.2, 256, 0, 99.0, 100, workers=8)]  # another P: ignored
+    projected += [_projected("dc", 0.4, 512, s, 8.0, 50) for s in range(2)]
+    projected += [_projected("dc", 0.4, 512, 2, "", "")]  # seed 2 did not reach without the link
+    measured = [_measured("vanilla", 0.2, 256, s, 11.0 + s, 100 + s) for s in range(3)]
+    measured += [_measured("dc", 0.4, 512, 0, 6.0, 50), _measured("dc", 0.4, 512, 1, 10.0, 51)]
+    measured += [_measured("dc", 0.4, 512, 2, 7.0, 50)]  # no projection to compare with
+    measured += [_measured("sgld", 0.1, 64, 0, 5.0, 10)]  # not in the projection at all
+    van, dc = results.link_check_rows(projected, measured)
+    assert (van.mechanism, van.seeds, van.same_updates) == ("vanilla", 3, 3)
+    assert van.projected_mean_s == pytest.approx(11.0) and van.measured_mean_s == pytest.approx(12.0)
+    assert van.errors == pytest.approx((11 / 10 - 1, 12 / 11 - 1, 13 / 12 - 1))
+    assert (dc.seeds, dc.same_updates, dc.errors) == (2, 1, pytest.approx((-0.25, 0.25)))
+    md = results.link_check_markdown([van, dc], "0.2 Gbit/s, 50 µs")
+    errors = sorted(abs(e) for e in van.errors + dc.errors)  # five seeds: the median is the third
+    assert f"over 5 measured seeds: median {errors[2]:.1%}, worst {errors[-1]:.1%}" in md
+    assert "EMULATED" in md and "PROJECTION" in md and "| dc | 0.4 | 512 | 2 | 1/2 |" in md
+    assert f"| dc | 0.4, 512 | {12.0 / 8.0:.2f}× | {11.0 / 8.0:.2f}× |" in md  # measured and projected speedups
+
+
+def test_link_plan_picks_the_projected_winner_and_its_neighbours(sqlite_uri):
+    from bench.paper.run import LINK_BATCH, LINK_LATENCY_US, link_plan
+    from raygd import costmodel as cm
+    from raygd import project
+    from raygd.records import KIND_TAG, SWEEP_KIND
+    from raygd.tracking import create_run
+    from tests.test_project import FIXED, LOGREG_PARAMS, PER_EXAMPLE, _trial
+
+    parent = create_run(sqlite_uri, "proj", "sweep-proj", {}, {KIND_TAG: SWEEP_KIND})
+    updates = {(0.1, 64): 400, (0.2, 64): 300, (0.1, 256): 150, (0.2, 256): 200, (0.1, 1024): 90, (0.2, 1024): 80}
+    for i, ((step, batch), n) in enumerate(updates.items()):
+        _trial(sqlite_uri, parent, i, "vanilla", step, batch, n)
+    trials = project.read_trials(sqlite_uri, parent)
+    for rho in (0.1, 10.0):
+        link, plan = link_plan(trials, rho, neighbours=False)
+        compute = cm.Compute(PER_EXAMPLE, FIXED)
+        payload = 4 * LOGREG_PARAMS
+        assert cm.step_cost(LINK_BATCH, 2, compute, payload, link).rho == pytest.approx(rho, rel=1e-3)
+        assert link.latency_s == pytest.approx(LINK_LATENCY_US * 1e-6)
+        by_hand = {k: n * cm.step_cost(k[1], 2, compute, payload, link).total_s for k, n in updates.items()}
+        step, batch = min(by_hand, key=by_hand.get)
+        assert plan == [("vanilla", step, batch)]
+        _, around = link_plan(trials, rho, neighbours=True)
+        best_step = {
+            b: min((s for s, bb in by_hand if bb == b), key=lambda s: by_hand[(s, b)]) for b in (64, 256, 1024)
+        }
+        i = [64, 256, 1024].index(batch)
+        assert around == [("vanilla", best_step[b], b) for b in [64, 256, 1024][max(0, i - 1) : i + 2]]

@@ -115,6 +115,23 @@ def test_best_per_mechanism_and_speedup_follow_the_link(sweep):
     assert rho and rho[0]["projected_speedup_vs_vanilla"] < rho[-1]["projected_speedup_vs_vanilla"]
 
 
+@pytest.mark.parametrize("rho", [0.1, 1.0, 10.0])
+def test_link_for_rho_gives_that_rho_at_the_batch(sweep, rho):
+    uri, parent = sweep
+    trials = project.read_trials(uri, parent)
+    link = project.link_for_rho(trials, rho, batch=256, workers=2, latency_us=50.0)
+    compute = cm.Compute(PER_EXAMPLE, FIXED)
+    cost = cm.step_cost(256, 2, compute, 4 * LOGREG_PARAMS, link)
+    assert cost.rho == pytest.approx(rho) and link.latency_s == pytest.approx(50e-6)
+    # by hand: 2 latency terms of 50 µs, and the ring's 2(P−1)/P of the bytes at P = 2
+    t_compute = PER_EXAMPLE * 128
+    assert link.bandwidth_bytes_per_s == pytest.approx(4 * LOGREG_PARAMS / (rho * t_compute - 2 * 50e-6))
+    with pytest.raises(ValueError, match="latency alone"):
+        project.link_for_rho(trials, 0.01, batch=256, latency_us=50.0)
+    with pytest.raises(ValueError, match="no trial of 'sgld'"):
+        project.link_for_rho(trials, 1.0, batch=256, mechanism="sgld")
+
+
 def test_cli_prints_and_logs_to_the_parent_run(sweep, tmp_path, capsys):
     uri, parent = sweep
     code = main(

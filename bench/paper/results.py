@@ -396,6 +396,116 @@ def bound_markdown(rows: Sequence[BoundRow]) -> str:
     )
 
 
+# --------------------------------------------------------------------------- §4 on an emulated link (#15)
+
+
+@dataclass(frozen=True)
+class LinkCheckRow:
+    """One (mechanism, γ, B) measured under the emulated link, against its projection from the no-link sweep."""
+
+    mechanism: str
+    step_size: float
+    global_batch_size: int
+    seeds: int
+    """Seeds measured under the link that have a projection (the same seed reached without the link)."""
+    same_updates: int
+    """Of those, how many took exactly the no-link trial's updates to target (the link changes time only)."""
+    projected_mean_s: float | None
+    measured_mean_s: float | None
+    measured_std_s: float | None
+    errors: tuple[float, ...]
+    """Per seed: measured / projected − 1."""
+
+
+def link_check_rows(projected: Iterable[Mapping[str, Any]], measured: Iterable[Any]) -> list[LinkCheckRow]:
+    """Pair each measured trial (a ``TrialRecord`` run under the link) with the projected row of the no-link
+    trial of the same (mechanism, γ, B, seed) on P = 2 (``raygd.project.Projection.trials``)."""
+    proj = {
+        (r["mechanism"], r["step_size"], r["global_batch_size"], r["seed"]): r
+        for r in projected
+        if r["workers"] == 2 and r["projected_time_to_accuracy_s"] != ""
+    }
+    groups: dict[tuple[str, float, int], list[tuple[Any, Mapping[str, Any]]]] = defaultdict(list)
+    for t in measured:
+        key = (t.mechanism, t.step_size, t.global_batch_size)
+        if (*key, t.seed) in proj:
+            groups[key].append((t, proj[(*key, t.seed)]))
+    rows = []
+    for (mech, step, batch), pairs in sorted(groups.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):
+        reached = [(t, p) for t, p in pairs if t.reached]
+        rows.append(
+            LinkCheckRow(
+                mech,
+                step,
+                batch,
+                len(pairs),
+                sum(t.updates_to_accuracy == p["updates_to_accuracy"] for t, p in pairs),
+                statistics.fmean(p["projected_time_to_accuracy_s"] for _, p in pairs),
+                *_mean_std([t.time_to_accuracy_s for t, _ in reached]),
+                tuple(t.time_to_accuracy_s / p["projected_time_to_accuracy_s"] - 1.0 for t, p in reached),
+            )
+        )
+    return rows
+
+
+def link_check_markdown(rows: Sequence[LinkCheckRow], link_text: str) -> str:
+    """The check as a table, with the median and worst |error| over every seed and each mechanism's speedup."""
+    errors = [abs(e) for r in rows for e in r.errors]
+    head = (
+        f"§4's settings on 2 workers under an EMULATED link ({link_text}; raygd.network, time only): measured "
+        "time to accuracy against the PROJECTION from the same (γ, B, seed) without the link (its updates × "
+        "the modelled step on this link). Mean ± std over seeds.\n\n"
+    )
+    table = _table(
+        ["mechanism", "γ", "B", "seeds", "same updates", "projected (s)", "measured (s)", "error (median)"],
+        "lrrrrrrr",
+        [
+            [
+                r.mechanism,
+                f"{r.step_size:g}",
+                r.global_batch_size,
+                r.seeds,
+                f"{r.same_updates}/{r.seeds}",
+                _pm(r.projected_mean_s, None),
+                _pm(r.measured_mean_s, r.measured_std_s),
+                "–" if not r.errors else f"{statistics.median(r.errors):+.1%}",
+            ]
+            for r in rows
+        ],
+    )
+    summary = (
+        f"\nError over {len(errors)} measured seeds: median {statistics.median(errors):.1%}, "
+        f"worst {max(errors):.1%} (goal of bench/projection.py: median ≤ 10%).\n"
+        if errors
+        else "\nNothing measured yet.\n"
+    )
+    return head + table + summary + _link_speedups(rows)
+
+
+def _link_speedups(rows: Sequence[LinkCheckRow]) -> str:
+    """Each mechanism's fastest measured setting against vanilla's, measured and projected."""
+    best: dict[str, LinkCheckRow] = {}
+    for r in rows:
+        if r.measured_mean_s is not None and (
+            r.mechanism not in best or r.measured_mean_s < best[r.mechanism].measured_mean_s  # type: ignore[operator]
+        ):
+            best[r.mechanism] = r
+    base = best.get(BASELINE)
+    if base is None or len(best) < 2:
+        return ""
+    lines = [
+        "",
+        "| mechanism | fastest measured (γ, B) | measured speedup vs vanilla | projected speedup |",
+        "|---|---|---:|---:|",
+    ]
+    for mech, r in best.items():
+        lines.append(
+            f"| {mech} | {r.step_size:g}, {r.global_batch_size} | "
+            f"{base.measured_mean_s / r.measured_mean_s:.2f}× | {base.projected_mean_s / r.projected_mean_s:.2f}× |"  # type: ignore[operator]
+        )
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- figures
 
 

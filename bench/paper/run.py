@@ -4,6 +4,8 @@
     python -m bench.paper.run dropconnect    # section 4: DropConnect speedup, CNN on 2 workers (Ray Tune)
     python -m bench.paper.run batch-scaling  # Figures 1-2: per-pass speedup and passes to accuracy vs B
     python -m bench.paper.run bound          # B_D at w0 and along training vs the best B the sweeps found
+    python -m bench.paper.run dropconnect-link --rho 1   # #15: section 4's projected winners measured under
+                                                         # an emulated link of that ρ (after dropconnect)
     python -m bench.paper.run fig3a --set 'sweep.space.seed=[0,1]'   # scaled down (any --set of raygd sweep)
     python -m bench.paper.run dropconnect --report-only             # rebuild from the latest MLflow parent run
     python -m bench.paper.run dropconnect --resume                  # finish an interrupted sweep
@@ -29,6 +31,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.paper import results
 from raygd.records import (
@@ -40,6 +43,7 @@ from raygd.records import (
     Status,
     child_runs,
     latest_sweep,
+    newest_sweep,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -290,6 +294,142 @@ def exp_batch_scaling(args: argparse.Namespace) -> None:
     _emit("batch-scaling", results.scaling_markdown(rows, target), paths, spec.tracking_uri, outcome.parent_run_id)
 
 
+# --------------------------------------------------------------------------- §4 on an emulated link (#15)
+
+LINK_NAME = "paper-dropconnect-link"
+"""The MLflow experiment of the measured check: one sweep (parent run) per (mechanism, γ, B) measured."""
+LINK_BATCH = 256
+"""ρ = t_comm / t_compute is set for vanilla at this B on P = 2 (issue #15: ρ ≈ 0.1, 1, 10 at B = 256)."""
+LINK_LATENCY_US = 50.0
+
+
+def link_plan(trials: list, rho: float, neighbours: bool) -> tuple[Any, list[tuple[str, float, int]]]:
+    """The emulated link for ``rho`` and what to measure on it: per mechanism the projected best (γ, B) on P = 2
+    (``raygd.project``: measured updates × modelled step; every seed reached), with ``neighbours`` also the next
+    smaller and larger B tried, each at its own projected-best γ. Returns (link, [(mechanism, γ, B)])."""
+    import statistics
+    from collections import defaultdict
+
+    from raygd import costmodel as cm
+    from raygd import project as pj
+
+    link = pj.link_for_rho(trials, rho, LINK_BATCH, workers=2, latency_us=LINK_LATENCY_US)
+    bandwidth = float(f"{link.bandwidth_bytes_per_s * 8 / 1e9:.4g}")  # Gbit/s, as the run config states it
+    link = cm.Link.from_gbps_us(bandwidth, LINK_LATENCY_US)
+    proj = pj.project(trials, pj.Target(f"emulated link, ρ = {rho:g} at B = {LINK_BATCH}", link), workers=(2,))
+    seeds: dict[tuple[str, int, float], list] = defaultdict(list)
+    for row in proj.trials:
+        seeds[(row["mechanism"], row["global_batch_size"], row["step_size"])].append(
+            row["projected_time_to_accuracy_s"]
+        )
+    at_batch: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)  # mechanism -> B -> (TTA, γ)
+    for (mech, batch, step), ttas in sorted(seeds.items()):
+        if all(t != "" for t in ttas):
+            tta = statistics.median(ttas)
+            if batch not in at_batch[mech] or tta < at_batch[mech][batch][0]:
+                at_batch[mech][batch] = (tta, step)
+    plan = []
+    for mech, by_b in sorted(at_batch.items(), key=lambda kv: (kv[0] != results.BASELINE, kv[0])):
+        batches = sorted(by_b)
+        i = min(range(len(batches)), key=lambda k: by_b[batches[k]][0])
+        for b in batches[max(0, i - 1) : i + 2] if neighbours else [batches[i]]:
+            plan.append((mech, by_b[b][1], b))
+    return link, plan
+
+
+def _link_overrides(spec, mech: str, step: float, batch: int, link) -> list[str]:
+    from raygd.mechanisms import mechanism_label
+
+    mechs = {mechanism_label(m): m for m in spec.space["mechanism"]}
+    bw = link.bandwidth_bytes_per_s * 8 / 1e9
+    return [
+        f"sweep.name={LINK_NAME}",
+        f"sweep.space.mechanism={json.dumps([mechs[mech]])}",
+        f"sweep.space.step_size=[{step!r}]",
+        f"sweep.space.global_batch_size=[{batch}]",
+        "sweep.extend_edges=false",
+        f"train.network={{bandwidth_gbps: {bw!r}, latency_us: {LINK_LATENCY_US!r}}}",
+    ]
+
+
+def _link_sweeps(uri: str) -> list:
+    """The measured check's parent runs, newest first."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(LINK_NAME)
+    if exp is None:
+        return []
+    return client.search_runs(
+        [exp.experiment_id], f"tags.`{KIND_TAG}` = '{SWEEP_KIND}'", order_by=["attributes.start_time DESC"]
+    )
+
+
+def _client(uri: str):
+    from raygd.records import mlflow_client
+
+    return mlflow_client(uri)
+
+
+def _same_setting(run, spec) -> bool:
+    """Whether a parent run of the check measured the setting of ``spec`` (its space and its link)."""
+    p = run.data.params
+    net = spec.run_config(spec.trial_params()[0]).train.network
+    return (
+        all(p.get(f"space.{k}") == json.dumps(v) for k, v in spec.space.items())
+        and p.get("base.train.network.bandwidth_gbps") == str(net.bandwidth_gbps)
+        and p.get("base.train.network.latency_us") == str(net.latency_us)
+    )
+
+
+def exp_dropconnect_link(args: argparse.Namespace) -> None:
+    """#15: the §4 sweep's projected winners on P = 2, measured under the emulated link of ρ = ``--rho``."""
+    from raygd import project as pj
+    from tuning.report import collect_sweep
+    from tuning.spec import load_sweep_spec
+    from tuning.sweep import run_sweep
+
+    source = latest_sweep(args.tracking_uri, PRESETS["dropconnect"])
+    trials = [t for t in pj.read_trials(args.tracking_uri, source) if not t.emulated]
+    link, plan = link_plan(trials, args.rho, args.neighbours)
+    bw = link.bandwidth_bytes_per_s * 8 / 1e9
+    print(f"emulated link: {bw:.4g} Gbit/s, {LINK_LATENCY_US:g} µs (ρ = {args.rho:g} for vanilla at B = {LINK_BATCH})")
+    for mech, step, batch in plan:
+        print(f"  measure {mech} γ={step:g} B={batch}")
+    specs = [
+        load_sweep_spec(
+            PRESETS["dropconnect"],
+            [f"tracking.tracking_uri={args.tracking_uri}", *_link_overrides(_spec("dropconnect", args), *s, link)],
+        )
+        for s in plan
+    ]
+    if not args.report_only:
+        for spec in specs:
+            done = [r for r in _link_sweeps(args.tracking_uri) if _same_setting(r, spec)]
+            if any(r.info.status == "FINISHED" for r in done):
+                continue
+            newest_running = newest_sweep(args.tracking_uri, LINK_NAME, running_only=True)
+            resume = bool(done) and newest_running is not None and newest_running.info.run_id == done[0].info.run_id
+            run_sweep(spec, resume=resume)
+    measured = []
+    for spec in specs:
+        parents = [r for r in _link_sweeps(args.tracking_uri) if _same_setting(r, spec) and r.info.status == "FINISHED"]
+        if parents:
+            measured += collect_sweep(args.tracking_uri, parents[0].info.run_id).records
+    proj = pj.project(trials, pj.Target(f"emulated ρ={args.rho:g}", link), workers=(2,))
+    table = results.link_check_markdown(
+        results.link_check_rows(proj.trials, measured), link_text=f"{bw:.4g} Gbit/s, {LINK_LATENCY_US:g} µs"
+    )
+    if not measured:  # --report-only before any setting finished: nothing to record
+        print(table)
+        return
+    _emit(
+        f"dropconnect-link-rho{args.rho:g}",
+        table,
+        [],
+        args.tracking_uri,
+        _link_sweeps(args.tracking_uri)[0].info.run_id,
+    )
+
+
 # --------------------------------------------------------------------------- bound
 
 
@@ -375,7 +515,7 @@ def exp_bound(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["fig3a", "dropconnect", "batch-scaling", "bound"])
+    parser.add_argument("experiment", choices=["fig3a", "dropconnect", "batch-scaling", "bound", "dropconnect-link"])
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -409,6 +549,17 @@ def main(argv: list[str] | None = None) -> int:
         "can span sessions) instead of starting a new one",
     )
     parser.add_argument(
+        "--rho",
+        type=float,
+        default=1.0,
+        help="dropconnect-link only: the emulated link's ρ = t_comm / t_compute for vanilla at B = 256 on P = 2",
+    )
+    parser.add_argument(
+        "--neighbours",
+        action="store_true",
+        help="dropconnect-link only: also measure the B next to each projected winner, at its own best γ",
+    )
+    parser.add_argument(
         "--report-only",
         action="store_true",
         help="rebuild table and figure from the latest MLflow parent run, run nothing",
@@ -421,9 +572,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     OUT.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    {"fig3a": exp_fig3a, "dropconnect": exp_dropconnect, "batch-scaling": exp_batch_scaling, "bound": exp_bound}[
-        args.experiment
-    ](args)
+    experiments = {
+        "fig3a": exp_fig3a,
+        "dropconnect": exp_dropconnect,
+        "batch-scaling": exp_batch_scaling,
+        "bound": exp_bound,
+        "dropconnect-link": exp_dropconnect_link,
+    }
+    experiments[args.experiment](args)
     print(f"wall time {time.time() - start:.0f} s")
     return 0
 
