@@ -55,6 +55,6 @@ clean:
 sweep: $(STAMP) data
 	$(BIN)/raygd sweep quickstart $(ARGS)
 
-# The paper's experiments (issue #7): make paper EXP=fig3a|dropconnect|batch-scaling|bound [ARGS=...]
+# The paper's experiments (issue #7): make paper EXP=fig3a|dropconnect|batch-scaling|bound|dropconnect-link [ARGS=...]
 paper: $(STAMP) data
 	$(BIN)/python -m bench.paper.run $(EXP) $(ARGS)
