@@ -108,14 +108,14 @@ def next_trials(
 
     Args:
         records: the sweep's search and extension trials (not its confirm phase).
-        extend_round: plan this round (1, 2, ...) from the trials before it only: a resumed sweep, whose
-            records already hold some or all of the round's own trials, gets the round's proposals again.
-            None: from every record.
         searched: how many values the spec lists per axis (``step_size``, ``global_batch_size``): an
             axis with one value is not searched and never extended.
         scope: ``winner`` (γ at the winner's B and its neighbours) or ``every_batch`` (γ at every B tried).
         valid_batch: whether a new B is allowed (divisible by the workers, at most n): the stated limit.
         replication: as in ``tuning.stats.pair_stats``.
+        extend_round: plan this round (1, 2, ...) from the trials before it only: a resumed sweep, whose
+            records already hold some or all of the round's own trials, gets the round's proposals again.
+            None: from every record.
     Returns:
         Proposals in a stable order (mechanism, axis, B, γ), none already tried.
     """

@@ -416,8 +416,7 @@ def every_pair(records: Iterable[TrialRecord | Mapping[str, Any]], replication: 
         reached = [t for t in p.trials if t.reached]
         times = _times(reached)
         passes = [t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)]
-        per_pass = [t.train_time_s / t.passes for t in p.trials if _finite(t.train_time_s) and _finite(t.passes)]
-        per_pass = [x for x in per_pass if math.isfinite(x)]
+        per_pass = [t.train_time_s / t.passes for t in p.trials if _finite(t.train_time_s) and _positive(t.passes)]
         rows.append(
             PairRow(
                 p.mechanism,
@@ -435,6 +434,10 @@ def every_pair(records: Iterable[TrialRecord | Mapping[str, Any]], replication: 
             )
         )
     return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.global_batch_size, r.step_size))
+
+
+def _positive(x: float | None) -> TypeGuard[float]:
+    return _finite(x) and x > 0
 
 
 def _unreached(trials: Iterable[TrialRecord]) -> str:
