@@ -132,6 +132,8 @@ def test_every_pair_against_the_records_by_hand(tmp_path):
     assert dc.unreached == "1 max_passes; acc 0.80"
     never = next(r for r in rows if r.global_batch_size == 1024)
     assert never.unreached == "1 diverged, 3 max_passes; acc 0.80"  # a diverged seed has no accuracy to show
+    close = every_pair([rec("m", 0.1, 64, seed=s, acc=a) for s, a in enumerate((0.781, 0.784))])
+    assert close[0].unreached == "2 max_passes; acc 0.78"  # no "0.78–0.78"
     md = pairs_markdown(rows)
     assert len([ln for ln in md.splitlines() if ln.startswith("| ") and "mechanism" not in ln]) == len(rows)
     assert "| vanilla | 1024 | 0.4 | 0/4 | – | – |" in md

@@ -449,7 +449,8 @@ def _unreached(trials: Iterable[TrialRecord]) -> str:
     text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
     accs = [t.final_train_accuracy for t in trials if t.status != Status.DIVERGED and _finite(t.final_train_accuracy)]
     if accs:
-        text += f"; acc {min(accs):.2f}" + (f"–{max(accs):.2f}" if max(accs) > min(accs) else "")
+        low, high = f"{min(accs):.2f}", f"{max(accs):.2f}"
+        text += f"; acc {low}" + (f"–{high}" if high != low else "")
     return text
 
 
