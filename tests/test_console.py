@@ -99,12 +99,14 @@ def test_sequential_trials_print_one_line_each_and_concurrent_ones_two():
     lines = out.getvalue().splitlines()
     assert [line[:16] for line in lines] == ["trial 1/2 start ", "trial 2/2 start ", "trial 1/2 end   "]
     assert lines[-1].endswith("[1 done, 1 running, 0 pending; best vanilla γ=0.1 B=64 seed=0 1.5 s]")
-    # a resumed experiment: the trial numbers and the best so far count the trials finished before
+    # a restored experiment (Tune restores the reporter as pickled, best None): the trial numbers and the best
+    # so far count the trials that finished before
     out = io.StringIO()
-    rep = ConsoleReporter(3, out=out, sequential=True, best=(1.2, "vanilla γ=0.2 B=64 seed=0"))
-    a, b, c = trial(0, "TERMINATED", reached), trial(1, "TERMINATED", reached), trial(2)
+    rep = ConsoleReporter(3, out=out, sequential=True)
+    earlier = dict(reached, time_to_accuracy_s=1.2)
+    a, b, c = trial(0, "TERMINATED", reached), trial(1, "TERMINATED", earlier), trial(2)
     rep.on_trial_start(0, [a, b, c], c)
     c.last_result = reached
     rep.on_trial_complete(0, [a, b, c], c)
     assert out.getvalue().startswith("trial 3/3  vanilla γ=0.1 B=64 seed=2  -> reached_target"), out.getvalue()
-    assert out.getvalue().endswith("[3 done, 0 running, 0 pending; best vanilla γ=0.2 B=64 seed=0 1.2 s]\n")
+    assert out.getvalue().endswith("[3 done, 0 running, 0 pending; best vanilla γ=0.1 B=64 seed=1 1.2 s]\n")

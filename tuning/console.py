@@ -50,8 +50,8 @@ class ConsoleReporter(Callback):
         total: the number of trials the search will run (None when unknown).
         out: where to print (standard output).
         sequential: one trial at a time: one line per trial.
-        best: the fastest trial recorded before this experiment (time, description): an earlier phase's,
-            or a resumed experiment's own finished trials.
+        best: the fastest trial of an earlier phase (time, description). A restored experiment's own finished
+            trials count as they are found in Tune's trial list.
     """
 
     def __init__(
@@ -124,5 +124,9 @@ class ConsoleReporter(Callback):
         done = sum(t.status in ("TERMINATED", "ERROR") or t is ended for t in trials)
         running = sum(t.status == "RUNNING" and t is not ended for t in trials)
         pending = (self.total - done - running) if self.total else sum(t.status == "PENDING" for t in trials)
+        for t in trials:  # a restored experiment's finished trials (Tune restores this callback as pickled)
+            tta = (t.last_result or {}).get("time_to_accuracy_s") if t.status == "TERMINATED" else None
+            if isinstance(tta, (int, float)) and math.isfinite(tta) and (self.best is None or tta < self.best[0]):
+                self.best = (tta, describe(t.config))
         best = f"; best {self.best[1]} {self.best[0]:.3g} s" if self.best else ""
         return f"{done} done, {running} running, {max(pending, 0)} pending{best}"

@@ -185,8 +185,7 @@ def _run_phases(
     recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
     total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
     sequential = spec.max_concurrent_trials == 1
-    earlier = _fastest(collect_sweep(spec.tracking_uri, parent_run_id).records) if resume else None
-    console = None if verbose else ConsoleReporter(total, sequential=sequential, best=earlier)
+    console = None if verbose else ConsoleReporter(total, sequential=sequential)
     _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
     if spec.extend_edges and spec.search != "grid":
         _say(f"extend_edges: skipped, {spec.search} search has no grid edges")
