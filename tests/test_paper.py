@@ -286,7 +286,7 @@ def test_link_plan_picks_the_projected_winner_and_its_neighbours(sqlite_uri):
         _trial(sqlite_uri, parent, i, "vanilla", step, batch, n)
     trials = project.read_trials(sqlite_uri, parent)
     for rho in (0.1, 10.0):
-        link, plan = link_plan(trials, rho, neighbours=False)
+        link, _, plan = link_plan(trials, rho, neighbours=False)
         compute = cm.Compute(PER_EXAMPLE, FIXED)
         payload = 4 * LOGREG_PARAMS
         assert cm.step_cost(LINK_BATCH, 2, compute, payload, link).rho == pytest.approx(rho, rel=1e-3)
@@ -294,7 +294,7 @@ def test_link_plan_picks_the_projected_winner_and_its_neighbours(sqlite_uri):
         by_hand = {k: n * cm.step_cost(k[1], 2, compute, payload, link).total_s for k, n in updates.items()}
         step, batch = min(by_hand, key=by_hand.get)
         assert plan == [("vanilla", step, batch)]
-        _, around = link_plan(trials, rho, neighbours=True)
+        _, _, around = link_plan(trials, rho, neighbours=True)
         best_step = {
             b: min((s for s, bb in by_hand if bb == b), key=lambda s: by_hand[(s, b)]) for b in (64, 256, 1024)
         }

@@ -146,9 +146,9 @@ def run_trial(
     from ray import tune
 
     entry_wall = time.time()
-    raw = params
-    phase = CONFIRM_PHASE if CONFIRM_PARAM in raw else EXTEND_PHASE if EXTEND_PARAM in raw else SEARCH_PHASE
-    params = spec.decode(raw.get(CONFIRM_PARAM) or raw.get(EXTEND_PARAM) or raw)
+    phase = CONFIRM_PHASE if CONFIRM_PARAM in params else EXTEND_PHASE if EXTEND_PARAM in params else SEARCH_PHASE
+    extend_round = params.get(EXTEND_ROUND_PARAM)
+    params = spec.decode(params.get(CONFIRM_PARAM) or params.get(EXTEND_PARAM) or params)
     cfg = spec.run_config(params)
     uri = cfg.tracking.tracking_uri
     trial_id, key = tune.get_context().get_trial_id(), trial_key({**params, "phase": phase})
@@ -159,8 +159,8 @@ def run_trial(
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
     cfg.tracking.run_name = run_name(label, cfg, phase)
     run_tags = {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label}
-    if phase == EXTEND_PHASE and EXTEND_ROUND_PARAM in raw:
-        run_tags[EXTEND_ROUND_TAG] = str(raw[EXTEND_ROUND_PARAM])
+    if extend_round is not None:
+        run_tags[EXTEND_ROUND_TAG] = str(extend_round)
     kwargs = {"progress": progress, "data": _trial_data(cfg), "parent_run_id": parent_run_id, "run_id": reattach}
     if pools_name is None:  # its own Train run: checkpoints in the sweep's (shared) storage, as the pools'
         kwargs["storage_path"] = storage_root(spec.storage_path)

@@ -28,8 +28,10 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from raygd.records import (
     Status,
     child_runs,
     latest_sweep,
+    mlflow_client,
     newest_sweep,
 )
 
@@ -303,13 +306,10 @@ LINK_BATCH = 256
 LINK_LATENCY_US = 50.0
 
 
-def link_plan(trials: list, rho: float, neighbours: bool) -> tuple[Any, list[tuple[str, float, int]]]:
+def link_plan(trials: list, rho: float, neighbours: bool) -> tuple[Any, Any, list[tuple[str, float, int]]]:
     """The emulated link for ``rho`` and what to measure on it: per mechanism the projected best (γ, B) on P = 2
     (``raygd.project``: measured updates × modelled step; every seed reached), with ``neighbours`` also the next
-    smaller and larger B tried, each at its own projected-best γ. Returns (link, [(mechanism, γ, B)])."""
-    import statistics
-    from collections import defaultdict
-
+    smaller and larger B tried, each at its own projected-best γ. Returns (link, projection, [(mechanism, γ, B)])."""
     from raygd import costmodel as cm
     from raygd import project as pj
 
@@ -334,7 +334,7 @@ def link_plan(trials: list, rho: float, neighbours: bool) -> tuple[Any, list[tup
         i = min(range(len(batches)), key=lambda k: by_b[batches[k]][0])
         for b in batches[max(0, i - 1) : i + 2] if neighbours else [batches[i]]:
             plan.append((mech, by_b[b][1], b))
-    return link, plan
+    return link, proj, plan
 
 
 def _link_overrides(spec, mech: str, step: float, batch: int, link) -> list[str]:
@@ -354,19 +354,13 @@ def _link_overrides(spec, mech: str, step: float, batch: int, link) -> list[str]
 
 def _link_sweeps(uri: str) -> list:
     """The measured check's parent runs, newest first."""
-    client = _client(uri)
+    client = mlflow_client(uri)
     exp = client.get_experiment_by_name(LINK_NAME)
     if exp is None:
         return []
     return client.search_runs(
         [exp.experiment_id], f"tags.`{KIND_TAG}` = '{SWEEP_KIND}'", order_by=["attributes.start_time DESC"]
     )
-
-
-def _client(uri: str):
-    from raygd.records import mlflow_client
-
-    return mlflow_client(uri)
 
 
 def _same_setting(run, spec) -> bool:
@@ -389,15 +383,15 @@ def exp_dropconnect_link(args: argparse.Namespace) -> None:
 
     source = latest_sweep(args.tracking_uri, PRESETS["dropconnect"])
     trials = [t for t in pj.read_trials(args.tracking_uri, source) if not t.emulated]
-    link, plan = link_plan(trials, args.rho, args.neighbours)
+    link, proj, plan = link_plan(trials, args.rho, args.neighbours)
     bw = link.bandwidth_bytes_per_s * 8 / 1e9
     print(f"emulated link: {bw:.4g} Gbit/s, {LINK_LATENCY_US:g} µs (ρ = {args.rho:g} for vanilla at B = {LINK_BATCH})")
     for mech, step, batch in plan:
         print(f"  measure {mech} γ={step:g} B={batch}")
+    base = _spec("dropconnect", args)
     specs = [
         load_sweep_spec(
-            PRESETS["dropconnect"],
-            [f"tracking.tracking_uri={args.tracking_uri}", *_link_overrides(_spec("dropconnect", args), *s, link)],
+            PRESETS["dropconnect"], [f"tracking.tracking_uri={args.tracking_uri}", *_link_overrides(base, *s, link)]
         )
         for s in plan
     ]
@@ -409,12 +403,11 @@ def exp_dropconnect_link(args: argparse.Namespace) -> None:
             newest_running = newest_sweep(args.tracking_uri, LINK_NAME, running_only=True)
             resume = bool(done) and newest_running is not None and newest_running.info.run_id == done[0].info.run_id
             run_sweep(spec, resume=resume)
-    measured = []
+    measured, sweeps = [], _link_sweeps(args.tracking_uri)
     for spec in specs:
-        parents = [r for r in _link_sweeps(args.tracking_uri) if _same_setting(r, spec) and r.info.status == "FINISHED"]
+        parents = [r for r in sweeps if _same_setting(r, spec) and r.info.status == "FINISHED"]
         if parents:
             measured += collect_sweep(args.tracking_uri, parents[0].info.run_id).records
-    proj = pj.project(trials, pj.Target(f"emulated ρ={args.rho:g}", link), workers=(2,))
     table = results.link_check_markdown(
         results.link_check_rows(proj.trials, measured), link_text=f"{bw:.4g} Gbit/s, {LINK_LATENCY_US:g} µs"
     )
@@ -426,7 +419,7 @@ def exp_dropconnect_link(args: argparse.Namespace) -> None:
         table,
         [],
         args.tracking_uri,
-        _link_sweeps(args.tracking_uri)[0].info.run_id,
+        sweeps[0].info.run_id,
     )
 
 
