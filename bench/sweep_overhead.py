@@ -16,7 +16,10 @@ trial (on 2 cores the sum bounds the start-up wall time from below, whatever the
 
 ``--ab pool`` runs the same grid with warm trial pools (``sweep.trial_pool: true``, the default) and
 with one TorchTrainer per trial, ``--ab reuse`` without and with Tune reusing the trial actor
-(``tuning.sweep.REUSE_TRIAL_ACTORS``): A and B alternate ``--pairs`` times in one Ray session, and
+(``tuning.sweep.REUSE_TRIAL_ACTORS``), ``--ab rounds`` with each edge round a Tune experiment of its
+own and with the rounds in the grid's experiment (``tuning.sweep.INLINE_EDGE_ROUNDS``, ``tuning.rounds``;
+its figure is the gap from the grid's last trial to the first round trial's first step): A and B
+alternate ``--pairs`` times in one Ray session, and
 the table gives each figure's median over the pairs and the median of the paired ratios with its
 min-max, with the load average over the run.
 
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 import tuning.sweep as sweep
-from raygd.records import child_runs
+from raygd.records import EXTEND_PHASE, PHASE_TAG, SEARCH_PHASE, child_runs
 from tuning.spec import load_sweep_spec
 
 KEYS = ("overhead/trial_to_first_step_s", "overhead/fit_setup_s", "overhead/worker_start_s", "overhead/loop_setup_s")
@@ -120,6 +123,14 @@ def report(result: dict) -> dict[str, float]:
         f"evaluation {eval_s:.1f} s; everything else (start-up, Tune, MLflow) "
         f"{(wall - train_s - eval_s) / len(runs):.1f} s per trial"
     )
+    extend = [r for r in runs if r.data.tags.get(PHASE_TAG) == EXTEND_PHASE]
+    search = [r for r in runs if r.data.tags.get(PHASE_TAG) == SEARCH_PHASE]
+    if extend and search:  # the grid's last run ends -> the first round trial's first training step
+        first = min(extend, key=lambda r: r.info.start_time)
+        to_step = first.data.metrics.get("overhead/fit_to_first_step_s", 0.0)
+        gap = (first.info.start_time - max(r.info.end_time for r in search)) / 1e3 + to_step
+        medians["round_gap_s"] = gap
+        print(f"grid's last trial -> first step of the first round trial: {gap:.1f} s")
     medians["train_fraction"] = train_s / wall
     medians["sweep_wall_s"] = wall
     if pool_start is not None:
@@ -147,6 +158,7 @@ def _parent_metric(spec, runs, key: str) -> float | None:
 VARIANTS = {
     "pool": (("one fit per trial", ["sweep.trial_pool=false"]), ("warm pool", ["sweep.trial_pool=true"])),
     "reuse": (("reuse off", []), ("reuse on", [])),
+    "rounds": (("a Tune experiment per round", []), ("rounds in the grid's experiment", [])),
 }
 
 
@@ -160,6 +172,8 @@ def ab(args, cpu: ProcessCpu) -> None:
         for which, (label, extra) in enumerate(VARIANTS[args.ab]):
             if args.ab == "reuse":
                 sweep.REUSE_TRIAL_ACTORS = bool(which)
+            if args.ab == "rounds":
+                sweep.INLINE_EDGE_ROUNDS = bool(which)
             name = f"sweep.name=bench-sweep-overhead-{args.ab}-{which}"
             print(f"\n=== pair {pair + 1}/{args.pairs}: {label}")
             figures[which].append(report(run_once(load_sweep_spec(args.preset, [*args.overrides, *extra, name]), cpu)))
@@ -200,7 +214,8 @@ def main() -> None:
     parser.add_argument(
         "--ab",
         choices=sorted(VARIANTS),
-        help="pool: warm pools vs one fit per trial; reuse: Tune's trial actor reused or not",
+        help="pool: warm pools vs one fit per trial; reuse: Tune's trial actor reused or not; "
+        "rounds: edge rounds in experiments of their own vs in the grid's",
     )
     parser.add_argument("--pairs", type=int, default=5, help="A/B pairs for --ab (default 5)")
     args = parser.parse_args()

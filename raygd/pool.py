@@ -29,6 +29,9 @@ A pool whose TorchTrainer fails for good fails its trial in flight and is starte
 Stopping: when Tune stops a trial (ASHA), the sweep's ``TrialRecorder`` cancels it here; the pool
 abandons it at its next evaluation and takes the next trial.
 
+Torch and the training loop are imported where they are used: the coordinator's process imports this
+module too, and torch alone costs ~4 CPU s of a pool's start on 2 cores.
+
 One module (just over 400 lines) because the coordinator, the pool's worker loop and the thin
 trial speak one protocol (the request and result dicts); split, each half would be read with the other.
 """
@@ -42,16 +45,18 @@ import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
-import torch
 
-from raygd.bound import log_initial_bound
 from raygd.config import RunConfig
-from raygd.data import Dataset
-from raygd.loop import RunSummary, build_state, run_loop
 from raygd.tracking import Tracker, system_metrics
+
+if TYPE_CHECKING:
+    import torch
+
+    from raygd.data import Dataset
+    from raygd.loop import RunSummary
 
 IDLE_POLL_S = 30.0
 """How long a pool waits for a trial before its ranks meet again (well inside the process group's timeout)."""
@@ -199,7 +204,11 @@ def _broadcast(obj: Any, rank: int, world_size: int) -> Any:
 def _run_trial(request: dict, rank: int, world_size: int, device: torch.device, coordinator) -> None:
     """One trial in a warm pool, on every rank: the same loop, hooks and records as ``train_loop_per_worker``."""
 
+    import torch
+
+    from raygd.bound import log_initial_bound
     from raygd.checkpoint import report_checkpoint
+    from raygd.loop import build_state, run_loop
     from raygd.train import _progress_line, _say, resume_point
 
     loop_entry_wall = time.time()
@@ -250,6 +259,7 @@ def pool_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train entry point of a pool: take trials from the coordinator until it closes."""
     import ray.train
     import ray.train.torch
+    import torch
 
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
@@ -397,6 +407,7 @@ def fit_in_pool(
         save_model_to: write the final weights (rank 0's ``state_dict``) to this path on the pool's node.
         progress: the pool's rank 0 prints a line per evaluation.
     """
+    from raygd.loop import RunSummary
     from raygd.train import failing, open_run, prepare, record_summary
 
     fit_start_wall = time.time()

@@ -41,11 +41,14 @@ EXTEND_PHASE = "extend"
 CONFIRM_PHASE = "confirm"
 EXTEND_ROUND_TAG = "raygd.extend_round"
 """On an extension trial's run: the round (1, 2, ...) of ``sweep.extend_edges`` that proposed it. A resumed
-sweep plans round k again from the trials of the rounds before it (``tuning.sweep``)."""
+sweep plans round k again from the trials of the rounds before it (``tuning.rounds``)."""
 MECHANISM_LABEL_TAG = "raygd.mechanism_label"
 """The mechanism's display label, e.g. ``dropconnect(p=0.4)``: what the sweep's tables group by."""
 TUNE_DIR_TAG = "raygd.tune_dir"
 """On a sweep's parent run: the Tune experiment folder that ``--resume`` restores."""
+EXTEND_INLINE_TAG = "raygd.extend_inline"
+"""On a sweep's parent run (``"1"``): its edge-extension rounds run inside the grid's Tune experiment
+(``tuning.rounds``). Without it (sweeps started before), each round is a Tune experiment of its own."""
 BOUND_OF_TAG = "raygd.bound_of"
 """Whose diversity a trial's B_D measures: ``gradient`` (vanilla), ``surrogate`` (the mechanism's
 gradient as trained, e.g. DropConnect at its mask granularity) or ``plain_gradient`` (the mechanism's

@@ -110,3 +110,30 @@ def test_sequential_trials_print_one_line_each_and_concurrent_ones_two():
     rep.on_trial_complete(0, [a, b, c], c)
     assert out.getvalue().startswith("trial 3/3  vanilla γ=0.1 B=64 seed=2  -> reached_target"), out.getvalue()
     assert out.getvalue().endswith("[3 done, 0 running, 0 pending; best vanilla γ=0.1 B=64 seed=1 1.2 s]\n")
+
+
+def test_an_edge_round_in_the_grids_experiment_is_counted_on_its_own():
+    """tuning.rounds hands a round's trials out in the grid's Tune experiment: each is numbered within its round."""
+    import io
+    from types import SimpleNamespace
+
+    from tuning.console import ConsoleReporter
+    from tuning.trial import EXTEND_PARAM, EXTEND_ROUND_PARAM, EXTEND_SIZE_PARAM
+
+    params = {"step_size": 0.1, "global_batch_size": 64, "mechanism": {"name": "vanilla"}, "seed": 0}
+    reached = {"status": "reached_target", "time_to_accuracy_s": 1.5, "passes_to_accuracy": 0.5}
+    grid = [
+        SimpleNamespace(trial_id="g0", config=params, status="TERMINATED", last_result=reached),
+        SimpleNamespace(trial_id="g1", config=dict(params, seed=1), status="TERMINATED", last_result=None),
+    ]
+    extend = {EXTEND_PARAM: dict(params, step_size=0.8), EXTEND_ROUND_PARAM: 1, EXTEND_SIZE_PARAM: 3}
+    x = SimpleNamespace(trial_id="x", config=extend, status="RUNNING", last_result=None)
+    out = io.StringIO()
+    rep = ConsoleReporter(2, out=out, sequential=True)
+    rep.on_trial_start(0, [*grid, x], x)
+    x.last_result = dict(reached, time_to_accuracy_s=0.9)
+    rep.on_trial_complete(0, [*grid, x], x)
+    assert out.getvalue() == (
+        "trial 1/3  extend vanilla γ=0.8 B=64 seed=0  -> reached_target  time to acc 0.9 s  passes 0.5  "
+        "[1 done, 0 running, 2 pending; best extend vanilla γ=0.8 B=64 seed=0 0.9 s]\n"
+    )

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from raygd.records import KEY_TAG, PHASE_TAG, TUNE_DIR_TAG, child_runs
+from raygd.records import EXTEND_INLINE_TAG, KEY_TAG, PHASE_TAG, TUNE_DIR_TAG, child_runs
 from tests.conftest import kill_process_tree
 from tests.sweeps import write_sweep_spec as _write_spec
 from tuning.objective import UNREACHED_PENALTY_S
@@ -53,7 +53,12 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     assert {("sgld(sigma=0.001)", 0.001), ("vanilla", 0.001)} <= set(added) and len(added) <= 4, added
     assert all(step <= 0.001 for _, step in added), added
     rounds = {float(c.data.params["train.step_size"]): c.data.tags["raygd.extend_round"] for c in extend}
-    assert rounds[0.001] == "1" and set(rounds.values()) <= {"1", "2"}, rounds  # a resume replans by round
+    assert rounds[0.001] == "1" and set(rounds.values()) <= {"1", "2"}, rounds
+    # the rounds ran in the grid's Tune experiment (tuning.rounds), not in experiments of their own
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.data.tags[EXTEND_INLINE_TAG] == "1"
+    tune_dir = Path(parent.data.tags[TUNE_DIR_TAG])
+    assert tune_dir.is_dir() and not Path(f"{tune_dir}-extend1").exists()
     for row in outcome.best_rows:  # interior, or still on the lower edge after the stated limit, and marked
         assert row.step_edge in (None, "low") and (row.step_edge is None or f"| {row.step_size:g}↓ |" in outcome.table)
     assert "Grid edges extended: sgld(sigma=0.001): γ + 0.001" in outcome.table
@@ -101,13 +106,16 @@ def _sweep_cmd(path, *extra):
 
 def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tmp_path, idx_dir, sqlite_uri):
     # Small step sizes and a checkpoint every other update keep each trial training for seconds (~76
-    # updates), so the kill lands inside the second (last) trial's loop, after it has logged and checkpointed.
+    # updates), so the kill lands inside the second (last) grid trial's loop, after it has logged and
+    # checkpointed. The resumed sweep then runs its edge round (one trial) in the restored Tune experiment.
     path = _write_spec(
         tmp_path,
         idx_dir,
         sqlite_uri,
         "resume-sweep",
         {"step_size": [0.0005, 0.001], "mechanism": [{"name": "vanilla"}]},
+        extend_edges=True,
+        extend_edges_rounds=1,
     )
     spec = yaml.safe_load(path.read_text())
     spec["base"]["train"].update(checkpoint_every_steps=2, target_accuracy=0.99, max_passes=4)
@@ -143,8 +151,11 @@ def test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children(tm
     )
     assert done.returncode == 0, done.stderr[-3000:]
     children = child_runs(sqlite_uri, parent)
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert len({c.data.tags[KEY_TAG] for c in children}) == 2
+    extend = [c for c in children if c.data.tags[PHASE_TAG] == "extend"]
+    assert len(extend) == 1 and extend[0].data.tags["raygd.extend_round"] == "1", [c.info.run_name for c in children]
+    assert "grid edges, round 1/1: 1 trial beyond" in done.stdout and "trial 1/1  extend vanilla" in done.stdout
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert len({c.data.tags[KEY_TAG] for c in children}) == 3
     assert client.get_run(parent).info.status == "FINISHED"
     # The interrupted trial's run was reattached, not recreated: same run, continued from its checkpoint.
     reattached = client.get_run(partial)

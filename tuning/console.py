@@ -23,6 +23,7 @@ from typing import Any, TextIO
 from ray.tune import Callback
 
 from raygd.mechanisms import mechanism_label
+from tuning.trial import EXTEND_ROUND_PARAM, EXTEND_SIZE_PARAM
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -68,13 +69,23 @@ class ConsoleReporter(Callback):
         self._open: str | None = None
         """The trial whose start line waits for its end (sequential trials: one line per trial)."""
 
+    def _group(self, trial, trials: list) -> tuple[list, int | None]:
+        """The trials counted with this one, and their number: the grid, or its edge round (``tuning.rounds``
+        hands a round's trials out in the grid's experiment, each config with the round and its size)."""
+        size = trial.config.get(EXTEND_SIZE_PARAM)
+        if size is None:
+            return [t for t in trials if EXTEND_SIZE_PARAM not in t.config], self.total
+        k = trial.config.get(EXTEND_ROUND_PARAM)
+        return [t for t in trials if t.config.get(EXTEND_ROUND_PARAM) == k and EXTEND_SIZE_PARAM in t.config], size
+
     def _number(self, trial, trials: list) -> str:
-        """The trial's place in the experiment (a resumed one counts its finished trials too)."""
+        """The trial's place in its group (a resumed experiment counts its finished trials too)."""
+        group, total = self._group(trial, trials)
         if trial.trial_id not in self.numbers:
-            place = next((i for i, t in enumerate(trials, 1) if t.trial_id == trial.trial_id), None)
-            self.numbers[trial.trial_id] = place or len(self.numbers) + 1
+            place = next((i for i, t in enumerate(group, 1) if t.trial_id == trial.trial_id), None)
+            self.numbers[trial.trial_id] = place or len(group)
         n = self.numbers[trial.trial_id]
-        return f"{n}/{self.total}" if self.total else str(n)
+        return f"{n}/{total}" if total else str(n)
 
     def _write(self, text: str) -> None:
         out = self._out or sys.stdout
@@ -121,9 +132,10 @@ class ConsoleReporter(Callback):
         self._finish(trial, "error" if self._open == trial.trial_id else f"error  {describe(trial.config)}", trials)
 
     def _tally(self, trials: list, ended) -> str:
-        done = sum(t.status in ("TERMINATED", "ERROR") or t is ended for t in trials)
-        running = sum(t.status == "RUNNING" and t is not ended for t in trials)
-        pending = (self.total - done - running) if self.total else sum(t.status == "PENDING" for t in trials)
+        group, total = self._group(ended, trials)
+        done = sum(t.status in ("TERMINATED", "ERROR") or t is ended for t in group)
+        running = sum(t.status == "RUNNING" and t is not ended for t in group)
+        pending = (total - done - running) if total else sum(t.status == "PENDING" for t in group)
         for t in trials:  # a restored experiment's finished trials (Tune restores this callback as pickled)
             tta = (t.last_result or {}).get("time_to_accuracy_s") if t.status == "TERMINATED" else None
             if isinstance(tta, (int, float)) and math.isfinite(tta) and (self.best is None or tta < self.best[0]):

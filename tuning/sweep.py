@@ -2,6 +2,8 @@
 
 The driver builds a ``Tuner`` over ``tuning.trial.run_trial``, runs (or resumes) it, re-runs each
 mechanism's winner with fresh seeds (the confirm phase), and closes the sweep (``tuning.report``).
+With ``extend_edges`` the grid's experiment also runs the rounds beyond its winners' edges
+(``tuning.rounds.EdgeSearcher``, a Tune searcher), in the same warm trial actor.
 By default (``trial_pool: true``) the trials train in ``max_concurrent_trials`` warm worker groups
 started once per sweep (``raygd.pool``); each Tune trial only hands its config over and relays results.
 Every trial stops at the target inside the training loop; with a scheduler (ASHA), rank
@@ -29,7 +31,7 @@ import os
 from typing import Any
 
 from raygd.config import ConfigError
-from raygd.records import KIND_TAG, SWEEP_KIND, TUNE_DIR_TAG, newest_sweep
+from raygd.records import EXTEND_INLINE_TAG, KIND_TAG, SWEEP_KIND, TUNE_DIR_TAG, newest_sweep
 from raygd.tracking import Tracker, create_run, provenance_tags
 from tuning.report import SweepOutcome, close_sweep, collect_sweep
 from tuning.spec import SweepSpec, mechanism_label, storage_root
@@ -39,6 +41,12 @@ REUSE_TRIAL_ACTORS = True
 """Run trials in one warm Tune actor (its imports of torch, Ray Train and MLflow done once), not one each:
 ~5 CPU s less per trial (bench/sweep_overhead.py --ab reuse). Not with a scheduler: Tune would hand the
 actor of a stopped trial, still inside fit(), to the next trial, whose reset then fails."""
+
+
+INLINE_EDGE_ROUNDS = True
+"""A new sweep's edge rounds run in the grid's Tune experiment (``tuning.rounds``), in its warm trial actor,
+not each in a Tune experiment of its own, whose cold trial actor put ~15 s between the quickstart's grid
+and its round's first training step (its trials take 1.5-4 s each; bench/sweep_overhead.py --ab rounds)."""
 
 
 def _param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -72,7 +80,9 @@ def _search_alg(spec: SweepSpec):
     return None
 
 
-def _tune_config(spec: SweepSpec):
+def _tune_config(spec: SweepSpec, search_alg=None):
+    """Tune's config; ``search_alg``: the grid with its edge rounds (``tuning.rounds.EdgeSearcher``), which
+    hands out trials until it says it has finished (``num_samples = -1``)."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -90,10 +100,10 @@ def _tune_config(spec: SweepSpec):
             reduction_factor=spec.asha_reduction_factor,
         )
     return tune.TuneConfig(
-        num_samples=(spec.num_samples or 1) if spec.search != "grid" else 1,
+        num_samples=-1 if search_alg is not None else (spec.num_samples or 1) if spec.search != "grid" else 1,
         max_concurrent_trials=spec.max_concurrent_trials,
         scheduler=scheduler,
-        search_alg=_search_alg(spec),
+        search_alg=search_alg or _search_alg(spec),
         reuse_actors=REUSE_TRIAL_ACTORS and scheduler is None,
     )
 
@@ -104,8 +114,9 @@ def split_storage_dir(tune_dir: str) -> tuple[str, str]:
     return parent, name
 
 
-def _start_parent(spec: SweepSpec, resume: bool) -> tuple[str, str]:
-    """The sweep's parent run id and Tune folder: a new parent run, or with ``resume`` the latest unfinished one."""
+def _start_parent(spec: SweepSpec, resume: bool) -> tuple[str, str, bool]:
+    """The sweep's parent run id, Tune folder and whether its edge rounds run inside the grid's Tune experiment
+    (``tuning.rounds``): a new parent run, or with ``resume`` the latest unfinished one."""
     if resume:
         run = newest_sweep(spec.tracking_uri, spec.name, running_only=True)
         if run is None:
@@ -113,13 +124,15 @@ def _start_parent(spec: SweepSpec, resume: bool) -> tuple[str, str]:
                 f"--resume: sweep {spec.name!r} has no interrupted run in {spec.tracking_uri}; "
                 "run it without --resume to start a new one."
             )
-        return run.info.run_id, run.data.tags[TUNE_DIR_TAG]
+        return run.info.run_id, run.data.tags[TUNE_DIR_TAG], run.data.tags.get(EXTEND_INLINE_TAG) == "1"
+    inline = INLINE_EDGE_ROUNDS and spec.extend_edges and spec.search == "grid"
+    tags = {KIND_TAG: SWEEP_KIND, **({EXTEND_INLINE_TAG: "1"} if inline else {})}
     parent_run_id = create_run(
-        spec.tracking_uri, spec.name, f"sweep-{spec.name}", _spec_params(spec), provenance_tags({KIND_TAG: SWEEP_KIND})
+        spec.tracking_uri, spec.name, f"sweep-{spec.name}", _spec_params(spec), provenance_tags(tags)
     )
     tune_dir = f"{storage_root(spec.storage_path)}/{spec.name}-{parent_run_id[:12]}"
     Tracker(spec.tracking_uri, parent_run_id, enabled=True).set_tags({TUNE_DIR_TAG: tune_dir})
-    return parent_run_id, tune_dir
+    return parent_run_id, tune_dir, inline
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> SweepOutcome:
@@ -141,7 +154,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
             f"for every trial, the space gives {sorted(shapes)}: set sweep.trial_pool=false."
         )
     per_trial = max(c.train.num_workers * c.train.cpus_per_worker for c in configs)
-    parent_run_id, tune_dir = _start_parent(spec, resume)
+    parent_run_id, tune_dir, inline = _start_parent(spec, resume)
     ensure_ray(per_trial * spec.max_concurrent_trials, log_to_driver=verbose)  # workers' logs: -v only
     pools = None
     if spec.trial_pool:
@@ -151,7 +164,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
         )
         pools = _start_pools(spec, configs[0], parent_run_id, tune_dir)
     try:
-        _run_phases(spec, parent_run_id, tune_dir, resume, verbose, pools.name if pools else None)
+        _run_phases(spec, parent_run_id, tune_dir, resume, verbose, pools.name if pools else None, inline)
         if pools is not None:
             start_s = pools.start_s()
             if start_s is not None:  # the pool's own start, once per sweep
@@ -168,13 +181,21 @@ def _say(line: str) -> None:
 
 
 def _run_phases(
-    spec: SweepSpec, parent_run_id: str, tune_dir: str, resume: bool, verbose: bool, pools_name: str | None
+    spec: SweepSpec,
+    parent_run_id: str,
+    tune_dir: str,
+    resume: bool,
+    verbose: bool,
+    pools_name: str | None,
+    inline: bool = False,
 ) -> None:
-    """The search, then the confirm phase (each mechanism's winner with fresh seeds), on Ray Tune."""
+    """The search with its edge rounds (``inline``: in one Tune experiment, ``tuning.rounds``), then the
+    confirm phase (each mechanism's winner with fresh seeds), on Ray Tune."""
     from ray import tune
 
     from tuning.callbacks import TrialRecorder
     from tuning.console import ConsoleReporter
+    from tuning.rounds import EdgeSearcher, RoundPlanner, grid_configs
 
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -186,10 +207,16 @@ def _run_phases(
     total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
     sequential = spec.max_concurrent_trials == 1
     console = None if verbose else ConsoleReporter(total, sequential=sequential)
-    _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
+    if inline:
+        searcher = EdgeSearcher(
+            grid_configs(spec.space), RoundPlanner(spec, parent_run_id), spec.extend_edges_rounds, say=_say
+        )
+        _fit_tuner(trainable, tune_dir, {}, _tune_config(spec, searcher), resume, recorder, console)
+    else:
+        _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
     if spec.extend_edges and spec.search != "grid":
         _say(f"extend_edges: skipped, {spec.search} search has no grid edges")
-    elif spec.extend_edges:
+    elif spec.extend_edges and not inline:  # a sweep started before tuning.rounds (resumed), or the bench's A side
         _extend_edges(spec, parent_run_id, tune_dir, resume, verbose, trainable, recorder)
     if not spec.confirm_seeds:
         return
@@ -210,28 +237,22 @@ def _run_phases(
 def _extend_edges(
     spec: SweepSpec, parent_run_id: str, tune_dir: str, resume: bool, verbose: bool, trainable, recorder
 ) -> None:
-    """Rounds of ``tuning.edges.next_trials`` (values beyond a winner's grid edge), each on Tune in the same
-    parent run, until every winner is interior, nothing valid is left to add, or ``extend_edges_rounds``."""
+    """Edge rounds each in a Tune experiment of its own, in the same parent run, until the planner
+    (``RoundPlanner``) plans nothing or ``extend_edges_rounds``: how a sweep without ``EXTEND_INLINE_TAG``
+    (started before ``tuning.rounds``: the §4 re-run, docs/RESULTS.md) resumes, and the A side of
+    ``bench/sweep_overhead.py --ab rounds``."""
     from ray import tune
 
     from tuning.console import ConsoleReporter
-    from tuning.edges import next_trials
+    from tuning.rounds import RoundPlanner
 
+    planner = RoundPlanner(spec, parent_run_id)
     for k in range(1, spec.extend_edges_rounds + 1):
-        records = collect_sweep(spec.tracking_uri, parent_run_id).records
-        proposals = next_trials(  # on --resume, round k's own trials are ignored: Tune restores that round
-            records,
-            searched={key: len(spec.space.get(key, [])) for key in ("step_size", "global_batch_size")},
-            scope=spec.extend_edges_scope,
-            valid_batch=lambda b: _valid_batch(spec, b),
-            replication=min((r.replication for r in records), default=1),
-            extend_round=k,
-        )
-        if not proposals:
+        params = planner(k)  # on --resume, round k's own trials are ignored: Tune restores that round
+        if not params:
             return
-        params = extension_params(spec, proposals)
         _say(f"grid edges, round {k}/{spec.extend_edges_rounds}: {len(params)} trials beyond the winners' edges")
-        best = _fastest(records)
+        best = _fastest(collect_sweep(spec.tracking_uri, parent_run_id).records)
         _fit_tuner(
             trainable,
             f"{tune_dir}-extend{k}",
@@ -249,32 +270,6 @@ def _fastest(records: list) -> tuple[float, str] | None:
     if fastest is None:
         return None
     return fastest.time_to_accuracy_s, f"{fastest.mechanism} γ={fastest.step_size:g} B={fastest.global_batch_size}"
-
-
-def _valid_batch(spec: SweepSpec, batch: int) -> bool:
-    """Whether a batch size beyond the grid is a valid trial (divisible by the workers, within the data)."""
-    base = spec.trial_params()[0]
-    try:
-        cfg = spec.run_config({**base, "global_batch_size": batch})
-    except ConfigError:
-        return False
-    n = cfg.data.train_size  # None: the whole data set, which train.fit checks B against
-    return n is None or batch <= n
-
-
-def extension_params(spec: SweepSpec, proposals: list) -> list[dict[str, Any]]:
-    """Trial params of an extension round: each proposal with every search seed, the smallest replication."""
-    mechs = {mechanism_label(m): m for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
-    out = []
-    for p in proposals:
-        for seed in spec.space.get("seed", [0]):
-            params: dict[str, Any] = {"step_size": p.step_size, "global_batch_size": p.global_batch_size, "seed": seed}
-            if p.mechanism in mechs:
-                params["mechanism"] = mechs[p.mechanism]
-            if "replication" in spec.space:
-                params["replication"] = min(spec.space["replication"])
-            out.append(params)
-    return out
 
 
 def _start_pools(spec: SweepSpec, cfg, parent_run_id: str, tune_dir: str):

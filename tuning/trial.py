@@ -37,6 +37,8 @@ EXTEND_PARAM = "extend"
 """The param-space key of a grid-edge extension round (``tuning.edges``): each grid value is a trial's params."""
 EXTEND_ROUND_PARAM = "extend_round"
 """Beside ``EXTEND_PARAM``: the round's number, recorded on the trial's run as ``EXTEND_ROUND_TAG``."""
+EXTEND_SIZE_PARAM = "extend_trials"
+"""Beside ``EXTEND_PARAM`` (``tuning.rounds``): the number of trials in the round, for the console's count."""
 
 _DATA_CACHE: dict[str, Any] = {}
 """The last data set a trial loaded in this process, by data config and seed: a reused trial actor

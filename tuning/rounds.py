@@ -1,0 +1,158 @@
+"""The grid and its edge-extension rounds as one Ray Tune experiment: a Tune ``Searcher``.
+
+``sweep.extend_edges`` adds trials beyond a grid winner's edge (``tuning.edges``) once the trials
+before them have finished. Run as a Tune experiment of its own, each round started a cold trial
+actor (its imports of torch, Ray Train and MLflow, the data loaded again) after Tune's own start:
+~15 s from the quickstart's last grid trial to its round's first training step, in a 131 s sweep
+whose trials take 1.5-4 s each. ``EdgeSearcher`` hands Tune
+the grid (in the order Tune's grid search would) and then the rounds, in the same experiment: once
+every trial it handed out has ended it plans the next round from the MLflow records
+(``RoundPlanner``: ``tuning.edges.next_trials`` on the search and earlier rounds), until a round plans
+nothing or ``extend_edges_rounds`` is reached. While it waits (``suggest`` returns None) Tune keeps
+the warm trial actor for the next trial.
+
+Tune's ``Searcher`` is the library's hook for a search that adapts to results; only what it hands
+out (the edge rules) is raygd's. Its state (trials not yet handed out, trials out, the round) is saved
+with Tune's experiment state, so ``raygd sweep --resume`` continues a round with the trials it had
+planned; the Tune trial that was running is run again by Tune (``tuning.trial`` reuses its MLflow run).
+
+Sweeps started before this module record their rounds as separate Tune experiments
+(``tuning.sweep._extend_edges``) and resume that way (``raygd.records.EXTEND_INLINE_TAG`` tells them
+apart). Tests: ``pytest tests/test_rounds.py`` (the searcher without Ray), ``tests/test_sweep.py``.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray.tune.search import Searcher
+
+from tuning.spec import SweepSpec, mechanism_label
+from tuning.trial import EXTEND_PARAM, EXTEND_ROUND_PARAM, EXTEND_SIZE_PARAM
+
+
+def grid_configs(space: dict[str, list]) -> list[dict[str, Any]]:
+    """Every combination of a grid space, as and in the order that Tune's grid search produces them."""
+    from ray.tune.search.variant_generator import generate_variants
+
+    return [config for _, config in generate_variants({key: {"grid_search": list(v)} for key, v in space.items()})]
+
+
+def extension_params(spec: SweepSpec, proposals: list) -> list[dict[str, Any]]:
+    """Trial params of an extension round: each proposal with every search seed, the smallest replication."""
+    mechs = {mechanism_label(m): m for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
+    out = []
+    for p in proposals:
+        for seed in spec.space.get("seed", [0]):
+            params: dict[str, Any] = {"step_size": p.step_size, "global_batch_size": p.global_batch_size, "seed": seed}
+            if p.mechanism in mechs:
+                params["mechanism"] = mechs[p.mechanism]
+            if "replication" in spec.space:
+                params["replication"] = min(spec.space["replication"])
+            out.append(params)
+    return out
+
+
+@dataclass
+class RoundPlanner:
+    """Round k's trial params from the sweep's MLflow records (search trials and rounds before k)."""
+
+    spec: SweepSpec
+    parent_run_id: str
+
+    def valid_batch(self, batch: int) -> bool:
+        """Whether a batch size beyond the grid is a valid trial (divisible by the workers, within the data)."""
+        from raygd.config import ConfigError
+
+        try:
+            cfg = self.spec.run_config({**self.spec.trial_params()[0], "global_batch_size": batch})
+        except ConfigError:
+            return False
+        n = cfg.data.train_size  # None: the whole data set, which train.fit checks B against
+        return n is None or batch <= n
+
+    def __call__(self, k: int) -> list[dict[str, Any]]:
+        from tuning.edges import next_trials
+        from tuning.report import collect_sweep
+
+        records = collect_sweep(self.spec.tracking_uri, self.parent_run_id).records
+        proposals = next_trials(
+            records,
+            searched={key: len(self.spec.space.get(key, [])) for key in ("step_size", "global_batch_size")},
+            scope=self.spec.extend_edges_scope,
+            valid_batch=self.valid_batch,
+            replication=min((r.replication for r in records), default=1),
+            extend_round=k,
+        )
+        return extension_params(self.spec, proposals)
+
+
+class EdgeSearcher(Searcher):
+    """The grid, then extension rounds planned once the trials before them have ended.
+
+    Args:
+        grid: the search trials' configs, handed out first (``grid_configs``).
+        plan: round k's trial params (``RoundPlanner``), called once per round; empty: no more rounds.
+        rounds: at most this many rounds (``sweep.extend_edges_rounds``).
+        say: prints the line that announces a round.
+    """
+
+    def __init__(
+        self,
+        grid: list[dict[str, Any]],
+        plan: Callable[[int], list[dict[str, Any]]],
+        rounds: int,
+        say: Callable[[str], None] = print,
+    ) -> None:
+        super().__init__()
+        self.plan, self.rounds, self.say = plan, rounds, say
+        self.queue: collections.deque[dict[str, Any]] = collections.deque(grid)
+        self.out: set[str] = set()
+        """The trials handed out that have not ended: a round is planned only when none is left."""
+        self.round = 0
+        self.finished = False
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if not self.queue and not self.finished:
+            if self.out:
+                return None  # the next round needs these trials' results: Tune asks again
+            self._plan_round()
+        if not self.queue:
+            return Searcher.FINISHED
+        self.out.add(trial_id)
+        return self.queue.popleft()
+
+    def _plan_round(self) -> None:
+        if self.round >= self.rounds:
+            self.finished = True
+            return
+        self.round += 1
+        params = self.plan(self.round)
+        if not params:
+            self.finished = True
+            return
+        n = len(params)
+        self.say(f"grid edges, round {self.round}/{self.rounds}: {n} trial{'s' * (n != 1)} beyond the winners' edges")
+        self.queue.extend(
+            {EXTEND_PARAM: p, EXTEND_ROUND_PARAM: self.round, EXTEND_SIZE_PARAM: len(params)} for p in params
+        )
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.out.discard(trial_id)
+
+    def _state(self) -> dict[str, Any]:
+        return {"queue": list(self.queue), "out": sorted(self.out), "round": self.round, "finished": self.finished}
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self._state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        self.queue, self.out = collections.deque(state["queue"]), set(state["out"])
+        self.round, self.finished = state["round"], state["finished"]
