@@ -142,11 +142,12 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
     trial start and end (``tuning.console``).
     """
     from raygd.data import load_data
+    from raygd.pool import data_key
     from raygd.ray_env import ensure_ray
 
     configs = [spec.run_config(p) for p in spec.trial_params()]
     _say(f"raygd sweep {spec.name}: checking the data ({configs[0].data.name}) ...")
-    load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
+    data = load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
     shapes = {(c.train.num_workers, c.train.cpus_per_worker, c.train.device) for c in configs}
     if spec.trial_pool and len(shapes) > 1:
         raise ConfigError(
@@ -164,7 +165,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
         )
         pools = _start_pools(spec, configs[0], parent_run_id, tune_dir)
     try:
-        _run_phases(spec, parent_run_id, tune_dir, resume, verbose, pools.name if pools else None, inline)
+        preloaded = (data_key(configs[0]), data)  # the trials' data when theirs is this one (tuning.trial)
+        _run_phases(spec, parent_run_id, tune_dir, resume, verbose, pools.name if pools else None, inline, preloaded)
         if pools is not None:
             start_s = pools.start_s()
             if start_s is not None:  # the pool's own start, once per sweep
@@ -188,6 +190,7 @@ def _run_phases(
     verbose: bool,
     pools_name: str | None,
     inline: bool = False,
+    preloaded: tuple[str, Any] | None = None,
 ) -> None:
     """The search with its edge rounds (``inline``: in one Tune experiment, ``tuning.rounds``), then the
     confirm phase (each mechanism's winner with fresh seeds), on Ray Tune."""
@@ -199,7 +202,12 @@ def _run_phases(
 
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, spec=spec, parent_run_id=parent_run_id, pools_name=pools_name, progress=verbose
+            run_trial,
+            spec=spec,
+            parent_run_id=parent_run_id,
+            pools_name=pools_name,
+            progress=verbose,
+            preloaded=preloaded,
         ),
         {"cpu": 0, "memory": 2**20},
     )  # the trial only waits on its workers

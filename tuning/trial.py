@@ -8,7 +8,6 @@ that runs trials is ``tuning.sweep``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -59,13 +58,20 @@ def trial_result(summary_metrics: dict[str, float], status: str) -> dict[str, An
     }
 
 
-def _trial_data(cfg):
+def _trial_data(cfg, preloaded: tuple[str, Any] | None = None):
+    """The trial's data set: the sweep driver's (``preloaded``: its data key and data set, loaded for the
+    data check) when the keys match, else this process's last one, else loaded here. Loading imports
+    torchvision, whose import of torch._dynamo costs a cold trial actor ~4 CPU s of the sweep's start."""
     from raygd.data import load_data
+    from raygd.pool import data_key
 
-    key = json.dumps([dataclasses.asdict(cfg.data), cfg.train.seed], sort_keys=True, default=str)
+    key = data_key(cfg)
     if key not in _DATA_CACHE:
         _DATA_CACHE.clear()  # one data set at a time: trials of a grid mostly share it
-        _DATA_CACHE[key] = load_data(cfg.data, cfg.train.seed)
+        if preloaded is not None and preloaded[0] == key:
+            _DATA_CACHE[key] = preloaded[1]
+        else:
+            _DATA_CACHE[key] = load_data(cfg.data, cfg.train.seed)
     return _DATA_CACHE[key]
 
 
@@ -130,6 +136,7 @@ def run_trial(
     parent_run_id: str,
     pools_name: str | None = None,
     progress: bool = True,
+    preloaded: tuple[str, Any] | None = None,
 ) -> None:
     """One Tune trial: fit one run (or reuse a finished child run of this trial) and report its summary.
 
@@ -143,7 +150,8 @@ def run_trial(
 
     With ``pools_name`` (the sweep's warm pools, ``raygd.pool``) the training runs in a pool and this
     function relays the pool's evaluations to Tune; otherwise it fits its own ``TorchTrainer``.
-    ``progress``: the workers print a line per evaluation (``raygd sweep -v``).
+    ``progress``: the workers print a line per evaluation (``raygd sweep -v``). ``preloaded``: the
+    driver's data set with its key (``raygd.pool.data_key``), used when this trial's data is that one.
     """
     from ray import tune
 
@@ -163,7 +171,12 @@ def run_trial(
     run_tags = {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label}
     if extend_round is not None:
         run_tags[EXTEND_ROUND_TAG] = str(extend_round)
-    kwargs = {"progress": progress, "data": _trial_data(cfg), "parent_run_id": parent_run_id, "run_id": reattach}
+    kwargs = {
+        "progress": progress,
+        "data": _trial_data(cfg, preloaded),
+        "parent_run_id": parent_run_id,
+        "run_id": reattach,
+    }
     if pools_name is None:  # its own Train run: checkpoints in the sweep's (shared) storage, as the pools'
         kwargs["storage_path"] = storage_root(spec.storage_path)
     summary = _fit(cfg, pools_name, relay=spec.scheduler != "none", run_tags=run_tags, **kwargs)
