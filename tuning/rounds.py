@@ -42,19 +42,27 @@ def grid_configs(space: dict[str, list]) -> list[dict[str, Any]]:
     return [config for _, config in generate_variants({key: {"grid_search": list(v)} for key, v in space.items()})]
 
 
-def extension_params(spec: SweepSpec, proposals: list) -> list[dict[str, Any]]:
-    """Trial params of an extension round: each proposal with every search seed, the smallest replication."""
+def pair_params(
+    spec: SweepSpec, mechanism: str, step_size: float, batch: int, seeds: list[int]
+) -> list[dict[str, Any]]:
+    """Trial params of one (mechanism label, γ, B) with each seed, on the space's smallest replication (an
+    extension round's proposals, the confirm phase's winners). A label not in the space adds no mechanism."""
     mechs = {mechanism_label(m): m for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
     out = []
-    for p in proposals:
-        for seed in spec.space.get("seed", [0]):
-            params: dict[str, Any] = {"step_size": p.step_size, "global_batch_size": p.global_batch_size, "seed": seed}
-            if p.mechanism in mechs:
-                params["mechanism"] = mechs[p.mechanism]
-            if "replication" in spec.space:
-                params["replication"] = min(spec.space["replication"])
-            out.append(params)
+    for seed in seeds:
+        params: dict[str, Any] = {"step_size": step_size, "global_batch_size": batch, "seed": seed}
+        if mechanism in mechs:
+            params["mechanism"] = mechs[mechanism]
+        if "replication" in spec.space:
+            params["replication"] = min(spec.space["replication"])
+        out.append(params)
     return out
+
+
+def extension_params(spec: SweepSpec, proposals: list) -> list[dict[str, Any]]:
+    """Trial params of an extension round: each proposal with every search seed."""
+    seeds = spec.space.get("seed", [0])
+    return [q for p in proposals for q in pair_params(spec, p.mechanism, p.step_size, p.global_batch_size, seeds)]
 
 
 @dataclass
@@ -63,6 +71,8 @@ class RoundPlanner:
 
     spec: SweepSpec
     parent_run_id: str
+    records: list | None = None
+    """The records the last round was planned from (the separate-experiment path's console reads its best)."""
 
     def valid_batch(self, batch: int) -> bool:
         """Whether a batch size beyond the grid is a valid trial (divisible by the workers, within the data)."""
@@ -79,7 +89,7 @@ class RoundPlanner:
         from tuning.edges import next_trials
         from tuning.report import collect_sweep
 
-        records = collect_sweep(self.spec.tracking_uri, self.parent_run_id).records
+        self.records = records = collect_sweep(self.spec.tracking_uri, self.parent_run_id).records
         proposals = next_trials(
             records,
             searched={key: len(self.spec.space.get(key, [])) for key in ("step_size", "global_batch_size")},

@@ -260,7 +260,7 @@ def _extend_edges(
         if not params:
             return
         _say(f"grid edges, round {k}/{spec.extend_edges_rounds}: {len(params)} trials beyond the winners' edges")
-        best = _fastest(collect_sweep(spec.tracking_uri, parent_run_id).records)
+        best = _fastest(planner.records or [])
         _fit_tuner(
             trainable,
             f"{tune_dir}-extend{k}",
@@ -331,22 +331,15 @@ def _quiet_tune(quiet: bool):
 
 def confirm_params(spec: SweepSpec, best_rows: list) -> list[dict[str, Any]]:
     """Trial params re-running each mechanism's fastest reached pair with every confirm seed."""
-    mechs = {mechanism_label(m): m for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
-    out = []
-    for row in best_rows:
-        if row.time_to_accuracy_s is None or not math.isfinite(row.time_to_accuracy_s) or row.mechanism not in mechs:
-            continue
-        for seed in spec.confirm_seeds:
-            params = {
-                "step_size": row.step_size,
-                "global_batch_size": row.global_batch_size,
-                "mechanism": mechs[row.mechanism],
-                "seed": seed,
-            }
-            if "replication" in spec.space:
-                params["replication"] = min(spec.space["replication"])
-            out.append(params)
-    return out
+    from tuning.rounds import pair_params
+
+    labels = {mechanism_label(m) for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
+    return [
+        params
+        for row in best_rows
+        if row.time_to_accuracy_s is not None and math.isfinite(row.time_to_accuracy_s) and row.mechanism in labels
+        for params in pair_params(spec, row.mechanism, row.step_size, row.global_batch_size, spec.confirm_seeds)
+    ]
 
 
 def _spec_params(spec: SweepSpec) -> dict[str, Any]:
