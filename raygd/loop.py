@@ -389,32 +389,34 @@ def run_loop(
     start, clock = _resume(state, resume)
     status, step, first_bad_step, last, evals = Status.MAX_PASSES, start, math.inf, None, 0
     first_step_wall = time.time()
-    for step in range(start + 1, max_steps + 1):
-        t0 = time.perf_counter()
-        loss = train_step(state, step - 1)
-        clock.add_step(time.perf_counter() - t0, loss)
-        if not math.isfinite(loss):
-            first_bad_step = min(first_bad_step, step)
-        due = eval_due(step)
-        save = due if ckpt_every == CHECKPOINT_AT_EVALUATIONS else ckpt_every > 0 and step % ckpt_every == 0
-        save = save and step != max_steps
-        if not (save or due or step == max_steps):
-            continue
-        t_eval = time.perf_counter()
-        evals += 1
-        test_due = (evals - 1) % tc.test_every_evals == 0 or step == max_steps
-        last = _evaluation(state, step, clock, first_bad_step, test_due, tc.target_accuracy if stop_at_target else None)
-        tracker.log_metrics(last.metrics, step=step)
-        reached = stop_at_target and last.accuracy >= tc.target_accuracy
-        done = last.diverged_at_step is not None or reached
-        if save and not done and checkpoint is not None:
-            checkpoint(dict(last.metrics, step=step), checkpoint_state(state, step, clock.train_s, clock.eval_s))
-        elif report is not None:
-            report(dict(last.metrics, step=step))
-        clock.eval_s += time.perf_counter() - t_eval
-        if done:
-            status = Status.DIVERGED if last.diverged_at_step is not None else Status.REACHED_TARGET
-            break
+    with tracker.buffered():  # one MLflow write per METRICS_FLUSH_S, not per evaluation (in the eval time)
+        for step in range(start + 1, max_steps + 1):
+            t0 = time.perf_counter()
+            loss = train_step(state, step - 1)
+            clock.add_step(time.perf_counter() - t0, loss)
+            if not math.isfinite(loss):
+                first_bad_step = min(first_bad_step, step)
+            due = eval_due(step)
+            save = due if ckpt_every == CHECKPOINT_AT_EVALUATIONS else ckpt_every > 0 and step % ckpt_every == 0
+            save = save and step != max_steps
+            if not (save or due or step == max_steps):
+                continue
+            t_eval = time.perf_counter()
+            evals += 1
+            test_due = (evals - 1) % tc.test_every_evals == 0 or step == max_steps
+            last = _evaluation(state, step, clock, first_bad_step, test_due, tc.target_accuracy if stop_at_target else None)
+            tracker.log_metrics(last.metrics, step=step)
+            reached = stop_at_target and last.accuracy >= tc.target_accuracy
+            done = last.diverged_at_step is not None or reached
+            if save and not done and checkpoint is not None:
+                tracker.flush()  # a restart from this checkpoint finds every metric up to it
+                checkpoint(dict(last.metrics, step=step), checkpoint_state(state, step, clock.train_s, clock.eval_s))
+            elif report is not None:
+                report(dict(last.metrics, step=step))
+            clock.eval_s += time.perf_counter() - t_eval
+            if done:
+                status = Status.DIVERGED if last.diverged_at_step is not None else Status.REACHED_TARGET
+                break
     summary = _summary(state, status, step, clock, last, resume, first_step_wall)
     if resolution is not None:
         summary.extra[EVAL_RESOLUTION_METRIC] = resolution

@@ -133,3 +133,40 @@ def test_a_trial_run_is_named_by_what_it_varies(idx_dir):
     cfg = load_run_config(None, ["train.global_batch_size=256", "train.step_size=0.1", "data.replication=4"])
     assert run_name("dropconnect(p=0.4)", cfg, "search") == "dropconnect(p=0.4) B=256 γ=0.1 seed=0 r=4"
     assert run_name("vanilla", load_run_config(None, []), "confirm").endswith(" (confirm)")
+
+
+def test_buffered_metrics_reach_the_store_at_the_interval_and_on_leaving(sqlite_uri):
+    run_id = create_run(sqlite_uri, "exp", "r", {}, {})
+    client, tracker = MlflowClient(sqlite_uri), Tracker(sqlite_uri, run_id, enabled=True)
+    stored = lambda: [m.step for m in client.get_metric_history(run_id, "train/loss")]  # noqa: E731
+    with tracker.buffered(flush_every_s=3600):
+        for step in (1, 2, 3):
+            tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
+        assert stored() == []  # held back: no write per evaluation
+    assert stored() == [1, 2, 3]
+    with tracker.buffered(flush_every_s=0.0):  # every call due: written at once, as outside the block
+        tracker.log_metrics({"train/loss": 0.1}, step=4)
+        assert stored() == [1, 2, 3, 4]
+
+
+def test_a_block_that_raises_still_sends_its_metrics_before_the_run_ends(sqlite_uri):
+    run_id = create_run(sqlite_uri, "exp", "r", {}, {})
+    tracker = Tracker(sqlite_uri, run_id, enabled=True)
+    with pytest.raises(RuntimeError), tracker.buffered(flush_every_s=3600):
+        tracker.log_metrics({"a": 1.0}, step=1)
+        raise RuntimeError("boom")
+    with tracker.buffered(flush_every_s=3600):
+        tracker.log_metrics({"a": 2.0}, step=2)
+        tracker.finish()  # the run's end never overtakes what it logged
+        assert MlflowClient(sqlite_uri).get_run(run_id).info.status == "FINISHED"
+        assert [m.value for m in MlflowClient(sqlite_uri).get_metric_history(run_id, "a")] == [1.0, 2.0]
+
+
+def test_more_held_metrics_than_one_log_batch_takes_are_sent_in_several(sqlite_uri):
+    run_id = create_run(sqlite_uri, "exp", "r", {}, {})
+    tracker = Tracker(sqlite_uri, run_id, enabled=True)
+    with tracker.buffered(flush_every_s=3600):
+        for step in range(1, 1201):  # 2400 metrics: over MLflow's 1000 per call
+            tracker.log_metrics({"a": float(step), "b": -float(step)}, step=step)
+    history = MlflowClient(sqlite_uri).get_metric_history(run_id, "b")
+    assert sorted((m.step, m.value) for m in history) == [(s, -float(s)) for s in range(1, 1201)]
