@@ -404,7 +404,8 @@ def run_loop(
             t_eval = time.perf_counter()
             evals += 1
             test_due = (evals - 1) % tc.test_every_evals == 0 or step == max_steps
-            last = _evaluation(state, step, clock, first_bad_step, test_due, tc.target_accuracy if stop_at_target else None)
+            target = tc.target_accuracy if stop_at_target else None
+            last = _evaluation(state, step, clock, first_bad_step, test_due, target)
             tracker.log_metrics(last.metrics, step=step)
             reached = stop_at_target and last.accuracy >= tc.target_accuracy
             done = last.diverged_at_step is not None or reached

@@ -253,7 +253,6 @@ class Tracker:
         """Log flat slash-named metrics at ``step`` (non-finite values are skipped)."""
         if self._run is None or step <= self.logged_through:
             return
-        client, run_id = self._run
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
