@@ -270,15 +270,16 @@ class Tracker:
             client.log_batch(run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
 
     @contextlib.contextmanager
-    def buffered(self, flush_every_s: float = METRICS_FLUSH_S) -> Iterator[Tracker]:
-        """Within the block, ``log_metrics`` sends what it holds at most every ``flush_every_s``.
+    def buffered(self, flush_every_s: float | None = None) -> Iterator[Tracker]:
+        """Within the block, ``log_metrics`` sends what it holds at most every ``flush_every_s``
+        (default ``METRICS_FLUSH_S``; 0 sends at every call, as outside the block).
 
         Everything held is sent on leaving the block, also when it raises, and before any other
         call to the run (tags, status, artifacts, end), so the store never lags the run's own
         record. A process that dies inside the block loses at most ``flush_every_s`` of metrics;
         a restart redoes them from its checkpoint (``run_loop`` flushes before each checkpoint).
         """
-        saved, self._flush_every_s = self._flush_every_s, flush_every_s
+        saved, self._flush_every_s = self._flush_every_s, METRICS_FLUSH_S if flush_every_s is None else flush_every_s
         try:
             yield self
         finally:
