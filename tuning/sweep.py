@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from raygd.config import ConfigError
@@ -155,8 +156,15 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
             f"for every trial, the space gives {sorted(shapes)}: set sweep.trial_pool=false."
         )
     per_trial = max(c.train.num_workers * c.train.cpus_per_worker for c in configs)
-    parent_run_id, tune_dir, inline = _start_parent(spec, resume)
-    ensure_ray(per_trial * spec.max_concurrent_trials, log_to_driver=verbose)  # workers' logs: -v only
+    cpus = per_trial * spec.max_concurrent_trials
+    if resume:  # finds the interrupted run, or refuses before any Ray work
+        parent_run_id, tune_dir, inline = _start_parent(spec, resume)
+        ensure_ray(cpus, log_to_driver=verbose)  # workers' logs: -v only
+    else:  # the new parent run (a new SQLite store's tables: ~4.6 CPU s) while Ray starts, which mostly waits
+        with ThreadPoolExecutor(1, thread_name_prefix="raygd-parent") as background:
+            parent = background.submit(_start_parent, spec, resume)
+            ensure_ray(cpus, log_to_driver=verbose)
+            parent_run_id, tune_dir, inline = parent.result()
     pools = None
     if spec.trial_pool:
         _say(
