@@ -182,7 +182,9 @@ def build_state(
     ev = ev[rank::world_size].to(device)
     ev_test = eval_indices(data.y_test.shape[0], cfg.data.eval_size, tc.seed)[rank::world_size].to(device)
     estimator = (
-        OnlineDiversity(cfg, data.n, model, net, world_size, device) if tc.diversity_estimator != "none" else None
+        OnlineDiversity(cfg, data.n, model, net, world_size, device, mechanism)
+        if tc.diversity_estimator != "none"
+        else None
     )
     return TrainState(
         cfg,

@@ -12,7 +12,7 @@ from torch import nn
 from raygd.config import MechanismConfig
 from raygd.mechanisms import SGLD, DropConnect, Quantize, Vanilla, build_mechanism
 from raygd.mechanisms.dropconnect_linear import DropConnectLinear, dropconnect_masks
-from raygd.mechanisms.qsgd import qsgd_decode, qsgd_encode, qsgd_quantize
+from raygd.mechanisms.qsgd import qsgd_decode, qsgd_encode, qsgd_quantize, qsgd_rounding_variance
 from raygd.mechanisms.sgld import sgld_noise_like
 from tests.dist import run_group
 
@@ -51,6 +51,17 @@ def _test_vector(kind: str, n: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- QSGD
+
+
+@pytest.mark.parametrize("kind", ["gauss", "ones", "sparse"])
+@pytest.mark.parametrize("s,d,n", [(1, 8, 20), (4, 16, 48), (127, 32, 70)])
+def test_qsgd_rounding_variance_is_the_sum_of_the_per_coordinate_variances(kind: str, s: int, d: int, n: int) -> None:
+    # What the online estimator subtracts from a quantized reduced gradient: E‖Q(v) − v‖², against the
+    # coordinate-by-coordinate brute force (float64), whose agreement with Monte Carlo draws is tested below.
+    v = _test_vector(kind, n)
+    var, _ = _qsgd_moments(v, s, d)
+    assert qsgd_rounding_variance(v, s, d) == pytest.approx(float(var.sum()), rel=1e-5, abs=1e-9)
+    assert qsgd_rounding_variance(torch.zeros(n), s, d) == 0.0
 
 
 @pytest.mark.parametrize("s,d", [(1, 8), (4, 16), (16, 64), (127, 32)])

@@ -108,11 +108,18 @@ def _exact_bound(cfg, data, model):
     return gradient_diversity(model, data.x_train, data.y_train, dtype=torch.float64).batch_bound
 
 
-@pytest.mark.parametrize("estimator, world_size", [("in_step", 1), ("in_step", 2), ("free", 2)])
-def test_online_diversity_tracks_the_exact_bound(idx_dir, estimator, world_size):
+@pytest.mark.parametrize(
+    "estimator, world_size, mechanism",
+    [("in_step", 1, "vanilla"), ("in_step", 2, "vanilla"), ("free", 2, "vanilla"), ("in_step", 2, "quantize")],
+)
+def test_online_diversity_tracks_the_exact_bound(idx_dir, estimator, world_size, mechanism):
     # A tiny step size keeps w (nearly) fixed, so the smoothed estimate should approach the exact B_D at w.
+    # Quantize at P = 2 (2 levels: rounding noise several times the mean gradient's norm): the estimate
+    # reads the hook's quantized mean less its rounding variance, and must still be the plain gradient's.
     cfg = _cfg(
         idx_dir,
+        f"mechanism.name={mechanism}",
+        "mechanism.quant_levels=2",
         f"train.diversity_estimator={estimator}",
         f"train.num_workers={world_size}",
         "train.step_size=1e-7",

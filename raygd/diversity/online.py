@@ -25,6 +25,7 @@ from raygd.records import BOUND_MEDIAN_METRIC
 
 if TYPE_CHECKING:
     from raygd.config import RunConfig
+    from raygd.mechanisms.base import Mechanism
 
 
 class Moments(NamedTuple):
@@ -101,6 +102,15 @@ def mean_over_workers(value: float, world_size: int, device: torch.device | str 
     t = torch.tensor([float(value)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return float(t) / world_size
+
+
+def sum_over_workers(values: list[float], world_size: int, device: torch.device | str = "cpu") -> list[float]:
+    """Σ_ranks of each value with one all-reduce (float64); the values themselves at world size 1."""
+    if world_size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
 
 
 def grad_sq_norm(model: nn.Module) -> float:
@@ -205,6 +215,7 @@ class OnlineDiversity:
         net: torch.nn.Module,
         world_size: int,
         device: torch.device,
+        mechanism: Mechanism | None = None,
     ):
         self.kind, self.n = cfg.online_estimator, n  # auto resolved; "none": never due, no metrics
         self.every = cfg.train.diversity_every_steps
@@ -214,8 +225,9 @@ class OnlineDiversity:
         self.population = n if cfg.data.sampling == "shuffle" else None
         self.ema = MomentsEMA(0.9)
         self.ghost = GhostNorms(model) if self.kind == "in_step" else None
-        mechanism = build_mechanism(cfg.mechanism)
-        self.surrogate, self.bound_of = mechanism.surrogate_moments, mechanism.bound_of
+        self.mechanism = mechanism or build_mechanism(cfg.mechanism)
+        """The mechanism training runs (its communication may add noise the in_step estimate removes)."""
+        self.surrogate, self.bound_of = self.mechanism.surrogate_moments, self.mechanism.bound_of
         self.num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def due(self, step: int) -> bool:
@@ -225,6 +237,7 @@ class OnlineDiversity:
     def measuring(self):
         """The context a measured update's forward and backward run in."""
         if self.ghost is not None:
+            self.mechanism.measure_reduction_noise(True)
             return self.ghost
         return cast(DistributedDataParallel, self.net).no_sync()  # free: P > 1, so net is DDP
 
@@ -232,11 +245,15 @@ class OnlineDiversity:
         """After a measured backward (before the mechanism changes the gradient)."""
         P = self.world_size
         if self.kind == "in_step":
-            big = grad_sq_norm(self.model)
             sq = self.ghost.sq_norms() if self.ghost is not None else None
             if sq is None:
                 raise RuntimeError("OnlineDiversity.update() needs a measured backward run inside measuring()")
-            sum_sq = mean_over_workers(float(sq.sum()) * self.b**2, P, self.device) * P
+            # ‖Σg‖² from the reduced gradient, less the noise its compression added (QSGD at P > 1; else 0)
+            self.mechanism.measure_reduction_noise(False)
+            sum_sq, noise = sum_over_workers(
+                [float(sq.sum()) * self.b**2, self.mechanism.reduction_noise_sq()], P, self.device
+            )
+            big = grad_sq_norm(self.model) - noise
             moments = in_step_moments(sum_sq, big * self.B**2, self.B, self.population)
         else:
             small, big = reduce_gradients(self.model, P)

@@ -125,6 +125,16 @@ class Mechanism:
     def attach_ddp(self, ddp_model: nn.parallel.DistributedDataParallel) -> None:
         """Hook into the DDP wrapper (world size > 1); default: nothing."""
 
+    def measure_reduction_noise(self, on: bool) -> None:
+        """Around a backward whose reduced gradient the online estimator reads (``in_step`` at P > 1):
+        whether the communication hook should account the noise it adds (``reduction_noise_sq``)."""
+
+    def reduction_noise_sq(self) -> float:
+        """E‖R − R₀‖² that this rank's share of the last measured backward's communication added, given
+        its local gradient: R the reduced mean gradient the hook produced, R₀ the exact mean. Summed over
+        ranks and subtracted from ‖R‖², it leaves an unbiased estimate of ‖R₀‖². Default: 0 (exact)."""
+        return 0.0
+
     def after_backward(self, model: nn.Module, step: int) -> None:
         """Edit ``.grad`` after backward (and DDP's all-reduce), before the optimizer step."""
 

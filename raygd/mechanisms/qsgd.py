@@ -52,6 +52,16 @@ def qsgd_encode(
     return q, norms
 
 
+def qsgd_rounding_variance(v: torch.Tensor, levels: int, bucket_size: int) -> float:
+    """E‖Q(v) − v‖² of ``qsgd_quantize``, exactly, given v: each entry rounds r_j = |v_j| s / ‖v_b‖ up with
+    probability f_j = r_j − ⌊r_j⌋, so its variance is (‖v_b‖/s)² f_j (1 − f_j); summed in float64."""
+    rows = _buckets(v.double(), bucket_size)
+    unit = (torch.linalg.vector_norm(rows, dim=1) / levels).unsqueeze(1)  # one level's step per bucket
+    scaled = torch.where(unit > 0, rows.abs() / unit.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    frac = scaled - scaled.floor()
+    return float((frac * (1 - frac) * unit**2).sum())
+
+
 def qsgd_decode(q: torch.Tensor, norms: torch.Tensor, levels: int, bucket_size: int) -> torch.Tensor:
     """Q(v)_j = ||v_b|| q_j / s for entry j of bucket b; float32 with q's numel."""
     rows = _buckets(q.float(), bucket_size)
@@ -73,6 +83,8 @@ def qsgd_comm_hook(state: Quantize, bucket):
     """
     buffer = bucket.buffer()
     assert state.generator is not None, "setup() makes the generator"
+    if state.noise_measured:  # the online estimator reads this update's reduced gradient (in_step)
+        state.rounding_sq += qsgd_rounding_variance(buffer, state.levels, state.bucket_size)
     q, norms = qsgd_encode(buffer, state.levels, state.bucket_size, state.generator)
     payload = torch.cat([norms.view(torch.int8), q])  # norms first: their bytes stay 4-aligned
     state.count_bytes(payload.numel(), buffer.numel() * buffer.element_size())

@@ -47,7 +47,9 @@ class Quantize(Mechanism):
     estimator = "exact (QSGD variance)"
     bound_of = "plain_gradient"
     """Training quantizes each worker's mean gradient, which has no per-example surrogate: a trial's B_D
-    is the plain gradient's (``raygd diversity`` reports the paper's per-example QSGD surrogate)."""
+    is the plain gradient's (``raygd diversity`` reports the paper's per-example QSGD surrogate). At P > 1
+    the in_step estimate reads the hook's quantized mean, less its known rounding variance
+    (``reduction_noise_sq``), an unbiased estimate of the plain mean's squared norm."""
 
     def __init__(self, levels: int, bucket_size: int) -> None:
         super().__init__()
@@ -55,6 +57,8 @@ class Quantize(Mechanism):
         self.process_group: dist.ProcessGroup | None = None
         self.hook_attached = False
         self.bytes_sent, self.bytes_plain = 0, 0
+        self.noise_measured, self.rounding_sq = False, 0.0
+        """Set around a measured backward: the hook sums its buckets' QSGD rounding variance here."""
 
     @classmethod
     def from_config(cls, cfg: MechanismConfig) -> Quantize:
@@ -81,6 +85,15 @@ class Quantize(Mechanism):
         self.process_group = ddp_model.process_group
         ddp_model.register_comm_hook(self, qsgd_comm_hook)
         self.hook_attached = True
+
+    def measure_reduction_noise(self, on: bool) -> None:
+        self.noise_measured, self.rounding_sq = on, 0.0 if on else self.rounding_sq
+
+    def reduction_noise_sq(self) -> float:
+        """P > 1: the rounding variance of this rank's quantized gradient, E‖Q(G_w) − G_w‖² (exact, from
+        G_w: ``qsgd_rounding_variance``), over P²: its share of E‖R − Ḡ‖² for R = (1/P) Σ_w Q(G_w), the
+        draws independent across ranks. P = 1: 0 (the estimator reads the gradient before it is quantized)."""
+        return self.rounding_sq / self.world_size**2 if self.world_size > 1 else 0.0
 
     def count_bytes(self, sent: int, plain: int) -> None:
         self.bytes_sent += sent
