@@ -32,6 +32,7 @@ BENCHES = {
     "sweep_overhead": ("Sweep start-up", ["--ab", "pool", "--pairs", "5"], 1800),
     "sweep_efficiency": ("Early stopping", [], 600),
     "eval_cost": ("Evaluation cost", [], 300),
+    "metric_logging": ("Metric logging", [], 300),
 }
 
 
