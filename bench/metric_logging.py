@@ -31,6 +31,7 @@ from raygd import tracking
 from raygd.config import load_run_config
 from raygd.data import load_data
 from raygd.loop import build_state, run_loop
+from raygd.records import mlflow_client
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         {"write each": lambda: trial(0.0, "write each"), "held back": lambda: trial(default, "held back")}, args.pairs
     )
     load.stop()
-    client = tracking._client(uri)
+    client = mlflow_client(uri)
     steps = {
         arm: {tuple(sorted(m.step for m in client.get_metric_history(r, "train/accuracy"))) for r in ids}
         for arm, ids in runs.items()

@@ -29,14 +29,14 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 SYSTEM_METRICS_INTERVAL_S = 2.0
+"""Seconds between samples of a run's system metrics (each sample is one point, ``system/...`` at steps 0, 1, ...);
+MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it."""
 METRICS_FLUSH_S = 5.0
 """Inside ``Tracker.buffered`` (the training loop), metrics reach the store at most this long after
 they are logged: one ``log_batch`` per interval instead of one per evaluation (~14 ms of CPU each into
 SQLite here, a round trip each to a cluster's tracking server)."""
 MAX_METRICS_PER_BATCH = 1000
 """MLflow's limit on the metrics of one ``log_batch`` call."""
-"""Seconds between samples of a run's system metrics (each sample is one point, ``system/...`` at steps 0, 1, ...);
-MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides it."""
 
 
 def redact_uri(uri: str) -> str:

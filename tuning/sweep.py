@@ -162,7 +162,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
         ensure_ray(cpus, log_to_driver=verbose)  # workers' logs: -v only
     else:  # the new parent run (a new SQLite store's tables: ~4.6 CPU s) while Ray starts, which mostly waits
         with ThreadPoolExecutor(1, thread_name_prefix="raygd-parent") as background:
-            parent = background.submit(_start_parent, spec, resume)
+            parent = background.submit(_start_parent, spec, False)
             ensure_ray(cpus, log_to_driver=verbose)
             parent_run_id, tune_dir, inline = parent.result()
     pools = None

@@ -97,11 +97,7 @@ def two_batch_moments(
 
 def mean_over_workers(value: float, world_size: int, device: torch.device | str = "cpu") -> float:
     """(1/P) Σ_ranks value with one all-reduce; the value itself at world size 1."""
-    if world_size == 1:
-        return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t) / world_size
+    return sum_over_workers([value], world_size, device)[0] / world_size
 
 
 def sum_over_workers(values: list[float], world_size: int, device: torch.device | str = "cpu") -> list[float]:

@@ -87,7 +87,10 @@ class Quantize(Mechanism):
         self.hook_attached = True
 
     def measure_reduction_noise(self, on: bool) -> None:
-        self.noise_measured, self.rounding_sq = on, 0.0 if on else self.rounding_sq
+        """On: the hook sums its rounding variance from zero; off: it stops (the sum is kept to be read)."""
+        self.noise_measured = on
+        if on:
+            self.rounding_sq = 0.0
 
     def reduction_noise_sq(self) -> float:
         """P > 1: the rounding variance of this rank's quantized gradient, E‖Q(G_w) − G_w‖² (exact, from
