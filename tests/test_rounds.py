@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from ray.tune.search import BasicVariantGenerator, Searcher
 
-from tuning.rounds import EdgeSearcher, grid_configs
+from tuning.rounds import EdgeSearcher, grid_configs, ordered_grid
+from tuning.spec import load_sweep_spec
 from tuning.trial import EXTEND_PARAM, EXTEND_ROUND_PARAM, EXTEND_SIZE_PARAM
 
 SPACE = {
@@ -24,6 +25,20 @@ def test_grid_configs_are_tunes_grid_in_tunes_order():
     gen.add_configurations({"x": {"run": lambda config: None, "config": space, "num_samples": 1}})
     tunes = [t.config for t in iter(lambda: gen.next_trial(), None)]
     assert len(tunes) == 8 and grid_configs(SPACE) == tunes
+
+
+def test_a_shuffled_grid_is_the_same_trials_in_a_seeded_order():
+    grid = load_sweep_spec("paper-dropconnect", ["sweep.trial_order=grid"])
+    tunes = ordered_grid(grid)
+    assert tunes == grid_configs(grid.space) and len(tunes) == 120
+    shuffled = [ordered_grid(load_sweep_spec("paper-dropconnect", [f"sweep.search_seed={s}"])) for s in (0, 0, 1)]
+    key = repr  # configs hold dicts (mechanisms): compare them as their reprs
+    assert sorted(map(key, shuffled[0])) == sorted(map(key, tunes))  # the same trials
+    assert shuffled[0] == shuffled[1]  # the seed fixes the order
+    assert shuffled[0] != tunes and shuffled[0] != shuffled[2]
+    # Tune's order runs each step size's trials together; a shuffle spreads them over the run
+    first_half = [c["step_size"] for c in shuffled[0][:60]]
+    assert 20 <= first_half.count(0.2) <= 40
 
 
 class Planner:

@@ -61,6 +61,8 @@ def test_grid_is_the_product_of_the_space():
         (["sweep.extend_edges=maybe"], "extend_edges"),
         (["sweep.extend_edges_rounds=0"], "extend_edges_rounds"),
         (["sweep.extend_edges_scope=everywhere"], "extend_edges_scope"),
+        (["sweep.trial_order=random"], "trial_order"),
+        (["sweep.search=random", "sweep.trial_order=shuffled"], "trial_order"),
     ],
 )
 def test_bad_sweeps_name_the_field(overrides, named):

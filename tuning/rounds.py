@@ -4,9 +4,9 @@
 before them have finished. Run as a Tune experiment of its own, each round started a cold trial
 actor (its imports of torch, Ray Train and MLflow, the data loaded again) after Tune's own start:
 ~15 s from the quickstart's last grid trial to its round's first training step, in a 131 s sweep
-whose trials take 1.5-4 s each. ``EdgeSearcher`` hands Tune
-the grid (in the order Tune's grid search would) and then the rounds, in the same experiment: once
-every trial it handed out has ended it plans the next round from the MLflow records
+whose trials take 1.5-4 s each. ``EdgeSearcher`` hands Tune the grid (in the order Tune's grid search
+would, or shuffled: ``sweep.trial_order``) and then the rounds, in the same experiment: once every trial
+it handed out has ended it plans the next round from the MLflow records
 (``RoundPlanner``: ``tuning.edges.next_trials`` on the search and earlier rounds), until a round plans
 nothing or ``extend_edges_rounds`` is reached. While it waits (``suggest`` returns None) Tune keeps
 the warm trial actor for the next trial.
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import pickle
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,15 @@ def grid_configs(space: dict[str, list]) -> list[dict[str, Any]]:
     from ray.tune.search.variant_generator import generate_variants
 
     return [config for _, config in generate_variants({key: {"grid_search": list(v)} for key, v in space.items()})]
+
+
+def ordered_grid(spec: SweepSpec) -> list[dict[str, Any]]:
+    """The grid's configs in the order the sweep runs them: Tune's, or with ``trial_order = shuffled`` a
+    permutation drawn with ``search_seed`` (the same on every machine and on resume, which restores the queue)."""
+    configs = grid_configs(spec.space)
+    if spec.trial_order == "shuffled":
+        random.Random(spec.search_seed).shuffle(configs)
+    return configs
 
 
 def pair_params(
@@ -105,7 +115,7 @@ class EdgeSearcher(Searcher):
     """The grid, then extension rounds planned once the trials before them have ended.
 
     Args:
-        grid: the search trials' configs, handed out first (``grid_configs``).
+        grid: the search trials' configs, handed out first (``ordered_grid``).
         plan: round k's trial params (``RoundPlanner``), called once per round; empty: no more rounds.
         rounds: at most this many rounds (``sweep.extend_edges_rounds``).
         say: prints the line that announces a round.

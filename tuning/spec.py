@@ -10,7 +10,8 @@
       replication: [1]               # optional
     search: grid                     # grid | random | optuna (both need num_samples draws)
     num_samples: 16                  # random/optuna: trials drawn (required for optuna)
-    search_seed: 0                   # seeds random draws and Optuna's TPE sampler
+    search_seed: 0                   # seeds random draws, Optuna's TPE sampler and a shuffled grid
+    trial_order: grid                # grid | shuffled (grid only: the same trials in a seeded random order)
     scheduler: none                  # none | asha (stops trials that lag in train accuracy)
 
 Every combination in the space (for a range: both ends) is checked as a full ``RunConfig``
@@ -59,6 +60,8 @@ CONDITION_KEYS = ("seed", "replication")
 """Space keys that describe the experiment rather than tune it: one value each under optuna."""
 ASHA_TIME_ATTRS = ("time/train_s", "progress/passes")
 EXTEND_SCOPES = ("winner", "every_batch")
+TRIAL_ORDERS = ("grid", "shuffled")
+"""``trial_order`` values."""
 """``extend_edges_scope`` values (``tuning.edges.SCOPES``)."""
 
 
@@ -159,6 +162,11 @@ class SweepSpec:
     """The stated limit of ``extend_edges``: rounds of added values."""
     extend_edges_scope: str = "winner"
     """winner: bracket γ at the winner's B; every_batch: at every B (for time-vs-B curves)."""
+    trial_order: str = "grid"
+    """grid: a grid's trials in Tune's order (the last key varies slowest); shuffled: the same trials in an order
+    drawn with ``search_seed``, so a machine whose speed drifts over a long sweep slows every arm alike instead of
+    the values that run last (the §4 re-run's last 45 trials ran 1.6× faster per pass than its first). Grid search
+    only; extension rounds run in the order planned."""
     trial_pool: bool = True
     """Run trials in warm worker groups (``raygd.pool``: max_concurrent_trials pools kept across trials);
     false: one TorchTrainer per trial."""
@@ -200,6 +208,14 @@ class SweepSpec:
         positive_int("extend_edges_rounds", self.extend_edges_rounds)
         if not isinstance(self.extend_edges, bool):
             raise ConfigError(f"extend_edges = {self.extend_edges!r} is invalid: true or false.")
+        if self.trial_order not in TRIAL_ORDERS:
+            raise ConfigError(
+                f"trial_order = {self.trial_order!r} is invalid: allowed values are {', '.join(TRIAL_ORDERS)}."
+            )
+        if self.trial_order != "grid" and self.search != "grid":
+            raise ConfigError(
+                f"trial_order = {self.trial_order!r} needs search = 'grid': {self.search} draws its own order."
+            )
         if self.extend_edges_scope not in EXTEND_SCOPES:
             raise ConfigError(
                 f"extend_edges_scope = {self.extend_edges_scope!r} is invalid: allowed values are "

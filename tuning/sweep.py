@@ -206,7 +206,7 @@ def _run_phases(
 
     from tuning.callbacks import TrialRecorder
     from tuning.console import ConsoleReporter
-    from tuning.rounds import EdgeSearcher, RoundPlanner, grid_configs
+    from tuning.rounds import EdgeSearcher, RoundPlanner, ordered_grid
 
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -223,10 +223,9 @@ def _run_phases(
     total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
     sequential = spec.max_concurrent_trials == 1
     console = None if verbose else ConsoleReporter(total, sequential=sequential)
-    if inline:
-        searcher = EdgeSearcher(
-            grid_configs(spec.space), RoundPlanner(spec, parent_run_id), spec.extend_edges_rounds, say=_say
-        )
+    if inline or spec.trial_order != "grid":  # a searcher hands out the grid (in its order), then any rounds
+        rounds = spec.extend_edges_rounds if inline else 0
+        searcher = EdgeSearcher(ordered_grid(spec), RoundPlanner(spec, parent_run_id), rounds, say=_say)
         _fit_tuner(trainable, tune_dir, {}, _tune_config(spec, searcher), resume, recorder, console)
     else:
         _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
