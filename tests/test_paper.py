@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import random
+import statistics
 
 import pytest
 
@@ -109,6 +111,71 @@ def test_scaling_rows_per_pass_speedup_against_smallest_batch():
     assert [r.global_batch_size for r in rows] == [64, 256, 1024]
     assert [r.pass_speedup for r in rows] == pytest.approx([1.0, 2.0, 4.0])
     assert [r.passes_mean for r in rows] == pytest.approx([2.0, 3.0, 6.0])
+
+
+def _trial(mech, step, b, seed, passes_to_acc, passes, speed, reached=True):
+    """A trial that trained ``passes`` passes at ``speed`` s per pass; reached at ``passes_to_acc``."""
+    return TrialRecord(
+        trial_id=f"{mech}-{step}-{b}-{seed}",
+        mechanism=mech,
+        step_size=step,
+        global_batch_size=b,
+        seed=seed,
+        status="reached_target" if reached else "max_passes",
+        time_to_accuracy_s=passes_to_acc * speed if reached else None,
+        passes_to_accuracy=passes_to_acc if reached else None,
+        passes=passes,
+        train_time_s=passes * speed,
+    )
+
+
+def test_common_speed_times_passes_by_the_median_pass_time_of_every_trial_at_that_batch():
+    rng = random.Random(3)
+    recs = []
+    for mech, base_speed in (("vanilla", 1.0), ("dropconnect(p=0.5)", 1.2)):
+        for b in (64, 256):
+            for step, passes_to_acc in ((0.2, 2.0), (0.4, 1.5), (0.8, 1.8)):
+                for seed in range(3):
+                    p = passes_to_acc + 0.1 * seed + (0.5 if mech != "vanilla" else 0.0)
+                    drift = rng.uniform(0.6, 1.2)  # each trial at its own hour's speed
+                    recs.append(_trial(mech, step, b, seed, p, p + 0.3, base_speed * b / 64 * drift))
+    recs.append(_trial("vanilla", 1.6, 64, 0, None, 10.0, 0.5, reached=False))  # timed, never reached
+    rows = results.common_speed_rows(recs)
+    assert [(r.mechanism, r.global_batch_size) for r in rows] == [
+        ("vanilla", 64),
+        ("vanilla", 256),
+        ("dropconnect(p=0.5)", 64),
+        ("dropconnect(p=0.5)", 256),
+    ]
+    for r in rows:
+        mine = [t for t in recs if t.mechanism == r.mechanism and t.global_batch_size == r.global_batch_size]
+        brute = sorted(t.train_time_s / t.passes for t in mine)
+        assert r.pass_time_s == pytest.approx(
+            brute[len(brute) // 2] if len(brute) % 2 else (brute[len(brute) // 2 - 1] + brute[len(brute) // 2]) / 2
+        )
+        assert r.n_timed == len(mine)
+        assert r.step_size == 0.4 and not r.step_edge  # fewest passes; 0.2 and 1.6/0.8 bracket it
+        assert r.times_s == pytest.approx([p * r.pass_time_s for p in r.passes])
+        assert r.raw_times_s == tuple(t.time_to_accuracy_s for t in mine if t.step_size == 0.4)
+    best = results.common_speed_best(rows)
+    v, d = best
+    assert v.row.global_batch_size == 64 and v.speedup == pytest.approx(1.0)
+    assert d.speedup == pytest.approx(statistics.fmean(v.row.times_s) / statistics.fmean(d.row.times_s))
+    assert d.speedup < 1.0 and d.significant  # slower per pass and more passes: significantly slower
+    table = results.common_speed_markdown(rows, 0.85)
+    assert "1 (baseline)" in table.splitlines()[4] and v.significant is None
+    assert f"{d.speedup:.2f}× ({d.low:.2f}–{d.high:.2f})" in table.splitlines()[5]
+    one_seed = results.common_speed_best(
+        [dataclasses.replace(r, passes=r.passes[:1], raw_times_s=r.raw_times_s[:1], n_seeds=1) for r in rows]
+    )
+    assert one_seed[1].significant is None  # one seed per arm: no interval, never called significant
+
+
+def test_common_speed_prefers_a_step_whose_every_seed_reached():
+    recs = [_trial("vanilla", 0.4, 64, s, 1.0, 1.0, 1.0, reached=s < 2) for s in range(3)]
+    recs += [_trial("vanilla", 0.2, 64, s, 3.0, 3.0, 1.0) for s in range(3)]
+    (row,) = results.common_speed_rows(recs)
+    assert row.step_size == 0.2 and row.all_reached and row.step_edge
 
 
 def test_bound_vs_best_ratio_and_sweeps_not_run():

@@ -14,6 +14,12 @@ Tests: ``pytest tests/test_paper.py``.
 - Figures 1-2: per batch size, the best step size's passes and time to accuracy; per-pass
   speedup S_pass(B) = t_pass(B_min) / t_pass(B), t_pass = training seconds / passes.
 - Bound vs observed: the best batch size a sweep found against B_D = nΔ_D.
+- §4 at one common speed: a trial's time to accuracy at the sweep's common speed is
+  T̃ = passes to accuracy × t̃_pass(mechanism, B), t̃_pass the median of training seconds / passes over
+  *every* trial of that (mechanism, B) (all γ, seeds, reached or not). A long sweep on a VM whose speed
+  drifts (1.6× over the first §4 re-run) gives each trial its hour's speed; with the trials in a shuffled
+  order (``sweep.trial_order``) the median is every arm's typical speed, and T̃ compares arms and step
+  sizes at one speed. At one (mechanism, B), T̃ ranks step sizes as passes to accuracy do.
 """
 
 from __future__ import annotations
@@ -346,6 +352,199 @@ def scaling_markdown(rows: Sequence[ScalingRow], target: float | None, label: st
             for r in rows
         ],
     )
+
+
+# --------------------------------------------------------------------------- §4 at one common speed
+
+
+@dataclass(frozen=True)
+class CommonSpeedRow:
+    """One (mechanism, B) at its best step size, timed at the sweep's common speed (module docstring)."""
+
+    mechanism: str
+    global_batch_size: int
+    step_size: float
+    step_edge: bool
+    """γ* is the smallest or largest step size tried at this (mechanism, B)."""
+    n_seeds: int
+    passes: tuple[float, ...]
+    """Passes to accuracy of the seeds that reached, by seed."""
+    raw_times_s: tuple[float, ...]
+    """Their measured (wall-clock training) times to accuracy."""
+    pass_time_s: float
+    """t̃_pass: median training seconds per pass over every trial of the (mechanism, B)."""
+    n_timed: int
+    """Trials t̃_pass is the median of."""
+
+    @property
+    def times_s(self) -> tuple[float, ...]:
+        """T̃ per seed that reached: passes × t̃_pass."""
+        return tuple(p * self.pass_time_s for p in self.passes)
+
+    @property
+    def all_reached(self) -> bool:
+        return len(self.passes) == self.n_seeds > 0
+
+
+def common_speed_rows(records: Iterable[Any]) -> list[CommonSpeedRow]:
+    """Per (mechanism, B): the step size with the fewest mean passes to accuracy among those whose every seed
+    reached (else the one with most seeds reached, then fewest passes), timed at the common speed."""
+    from tuning import stats
+
+    per_pass: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for t in stats.as_records(records):
+        if _finite(t.train_time_s) and _finite(t.passes) and t.passes > 0:
+            per_pass[(t.mechanism, t.global_batch_size)].append(t.train_time_s / t.passes)
+    pairs: dict[tuple[str, int], list[Any]] = defaultdict(list)
+    for pair in stats.pair_stats(records):
+        pairs[(pair.mechanism, pair.global_batch_size)].append(pair)
+    rows = []
+    for (mechanism, batch), candidates in pairs.items():
+        if not per_pass.get((mechanism, batch)):
+            continue
+
+        def reached_passes(pair) -> list[float]:
+            return [t.passes_to_accuracy for t in pair.trials if t.reached and _finite(t.passes_to_accuracy)]
+
+        def key(pair) -> tuple:
+            done = reached_passes(pair)
+            return (not pair.reached, -len(done), statistics.fmean(done) if done else math.inf, pair.step_size)
+
+        best = min(candidates, key=key)
+        reached = [t for t in best.trials if t.reached and _finite(t.passes_to_accuracy)]
+        steps = [p.step_size for p in candidates]
+        rows.append(
+            CommonSpeedRow(
+                mechanism,
+                batch,
+                best.step_size,
+                len(steps) > 1 and best.step_size in (min(steps), max(steps)),
+                best.n_seeds,
+                tuple(t.passes_to_accuracy for t in reached),
+                tuple(t.time_to_accuracy_s for t in reached),
+                statistics.median(per_pass[(mechanism, batch)]),
+                len(per_pass[(mechanism, batch)]),
+            )
+        )
+    return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.global_batch_size))
+
+
+@dataclass(frozen=True)
+class CommonSpeedBest:
+    """A mechanism's fastest B at the common speed and its speedup over vanilla's fastest, with a 95% interval."""
+
+    row: CommonSpeedRow
+    speedup: float | None
+    low: float | None
+    high: float | None
+    raw_speedup: float | None
+    """The same ratio from the measured (drifting) times of the same seeds."""
+
+    @property
+    def significant(self) -> bool | None:
+        return None if self.low is None or self.high is None else not (self.low <= 1.0 <= self.high)
+
+
+def common_speed_best(rows: Sequence[CommonSpeedRow]) -> list[CommonSpeedBest]:
+    """Per mechanism, the (B, γ*) whose every seed reached with the lowest mean T̃; speedup = mean T̃ of
+    vanilla's best over the mechanism's best (``tuning.stats.bootstrap_ratio``: seeds resampled per arm)."""
+    from tuning.stats import bootstrap_ratio
+
+    best: dict[str, CommonSpeedRow] = {}
+    for r in rows:
+        if r.all_reached and (
+            r.mechanism not in best or statistics.fmean(r.times_s) < statistics.fmean(best[r.mechanism].times_s)
+        ):
+            best[r.mechanism] = r
+    base = best.get(BASELINE)
+    out = []
+    for r in best.values():
+        if base is None:
+            out.append(CommonSpeedBest(r, None, None, None, None))
+            continue
+        ratio, _, low, high = bootstrap_ratio(base.times_s, r.times_s)
+        raw = statistics.fmean(base.raw_times_s) / statistics.fmean(r.raw_times_s)
+        spread = r is not base and min(len(base.times_s), len(r.times_s)) >= 2  # one seed has no interval
+        out.append(CommonSpeedBest(r, ratio, low if spread else None, high if spread else None, raw))
+    return sorted(out, key=lambda b: (b.row.mechanism != BASELINE, b.row.mechanism))
+
+
+def _speedup_text(b: CommonSpeedBest) -> str:
+    if b.speedup is None:
+        return "–"
+    if b.row.mechanism == BASELINE:
+        return "1 (baseline)"
+    if b.low is None or b.high is None:
+        return f"{b.speedup:.2f}× (one seed: no interval)"
+    return f"{b.speedup:.2f}× ({b.low:.2f}–{b.high:.2f})" + ("" if b.significant else ", not significant")
+
+
+def common_speed_markdown(rows: Sequence[CommonSpeedRow], target: float | None) -> str:
+    def sd(xs: Sequence[float]) -> float | None:
+        return statistics.stdev(xs) if len(xs) >= 2 else None
+
+    def mean(xs: Sequence[float]) -> float | None:
+        return statistics.fmean(xs) if xs else None
+
+    best = common_speed_best(rows)
+    intro = (
+        f"Time to the target train accuracy ({target}) at the sweep's common speed: passes to accuracy × the median "
+        "training seconds per pass of every trial at that (mechanism, B); measured times beside (mean ± std over "
+        "the seeds that reached). ◂ marks a step size on the edge of those tried at that B.\n\n"
+    )
+    summary = _table(
+        [
+            "mechanism",
+            "B",
+            "step size",
+            "time at common speed (s)",
+            "passes",
+            "speedup vs vanilla (95% interval)",
+            "measured time (s)",
+            "measured speedup",
+        ],
+        "lrrrrrrr",
+        [
+            [
+                b.row.mechanism,
+                b.row.global_batch_size,
+                f"{b.row.step_size:g}" + (" ◂" if b.row.step_edge else ""),
+                _pm(mean(b.row.times_s), sd(b.row.times_s)),
+                _pm(mean(b.row.passes), sd(b.row.passes)),
+                _speedup_text(b),
+                _pm(mean(b.row.raw_times_s), sd(b.row.raw_times_s)),
+                "–" if b.raw_speedup is None else f"{b.raw_speedup:.2f}×",
+            ]
+            for b in best
+        ],
+    )
+    detail = _table(
+        [
+            "mechanism",
+            "B",
+            "step size",
+            "reached",
+            "passes",
+            "s per pass (median of n)",
+            "time at common speed (s)",
+            "measured time (s)",
+        ],
+        "lrrrrrrr",
+        [
+            [
+                r.mechanism,
+                r.global_batch_size,
+                f"{r.step_size:g}" + (" ◂" if r.step_edge else ""),
+                f"{len(r.passes)}/{r.n_seeds}",
+                _pm(mean(r.passes), sd(r.passes)),
+                f"{r.pass_time_s:.3g} ({r.n_timed})",
+                _pm(mean(r.times_s), sd(r.times_s)),
+                _pm(mean(r.raw_times_s), sd(r.raw_times_s)),
+            ]
+            for r in rows
+        ],
+    )
+    return intro + summary + "\nEvery (mechanism, B) at its best step size:\n\n" + detail
 
 
 # --------------------------------------------------------------------------- bound vs observed

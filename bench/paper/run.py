@@ -280,7 +280,9 @@ def exp_dropconnect(args: argparse.Namespace) -> None:
         results.scaling_markdown(results.scaling_rows(pairs), target, label=mechanism)
         for mechanism, pairs in by_mechanism.items()
     )
-    _emit("dropconnect", outcome.table + "\n\n" + per_batch, figs, spec.tracking_uri, outcome.parent_run_id)
+    common = results.common_speed_markdown(results.common_speed_rows(outcome.records), target)
+    table = outcome.table + "\n\n" + common + "\n" + per_batch
+    _emit("dropconnect", table, figs, spec.tracking_uri, outcome.parent_run_id)
 
 
 def exp_batch_scaling(args: argparse.Namespace) -> None:
@@ -564,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
             f"not {args.experiment}{' --report-only' if args.report_only else ''}"
         )
     OUT.mkdir(parents=True, exist_ok=True)
+    from bench.paper import archive
+
+    if args.tracking_uri == DEFAULT_URI and not archive.store_path(DEFAULT_URI).exists() and archive.ARCHIVE.exists():
+        archive.restore()  # a new machine: the committed store (and unfinished sweeps' Tune folders) first
+        print(f"restored {DEFAULT_URI} and its unfinished sweeps' Tune folders from {archive.ARCHIVE}")
     start = time.time()
     experiments = {
         "fig3a": exp_fig3a,
