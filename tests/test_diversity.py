@@ -552,6 +552,32 @@ def test_online_estimators_average_to_the_truth_over_every_possible_batch(replac
         assert mean == pytest.approx(list(truth), rel=1e-12)
 
 
+def test_two_batch_estimate_under_one_mask_per_worker_grows_with_the_worker_batch():
+    """DropConnect ``per_worker``: one mask m per worker batch, surrogate g_i ⊙ m / (1 − p). Enumerating every
+    batch (with replacement) and every pair of masks, the two-batch estimate of tr Σ averages to b·Var(Ḡ), the
+    worker mean's variance times b, which is σ²/(1 − p) + b·p/(1 − p)·‖μ‖²: the mask noise does not shrink with
+    the batch, so the online B_D grows affinely in b = B/P (docs/RESULTS.md §2), unlike B_D(w0)."""
+    torch.manual_seed(1)
+    n, d, p = 4, 3, 0.5
+    g = torch.randn(n, d, dtype=F64) + 0.5
+    masks = [torch.tensor(m, dtype=F64) / (1 - p) for m in itertools.product((0.0, 1.0), repeat=d)]
+    mu = g.mean(0)
+    sigma2 = float(g.square().sum(1).mean() - mu.square().sum())
+    for b in (1, 2):
+        traces, var_mean = [], []
+        for batch in itertools.product(range(n), repeat=2 * b):
+            means = [g[list(batch[k * b : (k + 1) * b])].mean(0) for k in range(2)]
+            for m0, m1 in itertools.product(masks, repeat=2):
+                worker = [means[0] * m0, means[1] * m1]
+                small = sum(float(w.square().sum()) for w in worker) / 2
+                est = D.two_batch_moments(small, b, float(((worker[0] + worker[1]) / 2).square().sum()), 2 * b)
+                traces.append(est.expected_sq_norm - est.sq_norm_of_mean)
+                var_mean.append(float((worker[0] - mu).square().sum()))
+        mean_trace = sum(traces) / len(traces)
+        assert mean_trace == pytest.approx(b * sum(var_mean) / len(var_mean), rel=1e-12)  # brute force
+        assert mean_trace == pytest.approx(sigma2 / (1 - p) + b * p / (1 - p) * float(mu.square().sum()), rel=1e-12)
+
+
 def test_two_batch_estimator_with_two_workers_is_unbiased(data, logreg_at):
     """P = 2 workers of b = 64 (B = 128), with replacement. B_D is a ratio of the two averaged
     moments; the tolerance is 4 standard errors of that ratio (delta method over batches)."""

@@ -77,6 +77,12 @@ def two_batch_moments(
     tr(Σ) = (‖G_b‖² − ‖G_B‖²)/(v_b − v_B), ‖μ‖² = ‖G_B‖² − v_B tr(Σ), both unbiased; with
     replacement ‖μ‖² = (B‖G_B‖² − b‖G_b‖²)/(B − b). E‖g‖² = ‖μ‖² + tr(Σ).
 
+    Under noise shared by a worker's whole batch (DropConnect ``per_worker``: one mask per worker batch) the
+    estimate is b·Var(G_b), the variance a single example would need for its batch mean to be that noisy:
+    σ²/(1 − p) + b·p/(1 − p)·‖μ‖² for a mask on every coordinate (brute force in tests/test_diversity.py).
+    The mask noise does not average out over the batch, so this B_D grows with b = B/P, while B_D(w0)
+    (``raygd.bound``, per-example surrogates) does not.
+
     Args:
         small_sq_norm: ‖G_b‖² of a b-example mean gradient (averaged over the P workers).
         small_batch: b = B/P.
