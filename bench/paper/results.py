@@ -490,7 +490,8 @@ def common_speed_markdown(rows: Sequence[CommonSpeedRow], target: float | None) 
     intro = (
         f"Time to the target train accuracy ({target}) at the sweep's common speed: passes to accuracy × the median "
         "training seconds per pass of every trial at that (mechanism, B); measured times beside (mean ± std over "
-        "the seeds that reached). ◂ marks a step size on the edge of those tried at that B.\n\n"
+        "the seeds that reached). ◂ marks a step size on the edge of those tried at that B. The 95% interval "
+        "resamples each arm's seeds (their passes); it takes each median pass time as exact.\n\n"
     )
     summary = _table(
         [
