@@ -45,7 +45,7 @@ def test_save_then_restore_on_a_new_machine_gives_the_same_runs_and_tune_folder(
         for f in sorted(d.rglob("*"), reverse=True):
             f.unlink() if f.is_file() else f.rmdir()
         d.rmdir()
-    archive.restore(saved)
+    archive.restore(store, saved)
     client = mlflow_client(uri)
     assert client.get_run(a).info.status == "RUNNING" and client.get_run(b).info.status == "FINISHED"
     assert [m.value for m in client.get_metric_history(a, "best/time_to_accuracy_s")] == [12.5]
@@ -54,7 +54,10 @@ def test_save_then_restore_on_a_new_machine_gives_the_same_runs_and_tune_folder(
     assert not (running / "trial_1" / "checkpoint_000002").exists() and not finished.exists()
 
     with pytest.raises(SystemExit, match="exists"):  # a store that is there is never replaced silently
-        archive.restore(saved)
+        archive.restore(store, saved)
+    clone = tmp_path / "clone" / "mlflow.db"  # another checkout: the store goes to its own path
+    archive.restore(clone, saved)
+    assert mlflow_client(f"sqlite:///{clone}").get_run(a).info.status == "RUNNING"
 
 
 def test_only_a_sqlite_store_can_be_saved(tmp_path):

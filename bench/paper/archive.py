@@ -6,8 +6,9 @@ and ``--report-only`` read (``bench/paper/out/mlflow.db``) and the Tune folder t
 ``save`` packs, while no sweep runs, a consistent copy of the SQLite store (SQLite's online backup) and the
 Tune folder of every sweep in it that is still marked running (one that ``--resume`` continues), without
 checkpoints (the trial that was running starts again from step 0 on resume, as after any stop), into
-``bench/paper/out/state.tar.gz``; ``restore`` unpacks them to the paths they came from, and refuses to replace
-a store that is already there (``--force`` replaces it).
+``bench/paper/out/state.tar.gz``; ``restore`` unpacks the store to this checkout's store path (``--tracking-uri``)
+and the Tune folders to the paths they came from (the parent runs name them), and refuses to replace a store
+that is already there (``--force`` replaces it).
 
     .venv/bin/python -m bench.paper.archive save
     .venv/bin/python -m bench.paper.archive restore
@@ -88,15 +89,15 @@ def save(tracking_uri: str, archive: Path = ARCHIVE) -> dict:
     return manifest
 
 
-def restore(archive: Path = ARCHIVE, force: bool = False) -> dict:
-    """Unpack ``archive`` to the paths it came from; refuses to replace an existing store unless ``force``."""
+def restore(store: Path, archive: Path = ARCHIVE, force: bool = False) -> dict:
+    """Unpack ``archive``'s store to ``store`` and its Tune folders to the paths they came from (kept where one
+    is already there); refuses to replace an existing store unless ``force``."""
     if not archive.is_file():
         raise SystemExit(f"no archive at {archive}: nothing to restore.")
     with tarfile.open(archive, "r:gz") as tar:
         member = tar.extractfile(MANIFEST)
         assert member is not None
         manifest = json.loads(member.read())
-        store = Path(manifest["store"])
         if store.exists() and not force:
             raise SystemExit(f"{store} exists: restore would replace it; move it away or pass --force.")
         with tempfile.TemporaryDirectory() as tmp:
@@ -116,14 +117,17 @@ def restore(archive: Path = ARCHIVE, force: bool = False) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.paper.archive", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("save", "restore"))
-    parser.add_argument("--tracking-uri", default=DEFAULT_URI, help="the SQLite store to save (save only)")
+    parser.add_argument("--tracking-uri", default=DEFAULT_URI, help="the SQLite store to save or restore to")
     parser.add_argument("--archive", type=Path, default=ARCHIVE)
     parser.add_argument("--force", action="store_true", help="restore: replace an existing store")
     args = parser.parse_args(argv)
-    manifest = save(args.tracking_uri, args.archive) if args.action == "save" else restore(args.archive, args.force)
+    if args.action == "save":
+        manifest = save(args.tracking_uri, args.archive)
+    else:
+        manifest = restore(store_path(args.tracking_uri), args.archive, args.force)
     size = args.archive.stat().st_size / 2**20
     print(
-        f"{args.action}: {manifest['store']} and {len(manifest['tune_dirs'])} Tune folder(s) "
+        f"{args.action}: {store_path(args.tracking_uri)} and {len(manifest['tune_dirs'])} Tune folder(s) "
         f"{'into' if args.action == 'save' else 'from'} {args.archive} ({size:.1f} MiB)"
     )
     for path in manifest["tune_dirs"].values():

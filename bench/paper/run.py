@@ -569,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.paper import archive
 
     if args.tracking_uri == DEFAULT_URI and not archive.store_path(DEFAULT_URI).exists() and archive.ARCHIVE.exists():
-        archive.restore()  # a new machine: the committed store (and unfinished sweeps' Tune folders) first
+        archive.restore(
+            archive.store_path(DEFAULT_URI)
+        )  # a new machine: the committed store (and unfinished sweeps' Tune folders) first
         print(f"restored {DEFAULT_URI} and its unfinished sweeps' Tune folders from {archive.ARCHIVE}")
     start = time.time()
     experiments = {
