@@ -60,9 +60,9 @@ CONDITION_KEYS = ("seed", "replication")
 """Space keys that describe the experiment rather than tune it: one value each under optuna."""
 ASHA_TIME_ATTRS = ("time/train_s", "progress/passes")
 EXTEND_SCOPES = ("winner", "every_batch")
+"""``extend_edges_scope`` values (``tuning.edges.SCOPES``)."""
 TRIAL_ORDERS = ("grid", "shuffled")
 """``trial_order`` values."""
-"""``extend_edges_scope`` values (``tuning.edges.SCOPES``)."""
 
 
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs", "file")
