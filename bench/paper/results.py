@@ -391,8 +391,9 @@ def common_speed_rows(records: Iterable[Any]) -> list[CommonSpeedRow]:
     reached (else the one with most seeds reached, then fewest passes), timed at the common speed."""
     from tuning import stats
 
+    records = stats.as_records(records)  # read once: pair_stats reads them again
     per_pass: dict[tuple[str, int], list[float]] = defaultdict(list)
-    for t in stats.as_records(records):
+    for t in records:
         if _finite(t.train_time_s) and _finite(t.passes) and t.passes > 0:
             per_pass[(t.mechanism, t.global_batch_size)].append(t.train_time_s / t.passes)
     pairs: dict[tuple[str, int], list[Any]] = defaultdict(list)
