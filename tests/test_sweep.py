@@ -17,7 +17,8 @@ from raygd.records import EXTEND_INLINE_TAG, KEY_TAG, PHASE_TAG, TUNE_DIR_TAG, c
 from tests.conftest import kill_process_tree
 from tests.sweeps import write_sweep_spec as _write_spec
 from tuning.objective import UNREACHED_PENALTY_S
-from tuning.spec import load_sweep_spec
+from tuning.rounds import grid_configs, ordered_grid
+from tuning.spec import load_sweep_spec, mechanism_label
 from tuning.stats import rank_trials
 from tuning.sweep import _param_space, _search_alg, run_sweep
 
@@ -41,8 +42,10 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
         confirm_seeds=[7],
         extend_edges=True,
         extend_edges_rounds=2,
+        trial_order="shuffled",
     )
-    outcome = run_sweep(load_sweep_spec(str(path)))
+    spec = load_sweep_spec(str(path))
+    outcome = run_sweep(spec)
     client = MlflowClient(sqlite_uri)
     children = child_runs(sqlite_uri, outcome.parent_run_id)
     confirm = [c for c in children if c.data.tags[PHASE_TAG] == "confirm"]
@@ -69,6 +72,16 @@ def test_four_trial_sweep_has_one_parent_four_children_and_the_right_winner(ray_
     ) == sorted((r.mechanism, r.step_size, "7") for r in outcome.best_rows)
     assert "Confirmed with fresh seeds" in outcome.table
     assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+
+    # the grid ran in its shuffled order (sweep.trial_order), which is not Tune's
+    def pairs(configs):
+        return [(float(c["step_size"]), mechanism_label(c["mechanism"])) for c in configs]
+
+    assert pairs(ordered_grid(spec)) != pairs(grid_configs(spec.space))
+    started = sorted(children, key=lambda c: c.info.start_time)
+    assert [(float(c.data.params["train.step_size"]), c.data.tags["raygd.mechanism_label"]) for c in started] == pairs(
+        ordered_grid(spec)
+    )
     assert len({c.data.tags[KEY_TAG] for c in children}) == 4
     artifacts = {a.path for a in client.list_artifacts(outcome.parent_run_id)}
     assert {"summary.csv", "summary.md", "time_vs_batch.png", "speedup.png"} <= artifacts
