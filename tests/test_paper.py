@@ -176,6 +176,10 @@ def test_common_speed_prefers_a_step_whose_every_seed_reached():
     recs += [_trial("vanilla", 0.2, 64, s, 3.0, 3.0, 1.0) for s in range(3)]
     (row,) = results.common_speed_rows(recs)
     assert row.step_size == 0.2 and row.all_reached and row.step_edge
+    # among steps whose every seed reached, fewer passes wins however many seeds each ran
+    recs += [_trial("vanilla", 0.8, 64, 0, 2.0, 2.0, 1.0)]
+    (row,) = results.common_speed_rows(recs)
+    assert row.step_size == 0.8 and row.passes == (2.0,)
 
 
 def test_bound_vs_best_ratio_and_sweeps_not_run():

@@ -409,7 +409,9 @@ def common_speed_rows(records: Iterable[Any]) -> list[CommonSpeedRow]:
 
         def key(pair) -> tuple:
             done = reached_passes(pair)
-            return (not pair.reached, -len(done), statistics.fmean(done) if done else math.inf, pair.step_size)
+            mean = statistics.fmean(done) if done else math.inf
+            # every seed reached: fewest passes (however many seeds); else most seeds reached, then fewest passes
+            return (0, 0, mean, pair.step_size) if pair.reached else (1, -len(done), mean, pair.step_size)
 
         best = min(candidates, key=key)
         reached = [t for t in best.trials if t.reached and _finite(t.passes_to_accuracy)]
