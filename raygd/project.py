@@ -260,24 +260,48 @@ def _cost(t: TrialInput, workers: int, target: Target, measured: dict, link: cm.
     )
 
 
+@dataclass(frozen=True)
+class _Best:
+    """A mechanism's projected-best (γ, B) at one P: the mean projected TTA over its seeds and each seed's."""
+
+    tta: float
+    trial: TrialInput
+    ttas: tuple[float, ...]
+
+
 def _best(
     trials: Sequence[TrialInput], workers: int, target: Target, measured: dict, link: cm.Link | None = None
-) -> dict[str, tuple[float, TrialInput]]:
-    """Per mechanism: the (γ, B) with the smallest median projected TTA over its seeds (every seed reached)."""
+) -> dict[str, _Best]:
+    """Per mechanism: the (γ, B) with the smallest mean projected TTA over its seeds (every seed reached), the
+    sweep table's rule (``tuning.stats``: a pair's score is its mean time to accuracy)."""
     pairs: dict[tuple, list[TrialInput]] = defaultdict(list)
     for t in trials:
         pairs[t.record.pair].append(t)
-    best: dict[str, tuple[float, TrialInput]] = {}
+    best: dict[str, _Best] = {}
     for (mech, _, batch), group in pairs.items():
         if batch < workers or not all(t.record.reached and t.record.updates_to_accuracy for t in group):
             continue
-        tta = statistics.median(
+        ttas = tuple(
             t.record.updates_to_accuracy * _cost(t, workers, target, measured, link).total_s  # type: ignore[operator]
             for t in group
         )
-        if mech not in best or tta < best[mech][0]:
-            best[mech] = (tta, group[0])
+        tta = statistics.fmean(ttas)
+        if mech not in best or tta < best[mech].tta:
+            best[mech] = _Best(tta, group[0], ttas)
     return best
+
+
+def speedup_interval(base: _Best, other: _Best) -> tuple[float, float | None, float | None]:
+    """Projected speedup of ``other`` over ``base`` (ratio of mean TTAs) and its 95% bootstrap interval over
+    seeds (``tuning.stats.bootstrap_ratio``, each arm's seeds resampled); no interval when either arm has a
+    single seed or for the baseline itself. The interval is the seeds' spread in updates to target only: the
+    modelled time per update is taken as exact."""
+    from tuning.stats import bootstrap_ratio
+
+    ratio, _, low, high = bootstrap_ratio(base.ttas, other.ttas)
+    if other is base or min(len(base.ttas), len(other.ttas)) < 2:
+        return ratio, None, None
+    return ratio, low, high
 
 
 def project(trials: Sequence[TrialInput], target: Target, workers: Sequence[int] = DEFAULT_WORKERS) -> Projection:
@@ -329,16 +353,20 @@ def project(trials: Sequence[TrialInput], target: Target, workers: Sequence[int]
     for p in workers:
         best = _best(trials, p, target, measured)
         vanilla = best.get("vanilla")
-        for mech, (tta, t) in sorted(best.items()):
+        for mech, b in sorted(best.items()):
+            ratio, low, high = speedup_interval(vanilla, b) if vanilla else ("", None, None)
             out.best.append(
                 {
                     "workers": p,
                     "mechanism": mech,
-                    "step_size": t.record.step_size,
-                    "global_batch_size": t.record.global_batch_size,
-                    "projected_time_to_accuracy_s": tta,
-                    "projected_speedup_vs_vanilla": vanilla[0] / tta if vanilla else "",
-                    "projected_rho": _cost(t, p, target, measured).rho,
+                    "step_size": b.trial.record.step_size,
+                    "global_batch_size": b.trial.record.global_batch_size,
+                    "seeds": len(b.ttas),
+                    "projected_time_to_accuracy_s": b.tta,
+                    "projected_speedup_vs_vanilla": ratio,
+                    "projected_speedup_low": "" if low is None else low,
+                    "projected_speedup_high": "" if high is None else high,
+                    "projected_rho": _cost(b.trial, p, target, measured).rho,
                 }
             )
     out.figure1 = _figure1(trials, target, measured, workers)
@@ -407,21 +435,24 @@ def _rho_map(trials: Sequence[TrialInput], target: Target, measured: dict, worke
         best = _best(trials, p, target, measured)
         if "vanilla" not in best or len(best) < 2:
             continue
-        ref = best["vanilla"][1]
+        ref = best["vanilla"].trial
         ref_cost = _cost(ref, p, target, measured)
         moved = cm.link_bytes(ref.payload, p, target.topology, ref.collective)
         for rho in RHO_GRID:
             link = cm.Link(0.0, moved / (rho * ref_cost.compute_s)) if moved > 0 else target.link
             at_rho = _best(trials, p, target, measured, link)
-            for mech, (tta, t) in sorted(at_rho.items()):
+            for mech, b in sorted(at_rho.items()):
                 if mech != "vanilla" and "vanilla" in at_rho:
+                    ratio, low, high = speedup_interval(at_rho["vanilla"], b)
                     rows.append(
                         {
                             "workers": p,
                             "rho": rho,
                             "mechanism": mech,
-                            "global_batch_size": t.record.global_batch_size,
-                            "projected_speedup_vs_vanilla": at_rho["vanilla"][0] / tta,
+                            "global_batch_size": b.trial.record.global_batch_size,
+                            "projected_speedup_vs_vanilla": ratio,
+                            "projected_speedup_low": "" if low is None else low,
+                            "projected_speedup_high": "" if high is None else high,
                         }
                     )
     return rows
@@ -430,26 +461,36 @@ def _rho_map(trials: Sequence[TrialInput], target: Target, measured: dict, worke
 # --------------------------------------------------------------------------- outputs
 
 
+def _speedup_cell(row: dict) -> str:
+    """``0.66 (0.58–0.75)``, ``n.s.`` appended when the interval covers 1.0; the point alone with one seed."""
+    ratio, low, high = row["projected_speedup_vs_vanilla"], row["projected_speedup_low"], row["projected_speedup_high"]
+    if ratio == "":
+        return ""
+    if low == "" or high == "":
+        return f"{ratio:.2f}"
+    return f"{ratio:.2f} ({low:.2f}–{high:.2f})" + (" n.s." if low <= 1.0 <= high else "")
+
+
 def table(proj: Projection) -> str:
     """The markdown table of the best (γ, B) per mechanism and P, headed by what was projected onto what."""
-
-    def fmt(v: Any, spec: str) -> str:
-        return "" if v == "" else format(v, spec)
 
     lines = [
         f"PROJECTED onto {proj.target.describe()}",
         "(measured updates to target × modelled time per update; trials that did not reach the target are not "
-        "extrapolated)",
+        "extrapolated; TTA: mean over the pair's seeds; speedup: ratio of means with its 95% bootstrap interval "
+        "over seeds)",
         "",
-        "| P | mechanism | γ | B | projected TTA (s) | projected speedup vs vanilla | ρ |",
-        "|---|---|---|---|---|---|---|",
+        "| P | mechanism | γ | B | seeds | projected TTA (s) | projected speedup vs vanilla | ρ |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in proj.best:
         lines.append(
             f"| {row['workers']} | {row['mechanism']} | {row['step_size']:g} | {row['global_batch_size']} | "
-            f"{row['projected_time_to_accuracy_s']:.3g} | {fmt(row['projected_speedup_vs_vanilla'], '.2f')} | "
+            f"{row['seeds']} | {row['projected_time_to_accuracy_s']:.3g} | {_speedup_cell(row)} | "
             f"{row['projected_rho']:.2g} |"
         )
+    if any(_speedup_cell(r).endswith("n.s.") for r in proj.best):
+        lines.append("\nn.s.: the speedup's 95% bootstrap interval over seeds covers 1.0× (not significant).")
     unreached = {r["trial_id"] for r in proj.trials if r["status"].startswith("not reached")}
     if unreached:
         lines.append(f"\n{len(unreached)} trial(s) did not reach the target: no projected time (not extrapolated).")
@@ -496,14 +537,24 @@ def _figures(proj: Projection, folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in sorted({(r["mechanism"], r["workers"]) for r in proj.rho_map}):
             rows = [r for r in proj.rho_map if (r["mechanism"], r["workers"]) == key]
-            ax.plot(
+            (line,) = ax.plot(
                 [r["rho"] for r in rows],
                 [r["projected_speedup_vs_vanilla"] for r in rows],
                 label=f"{key[0]} P={key[1]}",
             )
+            band = [r for r in rows if r["projected_speedup_low"] != ""]
+            if band:  # the 95% bootstrap interval over seeds
+                ax.fill_between(
+                    [r["rho"] for r in band],
+                    [r["projected_speedup_low"] for r in band],
+                    [r["projected_speedup_high"] for r in band],
+                    color=line.get_color(),
+                    alpha=0.15,
+                    lw=0,
+                )
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set(xscale="log", xlabel="ρ = t_comm / t_compute (vanilla's best B)", ylabel="projected speedup vs vanilla")
-        ax.set_title("PROJECTED speedup against ρ", fontsize=9)
+        ax.set_title("PROJECTED speedup against ρ (band: 95% interval over seeds)", fontsize=9)
         ax.legend(fontsize=6)
         fig.tight_layout()
         written.append(folder / "projected_rho_map.png")

@@ -23,7 +23,7 @@ FIXED, PER_EXAMPLE = 2e-3, 1e-5
 LOGREG_PARAMS = 32 * 10 + 10
 
 
-def _trial(uri, parent, i, mech, step, batch, updates, status="reached_target", emulated=None):
+def _trial(uri, parent, i, mech, step, batch, updates, status="reached_target", emulated=None, seed=0):
     params = {
         "train.model": "logreg",
         "data.name": "synthetic",
@@ -35,7 +35,7 @@ def _trial(uri, parent, i, mech, step, batch, updates, status="reached_target", 
         "train.num_workers": 2,
         "train.step_size": step,
         "train.global_batch_size": batch,
-        "train.seed": 0,
+        "train.seed": seed,
     }
     tags = {TRIAL_TAG: f"t{i}", MECHANISM_LABEL_TAG: mech, STATUS_TAG: status}
     step_s = FIXED + PER_EXAMPLE * batch / 2
@@ -113,6 +113,48 @@ def test_best_per_mechanism_and_speedup_follow_the_link(sweep):
     assert fast.figure1 and all(r["projected_pass_speedup"] > 0 for r in fast.figure1)
     rho = [r for r in slow.rho_map if r["mechanism"] == "quantize"]
     assert rho and rho[0]["projected_speedup_vs_vanilla"] < rho[-1]["projected_speedup_vs_vanilla"]
+
+
+def test_projected_speedup_has_the_seeds_bootstrap_interval(sqlite_uri):
+    """Three seeds a pair: the best pair is the lowest mean projected TTA, the speedup is the ratio of means, and
+    its 95% interval matches the exact bootstrap distribution (all 27 × 27 resamples, enumerated)."""
+    import itertools
+
+    import numpy as np
+
+    parent = create_run(sqlite_uri, "proj", "sweep-seeds", {}, {KIND_TAG: SWEEP_KIND})
+    updates = {"vanilla": (100, 110, 160), "quantize": (90, 95, 140)}
+    for k, (mech, ups) in enumerate(updates.items()):
+        for seed, u in enumerate(ups):
+            _trial(sqlite_uri, parent, 10 * k + seed, mech, 0.1, 256, u, seed=seed)
+    _trial(sqlite_uri, parent, 30, "quantize", 0.1, 64, 700)  # one seed, slower: not the best
+    proj = project.project(project.read_trials(sqlite_uri, parent), project.resolve_target(bandwidth_gbps=0.01), [2])
+    best = {r["mechanism"]: r for r in proj.best}
+    step = {
+        m: next(r["projected_step_s"] for r in proj.trials if r["mechanism"] == m and r["global_batch_size"] == 256)
+        for m in updates
+    }
+    mean = {m: float(np.mean([u * step[m] for u in ups])) for m, ups in updates.items()}
+    q = best["quantize"]
+    assert q["global_batch_size"] == 256 and q["seeds"] == 3
+    assert q["projected_time_to_accuracy_s"] == pytest.approx(mean["quantize"])
+    assert q["projected_speedup_vs_vanilla"] == pytest.approx(mean["vanilla"] / mean["quantize"])
+    exact = sorted(
+        np.mean([updates["vanilla"][i] * step["vanilla"] for i in a])
+        / np.mean([updates["quantize"][i] * step["quantize"] for i in b])
+        for a in itertools.product(range(3), repeat=3)
+        for b in itertools.product(range(3), repeat=3)
+    )
+    lo, hi = np.percentile(exact, [2.5, 97.5])
+    width = hi - lo
+    assert q["projected_speedup_low"] == pytest.approx(lo, abs=0.1 * width)
+    assert q["projected_speedup_high"] == pytest.approx(hi, abs=0.1 * width)
+    assert best["vanilla"]["projected_speedup_low"] == ""  # the baseline has no interval against itself
+    cell = f"{q['projected_speedup_vs_vanilla']:.2f} ({q['projected_speedup_low']:.2f}–"
+    assert cell in project.table(proj) and "n.s." not in project.table(proj)  # 1.40 (1.02–1.92)
+    row = {"projected_speedup_vs_vanilla": 1.1, "projected_speedup_low": 0.9, "projected_speedup_high": 1.3}
+    assert project._speedup_cell(row) == "1.10 (0.90–1.30) n.s."
+    assert all(r["projected_speedup_low"] != "" for r in proj.rho_map)
 
 
 @pytest.mark.parametrize("rho", [0.1, 1.0, 10.0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ray.tune.search import BasicVariantGenerator, Searcher
 
-from tuning.rounds import EdgeSearcher, grid_configs, ordered_grid
+from tuning.rounds import EdgeSearcher, extension_params, grid_configs, ordered_grid, ordered_round
 from tuning.spec import load_sweep_spec
 from tuning.trial import EXTEND_PARAM, EXTEND_ROUND_PARAM, EXTEND_SIZE_PARAM
 
@@ -39,6 +39,21 @@ def test_a_shuffled_grid_is_the_same_trials_in_a_seeded_order():
     # Tune's order runs each step size's trials together; a shuffle spreads them over the run
     first_half = [c["step_size"] for c in shuffled[0][:60]]
     assert 20 <= first_half.count(0.2) <= 40
+
+
+def test_a_shuffled_sweep_runs_each_round_in_a_seeded_order():
+    """A round is planned mechanism by mechanism; shuffled, its trials are a permutation fixed by the seed and k."""
+    from tuning.edges import Proposal
+
+    spec = load_sweep_spec("paper-dropconnect")
+    labels = ["vanilla", "dropconnect(p=0.4, per_group)", "dropconnect(p=0.5, per_group)"]
+    planned = extension_params(spec, [Proposal(m, 0.1, 64, "step_size") for m in labels])
+    assert [p["mechanism"].get("drop_prob") for p in planned[:3]] == [None] * 3  # mechanism by mechanism
+    rounds = [ordered_round(spec, k, planned) for k in (1, 1, 2)]
+    assert sorted(map(repr, rounds[0])) == sorted(map(repr, planned)) and rounds[0] == rounds[1]
+    assert rounds[0] != planned and rounds[0] != rounds[2]
+    as_grid = load_sweep_spec("paper-dropconnect", ["sweep.trial_order=grid"])
+    assert ordered_round(as_grid, 1, planned) == planned
 
 
 class Planner:

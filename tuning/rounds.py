@@ -5,7 +5,8 @@ before them have finished. Run as a Tune experiment of its own, each round start
 actor (its imports of torch, Ray Train and MLflow, the data loaded again) after Tune's own start:
 ~15 s from the quickstart's last grid trial to its round's first training step, in a 131 s sweep
 whose trials take 1.5-4 s each. ``EdgeSearcher`` hands Tune the grid (in the order Tune's grid search
-would, or shuffled: ``sweep.trial_order``) and then the rounds, in the same experiment: once every trial
+would, or shuffled: ``sweep.trial_order``, which shuffles each round too) and then the rounds, in the same
+experiment: once every trial
 it handed out has ended it plans the next round from the MLflow records
 (``RoundPlanner``: ``tuning.edges.next_trials`` on the search and earlier rounds), until a round plans
 nothing or ``extend_edges_rounds`` is reached. While it waits (``suggest`` returns None) Tune keeps
@@ -50,6 +51,16 @@ def ordered_grid(spec: SweepSpec) -> list[dict[str, Any]]:
     if spec.trial_order == "shuffled":
         random.Random(spec.search_seed).shuffle(configs)
     return configs
+
+
+def ordered_round(spec: SweepSpec, k: int, params: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Round ``k``'s trials in the order the sweep runs them: as planned (mechanism by mechanism), or with
+    ``trial_order = shuffled`` a permutation drawn with ``search_seed`` and ``k``, so that, as in the grid, a
+    machine whose speed drifts during a round does not favour the mechanism planned last."""
+    params = list(params)
+    if spec.trial_order == "shuffled":
+        random.Random(f"{spec.search_seed}/round {k}").shuffle(params)
+    return params
 
 
 def pair_params(
@@ -108,7 +119,7 @@ class RoundPlanner:
             replication=min((r.replication for r in records), default=1),
             extend_round=k,
         )
-        return extension_params(self.spec, proposals)
+        return ordered_round(self.spec, k, extension_params(self.spec, proposals))
 
 
 class EdgeSearcher(Searcher):

@@ -166,7 +166,8 @@ class SweepSpec:
     """grid: a grid's trials in Tune's order (the last key varies slowest); shuffled: the same trials in an order
     drawn with ``search_seed``, so a machine whose speed drifts over a long sweep slows every arm alike instead of
     the values that run last (the §4 re-run's last 45 trials ran 1.6× faster per pass than its first). Grid search
-    only; extension rounds run in the order planned."""
+    only; each extension round is shuffled too (``tuning.rounds.ordered_round``: seeded by ``search_seed`` and the
+    round), else it runs mechanism by mechanism as planned."""
     trial_pool: bool = True
     """Run trials in warm worker groups (``raygd.pool``: max_concurrent_trials pools kept across trials);
     false: one TorchTrainer per trial."""

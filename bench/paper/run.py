@@ -327,7 +327,7 @@ def link_plan(trials: list, rho: float, neighbours: bool) -> tuple[Any, Any, lis
     at_batch: dict[str, dict[int, tuple[float, float]]] = defaultdict(dict)  # mechanism -> B -> (TTA, γ)
     for (mech, batch, step), ttas in sorted(seeds.items()):
         if all(t != "" for t in ttas):
-            tta = statistics.median(ttas)
+            tta = statistics.fmean(ttas)  # the mean, as raygd.project ranks pairs
             if batch not in at_batch[mech] or tta < at_batch[mech][batch][0]:
                 at_batch[mech][batch] = (tta, step)
     plan = []
