@@ -123,6 +123,26 @@ def test_a_restored_searcher_continues_its_round_without_planning_it_again(tmp_p
     assert restored.suggest("d") == Searcher.FINISHED and planner.calls == [2] and restored.round == 2
 
 
+def test_a_restored_shuffled_searcher_reshuffles_what_is_left(tmp_path):
+    """A resume may run on another machine: the trials not yet handed out come back in a new seeded order."""
+    round1 = [{"step_size": 0.1 * k} for k in range(1, 13)]
+    s = EdgeSearcher([{"step_size": 0.05}], Planner([round1]), rounds=1, say=lambda line: None)
+    s.suggest("a")
+    s.on_trial_complete("a")
+    s.suggest("b")
+    s.save(str(tmp_path / "searcher.pkl"))
+    left = list(s.queue)
+
+    def restored(seed):
+        r = EdgeSearcher([], Planner([]), rounds=1, say=lambda line: None, shuffle_seed=seed)
+        r.restore(str(tmp_path / "searcher.pkl"))
+        return list(r.queue)
+
+    assert restored(None) == left  # trial_order grid: as planned
+    again = restored(0)
+    assert again != left and sorted(map(repr, again)) == sorted(map(repr, left)) and again == restored(0)
+
+
 @pytest.mark.parametrize("rounds", [0, 1])
 def test_the_grid_alone_when_no_round_is_allowed_or_planned(rounds):
     planner = Planner([])

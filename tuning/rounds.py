@@ -130,6 +130,10 @@ class EdgeSearcher(Searcher):
         plan: round k's trial params (``RoundPlanner``), called once per round; empty: no more rounds.
         rounds: at most this many rounds (``sweep.extend_edges_rounds``).
         say: prints the line that announces a round.
+        shuffle_seed: with ``trial_order = shuffled``, the sweep's ``search_seed``: a restored searcher shuffles
+            the trials it had not handed out yet. A resume may run hours later or on another machine (sessions
+            here do), and what is left of a round planned mechanism by mechanism (before rounds were shuffled)
+            would otherwise give that change of speed to the mechanisms planned last.
     """
 
     def __init__(
@@ -138,9 +142,10 @@ class EdgeSearcher(Searcher):
         plan: Callable[[int], list[dict[str, Any]]],
         rounds: int,
         say: Callable[[str], None] = print,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.plan, self.rounds, self.say = plan, rounds, say
+        self.plan, self.rounds, self.say, self.shuffle_seed = plan, rounds, say, shuffle_seed
         self.queue: collections.deque[dict[str, Any]] = collections.deque(grid)
         self.out: set[str] = set()
         """The trials handed out that have not ended: a round is planned only when none is left."""
@@ -185,5 +190,8 @@ class EdgeSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
-        self.queue, self.out = collections.deque(state["queue"]), set(state["out"])
+        queue, self.out = list(state["queue"]), set(state["out"])
         self.round, self.finished = state["round"], state["finished"]
+        if self.shuffle_seed is not None:
+            random.Random(f"{self.shuffle_seed}/resume in round {self.round}, {len(queue)} left").shuffle(queue)
+        self.queue = collections.deque(queue)
