@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from raygd import submit
-from raygd.config import ConfigError, RunConfig, load_run_config
+from raygd.config import ConfigError, ResumeError, RunConfig, load_run_config
 from raygd.data import DataError
 from raygd.tracking import check_tracking_store
 
@@ -316,6 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         print(f"raygd {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except ResumeError as err:
+        print(f"raygd {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

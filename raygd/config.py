@@ -37,6 +37,10 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field and what is allowed."""
 
 
+class ResumeError(RuntimeError):
+    """A run or sweep cannot continue from its saved state; the message says what is kept and what to do."""
+
+
 def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{field_name} = {value!r} is invalid: {allowed}.")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 from ray.tune.search import BasicVariantGenerator, Searcher
 
-from tuning.rounds import EdgeSearcher, extension_params, grid_configs, ordered_grid, ordered_round
+from tuning.rounds import EdgeSearcher, RoundPlanner, extension_params, grid_configs, ordered_grid, ordered_round
 from tuning.spec import load_sweep_spec
 from tuning.trial import EXTEND_PARAM, EXTEND_ROUND_PARAM, EXTEND_SIZE_PARAM
 
@@ -141,6 +143,15 @@ def test_a_restored_shuffled_searcher_reshuffles_what_is_left(tmp_path):
     assert restored(None) == left  # trial_order grid: as planned
     again = restored(0)
     assert again != left and sorted(map(repr, again)) == sorted(map(repr, left)) and again == restored(0)
+    # Tune restores the searcher it pickled, then calls restore(): one pickled before shuffle_seed existed
+    # takes the seed from its planner's spec
+    for order, expect in (("shuffled", again), ("grid", left)):
+        spec = load_sweep_spec("paper-dropconnect", [f"sweep.trial_order={order}"])
+        old = EdgeSearcher([], RoundPlanner(spec, "parent"), rounds=1, say=print)
+        del old.__dict__["shuffle_seed"]
+        old = pickle.loads(pickle.dumps(old))
+        old.restore(str(tmp_path / "searcher.pkl"))
+        assert list(old.queue) == expect, order
 
 
 @pytest.mark.parametrize("rounds", [0, 1])

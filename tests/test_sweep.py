@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -289,3 +290,37 @@ def test_local_ray_workers_query_their_own_cluster(ray_session):
     url, nodes = ray.get(ask.remote())
     assert url == f"http://{ray._private.worker.get_dashboard_url()}"
     assert nodes == [ray.get_runtime_context().get_node_id()]
+
+
+def _no_rounds(k):
+    return []
+
+
+def _one_result(config):
+    from ray import tune
+
+    tune.report({"x": config["x"]})
+
+
+def test_a_resume_whose_tune_state_cannot_be_restored_stops_instead_of_starting_afresh(ray_session, tmp_path):
+    """Tune logs a failed restore and starts the experiment afresh; a resumed sweep must stop instead (else it
+    ends at once and is closed as finished, as the §4 re-run once was). Real Tune: a one-trial experiment with
+    the sweep's searcher, its saved searcher state then made unreadable."""
+    from ray import tune
+
+    from raygd.config import ResumeError
+    from tuning.rounds import EdgeSearcher
+    from tuning.sweep import _fit_tuner
+
+    tune_dir = str(tmp_path / "exp")
+    searcher = EdgeSearcher([{"x": 1}], _no_rounds, rounds=0, say=lambda line: None)
+    config = tune.TuneConfig(num_samples=-1, search_alg=searcher)
+    _fit_tuner(_one_result, tune_dir, {}, config, False, tune.Callback(), None)
+    states = list(Path(tune_dir).glob("searcher-state-*.pkl"))
+    assert states and tune.Tuner.can_restore(tune_dir)
+    _fit_tuner(_one_result, tune_dir, {}, None, True, None, None)  # a readable state resumes quietly
+    for state in Path(tune_dir).glob("searcher-state-*.pkl"):
+        state.write_bytes(b"not a pickle")
+    with pytest.raises(ResumeError, match="could not restore the sweep's experiment state"):
+        _fit_tuner(_one_result, tune_dir, {}, None, True, None, None)
+    assert logging.getLogger("ray.tune.execution.tune_controller").filters == []  # the guard is removed

@@ -180,6 +180,14 @@ class EdgeSearcher(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.out.discard(trial_id)
 
+    def _shuffle_seed(self) -> int | None:
+        """``shuffle_seed``; a searcher pickled before it existed (Tune restores the pickled searcher, then calls
+        ``restore``) takes it from its planner's spec."""
+        if "shuffle_seed" in self.__dict__:
+            return self.shuffle_seed
+        spec = getattr(self.plan, "spec", None)
+        return spec.search_seed if spec is not None and spec.trial_order == "shuffled" else None
+
     def _state(self) -> dict[str, Any]:
         return {"queue": list(self.queue), "out": sorted(self.out), "round": self.round, "finished": self.finished}
 
@@ -192,6 +200,7 @@ class EdgeSearcher(Searcher):
             state = pickle.load(f)
         queue, self.out = list(state["queue"]), set(state["out"])
         self.round, self.finished = state["round"], state["finished"]
-        if self.shuffle_seed is not None:
-            random.Random(f"{self.shuffle_seed}/resume in round {self.round}, {len(queue)} left").shuffle(queue)
+        seed = self._shuffle_seed()
+        if seed is not None:
+            random.Random(f"{seed}/resume in round {self.round}, {len(queue)} left").shuffle(queue)
         self.queue = collections.deque(queue)

@@ -31,7 +31,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from raygd.config import ConfigError
+from raygd.config import ConfigError, ResumeError
 from raygd.records import EXTEND_INLINE_TAG, KIND_TAG, SWEEP_KIND, TUNE_DIR_TAG, newest_sweep
 from raygd.tracking import Tracker, create_run, provenance_tags
 from tuning.report import SweepOutcome, close_sweep, collect_sweep
@@ -304,7 +304,7 @@ def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume:
     from ray import tune
 
     callbacks = [recorder] if console is None else [recorder, console]
-    with _quiet_tune(console is not None):
+    with _quiet_tune(console is not None), _fail_on_lost_state(tune_dir):
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
         else:
@@ -314,6 +314,35 @@ def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume:
             )
             tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         tuner.fit()
+
+
+TUNE_RESTORE_FAILED = "Failed to restore the run state"
+"""What Tune logs when it cannot restore an experiment's state; it then starts the experiment afresh."""
+
+
+@contextlib.contextmanager
+def _fail_on_lost_state(tune_dir: str):
+    """Make Tune's failure to restore an experiment fatal. Tune logs it and starts the experiment afresh with
+    an empty state; a resumed sweep would then end at once and be closed as finished (the §4 re-run was, once,
+    when its pickled searcher lacked an attribute of the new code). Tune's own ``fail_fast`` cannot be set on a
+    restored tuner (its run config is the pickled one), so a filter on the controller's logger raises instead,
+    before a trial runs and before the sweep is closed; ``--resume`` works again once the cause is fixed."""
+
+    def fail(record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(TUNE_RESTORE_FAILED):
+            cause = record.exc_info[1] if record.exc_info else None
+            raise ResumeError(
+                f"Ray Tune could not restore the sweep's experiment state in {tune_dir} ({cause!r}); nothing was "
+                "run and the parent run stays RUNNING: fix the cause and run --resume again."
+            )
+        return True
+
+    logger = logging.getLogger("ray.tune.execution.tune_controller")
+    logger.addFilter(fail)
+    try:
+        yield
+    finally:
+        logger.removeFilter(fail)
 
 
 @contextlib.contextmanager
