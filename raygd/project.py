@@ -533,29 +533,35 @@ def _figures(proj: Projection, folder: Path) -> list[Path]:
         written.append(folder / "projected_figure1.png")
         fig.savefig(written[-1])
         plt.close(fig)
-    if proj.rho_map:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key in sorted({(r["mechanism"], r["workers"]) for r in proj.rho_map}):
-            rows = [r for r in proj.rho_map if (r["mechanism"], r["workers"]) == key]
-            (line,) = ax.plot(
-                [r["rho"] for r in rows],
-                [r["projected_speedup_vs_vanilla"] for r in rows],
-                label=f"{key[0]} P={key[1]}",
-            )
-            band = [r for r in rows if r["projected_speedup_low"] != ""]
-            if band:  # the 95% bootstrap interval over seeds
-                ax.fill_between(
-                    [r["rho"] for r in band],
-                    [r["projected_speedup_low"] for r in band],
-                    [r["projected_speedup_high"] for r in band],
-                    color=line.get_color(),
-                    alpha=0.15,
-                    lw=0,
-                )
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set(xscale="log", xlabel="ρ = t_comm / t_compute (vanilla's best B)", ylabel="projected speedup vs vanilla")
-        ax.set_title("PROJECTED speedup against ρ (band: 95% interval over seeds)", fontsize=9)
-        ax.legend(fontsize=6)
+    if proj.rho_map:  # one panel per P, a colour per mechanism, its 95% interval over seeds as a band
+        ps = sorted({r["workers"] for r in proj.rho_map})
+        mechs = sorted({r["mechanism"] for r in proj.rho_map})
+        colours = {m: f"C{i % 10}" for i, m in enumerate(mechs)}
+        fig, axes = plt.subplots(1, len(ps), figsize=(3.2 * len(ps) + 1, 3.6), sharey=True, squeeze=False)
+        for ax, p in zip(axes[0], ps, strict=True):
+            for mech in mechs:
+                rows = [r for r in proj.rho_map if r["mechanism"] == mech and r["workers"] == p]
+                if not rows:
+                    continue
+                rhos = [r["rho"] for r in rows]
+                ax.plot(rhos, [r["projected_speedup_vs_vanilla"] for r in rows], color=colours[mech], label=mech)
+                band = [r for r in rows if r["projected_speedup_low"] != ""]
+                if band:
+                    ax.fill_between(
+                        [r["rho"] for r in band],
+                        [r["projected_speedup_low"] for r in band],
+                        [r["projected_speedup_high"] for r in band],
+                        color=colours[mech],
+                        alpha=0.15,
+                        lw=0,
+                    )
+            ax.axhline(1.0, color="grey", lw=0.8)
+            ax.set(xscale="log", xlabel="ρ = t_comm / t_compute", title=f"P = {p}")
+        axes[0][0].set_ylabel("projected speedup vs vanilla")
+        axes[0][-1].legend(fontsize=6)
+        fig.suptitle(
+            "PROJECTED speedup against ρ of vanilla's best (γ, B) (band: 95% interval over seeds)", fontsize=9
+        )
         fig.tight_layout()
         written.append(folder / "projected_rho_map.png")
         fig.savefig(written[-1])
