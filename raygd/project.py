@@ -559,9 +559,7 @@ def _figures(proj: Projection, folder: Path) -> list[Path]:
             ax.set(xscale="log", xlabel="ρ = t_comm / t_compute", title=f"P = {p}")
         axes[0][0].set_ylabel("projected speedup vs vanilla")
         axes[0][-1].legend(fontsize=6)
-        fig.suptitle(
-            "PROJECTED speedup against ρ of vanilla's best (γ, B) (band: 95% interval over seeds)", fontsize=9
-        )
+        fig.suptitle("PROJECTED speedup against ρ of vanilla's best (γ, B) (band: 95% interval over seeds)", fontsize=9)
         fig.tight_layout()
         written.append(folder / "projected_rho_map.png")
         fig.savefig(written[-1])
