@@ -298,9 +298,9 @@ def speedup_interval(base: _Best, other: _Best) -> tuple[float, float | None, fl
     modelled time per update is taken as exact."""
     from tuning.stats import bootstrap_ratio
 
+    if other is base or min(len(base.ttas), len(other.ttas)) < 2:  # no resampling where no interval is given
+        return base.tta / other.tta, None, None
     ratio, _, low, high = bootstrap_ratio(base.ttas, other.ttas)
-    if other is base or min(len(base.ttas), len(other.ttas)) < 2:
-        return ratio, None, None
     return ratio, low, high
 
 

@@ -130,10 +130,12 @@ class EdgeSearcher(Searcher):
         plan: round k's trial params (``RoundPlanner``), called once per round; empty: no more rounds.
         rounds: at most this many rounds (``sweep.extend_edges_rounds``).
         say: prints the line that announces a round.
-        shuffle_seed: with ``trial_order = shuffled``, the sweep's ``search_seed``: a restored searcher shuffles
-            the trials it had not handed out yet. A resume may run hours later or on another machine (sessions
-            here do), and what is left of a round planned mechanism by mechanism (before rounds were shuffled)
-            would otherwise give that change of speed to the mechanisms planned last.
+
+    With ``trial_order = shuffled`` in the planner's spec (``RoundPlanner.spec``) a restored searcher shuffles
+    the trials it had not handed out yet, seeded by ``search_seed``: a resume may run hours later or on another
+    machine (sessions here do), and what is left of a round planned mechanism by mechanism (before rounds were
+    shuffled) would otherwise give that change of speed to the mechanisms planned last. The spec is read at
+    restore time because Tune restores the searcher it pickled, not the one the resumed sweep builds.
     """
 
     def __init__(
@@ -142,10 +144,9 @@ class EdgeSearcher(Searcher):
         plan: Callable[[int], list[dict[str, Any]]],
         rounds: int,
         say: Callable[[str], None] = print,
-        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
-        self.plan, self.rounds, self.say, self.shuffle_seed = plan, rounds, say, shuffle_seed
+        self.plan, self.rounds, self.say = plan, rounds, say
         self.queue: collections.deque[dict[str, Any]] = collections.deque(grid)
         self.out: set[str] = set()
         """The trials handed out that have not ended: a round is planned only when none is left."""
@@ -181,10 +182,7 @@ class EdgeSearcher(Searcher):
         self.out.discard(trial_id)
 
     def _shuffle_seed(self) -> int | None:
-        """``shuffle_seed``; a searcher pickled before it existed (Tune restores the pickled searcher, then calls
-        ``restore``) takes it from its planner's spec."""
-        if "shuffle_seed" in self.__dict__:
-            return self.shuffle_seed
+        """The planner's ``search_seed`` when its spec shuffles the sweep, else None."""
         spec = getattr(self.plan, "spec", None)
         return spec.search_seed if spec is not None and spec.trial_order == "shuffled" else None
 

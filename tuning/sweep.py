@@ -225,8 +225,7 @@ def _run_phases(
     console = None if verbose else ConsoleReporter(total, sequential=sequential)
     if inline or spec.trial_order != "grid":  # a searcher hands out the grid (in its order), then any rounds
         rounds = spec.extend_edges_rounds if inline else 0
-        shuffle = spec.search_seed if spec.trial_order == "shuffled" else None
-        searcher = EdgeSearcher(ordered_grid(spec), RoundPlanner(spec, parent_run_id), rounds, _say, shuffle)
+        searcher = EdgeSearcher(ordered_grid(spec), RoundPlanner(spec, parent_run_id), rounds, say=_say)
         _fit_tuner(trainable, tune_dir, {}, _tune_config(spec, searcher), resume, recorder, console)
     else:
         _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
