@@ -3,19 +3,23 @@
     raygd train configs/quickstart.yaml                      # one data-parallel run
     raygd train configs/quickstart.yaml --set train.step_size=0.1 --set train.num_workers=1
     raygd sweep quickstart                                   # a Ray Tune sweep (tuning/presets/)
-    raygd sweep quickstart --resume                          # finish an interrupted sweep
+    raygd sweep quickstart --resume                          # finish an interrupted sweep (Ctrl-C, SIGTERM)
     raygd report quickstart                                  # rebuild its table and figures from MLflow
     raygd diversity configs/quickstart.yaml --replication 1,2,4,8 --mechanism vanilla,sgld
     raygd submit --address http://127.0.0.1:8265 -- raygd sweep quickstart   # on a Ray cluster (cluster/)
     raygd project quickstart --profile p3-v100-25g --workers 2,8,32,128,256   # projected onto a cluster
 
 Every config value is validated before Ray starts; a bad value exits with status 2
-and a message naming the field and what is allowed.
+and a message naming the field and what is allowed. SIGINT (Ctrl-C) or SIGTERM ends a command
+with status 130 or 143: ``raygd train``'s MLflow run ends KILLED, and an interrupted sweep prints
+the command that resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import shutil
 import sys
 from pathlib import Path
@@ -160,13 +164,31 @@ def runs_page_url(tracking_uri: str, run_id: str, ui: str = "http://127.0.0.1:50
 def mlflow_executable() -> str:
     """``mlflow`` when the shell finds this environment's; else its path (``.venv/bin/mlflow`` after
     ``make``, whose venv is not activated)."""
-    mine = Path(sys.executable).parent / "mlflow"
-    if not mine.exists() or shutil.which("mlflow") == str(mine):
-        return "mlflow"
+    return _executable("mlflow")
+
+
+def _executable(name: str) -> str:
+    mine = Path(sys.executable).parent / name
+    if not mine.exists() or shutil.which(name) == str(mine):
+        return name
     try:
         return str(mine.relative_to(Path.cwd()))
     except ValueError:
         return str(mine)
+
+
+IN_RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray Jobs in a submitted job's driver (``raygd submit``)."""
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The shell command that resumes the sweep ``args`` ran: its spec and ``--set`` overrides, quoted, and
+    ``--resume``; in a Ray job, as submitted again (``raygd submit -- ...``)."""
+    in_job = IN_RAY_JOB_ENV in os.environ
+    words = ["raygd" if in_job else _executable("raygd"), "sweep", args.spec]
+    for override in args.overrides:
+        words += ["--set", override]
+    return ("raygd submit -- " if in_job else "") + shlex.join([*words, "--resume"])
 
 
 def print_summary(cfg: RunConfig, summary) -> None:
@@ -176,10 +198,10 @@ def print_summary(cfg: RunConfig, summary) -> None:
         f"P={t.num_workers}, B={t.global_batch_size}, step size {t.step_size:g}, seed {t.seed}",
         f"  status                {summary.status}"
         + (f" (at step {summary.diverged_at_step})" if summary.diverged_at_step else ""),
-        f"  target train accuracy {t.target_accuracy:.3f}",
-        f"  time to accuracy      {_fmt(summary.time_to_accuracy_s, ' s')}",
-        f"  passes to accuracy    {_fmt(summary.passes_to_accuracy, '', 2)}",
-        f"  updates to accuracy   {summary.updates_to_accuracy if summary.updates_to_accuracy else 'not reached'}",
+        f"  target                {t.target_label}",
+        f"  time to target        {_fmt(summary.time_to_accuracy_s, ' s')}",
+        f"  passes to target      {_fmt(summary.passes_to_accuracy, '', 2)}",
+        f"  updates to target     {summary.updates_to_accuracy if summary.updates_to_accuracy else 'not reached'}",
         f"  final train accuracy  {summary.final_train_accuracy:.4f} (loss {summary.final_train_loss:.4f})",
         f"  final test accuracy   {summary.final_test_accuracy:.4f}",
         f"  training time         {summary.train_time_s:.2f} s over {summary.steps} updates "
@@ -193,10 +215,18 @@ def print_summary(cfg: RunConfig, summary) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
     from raygd.data import load_data
-    from raygd.train import fit
+    from raygd.models import check_workload
+    from raygd.train import Interrupted, fit, stop_signals
 
     data = load_data(cfg.data, cfg.train.seed)
-    summary = fit(cfg, data=data)
+    check_workload(cfg, data)  # a user's model: bad input exits 2 here, before the store or Ray
+    with stop_signals():
+        try:
+            summary = fit(cfg, data=data)
+        except Interrupted as stop:
+            ended = f"MLflow run {stop.run_id} ended KILLED" if stop.run_id else "before its MLflow run started"
+            print(f"raygd train: interrupted by {stop.signal_name}; {ended}", flush=True)
+            return stop.exit_code
     print_summary(cfg, summary)
     return 0
 
@@ -223,9 +253,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raygd.ray_env import check_ray_address
 
     check_ray_address()
-    outcome = run_sweep(spec, resume=args.resume, verbose=args.verbose)
+    from raygd.train import Interrupted, stop_signals
+
+    with stop_signals():
+        try:
+            outcome = run_sweep(spec, resume=args.resume, verbose=args.verbose)
+        except Interrupted as stop:
+            print(_interrupted_sweep(spec.name, stop, args), flush=True)
+            return stop.exit_code
     _print_sweep(spec.name, outcome, spec.tracking_uri)
     return 0
+
+
+def _interrupted_sweep(name: str, stop, args: argparse.Namespace) -> str:
+    """The line an interrupted sweep ends with (no table: its grid is not done): how far it got, how to resume."""
+    recorded = stop  # a second signal may have cut the recording short: the first one's counts, if any
+    while recorded is not None and getattr(recorded, "run_id", None) is None:
+        recorded = recorded.__context__
+    if recorded is None:
+        return f"raygd sweep {name}: interrupted by {stop.signal_name} before it started; nothing to resume"
+    trials = f" after {recorded.trials[0]} of {recorded.trials[1]} trials" if recorded.trials else ""
+    return (
+        f"raygd sweep {name}: interrupted by {stop.signal_name}{trials} (MLflow parent run {recorded.run_id} "
+        f"left open); resume it with: {resume_command(args)}"
+    )
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -319,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     except ResumeError as err:
         print(f"raygd {args.command}: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C outside train and sweep's own handling (raygd.train.Interrupted)
+        print(f"raygd {args.command}: interrupted", file=sys.stderr)
+        return getattr(err, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from raygd.mechanisms import REGISTRY as _MECHANISM_REGISTRY
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "synthetic")
 MODELS = ("logreg", "logreg_binary", "mnist_cnn", "convnet", "resnet")
+IMPORT_STRING = "an import string module.path:callable (e.g. mypkg.nets:build)"
+"""How the errors name the plug-in form of ``train.model`` and ``data.name`` (``raygd.plugins``)."""
 MECHANISMS = tuple(_MECHANISM_REGISTRY)
 """Registered mechanism names (``raygd.mechanisms.REGISTRY``, which imports without torch)."""
 SAMPLING = ("shuffle", "with_replacement")
@@ -50,12 +52,31 @@ def _choice(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
     _require(value in choices, field_name, value, "allowed values are " + ", ".join(choices))
 
 
+def is_import_string(value: Any) -> bool:
+    """Whether ``value`` has the form of Ray's ``import_attr`` strings: ``module.path:attr`` (one colon)."""
+    if not isinstance(value, str) or value.count(":") != 1:
+        return False
+    module, attr = value.split(":")
+    return all(part.isidentifier() for part in module.split(".")) and all(a.isidentifier() for a in attr.split("."))
+
+
+def _builtin_or_import(field_name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """A built-in name, or a ``module.path:callable`` import string (checked for form only; importing it
+    is ``raygd.plugins.check_workload``'s job, which the CLI calls before Ray starts)."""
+    if value in choices or is_import_string(value):
+        return
+    _require(False, field_name, value, "allowed values are " + ", ".join(choices) + ", or " + IMPORT_STRING)
+
+
 @dataclass
 class DataConfig:
     """Which examples the workers see and in which order."""
 
     name: str = "fashion_mnist"
-    """Data set: fashion_mnist, mnist, cifar10 or synthetic."""
+    """Data set: fashion_mnist, mnist, cifar10, synthetic, or a user's factory ``module.path:load``,
+    called as ``load(**data.args)`` and returning (train, test) map-style datasets (``raygd.plugins``)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of a user data factory (``data.name`` an import string); must be empty otherwise."""
     data_dir: str | None = None
     """Folder with the idx/CIFAR files; default $RAYGD_DATA_DIR, then the Debian path."""
     train_size: int | None = None
@@ -79,17 +100,23 @@ class DataConfig:
     """Synthetic data only: number of training examples."""
 
     def __post_init__(self) -> None:
-        _choice("data.name", self.name, DATASETS)
+        _builtin_or_import("data.name", self.name, DATASETS)
+        _require(
+            isinstance(self.args, dict) and (not self.args or self.user_data),
+            "data.args",
+            self.args,
+            "keyword arguments for a user data factory: a mapping, and only with data.name an import string",
+        )
         if self.train_size is not None:
             _require(self.train_size >= 2, "data.train_size", self.train_size, "must be an integer >= 2 or null")
         if self.classes is not None:
             _require(
                 len(self.classes) >= 2
                 and len(set(self.classes)) == len(self.classes)
-                and all(isinstance(c, int) and 0 <= c <= 9 for c in self.classes),
+                and all(isinstance(c, int) and 0 <= c <= (10**9 if self.user_data else 9) for c in self.classes),
                 "data.classes",
                 self.classes,
-                "a list of at least two distinct labels in 0..9, or null",
+                "a list of at least two distinct labels (in 0..9 for the built-in data sets), or null",
             )
         _require(self.replication >= 1, "data.replication", self.replication, "must be an integer >= 1")
         _require(
@@ -104,7 +131,14 @@ class DataConfig:
         _require(self.synthetic_size >= 2, "data.synthetic_size", self.synthetic_size, "must be >= 2")
 
     @property
+    def user_data(self) -> bool:
+        """Whether ``name`` is a user's data factory (an import string) rather than a built-in data set."""
+        return self.name not in DATASETS
+
+    @property
     def num_classes(self) -> int:
+        """Classes of a built-in data set after ``classes``; a user's data set's comes from its labels
+        (``raygd.data.Dataset.num_classes``)."""
         return len(self.classes) if self.classes else 10
 
 
@@ -120,6 +154,9 @@ class MechanismConfig:
     """DropConnect: one mask per example (the paper), per group of examples, or per worker batch."""
     dropconnect_group_size: int = 8
     """DropConnect per_group: examples that share one mask."""
+    dropconnect_layers: list[str] | None = None
+    """DropConnect: the ``nn.Linear`` layers to mask, as glob patterns on their names in the model
+    (``fnmatch``: ``["blocks.*.mlp.*", "head"]``); null: every ``nn.Linear``."""
     sgld_sigma: float = 0.01
     """SGLD: standard deviation of the N(0, sigma^2 I) noise added to each per-example gradient."""
     quant_levels: int = 16
@@ -136,6 +173,13 @@ class MechanismConfig:
             "must be a probability in [0, 1)",
         )
         _choice("mechanism.dropconnect_granularity", self.dropconnect_granularity, DROPCONNECT_GRANULARITY)
+        _require(
+            self.dropconnect_layers is None
+            or (len(self.dropconnect_layers) >= 1 and all(isinstance(p, str) and p for p in self.dropconnect_layers)),
+            "mechanism.dropconnect_layers",
+            self.dropconnect_layers,
+            "a non-empty list of glob patterns on nn.Linear layer names (e.g. ['blocks.*.mlp.*']), or null for all",
+        )
         _require(
             self.dropconnect_group_size >= 1,
             "mechanism.dropconnect_group_size",
@@ -208,15 +252,23 @@ class TrainConfig:
     """Model, parallelism and the SGD schedule."""
 
     model: str = "logreg"
-    """logreg, logreg_binary (needs 2 classes), mnist_cnn, convnet or resnet."""
+    """logreg, logreg_binary (needs 2 classes), mnist_cnn, convnet, resnet, or a user's factory
+    ``module.path:build``, called as ``build(input_shape, num_classes, **train.model_args)`` and returning
+    an ``nn.Module`` whose forward gives logits [N, C] (or [N, T, C] for a sequence model)."""
+    model_args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of a user model factory (``train.model`` an import string); must be empty otherwise."""
     num_workers: int = 2
     """P: data-parallel workers (one Ray Train worker each)."""
     global_batch_size: int = 64
     """B: examples per update over all workers; each worker takes B/P."""
     step_size: float = 0.05
     """Constant step size for w <- w - step_size * mean of the B gradients."""
-    target_accuracy: float = 0.8
-    """Stop when training accuracy (on the fixed eval sample) reaches this."""
+    target_accuracy: float | None = 0.8
+    """Stop when training accuracy (on the fixed eval sample; token accuracy for a sequence model) reaches
+    this. Exactly one of target_accuracy and target_loss is set; setting target_loss alone clears this."""
+    target_loss: float | None = None
+    """Stop when the training loss on the fixed eval sample (mean cross entropy per example; per position
+    for a sequence model) is at or below this; null: the target is target_accuracy."""
     max_passes: float = 5.0
     """Stop after this many passes over the training set if the target is not reached."""
     eval_every_passes: float = 0.05
@@ -264,7 +316,13 @@ class TrainConfig:
     to change anything; such runs are tagged ``raygd.network = emulated``."""
 
     def __post_init__(self) -> None:
-        _choice("train.model", self.model, MODELS)
+        _builtin_or_import("train.model", self.model, MODELS)
+        _require(
+            isinstance(self.model_args, dict) and (not self.model_args or self.model not in MODELS),
+            "train.model_args",
+            self.model_args,
+            "keyword arguments for a user model factory: a mapping, and only with train.model an import string",
+        )
         _require(self.num_workers >= 1, "train.num_workers", self.num_workers, "must be an integer >= 1")
         _require(
             self.global_batch_size >= 1, "train.global_batch_size", self.global_batch_size, "must be an integer >= 1"
@@ -281,7 +339,24 @@ class TrainConfig:
             self.step_size,
             "must be a finite number > 0",
         )
-        _require(0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy, "must be in (0, 1]")
+        _require(
+            (self.target_accuracy is None) != (self.target_loss is None),
+            "train.target_accuracy",
+            self.target_accuracy,
+            f"exactly one of train.target_accuracy and train.target_loss must be set (train.target_loss = "
+            f"{self.target_loss!r}): set the other to null",
+        )
+        if self.target_accuracy is not None:
+            _require(
+                0.0 < self.target_accuracy <= 1.0, "train.target_accuracy", self.target_accuracy, "must be in (0, 1]"
+            )
+        if self.target_loss is not None:
+            _require(
+                math.isfinite(self.target_loss) and self.target_loss > 0,
+                "train.target_loss",
+                self.target_loss,
+                "must be a finite number > 0 (mean cross entropy), or null",
+            )
         _require(
             math.isfinite(self.max_passes) and self.max_passes > 0,
             "train.max_passes",
@@ -352,6 +427,25 @@ class TrainConfig:
     @property
     def batch_size_per_worker(self) -> int:
         return self.global_batch_size // self.num_workers
+
+    @property
+    def target_metric(self) -> str:
+        """The evaluation metric the target is on: ``train/accuracy`` (>=) or ``train/loss`` (<=)."""
+        return "train/loss" if self.target_loss is not None else "train/accuracy"
+
+    @property
+    def target_label(self) -> str:
+        """The target as tables print it: ``train accuracy >= 0.8`` or ``train loss <= 1.5``."""
+        if self.target_loss is not None:
+            return f"train loss <= {self.target_loss:.4g}"
+        return f"train accuracy >= {self.target_accuracy:.4g}"
+
+    def reached(self, accuracy: float, loss: float) -> bool:
+        """Whether an evaluation's training accuracy and loss meet the run's target."""
+        if self.target_loss is not None:
+            return math.isfinite(loss) and loss <= self.target_loss
+        assert self.target_accuracy is not None
+        return accuracy >= self.target_accuracy
 
 
 CHECKPOINT_AT_EVALUATIONS = -1
@@ -430,8 +524,9 @@ class RunConfig:
     def flat(self) -> dict[str, Any]:
         """Flatten to ``{"section.field": value}`` (MLflow params, Tune search keys)."""
         flat = {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
-        if isinstance(flat.get("train.network"), dict):  # a nested section flattens one level further
-            flat.update({f"train.network.{k}": v for k, v in flat.pop("train.network").items()})
+        for nested in ("train.network", "train.model_args", "data.args"):  # mappings flatten one level further
+            if isinstance(flat.get(nested), dict):
+                flat.update({f"{nested}.{k}": v for k, v in flat.pop(nested).items()})
         return flat
 
     @classmethod
@@ -441,6 +536,9 @@ class RunConfig:
         unknown = sorted(set(raw) - set(sections))
         if unknown:
             raise ConfigError(f"unknown config section(s) {unknown}: allowed sections are {', '.join(sections)}.")
+        train = raw.get("train")
+        if isinstance(train, dict) and train.get("target_loss") is not None and "target_accuracy" not in train:
+            raw["train"] = {**train, "target_accuracy": None}  # a loss target alone replaces the default one
         built = {}
         for name in sections:
             sub_cls = get_type_hints(cls)[name]
@@ -475,6 +573,10 @@ def _coerce(field_name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{field_name} = {value!r} is invalid: must be a mapping of fields or null.")
         return _build_section(field_name, hint, value)
     origin = get_origin(hint)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{field_name} = {value!r} is invalid: must be a mapping of names to values.")
+        return dict(value)
     if origin is list:
         (item,) = get_args(hint)
         if not isinstance(value, list):

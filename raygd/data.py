@@ -8,6 +8,15 @@ internet. torchvision wants the *decompressed* idx files under
 ``root/<Class>/raw/``; Debian ships ``.gz`` files, so they are decompressed once
 into a cache (``$RAYGD_CACHE_DIR``, default ``~/.cache/raygd``) keyed by the source.
 
+A user's data set (``data.name`` an import string, ``raygd.plugins.load_user_data``) is taken as it comes:
+inputs of any shape and dtype (token ids stay integers; no normalisation), labels [N] or [N, T]; its
+class count is the train set's ``num_classes`` attribute, else 1 + the largest label. Everything is held
+as in-memory tensors that Ray's object store carries to every worker (each holds a copy): a data set over
+``max_data_bytes()`` (default 4 GiB, ``$RAYGD_MAX_DATA_BYTES``) is refused with a ``DataError`` before Ray
+starts. Beyond that the path is Ray Data (``ray.data`` datasets streamed to the workers with
+``ray.train.get_dataset_shard``), which raygd does not build yet: its (seed, step) sampler needs random
+access by index.
+
 Sampling is written by hand because it must be a pure function of (seed, step):
 every worker computes the same global batch of B indices and takes its own B/P slice,
 so P workers see exactly the examples one worker would (the exactness test relies on
@@ -203,14 +212,69 @@ def control_eval_indices(n: int, r: int, eval_size: int, seed: int) -> torch.Ten
     return eval_indices(n, eval_size, seed) % -(-n // r)
 
 
+DEFAULT_MAX_DATA_BYTES = 4 * 2**30
+
+
+def max_data_bytes() -> int:
+    """The largest data set (train + test tensors) raygd holds in memory: ``$RAYGD_MAX_DATA_BYTES`` or 4 GiB."""
+    raw = os.environ.get("RAYGD_MAX_DATA_BYTES", "")
+    if not raw:
+        return DEFAULT_MAX_DATA_BYTES
+    if not raw.isdigit():
+        raise DataError(f"RAYGD_MAX_DATA_BYTES = {raw!r} is invalid: a number of bytes, e.g. 8589934592 for 8 GiB.")
+    return int(raw)
+
+
+def _check_size(cfg: DataConfig, tensors: tuple[torch.Tensor, ...]) -> None:
+    size = sum(t.numel() * t.element_size() for t in tensors)
+    limit = max_data_bytes()
+    if size > limit:
+        raise DataError(
+            f"data.name = {cfg.name!r} holds {size / 2**30:.2f} GiB of tensors, over the {limit / 2**30:.2f} GiB raygd "
+            "keeps in memory (every Ray worker holds a copy). Use data.train_size, a smaller data set, or raise "
+            "RAYGD_MAX_DATA_BYTES if every node has the memory; streaming with Ray Data is not supported yet."
+        )
+
+
+def _user_data(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A user's (x_train, y_train, x_test, y_test) and its class count, labels checked against it."""
+    from raygd.plugins import load_user_data
+
+    x_tr, y_tr, x_te, y_te, declared = load_user_data(cfg.name, cfg.args)
+    _check_size(cfg, (x_tr, y_tr, x_te, y_te))
+    if y_tr.dim() != y_te.dim() or x_tr.shape[1:] != x_te.shape[1:]:
+        raise DataError(
+            f"data.name = {cfg.name!r}: train inputs {tuple(x_tr.shape[1:])} / labels {y_tr.dim()}-D differ from "
+            f"test inputs {tuple(x_te.shape[1:])} / labels {y_te.dim()}-D; both sets need the same shapes."
+        )
+    largest = int(max(y_tr.max(), y_te.max()))
+    num_classes = declared if declared is not None else max(largest + 1, 2)
+    smallest = int(min(y_tr.min(), y_te.min()))
+    if smallest < 0 or largest >= num_classes:
+        raise DataError(
+            f"data.name = {cfg.name!r}: labels range over {smallest}..{largest}, outside 0..{num_classes - 1} "
+            f"({'its num_classes' if declared is not None else 'classes'} = {num_classes}); labels must be class "
+            "indices in 0..num_classes-1."
+        )
+    if cfg.classes and y_tr.dim() != 1:
+        raise DataError(
+            f"data.classes = {cfg.classes} selects examples by class: it needs labels [N], not one per position."
+        )
+    return x_tr, y_tr, x_te, y_te, num_classes
+
+
 def load_data(cfg: DataConfig, seed: int) -> Dataset:
     """Load, subset, normalise and replicate the data set described by ``cfg``.
 
     Images are scaled to [0, 1] and standardised per channel with the training set's
-    mean and std. Class subsets apply to train and test; the train subset and the
-    replication are drawn with ``seed``.
+    mean and std (a user's data set is taken as it is). Class subsets apply to train and test;
+    the train subset and the replication are drawn with ``seed``.
     """
-    if cfg.name == "synthetic":
+    num_classes = cfg.num_classes
+    if cfg.user_data:
+        x_tr, y_tr, x_te, y_te, num_classes = _user_data(cfg)
+        num_classes = len(cfg.classes) if cfg.classes else num_classes
+    elif cfg.name == "synthetic":
         x_tr, y_tr, x_te, y_te = _synthetic(cfg, seed)
     else:
         x_tr, y_tr, x_te, y_te = _load_torchvision(cfg)
@@ -247,7 +311,7 @@ def load_data(cfg: DataConfig, seed: int) -> Dataset:
         y_tr[idx].contiguous(),
         x_te.contiguous(),
         y_te.contiguous(),
-        cfg.num_classes,
+        num_classes,
         paired,
     )
 

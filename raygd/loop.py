@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from raygd.config import CHECKPOINT_AT_EVALUATIONS, RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, eval_indices
 from raygd.diversity.online import OnlineDiversity
+from raygd.loss import correct_and_count, mean_loss, summed_loss
 from raygd.mechanisms import Mechanism, build_mechanism
 from raygd.models import build_model
 from raygd.network import install_network
@@ -95,25 +95,27 @@ def all_reduce(values: list[float], world_size: int, device: torch.device, op: s
 
 @torch.no_grad()
 def _eval_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """This rank's summed cross-entropy, number correct and count over (x, y)."""
+    """This rank's summed loss Σ_i f_i, number of examples, number correct and number of predictions over
+    (x, y) (``raygd.loss``: predictions are positions for a sequence model, so accuracy is token accuracy)."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0.0
+    loss_sum, correct, predictions = 0.0, 0.0, 0.0
     for start in range(0, x.shape[0], EVAL_CHUNK):
         logits = model(x[start : start + EVAL_CHUNK])
         target = y[start : start + EVAL_CHUNK]
-        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += float((logits.argmax(1) == target).sum())
+        loss_sum += float(summed_loss(logits, target))
+        right, count = correct_and_count(logits, target)
+        correct, predictions = correct + right, predictions + count
     model.train(was_training)
-    return [loss_sum, correct, float(x.shape[0])]
+    return [loss_sum, float(x.shape[0]), correct, predictions]
 
 
 def evaluate(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, world_size: int, device: torch.device
 ) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy over this rank's examples, summed over all ranks."""
-    loss_sum, correct, count = all_reduce(_eval_sums(model, x, y), world_size, device)
-    return loss_sum / max(count, 1.0), correct / max(count, 1.0)
+    """Mean loss per example and accuracy over this rank's examples, summed over all ranks."""
+    loss_sum, count, correct, predictions = all_reduce(_eval_sums(model, x, y), world_size, device)
+    return loss_sum / max(count, 1.0), correct / max(predictions, 1.0)
 
 
 def _params_finite(model: torch.nn.Module) -> bool:
@@ -156,7 +158,7 @@ def build_state(
     device = device or torch.device("cpu")
     tc = cfg.train
     torch.manual_seed(tc.seed)
-    model = build_model(tc.model, data.input_shape, data.num_classes)
+    model = build_model(tc.model, data.input_shape, data.num_classes, tc.model_args)
     mechanism = build_mechanism(cfg.mechanism)
     model = mechanism.setup(
         model, seed=tc.seed, rank=rank, world_size=world_size, global_batch_size=tc.global_batch_size, device=device
@@ -211,7 +213,7 @@ def train_step(state: TrainState, step: int) -> float:
     state.optimizer.zero_grad(set_to_none=True)
     estimator = state.estimator if state.estimator is not None and state.estimator.due(step) else None
     with estimator.measuring() if estimator else contextlib.nullcontext():
-        loss = F.cross_entropy(state.net(state.data.x_train[idx]), state.data.y_train[idx])
+        loss = mean_loss(state.net(state.data.x_train[idx]), state.data.y_train[idx])
         loss.backward()
     if estimator:
         estimator.update()  # before the mechanism changes the gradient
@@ -292,10 +294,10 @@ def _evaluation(
     clock: Clock,
     first_bad_step: float,
     test_due: bool = True,
-    stop_at: float | None = None,
+    stop_at_target: bool = False,
 ) -> Evaluation:
     """Evaluate on the fixed training sample (one sum and one min all-reduce across ranks) and, when
-    ``test_due`` or when this evaluation ends the run (training accuracy >= ``stop_at``, or diverged),
+    ``test_due`` or when this evaluation ends the run (the target reached with ``stop_at_target``, or diverged),
     on the fixed test sample (one more sum); every rank takes the same decision from the reduced figures.
 
     A rank's first bad step is the first update whose batch loss was not finite (or this step if the
@@ -305,14 +307,14 @@ def _evaluation(
     if math.isinf(first_bad_step) and not _params_finite(state.model):
         first_bad_step = step
     sums = [*_eval_sums(state.model, state.x_eval, state.y_eval), clock.window_loss]
-    loss_sum, correct, count, batch_loss_sum = all_reduce(sums, P, state.device)
+    loss_sum, count, correct, predictions, batch_loss_sum = all_reduce(sums, P, state.device)
     (bad,) = all_reduce([first_bad_step], P, state.device, op="min")
-    loss, acc = loss_sum / max(count, 1.0), correct / max(count, 1.0)
+    loss, acc = loss_sum / max(count, 1.0), correct / max(predictions, 1.0)
     diverged_at = int(bad) if math.isfinite(bad) else (step if not math.isfinite(loss) else None)
     test_acc, test_metrics = math.nan, {}
-    if test_due or diverged_at is not None or (stop_at is not None and acc >= stop_at):
+    if test_due or diverged_at is not None or (stop_at_target and tc.reached(acc, loss)):
         test_correct, test_count = all_reduce(
-            _eval_sums(state.model, state.x_test_eval, state.y_test_eval)[1:], P, state.device
+            _eval_sums(state.model, state.x_test_eval, state.y_test_eval)[2:], P, state.device
         )
         if test_count > 0:
             test_acc = test_correct / test_count
@@ -356,7 +358,8 @@ def run_loop(
     eval_due: Callable[[int], bool] | None = None,
     stop_at_target: bool = True,
 ) -> RunSummary:
-    """Train ``state`` until the target accuracy, ``train.max_passes`` or divergence.
+    """Train ``state`` until the target (``train.target_accuracy`` or ``train.target_loss``), ``train.max_passes``
+    or divergence.
 
     Args:
         state: the built ``TrainState`` of this rank.
@@ -406,10 +409,9 @@ def run_loop(
             t_eval = time.perf_counter()
             evals += 1
             test_due = (evals - 1) % tc.test_every_evals == 0 or step == max_steps
-            target = tc.target_accuracy if stop_at_target else None
-            last = _evaluation(state, step, clock, first_bad_step, test_due, target)
+            last = _evaluation(state, step, clock, first_bad_step, test_due, stop_at_target)
             tracker.log_metrics(last.metrics, step=step)
-            reached = stop_at_target and last.accuracy >= tc.target_accuracy
+            reached = stop_at_target and tc.reached(last.accuracy, last.loss)
             done = last.diverged_at_step is not None or reached
             if save and not done and checkpoint is not None:
                 tracker.flush()  # a restart from this checkpoint finds every metric up to it

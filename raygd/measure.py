@@ -87,7 +87,7 @@ def measure_replications(cfg: RunConfig, replications: list[int], mechanisms: li
     for r in replications:
         data = load_data(dataclasses.replace(cfg.data, replication=r), cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
-        model = build_model(cfg.train.model, data.input_shape, data.num_classes)
+        model = build_model(cfg.train.model, data.input_shape, data.num_classes, cfg.train.model_args)
         for name in mechanisms:
             mech = dataclasses.replace(cfg.mechanism, name=name)
             bound = measure(model, data, mech, torch.Generator().manual_seed(cfg.train.seed))

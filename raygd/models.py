@@ -1,4 +1,5 @@
-"""Models of the paper's experiments, built by name for an input shape and class count.
+"""Models of the paper's experiments, built by name for an input shape and class count; any other
+``train.model`` is a user's factory by import string (``raygd.plugins``).
 
 Normalisation and per-example gradients: gradient diversity needs per-example
 gradients, and BatchNorm in train mode mixes examples (each example's output depends
@@ -12,10 +13,16 @@ log(1 + exp(-y z)).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from torch import nn
 
-from raygd.config import MODELS
+from raygd.config import MODELS, RunConfig
+from raygd.plugins import PluginError, build_user_model, check_model
+
+if TYPE_CHECKING:
+    from raygd.data import Dataset
 
 
 class LogisticRegression(nn.Module):
@@ -137,17 +144,22 @@ class SmallResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build a model by name.
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, model_args: dict[str, Any] | None = None
+) -> nn.Module:
+    """Build a model by name, or by a user's import string (``raygd.plugins.build_user_model``).
 
     Args:
-        name: one of ``raygd.config.MODELS``.
-        input_shape: shape of one example, (C, H, W) for images or (d,) for features.
-        num_classes: number of classes k (``logreg_binary`` needs k = 2).
+        name: one of ``raygd.config.MODELS``, or ``module.path:build`` (``train.model``).
+        input_shape: shape of one example, (C, H, W) for images, (d,) for features, (T,) for token ids.
+        num_classes: number of classes k (``logreg_binary`` needs k = 2; a vocabulary for a language model).
+        model_args: ``train.model_args``, the keyword arguments of a user's factory.
 
     Returns:
-        An ``nn.Module`` mapping a batch of examples to (N, k) logits.
+        An ``nn.Module`` mapping a batch of examples to (N, k) logits (a user's model: or (N, T, k)).
     """
+    if name not in MODELS:
+        return build_user_model(name, input_shape, num_classes, model_args)
     in_features = 1
     for s in input_shape:
         in_features *= s
@@ -167,3 +179,28 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     if name == "resnet":
         return SmallResNet(channels, num_classes)
     raise ValueError(f"train.model = {name!r} is unknown: allowed values are {', '.join(MODELS)}.")
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the model's ``nn.Linear`` layers (what ``mechanism.dropconnect_layers`` patterns match)."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def check_workload(cfg: RunConfig, data: Dataset) -> nn.Module:
+    """Build the run's model for ``data`` and check it before Ray starts (``raygd.plugins.check_model``: one
+    forward, logits against labels; and that every ``mechanism.dropconnect_layers`` pattern names a Linear
+    layer). Returns the model (its initial weights are not the run's: the loop seeds its own build)."""
+    from fnmatch import fnmatchcase
+
+    model = build_model(cfg.train.model, data.input_shape, data.num_classes, cfg.train.model_args)
+    check_model(cfg, model, data)
+    patterns = cfg.mechanism.dropconnect_layers
+    if cfg.mechanism.name == "dropconnect":
+        names = linear_layer_names(model)
+        unmatched = [p for p in patterns or [] if not any(fnmatchcase(n, p) for n in names)]
+        if unmatched or not names:
+            raise PluginError(
+                f"mechanism.dropconnect_layers = {patterns!r}: {unmatched or 'the model'} matches no nn.Linear "
+                f"layer of train.model = {cfg.train.model!r}; its Linear layers are {names or 'none'}."
+            )
+    return model

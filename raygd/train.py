@@ -4,12 +4,17 @@
 the data, resumes from the last checkpoint and runs ``raygd.loop.run_loop``. ``fit`` is the
 driver: it validates and loads the data before Ray starts, creates the MLflow run, builds a
 ``TorchTrainer`` (Train V2) and records the summary. Run it with ``raygd train CONFIG``.
+
+``stop_signals`` is how the commands (``raygd train``, ``raygd sweep``) stop on SIGINT or SIGTERM: an
+``Interrupted`` exception in the driver, which ends a run KILLED and leaves a sweep resumable.
 """
 
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,9 +28,10 @@ from raygd.config import RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, load_data
 from raygd.loop import RunSummary, build_state, run_loop
 from raygd.mechanisms import build_mechanism
+from raygd.models import check_workload
 from raygd.network import emulation_tags
 from raygd.ray_env import check_ray_address, ensure_ray, use_gpu
-from raygd.records import STATUS_TAG, Status
+from raygd.records import INTERRUPTED_TAG, STATUS_TAG, Status
 from raygd.tracking import Tracker, check_tracking_store, create_run, log_dataset, provenance_tags, system_metrics
 
 
@@ -223,6 +229,7 @@ def prepare(cfg: RunConfig, data: Dataset | None) -> tuple[Dataset, bool]:
     if not ray.is_initialized():
         check_ray_address()
     data = data if data is not None else load_data(cfg.data, tc.seed)
+    check_workload(cfg, data)  # a user's model: built, one forward checked against the labels
     GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed)  # validates B <= n
     ensure_ray(tc.num_workers * tc.cpus_per_worker)
     return data, use_gpu(tc.device)
@@ -230,15 +237,115 @@ def prepare(cfg: RunConfig, data: Dataset | None) -> tuple[Dataset, bool]:
 
 @contextlib.contextmanager
 def failing(tracker: Tracker):
-    """Mark the run FAILED if the block raises (unless someone else ended it: a sweep's early stop)."""
+    """Mark the run FAILED if the block raises (unless someone else ended it: a sweep's early stop), or KILLED
+    with ``INTERRUPTED_TAG`` if Ctrl-C (``KeyboardInterrupt``) or a stop signal (``Interrupted``) ended it."""
     try:
         yield
+    except KeyboardInterrupt as err:
+        with contextlib.suppress(Exception):
+            if tracker.status() == "RUNNING":
+                tracker.set_tags({INTERRUPTED_TAG: err.signal_name if isinstance(err, Interrupted) else "SIGINT"})
+                tracker.finish("KILLED")
+        if isinstance(err, Interrupted):
+            err.run_id = tracker.run_id
+        raise
     except BaseException:
         with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
             if tracker.status() == "RUNNING":
                 tracker.set_tags({STATUS_TAG: Status.FAILED})
                 tracker.finish("FAILED")
         raise
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""What stops a command: Ctrl-C, and what a job stop (Ray Jobs, a scheduler) or a preempted node sends."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the command (``stop_signals``): a ``KeyboardInterrupt``, as Ctrl-C raises.
+
+    Attributes:
+        signum: the signal.
+        run_id: the MLflow run it interrupted, once recorded (a run's, or a sweep's parent run).
+        trials: an interrupted sweep's (finished, total) trials, once recorded.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.run_id: str | None = None
+        self.trials: tuple[int, int] | None = None
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell reports for a process this signal ended: 130 (SIGINT), 143 (SIGTERM)."""
+        return 128 + self.signum
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGINT and SIGTERM raise ``Interrupted`` in the main thread while the block runs (``raygd train``, ``sweep``).
+
+    A signal that was ignored when the block began (``nohup``, a shell's background job) stays ignored. Ray replaces
+    SIGTERM's handler when it starts (``ray.init``: exit; a local head also kills Ray's processes under the running
+    driver, which then aborts in Ray's C++ core, exit 134): start Ray inside ``keeping_stop_signals``.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in saved.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, _raise_interrupted)
+    try:
+        yield
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def keeping_stop_signals():
+    """Put ``stop_signals``' handlers back after the block (where Ray starts, which replaces SIGTERM's)."""
+    main = threading.current_thread() is threading.main_thread()
+    ours = [s for s in STOP_SIGNALS if main and signal.getsignal(s) is _raise_interrupted]
+    try:
+        yield
+    finally:
+        for s in ours:
+            signal.signal(s, _raise_interrupted)
+
+
+def _fit_trainer(trainer):
+    """``trainer.fit()``; under ``stop_signals`` in a thread of its own, where Train V2 leaves SIGINT alone. From the
+    main thread it installs a SIGINT handler of its own, which aborts the run and exits with status 0."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not (
+        _raise_interrupted
+    ):
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="raygd-fit", daemon=True)  # an interrupted fit ends with Ray
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)  # signal handlers run in the main thread, between waits
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def fit(
@@ -275,14 +382,15 @@ def fit(
         The ``RunSummary`` of rank zero, with ``run_id`` set.
     """
     fit_start_wall = time.time()
-    data, gpu = prepare(cfg, data)
+    with keeping_stop_signals():
+        data, gpu = prepare(cfg, data)
     run_id = run_id or open_run(cfg, data, gpu, parent_run_id, run_tags)
     tracker = Tracker(cfg.tracking.tracking_uri, run_id, enabled=True)
     with failing(tracker):
         trainer = _trainer(cfg, data, run_id, gpu, train_callbacks, storage_path, save_model_to, progress)
         launch_wall = time.time()
         # Ray's stubs do not type Result.return_value: it is the dict train_loop_per_worker returned.
-        summary = RunSummary(**trainer.fit().return_value)  # pyright: ignore[reportCallIssue]
+        summary = RunSummary(**_fit_trainer(trainer).return_value)  # pyright: ignore[reportCallIssue]
     summary.run_id = run_id
     record_summary(tracker, summary, fit_start_wall, launch_wall)
     return summary

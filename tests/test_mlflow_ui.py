@@ -207,7 +207,7 @@ def test_the_parent_run_page_shows_the_result_table_and_the_trials(ui_sweep, tmp
     page = Page(_browse(chromium, url, "--dump-dom"))
     assert not [t for t in GENAI_OVERVIEW if page.shows(t)], page.text[:60]
     assert page.shows("Description")
-    assert page.headers[:4] == ["mechanism", "step size", "B", "time to acc (s)"], page.headers
+    assert page.headers[:4] == ["mechanism", "step size", "B", "time to target (s)"], page.headers
     assert page.shows(outcome.table.splitlines()[0])  # the table's caption line
     for child in children:
         assert child.info.run_name in page.links.values(), page.links

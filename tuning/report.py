@@ -2,6 +2,7 @@
 
     outcome = collect_sweep(uri, parent_run_id)   # read only: raygd report, the confirm phase, bench/paper
     outcome = close_sweep(uri, parent_run_id)     # the end of a sweep: also log its outputs and end the parent
+    record_interruption(uri, parent_run_id, "SIGINT", total)   # an interrupted sweep: its parent stays RUNNING
     write_outputs(Path("out"), outcome.records, outcome.best_rows, outcome.table)
 
 Every number comes from the child runs in MLflow (``raygd.records``), so a report rebuilt later
@@ -17,8 +18,11 @@ from pathlib import Path
 
 from raygd.records import (
     CONFIRM_PHASE,
+    INTERRUPTED_TAG,
     PHASE_TAG,
     STOPPED_STEP_TAG,
+    TRIALS_FINISHED_TAG,
+    TRIALS_TOTAL_TAG,
     Status,
     TrialRecord,
     child_runs,
@@ -42,6 +46,20 @@ class SweepOutcome:
     """What the terminal shows: the summary and the confirm table (the per-batch table is in summary.md)."""
 
 
+def target_label(runs: list) -> str | None:
+    """The sweep's target from its children's params (``train loss <= 1.5``, ``train accuracy >= 0.8``);
+    None when they disagree or record none."""
+    labels = set()
+    for run in runs:
+        p = run.data.params
+        loss, acc = p.get("train.target_loss"), p.get("train.target_accuracy")
+        if loss not in (None, "None"):
+            labels.add(f"train loss <= {float(loss):.4g}")
+        elif acc not in (None, "None"):
+            labels.add(f"train accuracy >= {float(acc):.4g}")
+    return labels.pop() if len(labels) == 1 else None
+
+
 def collect_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     """A sweep's records, best pair per mechanism and summary table (with the confirm phase's, if any),
     read from its child runs; changes nothing in MLflow."""
@@ -51,7 +69,7 @@ def collect_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     # With several replication factors the table ranks the unreplicated data (the smallest r).
     replication = min((r.replication for r in records), default=1)
     best = stats.best_per_mechanism(records, replication=replication)
-    table = console = tables.summary_markdown(best, extensions=edges.describe_extensions(records))
+    table = console = tables.summary_markdown(best, target_label(runs), edges.describe_extensions(records))
     by_batch = stats.per_batch(records, replication=replication)
     if len({r.global_batch_size for r in by_batch}) > 1:
         table += "\n" + tables.batch_markdown(by_batch)
@@ -75,6 +93,32 @@ def end_unfinished_children(tracking_uri: str, parent_run_id: str) -> None:
             end_run(client, run.info.run_id, Status.STOPPED_EARLY)
         elif run.info.status == "RUNNING":
             end_run(client, run.info.run_id, Status.FAILED)
+
+
+def finished_for_good(run) -> bool:
+    """Whether a child run's trial has ended for good: FINISHED, or stopped early by the scheduler (ASHA). A resumed
+    sweep reports such a trial again without training (``tuning.trial``); a partial or failed one runs again."""
+    return run.info.status == "FINISHED" or STOPPED_STEP_TAG in run.data.tags
+
+
+def record_interruption(tracking_uri: str, parent_run_id: str, signal_name: str, total: int) -> tuple[int, int]:
+    """Tag an interrupted sweep's parent run with the signal and its trials finished of ``total``, leaving it RUNNING
+    for ``raygd sweep --resume``, and return (finished, total). No table: the grid is not done."""
+    finished = sum(finished_for_good(r) for r in child_runs(tracking_uri, parent_run_id))
+    total = max(total, finished)
+    Tracker(tracking_uri, parent_run_id, enabled=True).set_tags(
+        {INTERRUPTED_TAG: signal_name, TRIALS_FINISHED_TAG: finished, TRIALS_TOTAL_TAG: total}
+    )
+    return finished, total
+
+
+def clear_interruption(tracking_uri: str, parent_run_id: str) -> None:
+    """Remove ``record_interruption``'s tags from a sweep that resumes: the tags say what is interrupted now."""
+    client = mlflow_client(tracking_uri)
+    tags = client.get_run(parent_run_id).data.tags
+    for key in (INTERRUPTED_TAG, TRIALS_FINISHED_TAG, TRIALS_TOTAL_TAG):
+        if key in tags:
+            client.delete_tag(parent_run_id, key)
 
 
 NOTE_TAG = "mlflow.note.content"

@@ -19,6 +19,10 @@ nesting does not give one child per trial under a parent we own.
     raygd sweep quickstart                     # a preset from tuning/presets/
     raygd sweep my-sweep.yaml --set train.target_accuracy=0.85
     raygd sweep quickstart --resume            # finish the latest interrupted sweep
+
+Interrupted (SIGINT, SIGTERM: ``_stop_tune_on_signal``), a sweep stops as Tune stops on Ctrl-C (it saves its
+experiment's state and ends the running trials), tags its parent run (``tuning.report.record_interruption``) and
+raises ``raygd.train.Interrupted``; the parent stays RUNNING, and ``--resume`` runs the trials that had not finished.
 """
 
 from __future__ import annotations
@@ -28,13 +32,25 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from raygd.config import ConfigError, ResumeError
-from raygd.records import EXTEND_INLINE_TAG, KIND_TAG, SWEEP_KIND, TUNE_DIR_TAG, newest_sweep
+from raygd.records import (
+    CONFIRM_PHASE,
+    EXTEND_INLINE_TAG,
+    EXTEND_ROUND_TAG,
+    KIND_TAG,
+    PHASE_TAG,
+    SWEEP_KIND,
+    TUNE_DIR_TAG,
+    child_runs,
+    newest_sweep,
+)
 from raygd.tracking import Tracker, create_run, provenance_tags
-from tuning.report import SweepOutcome, close_sweep, collect_sweep
+from tuning.report import SweepOutcome, clear_interruption, close_sweep, collect_sweep, record_interruption
 from tuning.spec import SweepSpec, mechanism_label, storage_root
 from tuning.trial import CONFIRM_PARAM, EXTEND_PARAM, EXTEND_ROUND_PARAM, run_trial
 
@@ -141,14 +157,20 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
 
     ``verbose``: Tune's status tables and every worker's progress lines; by default one line per
     trial start and end (``tuning.console``).
+
+    Raises:
+        raygd.train.Interrupted: SIGINT or SIGTERM stopped the sweep; its parent run (``run_id``) stays RUNNING,
+            tagged with the signal and the trials finished of the total (``trials``), for ``resume``.
     """
     from raygd.data import load_data
     from raygd.pool import data_key
     from raygd.ray_env import ensure_ray
+    from raygd.train import Interrupted, keeping_stop_signals
 
     configs = [spec.run_config(p) for p in spec.trial_params()]
     _say(f"raygd sweep {spec.name}: checking the data ({configs[0].data.name}) ...")
     data = load_data(configs[0].data, configs[0].train.seed)  # a missing or broken data set fails here, before Ray
+    _check_workloads(configs, data)
     shapes = {(c.train.num_workers, c.train.cpus_per_worker, c.train.device) for c in configs}
     if spec.trial_pool and len(shapes) > 1:
         raise ConfigError(
@@ -159,30 +181,90 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
     cpus = per_trial * spec.max_concurrent_trials
     if resume:  # finds the interrupted run, or refuses before any Ray work
         parent_run_id, tune_dir, inline = _start_parent(spec, resume)
-        ensure_ray(cpus, log_to_driver=verbose)  # workers' logs: -v only
+        clear_interruption(spec.tracking_uri, parent_run_id)
     else:  # the new parent run (a new SQLite store's tables: ~4.6 CPU s) while Ray starts, which mostly waits
         with ThreadPoolExecutor(1, thread_name_prefix="raygd-parent") as background:
             parent = background.submit(_start_parent, spec, False)
-            ensure_ray(cpus, log_to_driver=verbose)
+            try:
+                with keeping_stop_signals():  # Ray's start replaces the handler of SIGTERM
+                    ensure_ray(cpus, log_to_driver=verbose)  # workers' logs: -v only
+            except Interrupted as stop:  # before any trial: the parent is there to resume all the same
+                stop.run_id = parent.result()[0]
+                raise
             parent_run_id, tune_dir, inline = parent.result()
-    pools = None
-    if spec.trial_pool:
-        _say(
-            f"starting {spec.max_concurrent_trials} warm worker group(s) of {configs[0].train.num_workers} "
-            "workers; trials follow as soon as one is up ..."
-        )
-        pools = _start_pools(spec, configs[0], parent_run_id, tune_dir)
+    pools, interrupted = None, False
     try:
+        if resume:
+            with keeping_stop_signals():
+                ensure_ray(cpus, log_to_driver=verbose)
+        if spec.trial_pool:
+            _say(
+                f"starting {spec.max_concurrent_trials} warm worker group(s) of {configs[0].train.num_workers} "
+                "workers; trials follow as soon as one is up ..."
+            )
+            pools = _start_pools(spec, configs[0], parent_run_id, tune_dir)
         preloaded = (data_key(configs[0]), data)  # the trials' data when theirs is this one (tuning.trial)
         _run_phases(spec, parent_run_id, tune_dir, resume, verbose, pools.name if pools else None, inline, preloaded)
         if pools is not None:
             start_s = pools.start_s()
             if start_s is not None:  # the pool's own start, once per sweep
                 Tracker(spec.tracking_uri, parent_run_id, enabled=True).log_metrics({"pool/start_s": start_s}, step=0)
+    except Interrupted as stop:  # tagged first: a job's stop sends SIGKILL a while after its SIGTERM
+        interrupted, stop.run_id = True, parent_run_id
+        stop.trials = record_interruption(
+            spec.tracking_uri, parent_run_id, stop.signal_name, _planned_trials(spec, parent_run_id)
+        )
+        raise
     finally:
         if pools is not None:
-            pools.stop()
+            _stop_pools(pools, spec.tracking_uri, parent_run_id, interrupted)
     return close_sweep(spec.tracking_uri, parent_run_id)
+
+
+INTERRUPTED_POOLS_STOP_S = 10.0
+"""How long an interrupted sweep waits for its pools to abandon their trials in flight before it ends them."""
+
+
+def _stop_pools(pools, tracking_uri: str, parent_run_id: str, interrupted: bool) -> None:
+    """Stop the sweep's pools; interrupted, the trials in flight are abandoned first (``--resume`` continues them
+    from their checkpoints or redoes them), and a Ray going down too (a SIGTERM to the whole node) is no error."""
+    if not interrupted:
+        pools.stop()
+        return
+    from raygd.pool import cancel_trial
+
+    with contextlib.suppress(Exception):
+        for run in child_runs(tracking_uri, parent_run_id, running_only=True):
+            cancel_trial(parent_run_id, run.info.run_id)
+        pools.stop(timeout_s=INTERRUPTED_POOLS_STOP_S)
+
+
+def _planned_trials(spec: SweepSpec, parent_run_id: str) -> int:
+    """The trials the sweep has planned so far: its search (the grid, or ``num_samples``), each edge round that has
+    started (planned again from the trials before it, as ``--resume`` plans it) and the confirm phase, if started."""
+    from tuning.rounds import RoundPlanner
+
+    runs = child_runs(spec.tracking_uri, parent_run_id)
+    total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
+    rounds = sorted({int(r.data.tags[EXTEND_ROUND_TAG]) for r in runs if EXTEND_ROUND_TAG in r.data.tags})
+    planner = RoundPlanner(spec, parent_run_id)
+    total += sum(len(planner(k)) for k in rounds)
+    if any(r.data.tags.get(PHASE_TAG) == CONFIRM_PHASE for r in runs):
+        total += len(confirm_params(spec, collect_sweep(spec.tracking_uri, parent_run_id).best_rows))
+    return max(total, len(runs))
+
+
+def _check_workloads(configs: list, data) -> None:
+    """Build each distinct (model, mechanism) of the space once and check it (``raygd.models.check_workload``):
+    a user's model that does not import, build or fit the labels fails here, before Ray or MLflow."""
+    from raygd.models import check_workload
+
+    seen = set()
+    for cfg in configs:
+        key = (cfg.train.model, repr(cfg.train.model_args), cfg.mechanism.name, repr(cfg.mechanism.dropconnect_layers))
+        if key not in seen:
+            seen.add(key)
+            check_workload(cfg, data)
 
 
 def _say(line: str) -> None:
@@ -303,7 +385,7 @@ def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume:
     from ray import tune
 
     callbacks = [recorder] if console is None else [recorder, console]
-    with _quiet_tune(console is not None), _fail_on_lost_state(tune_dir):
+    with _quiet_tune(console is not None), _fail_on_lost_state(tune_dir), _stop_tune_on_signal():
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
         else:
@@ -313,6 +395,63 @@ def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume:
             )
             tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         tuner.fit()
+
+
+TUNE_STOP_LOGS = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+"""What Ray Tune logs when a signal stops it; its advice (``Tuner.restore``) is not how a sweep resumes."""
+
+
+@contextlib.contextmanager
+def _stop_tune_on_signal():
+    """While Tune runs an experiment: the first SIGINT or SIGTERM stops it as its own Ctrl-C does (it saves the
+    experiment's state, ends the running trials and returns), then ``Interrupted`` is raised; a second signal raises
+    it at once. Tune's SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``): the handler it installs for
+    SIGUSR1 in every run does the same, and is what stops it. Before Tune has installed it, a signal raises at once."""
+    from raygd.train import STOP_SIGNALS, Interrupted
+    from tuning.console import notice
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGUSR1)}
+    received: list[int] = []
+
+    def on_signal(signum: int, frame) -> None:
+        stop_tune = signal.getsignal(signal.SIGUSR1)
+        if received or not callable(stop_tune) or stop_tune is saved[signal.SIGUSR1]:
+            raise Interrupted(received[0] if received else signum)
+        received.append(signum)
+        notice(
+            f"raygd sweep: {signal.Signals(signum).name}: stopping once Ray Tune has saved the sweep's state "
+            "(again to stop at once) ..."
+        )
+        stop_tune(signal.SIGUSR1, frame)
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not (received and record.getMessage().startswith(TUNE_STOP_LOGS))
+
+    for s in STOP_SIGNALS:
+        if saved[s] is not signal.SIG_IGN:
+            signal.signal(s, on_signal)
+    logger, switch = logging.getLogger("ray.tune.tune"), os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    logger.addFilter(drop)
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    except Exception as err:  # whatever Tune raised on its way out of a stop, the stop is what happened
+        if received:
+            raise Interrupted(received[0]) from err
+        raise
+    finally:  # Tune leaves its SIGUSR1 handler behind
+        for s, handler in saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        logger.removeFilter(drop)
+        if switch is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = switch
+    if received:
+        raise Interrupted(received[0])
 
 
 TUNE_RESTORE_FAILED = "Failed to restore the run state"

@@ -53,22 +53,21 @@ def _bound_cells(r: BestRow) -> tuple[str, str, str]:
     return w0, _fmt(r.batch_bound_median, ".3g"), "–" if ratio is None else f"{ratio:.2g}"
 
 
-def summary_markdown(best_rows: Sequence[BestRow], target_accuracy: float | None = None, extensions: str = "") -> str:
+def summary_markdown(best_rows: Sequence[BestRow], target: str | None = None, extensions: str = "") -> str:
     """A markdown table of ``best_per_mechanism`` rows ('not reached' where there is no time), with the
     diversity bound B_D beside the best B, grid-edge marks and the notes that explain them.
 
     Args:
         best_rows: the rows.
-        target_accuracy: shown in the title when given (e.g. 0.95).
+        target: the sweep's target as ``TrainConfig.target_label`` gives it (``train loss <= 1.5``), in the title.
         extensions: ``tuning.edges.describe_extensions`` of the sweep ('' when nothing was extended).
     Returns:
         The markdown text, ending in a newline.
     """
-    target = f" {target_accuracy:.4g} training accuracy" if target_accuracy is not None else " the target accuracy"
     lines = [
-        f"Fastest (step size, batch size) per mechanism: time to{target}, mean ± std over seeds.",
+        f"Fastest (step size, batch size) per mechanism: time to {target or 'the target'}, mean ± std over seeds.",
         "",
-        "| mechanism | step size | B | time to acc (s) | passes | speedup vs vanilla | B_D at w0 "
+        "| mechanism | step size | B | time to target (s) | passes | speedup vs vanilla | B_D at w0 "
         "| B_D training | B / B_D | seeds | pairs reached/tried |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -117,7 +116,7 @@ def batch_markdown(rows: Sequence[BatchRow]) -> str:
     lines = [
         "Per batch size (best step size at each B; gap = train − test accuracy at the target):",
         "",
-        "| mechanism | B | step size | time to acc (s) | passes | resolution (passes) | gap at target | seeds |",
+        "| mechanism | B | step size | time to target (s) | passes | resolution (passes) | gap at target | seeds |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -138,7 +137,7 @@ def pairs_markdown(rows: Sequence[PairRow]) -> str:
     lines = [
         "Every pair (mean ± std over the seeds that reached the target; s/pass: median over all seeds):",
         "",
-        "| mechanism | B | step size | reached | time to acc (s) | passes | s/pass | B_D at w0 | B_D training "
+        "| mechanism | B | step size | reached | time to target (s) | passes | s/pass | B_D at w0 | B_D training "
         "| gap at target | not reached |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
@@ -162,9 +161,9 @@ def write_pairs_csv(rows: Sequence[PairRow], path: str | Path) -> Path:
     return _write_csv([asdict(r) for r in rows], [f.name for f in fields(PairRow)], path)
 
 
-def summary_text(best_rows: Sequence[BestRow], target_accuracy: float | None = None, extensions: str = "") -> str:
+def summary_text(best_rows: Sequence[BestRow], target: str | None = None, extensions: str = "") -> str:
     """The table for the terminal: the same markdown, which reads fine as plain text."""
-    return summary_markdown(best_rows, target_accuracy, extensions)
+    return summary_markdown(best_rows, target, extensions)
 
 
 def confirm_markdown(rows: Sequence[ConfirmRow]) -> str:
@@ -177,7 +176,7 @@ def confirm_markdown(rows: Sequence[ConfirmRow]) -> str:
         "Confirmed with fresh seeds (mean ± std over seeds; speedup = ratio of mean times, ± bootstrap std "
         "[95% interval]; n.s.: the interval covers 1.0×):",
         "",
-        "| mechanism | step size | B | seeds | reached | time to acc (s) | passes | speedup vs vanilla |",
+        "| mechanism | step size | B | seeds | reached | time to target (s) | passes | speedup vs vanilla |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
