@@ -53,6 +53,15 @@ BOUND_OF_TAG = "raygd.bound_of"
 """Whose diversity a trial's B_D measures: ``gradient`` (vanilla), ``surrogate`` (the mechanism's
 gradient as trained, e.g. DropConnect at its mask granularity) or ``plain_gradient`` (the mechanism's
 surrogate diversity is not estimated; the value is the plain gradient's)."""
+INTERRUPTED_TAG = "raygd.interrupted"
+"""The signal that interrupted the run (``SIGINT``, ``SIGTERM``). A ``raygd train`` run ends KILLED with it; a sweep's
+parent run stays RUNNING, for ``raygd sweep --resume`` (which removes the tag), with ``TRIALS_FINISHED_TAG`` of
+``TRIALS_TOTAL_TAG``. A SIGKILL or a lost driver node leaves no tag, and the parent RUNNING all the same."""
+TRIALS_FINISHED_TAG = "raygd.trials_finished"
+"""On an interrupted sweep's parent run: its trials that had ended for good, which ``--resume`` does not train again."""
+TRIALS_TOTAL_TAG = "raygd.trials_total"
+"""On an interrupted sweep's parent run: the trials it had planned (the search, and the edge-round and confirm trials
+planned by then)."""
 VERSION_TAG = "raygd.version"
 GIT_COMMIT_TAG = "raygd.git_commit"
 

@@ -11,12 +11,17 @@ or, when trials run one at a time (``sequential``), one line per trial: its star
 starts and its end appended when it ends (``trial 3/8  dropconnect(p=0.4) γ=0.1 B=64 seed=0  ->
 reached_target  time to acc 1.94 s ...``), so a 16-trial sweep still fits on one screen.
 
+A stop signal's ``notice`` (from ``tuning.sweep``'s handler) goes on a line of its own; a trial whose start line it
+broke has its end, if any, on a line of its own, and a line still open when the experiment ends says ``stopped``.
+
 Imported only inside a sweep (it imports Ray Tune).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import sys
 from typing import Any, TextIO
 
@@ -24,6 +29,23 @@ from ray.tune import Callback
 
 from raygd.mechanisms import mechanism_label
 from tuning.trial import EXTEND_ROUND_PARAM, EXTEND_SIZE_PARAM
+
+_STDOUT = {"line_open": False}
+"""Whether standard output's last line waits for its end (a sequential trial's start): a reporter printing there
+learns from it that a ``notice`` ended its line."""
+
+
+def notice(line: str) -> None:
+    """Print ``line`` on a line of its own, from a signal handler: unbuffered, as the handler may run in the middle of
+    a buffered write (which a second write would break), after a newline where a trial's line waits for its end."""
+    text = ("\n" if _STDOUT["line_open"] else "") + line + "\n"
+    _STDOUT["line_open"] = False
+    with contextlib.suppress(RuntimeError, OSError, ValueError):  # the handler interrupted a write to it
+        sys.stdout.flush()
+    try:
+        os.write(sys.stdout.fileno(), text.encode())
+    except (AttributeError, OSError, ValueError):  # a stream without a file descriptor (pytest's capture)
+        sys.stdout.write(text)
 
 
 def describe(config: dict[str, Any]) -> str:
@@ -91,17 +113,28 @@ class ConsoleReporter(Callback):
         out = self._out or sys.stdout
         out.write(text)
         out.flush()
+        if self._out is None:
+            _STDOUT["line_open"] = not text.endswith("\n")
+
+    def _line_open(self) -> bool:
+        """Whether a start line waits for its trial's end (and is still the last line: no ``notice`` ended it)."""
+        if self._open is not None and self._out is None and not _STDOUT["line_open"]:
+            self._open = None
+        return self._open is not None
 
     def _say(self, text: str) -> None:
-        if self._open is not None:  # another trial's line while a start line waits: close it first
+        if self._line_open():  # another trial's line while a start line waits: close it first
             self._write("\n")
             self._open = None
         self._write(text + "\n")
 
+    def _appends(self, trial) -> bool:
+        return self._line_open() and self._open == trial.trial_id
+
     def _finish(self, trial, what: str, trials: list) -> None:
         """The end of a trial: on its own start line (sequential), else a line of its own."""
         tally = self._tally(trials, trial)
-        if self._open == trial.trial_id:
+        if self._appends(trial):
             self._open = None
             self._write(f" {what}  [{tally}]\n")
         else:
@@ -109,7 +142,7 @@ class ConsoleReporter(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         if self.sequential:  # one line per trial: its start now, its end appended when it ends
-            if self._open is not None:
+            if self._line_open():
                 self._write("\n")
             self._write(f"trial {self._number(trial, trials)}  {describe(trial.config)}  ->")
             self._open = trial.trial_id
@@ -126,10 +159,15 @@ class ConsoleReporter(Callback):
                 self.best = (tta, describe(trial.config))
         elif "passes" in result:
             what += f"  after {result['passes']:.3g} passes, train acc {result.get('final_train_accuracy', 0):.3f}"
-        self._finish(trial, what if self._open == trial.trial_id else f"end    {what}", trials)
+        self._finish(trial, what if self._appends(trial) else f"end    {what}", trials)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._finish(trial, "error" if self._open == trial.trial_id else f"error  {describe(trial.config)}", trials)
+        self._finish(trial, "error" if self._appends(trial) else f"error  {describe(trial.config)}", trials)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if self._line_open():  # the experiment ended with this trial running: a stop
+            self._write(" stopped\n")
+            self._open = None
 
     def _tally(self, trials: list, ended) -> str:
         group, total = self._group(ended, trials)

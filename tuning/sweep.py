@@ -28,6 +28,7 @@ raises ``raygd.train.Interrupted``; the parent stays RUNNING, and ``--resume`` r
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -239,6 +240,12 @@ def _stop_pools(pools, tracking_uri: str, parent_run_id: str, interrupted: bool)
         pools.stop(timeout_s=INTERRUPTED_POOLS_STOP_S)
 
 
+def _record_stop(spec: SweepSpec, parent_run_id: str, signal_name: str) -> None:
+    """Tag the parent as interrupted as a stop begins (``run_sweep`` tags it again with the final counts)."""
+    with contextlib.suppress(Exception):  # best effort: the store may be what is going down
+        record_interruption(spec.tracking_uri, parent_run_id, signal_name, _planned_trials(spec, parent_run_id))
+
+
 def _planned_trials(spec: SweepSpec, parent_run_id: str) -> int:
     """The trials the sweep has planned so far: its search (the grid, or ``num_samples``), each edge round that has
     started (planned again from the trials before it, as ``--resume`` plans it) and the confirm phase, if started."""
@@ -302,15 +309,16 @@ def _run_phases(
         {"cpu": 0, "memory": 2**20},
     )  # the trial only waits on its workers
     recorder = TrialRecorder(spec.tracking_uri, parent_run_id)
+    stopping = functools.partial(_record_stop, spec, parent_run_id)
     total = len(spec.trial_params()) if spec.search == "grid" else spec.num_samples or 1
     sequential = spec.max_concurrent_trials == 1
     console = None if verbose else ConsoleReporter(total, sequential=sequential)
     if inline or spec.trial_order != "grid":  # a searcher hands out the grid (in its order), then any rounds
         rounds = spec.extend_edges_rounds if inline else 0
         searcher = EdgeSearcher(ordered_grid(spec), RoundPlanner(spec, parent_run_id), rounds, say=_say)
-        _fit_tuner(trainable, tune_dir, {}, _tune_config(spec, searcher), resume, recorder, console)
+        _fit_tuner(trainable, tune_dir, {}, _tune_config(spec, searcher), resume, recorder, console, stopping)
     else:
-        _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console)
+        _fit_tuner(trainable, tune_dir, _param_space(spec), _tune_config(spec), resume, recorder, console, stopping)
     if spec.extend_edges and spec.search != "grid":
         _say(f"extend_edges: skipped, {spec.search} search has no grid edges")
     elif spec.extend_edges and not inline:  # a sweep started before tuning.rounds (resumed), or the bench's A side
@@ -328,6 +336,7 @@ def _run_phases(
             resume,
             recorder,
             None if verbose else ConsoleReporter(len(winners), sequential=sequential),
+            stopping,
         )
 
 
@@ -358,6 +367,7 @@ def _extend_edges(
             resume,
             recorder,
             None if verbose else ConsoleReporter(len(params), sequential=spec.max_concurrent_trials == 1, best=best),
+            functools.partial(_record_stop, spec, parent_run_id),
         )
 
 
@@ -380,12 +390,15 @@ def _start_pools(spec: SweepSpec, cfg, parent_run_id: str, tune_dir: str):
     )
 
 
-def _fit_tuner(trainable, tune_dir: str, param_space: dict, tune_config, resume: bool, recorder, console) -> None:
-    """Run (or restore) one Tune experiment; with ``console``, Tune itself prints nothing."""
+def _fit_tuner(
+    trainable, tune_dir: str, param_space: dict, tune_config, resume: bool, recorder, console, stopping=None
+) -> None:
+    """Run (or restore) one Tune experiment; with ``console``, Tune itself prints nothing. ``stopping``: called with
+    the signal's name, in a thread of its own, when a stop signal arrives (``_stop_tune_on_signal``)."""
     from ray import tune
 
     callbacks = [recorder] if console is None else [recorder, console]
-    with _quiet_tune(console is not None), _fail_on_lost_state(tune_dir), _stop_tune_on_signal():
+    with _quiet_tune(console is not None), _fail_on_lost_state(tune_dir), _stop_tune_on_signal(stopping):
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
         else:
@@ -402,11 +415,15 @@ TUNE_STOP_LOGS = ("Stop signal received", "Experiment has been interrupted", "Tr
 
 
 @contextlib.contextmanager
-def _stop_tune_on_signal():
+def _stop_tune_on_signal(stopping=None):
     """While Tune runs an experiment: the first SIGINT or SIGTERM stops it as its own Ctrl-C does (it saves the
     experiment's state, ends the running trials and returns), then ``Interrupted`` is raised; a second signal raises
     it at once. Tune's SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``): the handler it installs for
-    SIGUSR1 in every run does the same, and is what stops it. Before Tune has installed it, a signal raises at once."""
+    SIGUSR1 in every run does the same, and is what stops it. Before Tune has installed it, a signal raises at once.
+
+    ``stopping`` runs at the first signal, in a thread (a handler must not wait on MLflow, which the main thread may
+    be in): the parent is tagged before the stop, which a job's SIGKILL or a Ray killed with the driver can cut short.
+    """
     from raygd.train import STOP_SIGNALS, Interrupted
     from tuning.console import notice
 
@@ -415,12 +432,16 @@ def _stop_tune_on_signal():
         return
     saved = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGUSR1)}
     received: list[int] = []
+    tagging: list[threading.Thread] = []
 
     def on_signal(signum: int, frame) -> None:
         stop_tune = signal.getsignal(signal.SIGUSR1)
         if received or not callable(stop_tune) or stop_tune is saved[signal.SIGUSR1]:
             raise Interrupted(received[0] if received else signum)
         received.append(signum)
+        if stopping is not None:
+            tagging.append(threading.Thread(target=stopping, args=(signal.Signals(signum).name,), daemon=True))
+            tagging[0].start()
         notice(
             f"raygd sweep: {signal.Signals(signum).name}: stopping once Ray Tune has saved the sweep's state "
             "(again to stop at once) ..."
@@ -450,6 +471,8 @@ def _stop_tune_on_signal():
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = switch
+        for thread in tagging:  # done before the final tags
+            thread.join(timeout=30)
     if received:
         raise Interrupted(received[0])
 
