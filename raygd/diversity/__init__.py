@@ -1,7 +1,8 @@
 """Gradient diversity Δ_D and the batch-size bound B_D = nΔ_D: exact, under mechanisms, online.
 
 Definitions (Yin et al., "Gradient Diversity", Definitions 1 and 2), with g_i = ∇f_i(w) the
-gradient of example i's cross-entropy loss:
+gradient of example i's loss f_i (``raygd.loss``: cross entropy; for a sequence model the mean
+cross entropy over its positions, so n and B_D count sequences):
 
     Δ_D(w) = Σ_i ‖g_i‖² / ‖Σ_i g_i‖²,   B_D(w) = n Δ_D(w) = E‖g‖² / ‖E g‖² = 1 + tr(Σ)/‖μ‖²,
 
@@ -10,13 +11,20 @@ McCandlish et al.'s simple noise scale.
 
 What is here, one module per concept (every public name is re-exported: ``dv.X`` works):
 
-- ``ghost``: ``GhostNorms``, per-example ‖g_i‖² of every nn.Linear / nn.Conv2d parameter fused
-  into one ordinary backward pass ("ghost" norms, custom autograd functions); the same backward
-  produces the summed gradient.
+- ``rules``: per-layer norm rules, pure functions of a layer's input and output gradient (Linear on
+  (N, d) and (N, T, d), Conv2d, Embedding, LayerNorm, RMSNorm), the registry ``NORM_RULES`` and
+  ``register_norm_rule`` for a user's own layer.
+- ``ghost``: ``GhostNorms``, per-example ‖g_i‖² of every layer with a rule fused into one ordinary
+  backward pass ("ghost" norms: custom autograd functions for Linear/Conv2d, gradient hooks for the
+  others); the same backward produces the summed gradient. ``norm_routes(model)``: which layer takes
+  which route ("ghost:<rule>" or "fallback"); ``GhostNorms.fallback_layers`` adds those that fell back
+  at run time.
+- ``checks``: ``check_per_example`` (BatchNorm in train mode, DropConnect in train mode) and
+  ``linear_softmax`` (a logistic regression, whose norms have a closed form).
 - ``per_example``: ``per_example_sq_norms`` adds torch.func per-example gradients for the
-  remaining parameters (e.g. GroupNorm); ``linear_softmax_sq_norms``, the closed form
-  ‖g_i‖² = ‖p_i − e_{y_i}‖²(‖x_i‖² + 1) for logistic regression (``linear_softmax`` recognises
-  it), taken by the exact path and by ``GhostNorms``.
+  remaining parameters (e.g. GroupNorm, tied weights); ``linear_softmax_sq_norms``, the closed form
+  ‖g_i‖² = ‖p_i − e_{y_i}‖²(‖x_i‖² + 1) for logistic regression, taken by the exact path and by
+  ``GhostNorms``.
 - ``exact``: ``gradient_diversity`` over a data set in batches (``gradient_sums`` keeps the summed
   gradient, to add up across ranks); ``sgld_diversity``, ``quantized_diversity``,
   ``dropconnect_diversity``: B_D^DIM with the per-example surrogates of ``raygd.mechanisms`` (ratio
@@ -36,20 +44,23 @@ Training-loop use (P workers, global batch B, b = B/P per worker, mean loss; n_w
 
     ghost, ema = GhostNorms(model), MomentsEMA(0.9)        # once; model = the module DDP wraps
     with ghost:                                            # in-step: this step's per-example norms
-        F.cross_entropy(ddp(x), y).backward()
+        mean_loss(ddp(x), y).backward()                    # raygd.loss.mean_loss
     big = grad_sq_norm(model)                              # ‖G_B‖², before mechanism.after_backward
     sum_sq = mean_over_workers(float(ghost.sq_norms().sum()) * b**2, P) * P
     batch_bound = ema.update(in_step_moments(sum_sq, big * B**2, B, n_wor)).batch_bound
 
     with ddp.no_sync():                                    # free (P > 1): skip DDP's all-reduce ...
-        F.cross_entropy(ddp(x), y).backward()
+        mean_loss(ddp(x), y).backward()
     small, big = reduce_gradients(model, P)                # ... do it here, reading ‖G_b‖² and ‖G_B‖²
     free = two_batch_moments(small, b, big, B, n_wor)
 
+``ghost.sq_norms()`` covers the ghost layers only: the in-step estimate leaves out the parameters
+of ``ghost.fallback_layers`` (log them; the free estimator has no such gap).
 A step that is not measured runs as usual (DDP's overlapped C++ all-reduce, no context):
 ``raygd.loop`` measures one update in ``train.diversity_every_steps``.
 """
 
+from raygd.diversity.checks import LinearSoftmax, check_per_example, linear_softmax, mode_sensitive_layers
 from raygd.diversity.exact import (
     Diversity,
     differential_diversity,
@@ -62,16 +73,7 @@ from raygd.diversity.exact import (
     ratio_of_means,
     sgld_diversity,
 )
-from raygd.diversity.ghost import (
-    GHOST_LINEAR,
-    GhostNorms,
-    LinearSoftmax,
-    check_per_example,
-    ghost_route,
-    ghost_supported,
-    linear_softmax,
-    mode_sensitive_layers,
-)
+from raygd.diversity.ghost import GHOST_LINEAR, GhostNorms, GhostUnsupported, ghost_supported
 from raygd.diversity.online import (
     Moments,
     MomentsEMA,
@@ -89,14 +91,19 @@ from raygd.diversity.per_example import (
     per_example_grads,
     per_example_sq_norms,
 )
+from raygd.diversity.routes import norm_routes
+from raygd.diversity.rules import NORM_RULES, NormRule, ghost_route, register_norm_rule
 
 __all__ = [
     "GHOST_LINEAR",
+    "NORM_RULES",
     "Diversity",
     "GhostNorms",
+    "GhostUnsupported",
     "LinearSoftmax",
     "Moments",
     "MomentsEMA",
+    "NormRule",
     "OnlineDiversity",
     "Params",
     "check_per_example",
@@ -114,12 +121,14 @@ __all__ = [
     "linear_softmax_sq_norms",
     "mean_over_workers",
     "mode_sensitive_layers",
+    "norm_routes",
     "per_example_grads",
     "per_example_sq_norms",
     "qsgd_variance",
     "quantized_diversity",
     "ratio_of_means",
     "reduce_gradients",
+    "register_norm_rule",
     "sgld_diversity",
     "two_batch_moments",
 ]

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from raygd.diversity.ghost import GhostNorms, LinearSoftmax, linear_softmax
+from raygd.diversity.checks import LinearSoftmax, linear_softmax
+from raygd.diversity.ghost import GhostNorms, GhostUnsupported
 from raygd.diversity.per_example import (
     Params,
     _batches,
@@ -32,6 +33,7 @@ from raygd.diversity.per_example import (
     linear_softmax_sums,
     per_example_sq_norms,
 )
+from raygd.loss import summed_loss
 from raygd.mechanisms.dropconnect_linear import dropconnect_masks
 
 
@@ -200,6 +202,7 @@ def dropconnect_diversity(
     generator: torch.Generator | None = None,
     chunk_size: int = 8,
     dtype: torch.dtype | None = None,
+    layers: list[str] | None = None,
 ) -> Diversity:
     """B_D^DC for DropConnect surrogates, by Monte Carlo over the masks, with its standard error.
 
@@ -219,10 +222,27 @@ def dropconnect_diversity(
         generator = torch.Generator(device=_device(model)).manual_seed(0)
     sum_sq, grad_sq = [], []
     for _ in range(num_draws):
-        sq, summed = dropconnect_draw(model, x, y, p, examples_per_mask, generator, chunk_size=chunk_size, dtype=dtype)
+        sq, summed = dropconnect_draw(
+            model, x, y, p, examples_per_mask, generator, chunk_size=chunk_size, dtype=dtype, layers=layers
+        )
         sum_sq.append(sq)
         grad_sq.append(float(summed @ summed))
     return ratio_of_means(int(x.shape[0]), sum_sq, grad_sq)
+
+
+def masked_linear_names(model: nn.Module, layers: list[str] | None = None) -> list[str]:
+    """The nn.Linear layers DropConnect masks: the model's ``DropConnectLinear`` layers when it has any (a
+    model set up by the mechanism), else those whose names match a glob of ``layers``
+    (``mechanism.dropconnect_layers``; None: every nn.Linear)."""
+    from fnmatch import fnmatchcase
+
+    from raygd.mechanisms.dropconnect_linear import DropConnectLinear
+
+    found = [n for n, m in model.named_modules() if isinstance(m, DropConnectLinear)]
+    if found:
+        return found
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [n for n in linear if layers is None or any(fnmatchcase(n, pat) for pat in layers)]
 
 
 def dropconnect_draw(
@@ -235,21 +255,26 @@ def dropconnect_draw(
     *,
     chunk_size: int = 8,
     dtype: torch.dtype | None = None,
+    layers: list[str] | None = None,
 ) -> tuple[float, torch.Tensor]:
     """One mask draw: (Σ_i‖g_i^DC‖², Σ_i g_i^DC flattened in parameter order, float64) over (x, y).
 
-    Groups are consecutive runs of ``examples_per_mask`` examples (the last may be shorter). Models whose
-    trainable layers are all Linear/Conv2d take ``_dropconnect_draw_ghost`` (ordinary backwards, masked
-    norms in closed form; its docstring gives the order masks are drawn in); others torch.func's
-    per-example gradients at the masked weights, masks drawn per chunk of ``chunk_size`` examples
-    (per example) or per group, in parameter order.
+    Groups are consecutive runs of ``examples_per_mask`` examples (the last may be shorter); an example's
+    mask applies to all its positions (inputs (N, T, d)). Models whose trainable layers all have ghost
+    norms (masked Linear layers in raygd's fused kernel) take ``_dropconnect_draw_ghost`` (ordinary
+    backwards, masked norms in closed form; its docstring gives the order masks are drawn in); others,
+    or a forward that ghost norms cannot measure, torch.func's per-example gradients at the masked
+    weights, masks drawn per chunk of ``chunk_size`` examples (per example) or per group, in parameter order.
     """
     params, buffers = functional_state(model, dtype)
-    linear = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear = {f"{n}.weight" if n else "weight" for n in masked_linear_names(model, layers)}
     masked = [n for n in params if n in linear]
     ghost = GhostNorms(model)
-    if not ghost.uncovered and all(n.removesuffix("weight").removesuffix(".") in ghost.layers for n in masked):
-        return _dropconnect_draw_ghost(model, ghost, x, y, p, examples_per_mask, generator, masked, dtype)
+    if not ghost.uncovered and all(n.removesuffix("weight").removesuffix(".") in ghost.fused for n in masked):
+        try:
+            return _dropconnect_draw_ghost(model, ghost, x, y, p, examples_per_mask, generator, masked, dtype)
+        except GhostUnsupported:  # e.g. a layer called twice: the masks drawn so far are discarded
+            ghost.weight_masks = {}
     masks = _group_masks({n: params[n] for n in masked}, p, max(1, examples_per_mask), generator)
     total_sq, summed = 0.0, None
     for g in _flat_grad_chunks(model, x, y, params, buffers, chunk_size, dtype, masks):
@@ -305,7 +330,7 @@ def _dropconnect_draw_ghost(
             ghost.weight_masks = {k: m[rows] for k, m in drawn.items()}
             ((xb, yb),) = _batches(x[t:u], y[t:u], u - t, device, dtype)
             with ghost:
-                loss = F.cross_entropy(functional_call(model, (params, buffers), (xb,)), yb, reduction="sum")
+                loss = summed_loss(functional_call(model, (params, buffers), (xb,)), yb)
                 grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             sq = ghost.sq_norms()
             total_sq += float(sq.sum()) if sq is not None else 0.0

@@ -1,191 +1,91 @@
-"""Ghost norms: per-example ‖∇f_i‖² of every nn.Linear / nn.Conv2d, fused into one ordinary backward.
+"""Ghost norms: per-example ‖∇f_i‖² of every layer with a norm rule, fused into one ordinary backward.
 
-Inside ``GhostNorms``, supported layers run custom autograd functions that compute the usual
-gradients and, per example, the squared norm of their weight and bias gradients without
-materialising per-example gradients where a Gram form is cheaper (``ghost_route``). Also here:
-the checks that per-example gradients are defined (``check_per_example``) and the recognition of
-a linear softmax model (``linear_softmax``), whose norms have a closed form.
+Inside ``GhostNorms``, each layer whose exact type has a rule (``rules.NORM_RULES``) adds, per
+example, the squared norm of its own parameters' gradient: nn.Linear (on (N, d) or (N, ..., d)
+inputs) and nn.Conv2d run custom autograd functions that compute the usual gradients and the norms
+without materialising per-example gradients where a Gram form is cheaper (``ghost_route``);
+Embedding, LayerNorm, RMSNorm and user rules (``register_norm_rule``) run from a gradient hook on
+the layer's output. Layers with trainable parameters and no rule fall back to torch.func
+(``per_example.py``); ``norm_routes`` says which layer took which route.
 
 Why hand-written: the libraries that compute per-example gradient norms (Opacus, with its ghost
 clipping) do it for DP-SGD, wrapping model, loss and optimizer to clip; raygd needs only the norms,
 measured inside an ordinary (DDP) training step that computes the summed gradient anyway, for its
-own DropConnectLinear too. torch.func's vmap(grad) materialises N copies of every gradient
-(``per_example.py`` keeps it for the layers not covered here). Cost: about 1.1-1.3x a plain step
-(bench/diversity_overhead.py).
-
-Just over 400 lines: the Linear and Conv2d kernels and the GhostNorms context that installs them
-share the accumulator and the chunking rules, so they stay together.
+own DropConnectLinear too. torch.func's vmap(grad) materialises N copies of every gradient.
+Cost: about 1.1-1.3x a plain step (bench/diversity_overhead.py).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import NamedTuple, TypeGuard, cast
+from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeGuard, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raygd.diversity.checks import WHAT_STILL_WORKS, check_per_example, linear_softmax, mode_sensitive_layers
+from raygd.diversity.routes import plan_routes
+from raygd.diversity.rules import (
+    NormRule,
+    _chunk,
+    _linear_sq_norms,
+    _row_sq_norms,
+    conv2d_geometry,
+    conv2d_norms,
+    conv2d_route,
+    conv2d_weight,
+    embedding_norms,
+    linear_norms,
+    sequence_linear_weight,
+    shared_ids,
+)
 from raygd.mechanisms.dropconnect_linear import DropConnectLinear
-from raygd.models import BinaryLogisticRegression, LogisticRegression
-
-CHUNK_BYTES = 4 * 2**20
-"""Largest block of per-example gradients (or Gram matrices) a ghost layer holds at once."""
-MAX_CHUNK = 16
-"""Most examples per block: measured fastest for the MNIST CNN's convolutions (2 threads)."""
-
-
-# --------------------------------------------------------------------------- checks
-
-
-def mode_sensitive_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of the BatchNorm and DropConnectLinear layers, whose mode ``check_per_example`` checks."""
-    kinds = (nn.modules.batchnorm._BatchNorm, DropConnectLinear)
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, kinds)]
-
-
-def check_per_example(model: nn.Module, layers: Iterable[tuple[str, nn.Module]] | None = None) -> None:
-    """Raise ValueError if a layer makes per-example gradients undefined or random.
-
-    BatchNorm in train mode mixes the examples of a batch through its statistics; a
-    DropConnectLinear in train mode draws masks (its diversity is ``dropconnect_diversity``).
-    ``layers``: check only these (name, layer) pairs, e.g. ``mode_sensitive_layers(model)`` kept
-    from an earlier call (default: every layer of ``model``).
-    """
-    for name, m in model.named_modules() if layers is None else layers:
-        kind = type(m).__name__
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
-            raise ValueError(
-                f"layer {name or '<model>'!r} ({kind}) is in train mode: its batch statistics mix the "
-                "examples, so per-example gradients are undefined. Call model.eval() (running statistics) "
-                "or use GroupNorm, which normalises within one example (see raygd.models)."
-            )
-        if isinstance(m, DropConnectLinear) and m.training and m.p > 0:
-            raise ValueError(
-                f"layer {name or '<model>'!r} (DropConnectLinear, p={m.p}) is in train mode and draws random "
-                "masks. Call model.eval() to measure the diversity at w, or use dropconnect_diversity() "
-                "for the DropConnect surrogate."
-            )
-
-
-def _ghost_geometry(m: nn.Module) -> tuple | None:
-    """(stride, padding, dilation) for a Conv2d the ghost path handles, else None."""
-    if type(m) is not nn.Conv2d or m.groups != 1 or isinstance(m.padding, str):
-        return None
-    padding = list(m.padding) if m.padding_mode == "zeros" else [0, 0]
-    return list(m.stride), padding, list(m.dilation)
-
 
 GHOST_LINEAR = (nn.Linear, DropConnectLinear, nn.modules.linear.NonDynamicallyQuantizableLinear)
 """Linear classes whose forward (in eval mode) is F.linear; subclasses may change it, so exact types."""
 
 
 def ghost_supported(m: nn.Module) -> TypeGuard[nn.Linear | nn.Conv2d]:
-    """An nn.Linear (or DropConnectLinear) or a groups=1 nn.Conv2d with numeric padding."""
-    return type(m) in GHOST_LINEAR or _ghost_geometry(m) is not None
+    """An nn.Linear (or DropConnectLinear) or a groups=1 nn.Conv2d with numeric padding: a fused kernel."""
+    return type(m) in GHOST_LINEAR or conv2d_geometry(m) is not None
 
 
-class LinearSoftmax(NamedTuple):
-    """The one nn.Linear of a linear softmax model: its name in the model, the layer, and whether the
-    logits are [0, z] with z its single output (``BinaryLogisticRegression``)."""
-
-    name: str
-    layer: nn.Linear
-    binary: bool
+class GhostUnsupported(ValueError):
+    """A layer's call that ghost norms cannot measure (called twice, input shared by the batch)."""
 
 
-def linear_softmax(model: nn.Module) -> LinearSoftmax | None:
-    """The layer of a model whose logits are one nn.Linear of the flattened input, else None.
-
-    Recognised by exact type (a subclass may change forward): raygd's ``LogisticRegression`` and
-    ``BinaryLogisticRegression``, a bare nn.Linear (2-D input) and nn.Sequential(nn.Flatten(), nn.Linear),
-    each with no other parameters. Their per-example norms have a closed form (``linear_softmax_sq_norms``).
-    """
-    if type(model) is nn.Linear:
-        found = LinearSoftmax("", model, False)
-    elif type(model) is LogisticRegression or type(model) is BinaryLogisticRegression:
-        found = LinearSoftmax("linear", model.linear, type(model) is BinaryLogisticRegression)
-    elif (
-        type(model) is nn.Sequential
-        and len(model) == 2
-        and type(model[0]) is nn.Flatten
-        and (model[0].start_dim, model[0].end_dim) == (1, -1)
-    ):
-        found = LinearSoftmax("1", cast(nn.Linear, model[1]), False)  # its exact type is checked below
-    else:
-        return None
-    if type(found.layer) is not nn.Linear or (found.binary and found.layer.out_features != 1):
-        return None
-    if len(list(model.parameters())) != len(list(found.layer.parameters())):
-        return None
-    return found
-
-
-# --------------------------------------------------------------------------- ghost norms
+# --------------------------------------------------------------------------- fused kernels
 
 
 class _Accumulator:
     """Per-example squared norms of the ghost layers of one backward pass, summed on demand."""
 
     def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []
+        self.parts: list[tuple[str, torch.Tensor]] = []
 
     def add(self, sq: torch.Tensor, layer: str) -> None:
-        if self.parts and self.parts[0].shape[0] != sq.shape[0]:
+        if self.parts and self.parts[0][1].shape[0] != sq.shape[0]:
             raise ValueError(
                 f"layer {layer!r} sees {sq.shape[0]} examples on dim 0, other layers "
-                f"{self.parts[0].shape[0]}: ghost norms need the examples on dim 0 of every layer."
+                f"{self.parts[0][1].shape[0]}: ghost norms need the examples on dim 0 of every layer."
             )
-        self.parts.append(sq)
+        self.parts.append((layer, sq))
 
-    def total(self) -> torch.Tensor | None:
-        if len(self.parts) <= 1:
-            return self.parts[0].to(torch.float64) if self.parts else None
-        return torch.stack(self.parts).sum(0, dtype=torch.float64)
-
-
-def ghost_route(positions: int, fan_in: int, fan_out: int) -> str:
-    """ "per_example" or "gram", whichever computes ‖Σ_t δ_t a_tᵀ‖² per example in fewer FLOPs.
-
-    positions T (sequence length, or output pixels of a convolution), a_t of size fan_in,
-    δ_t of size fan_out: per-example matrices cost T·fan_in·fan_out, Gram matrices
-    T²(fan_in + fan_out).
-    """
-    return "per_example" if fan_in * fan_out <= positions * (fan_in + fan_out) else "gram"
-
-
-def _row_sq_norms(t: torch.Tensor) -> torch.Tensor:
-    """‖t_i‖² per row i over all other dims (vector_norm needs no temporary the size of t)."""
-    return torch.linalg.vector_norm(t if t.dim() == 2 else t.reshape(t.shape[0], -1), dim=1).square()
-
-
-def _chunk(n: int, bytes_per_example: int) -> int:
-    return max(1, min(n, MAX_CHUNK, CHUNK_BYTES // max(bytes_per_example, 1)))
-
-
-def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """‖Σ_t d_t a_tᵀ‖² = Σ_{t,t'} (a_t·a_t')(d_t·d_t') per example; a (N, T, p), d (N, T, q)."""
-    out = a.new_empty(a.shape[0])
-    c = _chunk(a.shape[0], 2 * a.shape[1] ** 2 * a.element_size())
-    for s in range(0, a.shape[0], c):
-        ga, gd = a[s : s + c] @ a[s : s + c].transpose(1, 2), d[s : s + c] @ d[s : s + c].transpose(1, 2)
-        out[s : s + c] = (ga * gd).sum((1, 2))
-    return out
-
-
-def _linear_sq_norms(x: torch.Tensor, gy: torch.Tensor, need_w: bool, need_b: bool) -> torch.Tensor:
-    """‖g_i‖² of y = x Wᵀ + b for x (N, d), gy = ∂L/∂y (N, k): ‖x_i‖²‖gy_i‖² for W, ‖gy_i‖² for b."""
-    d2 = _row_sq_norms(gy)
-    if need_w:
-        return torch.addcmul(d2, _row_sq_norms(x), d2) if need_b else _row_sq_norms(x) * d2
-    return d2 if need_b else torch.zeros_like(d2)
+    def total(self, exclude: dict[str, str] | None = None) -> torch.Tensor | None:
+        parts = [sq for layer, sq in self.parts if not exclude or layer not in exclude]
+        if len(parts) <= 1:
+            return parts[0].to(torch.float64) if parts else None
+        return torch.stack(parts).sum(0, dtype=torch.float64)
 
 
 class _GhostLinear(torch.autograd.Function):
     """y = x Wᵀ + b; backward also adds ‖g_i‖² of W and b per example to ``acc``.
 
-    x (N, d) : ‖g_i^W‖² = ‖x_i‖²‖δ_i‖²; x (N, T, d): per-example δ_iᵀx_i (bmm) or the Gram
-    form Σ_{t,t'}(x_t·x_t')(δ_t·δ_t'), whichever needs fewer FLOPs. Bias: ‖Σ_t δ_it‖².
+    x (N, d): ‖g_i^W‖² = ‖x_i‖²‖δ_i‖²; x (N, ..., d), flattened to (N, T, d): ``sequence_linear_weight``
+    (per-example δ_iᵀx_i summed into W's gradient, or the Gram form Σ_{t,t'}(x_t·x_t')(δ_t·δ_t') beside
+    it, whichever needs fewer FLOPs). Bias: ‖Σ_t δ_it‖².
     """
 
     @staticmethod
@@ -209,35 +109,25 @@ class _GhostLinear(torch.autograd.Function):
             )
         n = x.shape[0]
         a, d = x.reshape(n, -1, x.shape[-1]), gy.reshape(n, -1, gy.shape[-1])
-        sq = gy.new_zeros(n)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = gy @ weight
+        sq, grad_w, grad_b = gy.new_zeros(n), None, None
         if need_w:
-            grad_w = d.reshape(-1, d.shape[2]).T @ a.reshape(-1, a.shape[2])
-            t, p, q = a.shape[1], a.shape[2], d.shape[2]
-            if ghost_route(t, p, q) == "per_example":
-                c = _chunk(n, p * q * a.element_size())
-                for s in range(0, n, c):
-                    sq[s : s + c] += _row_sq_norms(d[s : s + c].transpose(1, 2) @ a[s : s + c])
-            else:
-                sq += _gram_sq_norms(a, d)
+            sq, grad_w = sequence_linear_weight(a, d, True)
         if need_b:
             per_example = d.sum(1)
-            sq += _row_sq_norms(per_example)
+            sq = sq + _row_sq_norms(per_example)
             grad_b = per_example.sum(0)
         ctx.acc.add(sq, ctx.name)
-        return grad_x, grad_w, grad_b, None, None
+        return gy @ weight if need_x else None, grad_w, grad_b, None, None
 
 
 class _GhostMaskedLinear(torch.autograd.Function):
     """DropConnect at W for G consecutive groups of g examples (N = G·g): y_i = (M_k ∘ W) x_i + b for
-    example i of group k, masks (G, out, in); backward returns the gradient with respect to W,
-    Σ_k M_k ∘ (Σ_{i∈k} δ_i x_iᵀ), and adds per example the masked surrogate's norm
-    ‖M_k ∘ (δ_i x_iᵀ)‖² + ‖δ_i‖² (bias unmasked).
+    example i of group k (every position of x_i, for inputs (N, ..., d)), masks (G, out, in); backward
+    returns the gradient with respect to W, Σ_k M_k ∘ (Σ_{i∈k} P_i) with P_i = Σ_t δ_it x_itᵀ, and adds
+    per example the masked surrogate's norm ‖M_k ∘ P_i‖² + ‖Σ_t δ_it‖² (bias unmasked).
 
-    ‖M ∘ (δ xᵀ)‖² = Σ_jk M_jk² δ_j² x_k² = ((δ²) M²) · x²: one batched matmul per group, as cheap as the
-    forward; x (N, d) only.
+    x (N, d): P_i = δ_i x_iᵀ is rank one and ‖M ∘ (δ xᵀ)‖² = ((δ²) M²) · x², one batched matmul per
+    group, as cheap as the forward. x (N, T, d): P_i materialised in chunks of examples.
     """
 
     @staticmethod
@@ -246,59 +136,43 @@ class _GhostMaskedLinear(torch.autograd.Function):
         masked = mask * weight
         ctx.save_for_backward(x, masked, mask)
         ctx.acc, ctx.name = acc, name
-        out = torch.bmm(x.view(groups, -1, x.shape[1]), masked.transpose(1, 2)).view(x.shape[0], -1)
+        out = torch.bmm(x.reshape(groups, -1, x.shape[-1]), masked.transpose(1, 2))
+        out = out.view(*x.shape[:-1], -1)
         return out if bias is None else out + bias
 
     @staticmethod
     def backward(ctx, gy):
         x, masked, mask = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        groups = mask.shape[0]
-        x3, gy3 = x.view(groups, -1, x.shape[1]), gy.reshape(groups, -1, gy.shape[1])
-        sq = gy.new_zeros(gy.shape[0])
-        grad_x = grad_w = None
-        if need_w:
+        groups, n = mask.shape[0], x.shape[0]
+        x3, gy3 = x.reshape(groups, -1, x.shape[-1]), gy.reshape(groups, -1, gy.shape[-1])
+        sq, grad_x, grad_w = gy.new_zeros(n), None, None
+        if need_w and x.dim() == 2:
             sq = (torch.bmm(gy3.square(), mask.square()) * x3.square()).sum(2).view(-1)
             grad_w = (mask * torch.bmm(gy3.transpose(1, 2), x3)).sum(0)
+        elif need_w:
+            a, d = x.reshape(n, -1, x.shape[-1]), gy.reshape(n, -1, gy.shape[-1])
+            grad_w, per_group = torch.zeros_like(masked[0]), n // groups
+            c = _chunk(n, 2 * masked[0].numel() * masked.element_size())
+            for s in range(0, n, c):
+                rows = torch.arange(s, min(s + c, n), device=mask.device) // per_group
+                part = mask[rows] * (d[s : s + c].transpose(1, 2) @ a[s : s + c])
+                sq[s : s + c] = _row_sq_norms(part)
+                grad_w += part.sum(0)
         if need_x:
             grad_x = torch.bmm(gy3, masked).view_as(x)
         if need_b:
-            sq = sq + _row_sq_norms(gy)
+            sq = sq + _row_sq_norms(gy.reshape(n, -1, gy.shape[-1]).sum(1))
         ctx.acc.add(sq, ctx.name)
-        return grad_x, grad_w, gy.sum(0) if need_b else None, None, None, None
-
-
-def _conv_per_example(
-    x: torch.Tensor, gy: torch.Tensor, weight: torch.Tensor, geometry: tuple, sq: torch.Tensor
-) -> torch.Tensor:
-    """Σ_i g_i^W, adding ‖g_i^W‖² to ``sq``: per-example weight gradients in chunks of c examples,
-    computed as the weight gradient of a grouped convolution (groups = c), which is faster on CPU
-    than im2col (F.unfold) + bmm."""
-    stride, padding, dilation = geometry
-    n, c_in = x.shape[:2]
-    c_out = weight.shape[0]
-    c = _chunk(n, weight.numel() * weight.element_size())
-    tiled = weight.detach().expand(c, *weight.shape).reshape(c * c_out, *weight.shape[1:])
-    total = torch.zeros_like(weight).view(-1)
-    for s in range(0, n, c):
-        k = min(c, n - s)
-        xs = x[s : s + k].reshape(1, k * c_in, *x.shape[2:])
-        gs = gy[s : s + k].reshape(1, k * c_out, *gy.shape[2:])
-        per_example = torch.ops.aten.convolution_backward(
-            gs, xs, tiled[: k * c_out], None, stride, padding, dilation, False, [0, 0], k, [False, True, False]
-        )[1].view(k, -1)
-        sq[s : s + k] += _row_sq_norms(per_example)
-        total += per_example.sum(0)
-    return total.view_as(weight)
+        return grad_x, grad_w, gy.reshape(-1, gy.shape[-1]).sum(0) if need_b else None, None, None, None
 
 
 class _GhostConv2d(torch.autograd.Function):
     """y = conv2d(x, W, b); backward also adds ‖g_i‖² of W and b per example to ``acc``.
 
-    Weight, per layer by FLOPs (L output positions, K = C_in·kh·kw): per-example
-    g_i = δ_i (C_out×L) · unfold(x_i)ᵀ (L×K), L·C_out·K, summed to give W's gradient so it is
-    not computed twice; or the Gram form Σ_{l,l'} (u_l·u_l')(δ_l·δ_l'), L²(K + C_out), next to
-    the ordinary weight gradient. Bias: ‖Σ_l δ_il‖².
+    Weight, per layer by FLOPs (``conv2d_weight``): per-example gradients summed to give W's gradient
+    (so it is not computed twice), or the Gram form next to the ordinary weight gradient.
+    Bias: ‖Σ_l δ_il‖² over the output pixels l.
     """
 
     @staticmethod
@@ -310,26 +184,19 @@ class _GhostConv2d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        geometry = ctx.geometry
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gy = gy.contiguous()
-        n, c_out, positions, k = x.shape[0], weight.shape[0], gy.shape[2] * gy.shape[3], weight[0].numel()
-        per_example_route = ghost_route(positions, k, c_out) == "per_example"
-        sq = gy.new_zeros(n)
+        per_example_route = conv2d_route(x, gy, weight) == "per_example"
+        sq = gy.new_zeros(x.shape[0])
         grad_x = grad_w = grad_b = None
         mask = [need_x, need_w and not per_example_route, False]
         if any(mask):
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                gy, x, weight, None, *geometry, False, [0, 0], 1, mask
+                gy, x, weight, None, *ctx.geometry, False, [0, 0], 1, mask
             )
-        if need_w and per_example_route:
-            grad_w = _conv_per_example(x, gy, weight, geometry, sq)
-        elif need_w:
-            stride, padding, dilation = geometry
-            c = _chunk(n, positions * (k + positions) * x.element_size())
-            for s in range(0, n, c):
-                u = F.unfold(x[s : s + c], weight.shape[2:], dilation, padding, stride).transpose(1, 2)
-                sq[s : s + c] += _gram_sq_norms(u, gy[s : s + c].view(-1, c_out, positions).transpose(1, 2))
+        if need_w:
+            total = conv2d_weight(x, gy, weight, ctx.geometry, sq)
+            grad_w = total if per_example_route else grad_w
         if need_b:
             per_example = gy.sum((2, 3))
             sq += _row_sq_norms(per_example)
@@ -338,33 +205,32 @@ class _GhostConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
-def _ghost_forward(
-    module: nn.Linear | nn.Conv2d, name: str, ghost: GhostNorms, light: bool = False
+# --------------------------------------------------------------------------- patched forwards
+
+
+def _fused_forward(
+    module: nn.Module, name: str, ghost: GhostNorms, light: bool = False
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The forward GhostNorms patches in; ``light``: the layer of a ``linear_softmax`` model, whose
-    output gradient is kept (C++ retain_grad, no autograd.Function) for the closed form."""
-    geometry = None if type(module) in GHOST_LINEAR else _ghost_geometry(module)
+    """The forward GhostNorms patches into a Linear/Conv2d; ``light``: the layer of a ``linear_softmax``
+    model, whose output gradient is kept (C++ retain_grad, no autograd.Function) for the closed form."""
+    geometry = None if type(module) in GHOST_LINEAR else conv2d_geometry(module)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if name in ghost._called:
-            raise ValueError(
-                f"layer {name!r} is called twice in one forward; ghost norms need one call per "
-                "layer: use per_example_sq_norms(..., method='func')."
-            )
+        problem = ghost._problem(name, x.shape[0] if x.dim() >= 2 else None)
+        mask = ghost.weight_masks.get(name)
+        if problem is not None:
+            ghost._unsupported(name, problem, force_raise=mask is not None)
+            return ghost._original(name, module)(x)
         ghost._called.add(name)
-        if x.dim() < 2:
-            raise ValueError(f"layer {name!r} got an unbatched input of shape {tuple(x.shape)}.")
         if isinstance(module, nn.Conv2d):  # the ghost path's convolutions (geometry is set)
             if module.padding_mode != "zeros":
                 x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
             return _GhostConv2d.apply(x, module.weight, module.bias, geometry, ghost._acc, name)
-        mask = ghost.weight_masks.get(name)
         if mask is not None:
-            if x.dim() != 2:
-                raise ValueError(f"layer {name!r}: masked ghost norms need (N, features) inputs, got {tuple(x.shape)}.")
             return _GhostMaskedLinear.apply(x, module.weight, module.bias, mask, ghost._acc, name)
         if light and x.dim() == 2:
-            out = F.linear(x, module.weight, module.bias)
+            layer = cast(nn.Linear, module)
+            out = F.linear(x, layer.weight, layer.bias)
             if out.requires_grad:  # backward fills out.grad = ∂L/∂z; GhostNorms.sq_norms reads it
                 out.retain_grad()
                 ghost._logits = (name, x, out)
@@ -374,65 +240,140 @@ def _ghost_forward(
     return forward
 
 
-class GhostNorms:
-    """Per-example squared gradient norms of the Linear/Conv2d parameters, fused into one backward.
+def _hook_forward(module: nn.Module, name: str, rule: NormRule, ghost: GhostNorms) -> Callable[..., Any]:
+    """The forward GhostNorms patches into a layer with a hook rule: the layer's own forward, then a
+    gradient hook on its output that calls the rule with the inputs, ∂L/∂y and the parameters used.
+    The built-in Embedding rule also measures ids shared by the batch (``rules.shared_ids``)."""
+    attrs = [k for k, p in module.named_parameters(recurse=False) if p.requires_grad]
+    embedding = rule.fn is embedding_norms
 
-    Inside the context, supported layers run custom autograd functions that compute the
-    usual gradients and, per example i, ‖∂f_i/∂θ‖² for their weight and bias (see
-    ``_GhostLinear`` and ``_GhostConv2d``). Use one forward and one backward per context:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        out = ghost._original(name, module)(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return out
+        params = {k: t for k in attrs if isinstance(t := getattr(module, k), torch.Tensor) and t.requires_grad}
+        if not params:
+            return out
+        shared = shared_ids(args[0], out, ghost._n, ghost._root) if embedding and args else None
+        if isinstance(shared, str):
+            ghost._unsupported(name, shared)
+            return out
+        if shared is not None:
+            args, out = (shared[0], *args[1:]), shared[1]
+        problem = ghost._problem(name, out.shape[0] if out.dim() else None)
+        if problem is None and rule.check_call is not None:
+            problem = rule.check_call(module, args)
+        if problem is not None:
+            ghost._unsupported(name, problem)
+            return out
+        ghost._called.add(name)
+        out.register_hook(partial(ghost._run_rule, name, module, rule, args, params))
+        return out
+
+    return forward
+
+
+class GhostNorms:
+    """Per-example squared gradient norms of every layer with a norm rule, fused into one backward.
+
+    Inside the context, layers with a rule (``norm_routes``: "ghost:...") add, per example i,
+    ‖∂f_i/∂θ‖² over their own trainable parameters θ. Use one forward and one backward per context:
 
         with GhostNorms(model) as ghost:
-            F.cross_entropy(model(x), y, reduction="sum").backward()
-        s = ghost.sq_norms()                  # (N,) float64; with the mean loss multiply by N²
+            summed_loss(model(x), y).backward()  # raygd.loss; for logits [N, C] or [N, T, C]
+        s = ghost.sq_norms()                     # (N,) float64; with the mean loss multiply by N²
 
     ``sq_norms`` measures the gradient contributions of what was backpropagated: with the
-    mean loss each example contributes g_i/N. ``uncovered`` lists trainable parameters the
-    ghost path does not see (e.g. GroupNorm); their norms come from ``per_example_sq_norms``.
+    mean loss each example contributes g_i/N. ``uncovered`` lists trainable parameters of the
+    layers that fall back (no rule, e.g. GroupNorm; a parameter shared by two layers), which
+    ``per_example_sq_norms`` measures with torch.func; ``fallback_layers`` lists those layers, and
+    after a forward also the layers that fell back at run time (``fallback_reasons`` says why).
     The model (not a DDP wrapper) is patched; DDP around it works unchanged.
+
+    An Embedding of ids shared by the batch (positions arange(T) or arange(T)[None], T ≠ N) returns its
+    output expanded over the N examples (a view: a broadcasting consumer sees the same values), whose
+    gradient gives its per-example norms. A call ghost norms cannot measure (a layer called twice in one
+    forward, another layer whose input is shared by the batch) raises ``GhostUnsupported``
+    when ``on_unsupported="raise"`` (default); with ``"fallback"`` the layer runs unpatched, its
+    norms are left out of ``sq_norms`` and its parameters are listed by ``fallback_parameters``.
 
     A ``linear_softmax`` model (logistic regression) takes a lighter route with the same result:
     its layer keeps the gradient of its output z (``retain_grad``) and ``sq_norms`` applies the
-    closed form ‖∂L/∂z_i‖²(‖x_i‖² + 1), whatever the loss scale (mean cross entropy:
-    ∂L/∂z_i = (p_i − e_{y_i})/N; binary model: (σ(z_i) − y_i)/N), so a step pays a few small
-    kernels instead of a Python autograd.Function (bench/diversity_overhead.py).
+    closed form ‖∂L/∂z_i‖²(‖x_i‖² + 1), whatever the loss scale, so a step pays a few small kernels.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.layers = {name: m for name, m in model.named_modules() if ghost_supported(m)}
+    def __init__(self, model: nn.Module, *, on_unsupported: str = "raise") -> None:
+        if on_unsupported not in ("raise", "fallback"):
+            raise ValueError(f"on_unsupported = {on_unsupported!r} is invalid: use 'raise' or 'fallback'.")
+        self.model, self.strict = model, on_unsupported == "raise"
+        plan = plan_routes(model)
+        self.routes, self._static_reasons = plan.routes, plan.reasons
+        self.layers = {name: m for name, m in model.named_modules() if name in plan.rules}
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        self._param_names = {
+            name: [canonical[id(p)] for p in m.parameters(recurse=False) if p.requires_grad]
+            for name, m in model.named_modules()
+            if name in plan.routes
+        }
         covered = {id(p) for m in self.layers.values() for p in m.parameters(recurse=False)}
         self.covered = [n for n, p in model.named_parameters() if id(p) in covered and p.requires_grad]
         self.uncovered = [n for n, p in model.named_parameters() if id(p) not in covered and p.requires_grad]
-        owners: dict[int, str] = {}
-        for name, m in model.named_modules(remove_duplicate=False):
-            for p in m.parameters(recurse=False):
-                if id(p) in covered and owners.setdefault(id(p), name) != name:
-                    raise ValueError(
-                        f"a parameter is shared by layers {owners[id(p)]!r} and {name!r}; "
-                        "use per_example_sq_norms(..., method='func')."
-                    )
-        self._acc, self._called = _Accumulator(), set()
-        self._saved: dict[str, object] = {}
         closed = linear_softmax(model)
-        self._logits: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        self.fused = {
+            name
+            for name, m in self.layers.items()
+            if (type(m) in GHOST_LINEAR and plan.rules[name].fn is linear_norms)
+            or (type(m) is nn.Conv2d and plan.rules[name].fn is conv2d_norms)
+        }
+        """The layers that run raygd's fused Linear/Conv2d kernels (the others run their rule from a hook)."""
         self._forwards = {
-            name: _ghost_forward(m, name, self, light=closed is not None and m is closed.layer)
+            name: _fused_forward(m, name, self, light=closed is not None and m is closed.layer)
+            if name in self.fused
+            else _hook_forward(m, name, plan.rules[name], self)
             for name, m in self.layers.items()
         }
+        self._needs_batch_size = closed is None
         self._mode_sensitive = mode_sensitive_layers(model)
+        self._acc, self._called, self._runtime = _Accumulator(), set(), {}
+        self._saved: dict[str, Any] = {}
+        self._n: int | None = None
+        self._root: torch.Tensor | None = None
+        self._pre_hook: Any = None
+        self._logits: tuple[str, torch.Tensor, torch.Tensor] | None = None
         self.weight_masks: dict[str, torch.Tensor] = {}
         """Linear layer name -> the DropConnect masks (G, out, in) of this forward, one per consecutive group
-        of N/G examples: the layer computes at M_k ∘ W, its gradient is the surrogate's
-        Σ_i M_k(i) ∘ ∂f_i/∂(M_k(i) ∘ W) and its norms ‖M_k(i) ∘ ∂f_i/∂(M_k(i) ∘ W)‖² (``_GhostMaskedLinear``)."""
+        of N/G examples (shared by all positions of an example): the layer computes at M_k ∘ W, its gradient
+        is the surrogate's Σ_i M_k(i) ∘ ∂f_i/∂(M_k(i) ∘ W) and its norms ‖M_k(i) ∘ ∂f_i/∂(M_k(i) ∘ W)‖²
+        (``_GhostMaskedLinear``)."""
+
+    @property
+    def fallback_reasons(self) -> dict[str, str]:
+        """Layer name -> why it falls back to torch.func: by construction, and in the last forward."""
+        return {**self._static_reasons, **self._runtime}
+
+    @property
+    def fallback_layers(self) -> list[str]:
+        """The layers whose parameters ghost norms do not measure (``fallback_reasons`` says why)."""
+        return list(self.fallback_reasons)
+
+    def fallback_parameters(self) -> list[str]:
+        """Trainable parameter names the last forward and backward left out of ``sq_norms``: ``uncovered``,
+        those of layers that fell back at run time and those of ghost layers whose forward did not run
+        (e.g. a layer whose weight another module uses directly)."""
+        skipped = [n for n in self.layers if n in self._runtime or n not in self._called]
+        names = set(self.uncovered) | {p for n in skipped for p in self._param_names[n]}
+        return [n for n, p in self.model.named_parameters() if n in names]
 
     # Entered every training step: the patch goes through the layers' __dict__ (nn.Module's
     # __setattr__/__delattr__ cost microseconds, which a logistic-regression step feels).
     def __enter__(self) -> GhostNorms:
         check_per_example(self.model, self._mode_sensitive)
-        self._acc, self._called, self._logits = _Accumulator(), set(), None
+        self._acc, self._called, self._runtime, self._logits, self._n = _Accumulator(), set(), {}, None, None
         for name, m in self.layers.items():
             self._saved[name] = m.__dict__.get("forward")  # an instance-level forward, rarely set
             m.__dict__["forward"] = self._forwards[name]
+        if self._needs_batch_size:
+            self._pre_hook = self.model.register_forward_pre_hook(self._batch_size, with_kwargs=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -442,14 +383,57 @@ class GhostNorms:
                 m.__dict__.pop("forward", None)
             else:
                 m.__dict__["forward"] = saved
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
+        self._root = None
+
+    def _batch_size(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model: N is dim 0 of its first tensor input."""
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if self._n is None and first is not None and first.dim() > 0:
+            self._n, self._root = int(first.shape[0]), first
+
+    def _original(self, name: str, module: nn.Module) -> Callable[..., Any]:
+        saved = self._saved.get(name)
+        return saved if saved is not None else partial(type(module).forward, module)
+
+    def _problem(self, name: str, rows: int | None) -> str | None:
+        """Why this call of layer ``name`` cannot be measured (``rows``: its dim 0, None if unbatched)."""
+        if name in self._called:
+            return "is called twice in one forward (its per-example gradient sums both calls)"
+        if rows is None:
+            return "got an unbatched input (no examples dim)"
+        if self._n is not None and rows != self._n:
+            return (
+                f"sees {rows} rows on dim 0 where the model's input has {self._n} examples: an input shared by "
+                "the batch has no per-example gradient at this layer"
+            )
+        return None
+
+    def _unsupported(self, name: str, problem: str, force_raise: bool = False) -> None:
+        if self.strict or force_raise:
+            kind = type(self.layers[name]).__name__
+            raise GhostUnsupported(
+                f"layer {name or '<model>'!r} ({kind}) {problem}; ghost norms cannot measure it. The exact path "
+                "(gradient_diversity, per_example_sq_norms) measures its parameters with torch.func "
+                f"(method='func' for the whole model); {WHAT_STILL_WORKS}."
+            )
+        self._runtime[name] = problem
+
+    def _run_rule(
+        self, name: str, module: nn.Module, rule: NormRule, args: tuple, params: dict, grad: torch.Tensor
+    ) -> None:
+        with torch.no_grad():
+            self._acc.add(rule.fn(module, args, grad, params).detach(), name)
 
     def sq_norms(self) -> torch.Tensor | None:
-        """(N,) float64 per-example squared norms over the covered parameters; None before backward."""
+        """(N,) float64 per-example squared norms over the measured parameters; None before backward."""
         if self._logits is not None:
             name, x, z = self._logits
             if z.grad is not None:
-                layer = self.layers[name]
+                layer = cast(nn.Linear, self.layers[name])
                 bias = layer.bias is not None and layer.bias.requires_grad
                 self._acc.add(_linear_sq_norms(x, z.grad, layer.weight.requires_grad, bias), name)
                 self._logits = None
-        return self._acc.total()
+        return self._acc.total(self._runtime)

@@ -1,7 +1,9 @@
-"""Per-example gradients and their squared norms ‖∇f_i(w)‖², f_i example i's cross entropy.
+"""Per-example gradients and their squared norms ‖∇f_i(w)‖², f_i example i's loss (``raygd.loss``:
+cross entropy, averaged over the positions of a sequence).
 
-``per_example_sq_norms`` is the exact path's workhorse: ghost norms (``ghost.py``) for the
-Linear/Conv2d parameters plus torch.func per-example gradients for the rest (e.g. GroupNorm),
+``per_example_sq_norms`` is the exact path's workhorse: ghost norms (``ghost.py``) for the layers
+with a norm rule (Linear, Conv2d, Embedding, LayerNorm, RMSNorm, registered ones) plus torch.func
+per-example gradients for the rest (e.g. GroupNorm, a parameter shared by two layers),
 or the closed form ‖g_i‖² = ‖p_i − e_{y_i}‖²(‖x_i‖² + 1) for logistic regression
 (``linear_softmax_sq_norms``, one forward and no backward). ``per_example_grads`` (torch.func's
 vmap of grad) also evaluates DropConnect's masked surrogates, which no library provides.
@@ -16,14 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from raygd.diversity.ghost import (
-    GhostNorms,
-    LinearSoftmax,
-    _linear_sq_norms,
-    _row_sq_norms,
-    check_per_example,
-    linear_softmax,
-)
+from raygd.diversity.checks import LinearSoftmax, check_per_example, linear_softmax
+from raygd.diversity.ghost import GhostNorms
+from raygd.diversity.rules import _linear_sq_norms, _row_sq_norms
+from raygd.loss import summed_loss
 
 FUNC_CHUNK_BYTES = 64 * 2**20
 """Largest block of torch.func per-example gradients (N·d floats) alive at once."""
@@ -78,8 +76,7 @@ def per_example_grads(
     def loss_one(diff: Params, masks: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
         full = {**fixed, **diff}
         full = {n: t * masks[n] if n in masks else t for n, t in full.items()}
-        logits = functional_call(model, (full, buffers), (xi.unsqueeze(0),))
-        return F.cross_entropy(logits, yi.unsqueeze(0), reduction="sum")
+        return summed_loss(functional_call(model, (full, buffers), (xi.unsqueeze(0),)), yi.unsqueeze(0))
 
     return vmap(grad(loss_one), in_dims=(None, 0, 0, 0), randomness="different")(diff, weight_masks or {}, x, y)
 
@@ -173,14 +170,16 @@ def per_example_sq_norms(
     """s_i = ‖∇f_i(w)‖² for each example and the summed gradient G = Σ_i ∇f_i(w).
 
     ``method="ghost"``: one forward and one backward of Σ_i f_i with ``GhostNorms`` give G and
-    the norms of the Linear/Conv2d parameters; the other trainable parameters (``uncovered``,
-    e.g. GroupNorm) get torch.func per-example gradients, a second batched pass that stops at
-    the earliest such parameter. A ``linear_softmax`` model (logistic regression) takes the
-    closed form instead (``linear_softmax_sq_norms``: one forward, no backward).
+    the norms of the layers with a norm rule (``norm_routes``); the other trainable parameters
+    (``GhostNorms.fallback_parameters``: layers without a rule such as GroupNorm, parameters shared
+    by two layers, layers that could not be measured in this forward, e.g. an Embedding of positions
+    shared by the batch) get torch.func per-example gradients, a second batched pass that
+    differentiates only those. A ``linear_softmax`` model (logistic regression) takes the closed
+    form instead (``linear_softmax_sq_norms``: one forward, no backward).
     ``method="func"``: torch.func for all parameters.
 
     Args:
-        model: maps x to logits; f_i is the cross entropy of example i.
+        model: maps x to logits [N, C] (or [N, T, C] for a sequence model); f_i as ``raygd.loss``.
         x, y: N examples and labels (on the model's device).
         params, buffers: as from ``functional_state`` (default: the model's own, detached).
         method: "ghost" or "func".
@@ -198,14 +197,16 @@ def per_example_sq_norms(
     closed = linear_softmax(model)
     if closed is not None and (closed.name or x.dim() == 2):
         return linear_softmax_sq_norms(closed, x, y, params, buffers)
-    ghost = GhostNorms(model)
+    ghost = GhostNorms(model, on_unsupported="fallback")
     with ghost:
-        loss = F.cross_entropy(functional_call(model, (params, buffers), (x,)), y, reduction="sum")
+        loss = summed_loss(functional_call(model, (params, buffers), (x,)), y)
         summed = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     sq = ghost.sq_norms()
     sq = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) if sq is None else sq
-    if ghost.uncovered:
-        sq = sq + _func_sq_norms(model, x, y, params, buffers, ghost.uncovered)[0]
+    fallback = set(ghost.fallback_parameters())
+    rest = [n for n, g in zip(params, summed, strict=True) if n in fallback and g is not None]
+    if rest:  # a parameter with no gradient has zero per-example gradients
+        sq = sq + _func_sq_norms(model, x, y, params, buffers, rest)[0]
     return sq, [torch.zeros_like(p) if g is None else g for g, p in zip(summed, params.values(), strict=True)]
 
 
