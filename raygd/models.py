@@ -204,3 +204,47 @@ def check_workload(cfg: RunConfig, data: Dataset) -> nn.Module:
                 f"layer of train.model = {cfg.train.model!r}; its Linear layers are {names or 'none'}."
             )
     return model
+
+
+def model_size(model: nn.Module, example: torch.Tensor) -> tuple[int, int, float]:
+    """(trainable parameters, bytes of their gradient, forward multiply-accumulates per example) of ``model``,
+    counted on one example (``example`` [1, *input_shape]): what ``raygd project`` needs from any model, logged
+    with every run as ``model.num_params``, ``model.grad_bytes`` and ``model.macs_per_example``.
+
+    MACs count the nn.Linear layers (in_features per output value, so [N, T, d] inputs count T times) and
+    nn.Conv2d layers; attention's own matmuls, embeddings and norms are left out (for a small transformer
+    at context T they add ~T·d per token per layer, under 1/6 of the Linear MACs at T ≤ d)."""
+    macs = [0.0]
+
+    def count(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            macs[0] += output.numel() * module.in_features
+        elif isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+            macs[0] += output[0].numel() * k
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return sum(p.numel() for p in trainable), sum(p.numel() * p.element_size() for p in trainable), macs[0]
+
+
+def workload_params(cfg: RunConfig, data: Dataset) -> dict[str, Any]:
+    """What every run records of its model as MLflow params (``raygd project`` reads them for any model):
+    ``model.num_params``, ``model.grad_bytes`` (what DDP all-reduces per update, before any compression),
+    ``model.macs_per_example`` and ``model.class`` (the factory's class name)."""
+    model = build_model(cfg.train.model, data.input_shape, data.num_classes, cfg.train.model_args)
+    params, grad_bytes, macs = model_size(model, data.x_train[:1])
+    return {
+        "model.num_params": params,
+        "model.grad_bytes": grad_bytes,
+        "model.macs_per_example": macs,
+        "model.class": type(model).__name__,
+    }

@@ -138,40 +138,28 @@ class TrialInput:
         return cm.ddp_buckets(4 * self.num_params)
 
 
-def model_size(model: str, data_name: str, features: int, num_classes: int) -> tuple[int, float]:
-    """(parameters, forward multiply-accumulates per example) of raygd's ``model``, counted on one example."""
+def builtin_model_size(model: str, data_name: str, features: int, num_classes: int) -> tuple[int, float]:
+    """(parameters, forward multiply-accumulates per example) of raygd's built-in ``model``, for runs recorded
+    before every run logged ``model.num_params`` and ``model.macs_per_example`` (``raygd.models.model_size``)."""
     import torch
 
-    from raygd.models import build_model
+    from raygd.models import build_model, model_size
 
     shape = INPUT_SHAPES.get(data_name, (features,))
-    net = build_model(model, shape, num_classes)
-    macs = [0.0]
-
-    def count(module, inputs, output) -> None:
-        if isinstance(module, torch.nn.Linear):
-            macs[0] += module.in_features * module.out_features
-        elif isinstance(module, torch.nn.Conv2d):
-            k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
-            macs[0] += output[0].numel() * k
-
-    handles = [
-        m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
-    ]
-    with torch.no_grad():
-        net.eval()(torch.zeros(1, *shape))
-    for h in handles:
-        h.remove()
-    return sum(p.numel() for p in net.parameters()), macs[0]
+    params, _, macs = model_size(build_model(model, shape, num_classes), torch.zeros(1, *shape))
+    return params, macs
 
 
 def _trial_input(run, sizes: dict) -> TrialInput:
     p, m = run.data.params, run.data.metrics
     key = (p.get("train.model", "logreg"), p.get("data.name", "synthetic"), p.get("data.synthetic_features", "32"))
     classes = int(p.get("data.num_classes", 10))
-    if (*key, classes) not in sizes:
-        sizes[(*key, classes)] = model_size(key[0], key[1], int(key[2]), classes)
-    params, macs = sizes[(*key, classes)]
+    if "model.num_params" in p and "model.macs_per_example" in p:  # any model: what the run measured of it
+        params, macs = int(p["model.num_params"]), float(p["model.macs_per_example"])
+    else:  # a run from before those params: a built-in model, rebuilt by name
+        if (*key, classes) not in sizes:
+            sizes[(*key, classes)] = builtin_model_size(key[0], key[1], int(key[2]), classes)
+        params, macs = sizes[(*key, classes)]
     emulated = None
     if run.data.tags.get("raygd.network") == "emulated":
         emulated = {k.split(".")[-1]: v for k, v in p.items() if k.startswith("train.network.")}

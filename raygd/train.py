@@ -28,7 +28,7 @@ from raygd.config import RunConfig
 from raygd.data import Dataset, GlobalBatchSampler, load_data
 from raygd.loop import RunSummary, build_state, run_loop
 from raygd.mechanisms import build_mechanism
-from raygd.models import check_workload
+from raygd.models import check_workload, workload_params
 from raygd.network import emulation_tags
 from raygd.ray_env import check_ray_address, ensure_ray, use_gpu
 from raygd.records import INTERRUPTED_TAG, STATUS_TAG, Status
@@ -139,6 +139,7 @@ def open_run(cfg: RunConfig, data: Dataset, gpu: bool, parent_run_id: str | None
         "data.n": data.n,
         "data.num_classes": data.num_classes,
         "train.batch_size_per_worker": tc.batch_size_per_worker,
+        **workload_params(cfg, data),
     }
     shape = {
         "cluster.num_workers": tc.num_workers,

@@ -3,6 +3,7 @@ and the MLflow store exactly as it was (no new run, nothing already recorded los
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import io
 import shutil
@@ -49,6 +50,9 @@ def world(tmp_path_factory):
         f"data: {{data_dir: '{good}'}}\ntrain: {{model: logreg, num_workers: 1, global_batch_size: 32}}\n"
         f"tracking: {{tracking_uri: '{store}', experiment_name: kept}}\n"
     )
+    (root / "userplug.py").write_text(USER_MODULE)
+    (root / "broken_plug.py").write_text("import a_library_nobody_installed  # noqa\n")
+    compileall.compile_dir(root, quiet=1)  # importing them must not add files the snapshot would see
     (root / "syntax.yaml").write_text("train: {model: [\n")
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "unsafe.yaml").write_text("train: !!python/object/apply:os.system ['echo unsafe']\n")
@@ -66,6 +70,65 @@ def world(tmp_path_factory):
         "closed_port": closed_port,
         "dirs": {name: root / name for name in ("empty", "corrupt", "mismatch", "garbage", "shape")},
     }
+
+
+USER_MODULE = """
+import torch
+from torch import nn
+
+NOT_CALLABLE = 3
+
+
+def build(input_shape, num_classes, width=16):
+    d = 1
+    for s in input_shape:
+        d *= s
+    layers = [nn.Flatten(), nn.Linear(d, width), nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def build_raises(input_shape, num_classes):
+    raise RuntimeError("this factory needs a GPU")
+
+
+def build_not_module(input_shape, num_classes):
+    return "a model"
+
+
+def build_wrong_logits(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes + 1))
+
+
+def build_batchnorm(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 8), nn.BatchNorm1d(8), nn.Linear(8, num_classes))
+
+
+def load_not_a_pair():
+    return [1, 2, 3]
+
+
+def load_strings():
+    return ["some", "text"], ["more", "text"]
+
+
+class Labelled(torch.utils.data.TensorDataset):
+    num_classes = 3
+
+
+def load_labels_out_of_range():
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.arange(64) % 5
+    return Labelled(x, y), Labelled(x[:16], y[:16])
+
+
+def load_raises(path="/data/corpus.txt"):
+    raise FileNotFoundError(path)
+
+
+def load_sequences():
+    x = torch.randint(10, (64, 8))
+    return (x.float(), x.roll(-1, 1)), (x[:16].float(), x[:16].roll(-1, 1))
+"""
 
 
 def _snapshot(world) -> tuple:
@@ -161,6 +224,47 @@ CASES = [
     ("diversity-every", ["diversity", RUN, "--every", "0"], {}, "--every"),
     ("diversity-mechanism", ["diversity", RUN, "--mechanism", "foo"], {}, "--mechanism"),
     ("report-unknown-experiment", ["report", "nosuchsweep", "--tracking-uri", "{store}"], {}, "nosuchsweep"),
+    # the user's own model and data, by import string (raygd.plugins), from the working directory
+    ("model-import-form", ["train", RUN, "--set", "train.model=userplug.build"], {}, "train.model"),
+    ("model-module-missing", ["train", RUN, "--set", "train.model=no_such_module:build"], {}, "no_such_module"),
+    ("model-module-broken", ["train", RUN, "--set", "train.model=broken_plug:build"], {}, "a_library_nobody"),
+    ("model-attribute-missing", ["train", RUN, "--set", "train.model=userplug:nope"], {}, "'nope'"),
+    ("model-not-callable", ["train", RUN, "--set", "train.model=userplug:NOT_CALLABLE"], {}, "not callable"),
+    ("model-factory-raises", ["train", RUN, "--set", "train.model=userplug:build_raises"], {}, "needs a GPU"),
+    ("model-not-a-module", ["train", RUN, "--set", "train.model=userplug:build_not_module"], {}, "nn.Module"),
+    ("model-wrong-logits", ["train", RUN, "--set", "train.model=userplug:build_wrong_logits"], {}, "(2, 10)"),
+    ("model-args-builtin", ["train", RUN, "--set", "train.model_args={{width: 3}}"], {}, "train.model_args"),
+    (
+        "model-batchnorm-in-step",
+        ["train", RUN, "--set", "train.model=userplug:build_batchnorm", "--set", "train.diversity_estimator=in_step"],
+        {},
+        "free",
+    ),
+    ("data-not-a-pair", ["train", RUN, "--set", "data.name=userplug:load_not_a_pair"], {}, "(train, test)"),
+    ("data-wrong-types", ["train", RUN, "--set", "data.name=userplug:load_strings"], {}, "Dataset"),
+    ("data-labels-out-of-range", ["train", RUN, "--set", "data.name=userplug:load_labels_out_of_range"], {}, "0..2"),
+    ("data-factory-raises", ["train", RUN, "--set", "data.name=userplug:load_raises"], {}, "corpus.txt"),
+    ("data-args-builtin", ["train", RUN, "--set", "data.args={{path: x}}"], {}, "data.args"),
+    (
+        "sequence-labels-flat-logits",
+        ["train", RUN, "--set", "data.name=userplug:load_sequences", "--set", "train.model=userplug:build"],
+        {},
+        "(2, 8, 10)",
+    ),
+    (
+        "both-targets",
+        ["train", RUN, "--set", "train.target_accuracy=0.8", "--set", "train.target_loss=1.0"],
+        {},
+        "train.target_loss",
+    ),
+    ("neither-target", ["train", RUN, "--set", "train.target_accuracy=null"], {}, "exactly one"),
+    ("target-loss-negative", ["train", RUN, "--set", "train.target_loss=-1"], {}, "train.target_loss"),
+    (
+        "dropconnect-layers-match-nothing",
+        ["train", RUN, "--set", "mechanism.name=dropconnect", "--set", "mechanism.dropconnect_layers=[blocks.*]"],
+        {},
+        "mechanism.dropconnect_layers",
+    ),
 ]
 
 

@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 
 class DropConnect(Mechanism):
-    """DropConnect(p): Bernoulli(1-p) masks on every ``nn.Linear`` weight, one per example/group/worker batch.
+    """DropConnect(p): Bernoulli(1-p) masks on every ``nn.Linear`` weight (or those ``mechanism.dropconnect_layers``
+    names), one per example/group/worker batch; on a sequence model one mask serves all positions of an example.
 
     The surrogate of example i is g_i = grad of f_i at (M_i * W) for the masked layers, with
     E[M_i] = 1. Masks come from this rank's generator, seeded from (seed, rank): workers draw
@@ -36,13 +37,15 @@ class DropConnect(Mechanism):
     estimator = "Monte Carlo (8 mask draws)"
     bound_of = "surrogate"
 
-    def __init__(self, p: float, granularity: str = "per_example", group_size: int = 8) -> None:
+    def __init__(
+        self, p: float, granularity: str = "per_example", group_size: int = 8, layers: list[str] | None = None
+    ) -> None:
         super().__init__()
-        self.p, self.granularity, self.group_size = p, granularity, group_size
+        self.p, self.granularity, self.group_size, self.layers = p, granularity, group_size, layers
 
     @classmethod
     def from_config(cls, cfg: MechanismConfig) -> DropConnect:
-        return cls(cfg.drop_prob, cfg.dropconnect_granularity, cfg.dropconnect_group_size)
+        return cls(cfg.drop_prob, cfg.dropconnect_granularity, cfg.dropconnect_group_size, cfg.dropconnect_layers)
 
     @property
     def examples_per_mask(self) -> int | None:
@@ -65,16 +68,17 @@ class DropConnect(Mechanism):
         """Per-example masks, Monte Carlo over 8 draws (``raygd.diversity.dropconnect_diversity``)."""
         from raygd.diversity import dropconnect_diversity
 
-        return dropconnect_diversity(model, x, y, self.p, generator=generator, dtype=dtype)
+        return dropconnect_diversity(model, x, y, self.p, generator=generator, dtype=dtype, layers=self.layers)
 
     def setup(
         self, model: nn.Module, *, seed: int, rank: int, world_size: int, global_batch_size: int, device: torch.device
     ) -> nn.Module:
-        """Replace every ``nn.Linear`` (recursively, or the model itself) by a ``DropConnectLinear``."""
+        """Replace every ``nn.Linear`` (recursively, or the model itself; only those matching
+        ``mechanism.dropconnect_layers`` when set) by a ``DropConnectLinear``."""
         from raygd.mechanisms.dropconnect_linear import replace_linears
 
         super().setup(
             model, seed=seed, rank=rank, world_size=world_size, global_batch_size=global_batch_size, device=device
         )
         assert self.generator is not None
-        return replace_linears(model, self.p, self.examples_per_mask, self.generator)
+        return replace_linears(model, self.p, self.examples_per_mask, self.generator, self.layers)

@@ -10,6 +10,7 @@ generator state so memory does not grow with the batch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -179,13 +180,24 @@ class DropConnectLinear(nn.Linear):
         return torch.cat(per_example)
 
 
-def replace_linears(module: nn.Module, p: float, group_size: int | None, generator: torch.Generator) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``module`` (recursively, or the module itself) by a
+def replace_linears(
+    module: nn.Module,
+    p: float,
+    group_size: int | None,
+    generator: torch.Generator,
+    layers: Sequence[str] | None = None,
+    prefix: str = "",
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``module`` (recursively, or the module itself) whose name matches a glob
+    of ``layers`` (``fnmatch`` on the name in the model, e.g. ``blocks.*.mlp.*``; None: all) by a
     ``DropConnectLinear`` sharing its parameters and ``generator``; returns the new module."""
     if isinstance(module, nn.Linear) and not isinstance(module, DropConnectLinear):
-        return DropConnectLinear.from_linear(module, p=p, group_size=group_size, generator=generator)
+        if layers is None or any(fnmatchcase(prefix, pattern) for pattern in layers):
+            return DropConnectLinear.from_linear(module, p=p, group_size=group_size, generator=generator)
+        return module
     for child_name, child in module.named_children():
-        new_child = replace_linears(child, p, group_size, generator)
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        new_child = replace_linears(child, p, group_size, generator, layers, name)
         if new_child is not child:
             setattr(module, child_name, new_child)
     return module
