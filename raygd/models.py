@@ -239,12 +239,21 @@ def model_size(model: nn.Module, example: torch.Tensor) -> tuple[int, int, float
 def workload_params(cfg: RunConfig, data: Dataset) -> dict[str, Any]:
     """What every run records of its model as MLflow params (``raygd project`` reads them for any model):
     ``model.num_params``, ``model.grad_bytes`` (what DDP all-reduces per update, before any compression),
-    ``model.macs_per_example`` and ``model.class`` (the factory's class name)."""
+    ``model.macs_per_example``, ``model.class`` (the factory's class name), and which layers' per-example
+    norms take a ghost rule and which fall back to torch.func (``diversity.ghost_layers``,
+    ``diversity.fallback_layers``: ``raygd.diversity.norm_routes``, up to MLflow's 6000 characters a param)."""
+    from raygd.diversity.routes import norm_routes
+
     model = build_model(cfg.train.model, data.input_shape, data.num_classes, cfg.train.model_args)
     params, grad_bytes, macs = model_size(model, data.x_train[:1])
+    routes = norm_routes(model)
+    ghost = sorted({route for route in routes.values() if route != "fallback"})
+    fallback = [name or "<model>" for name, route in routes.items() if route == "fallback"]
     return {
         "model.num_params": params,
         "model.grad_bytes": grad_bytes,
         "model.macs_per_example": macs,
         "model.class": type(model).__name__,
+        "diversity.ghost_layers": ", ".join(ghost)[:6000] or "none",
+        "diversity.fallback_layers": ", ".join(fallback)[:6000] or "none",
     }

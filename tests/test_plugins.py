@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,20 @@ def test_a_data_set_over_the_memory_limit_is_refused_naming_the_limit(user_modul
     monkeypatch.setenv("RAYGD_MAX_DATA_BYTES", "1000")
     with pytest.raises(DataError, match=r"data.name = 'userplugins:load' holds .* over the .*RAYGD_MAX_DATA_BYTES"):
         load_data(_cfg("data.name=userplugins:load").data, 0)
+
+
+def test_the_readme_image_example_trains_by_import_string(idx_dir, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the repository root, as the README runs it
+    cfg = _cfg(
+        f"data.data_dir={idx_dir}",
+        "train.model=examples.fashion_mlp.model:build",
+        "train.model_args={width: 64}",
+        "train.target_accuracy=0.7",
+        "train.global_batch_size=32",
+        "train.max_passes=10",
+    )
+    data = load_data(cfg.data, cfg.train.seed)
+    model = check_workload(cfg, data)
+    assert [type(m).__name__ for m in model][1:3] == ["Linear", "LayerNorm"]
+    summary = train_rank(cfg, data)
+    assert summary.status == "reached_target", summary

@@ -3,7 +3,8 @@
 The integration test starts, on this machine, a Ray head (0 CPUs, token auth, free ports), a
 second node with 1 CPU (so the Train worker can only run there) and a real ``mlflow server``
 on 127.0.0.1; the nodes get ``MLFLOW_TRACKING_URI`` the way the configs in ``cluster/`` set it.
-``raygd submit`` ships this repository and runs a one-trial sweep; the runs are then read back
+``raygd submit`` ships a user's working directory (a folder holding only ``usernet.py``, their own
+model and data by import string) and runs a one-trial sweep with it; the runs are then read back
 from the server over HTTP. Everything started is stopped by PID (never ``ray stop``).
 """
 
@@ -27,13 +28,13 @@ SWEEP = [
     "sweep",
     "quickstart",
     "--set",
-    "data.name=synthetic",
+    "data.name=usernet:load",
+    "--set",
+    "train.model=usernet:build",
     "--set",
     "data.train_size=null",
     "--set",
     "data.eval_size=512",
-    "--set",
-    "data.synthetic_size=1024",
     "--set",
     "train.num_workers=1",
     "--set",
@@ -49,6 +50,24 @@ SWEEP = [
     "--set",
     "sweep.name=cluster-smoke",
 ]
+
+
+USER_MODULE = """
+import torch
+from torch import nn
+
+
+def load(n=1280):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 32, generator=g)
+    y = (x @ torch.randn(32, 10, generator=g)).argmax(1)
+    return (x[:1024], y[:1024]), (x[1024:], y[1024:])
+
+
+def build(input_shape, num_classes, width=32):
+    d = input_shape[0]
+    return nn.Sequential(nn.Linear(d, width), nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, num_classes))
+"""
 
 
 def raygd(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO, timeout: float = 120):
@@ -323,6 +342,9 @@ def test_submit_runs_a_sweep_on_the_cluster_and_its_runs_land_in_the_mlflow_serv
     from mlflow.tracking import MlflowClient
 
     storage = cluster.root / "tune"
+    work = tmp_path / "work"  # the user's working directory: their module, nothing of raygd's
+    work.mkdir()
+    (work / "usernet.py").write_text(USER_MODULE)
     start = time.monotonic()
     out = raygd(
         "submit",
@@ -333,6 +355,7 @@ def test_submit_runs_a_sweep_on_the_cluster_and_its_runs_land_in_the_mlflow_serv
         "--set",
         f"sweep.storage_path={storage}",
         env=client_env(cluster, tmp_path),
+        cwd=work,
         timeout=480,
     )
     elapsed = time.monotonic() - start
@@ -352,6 +375,8 @@ def test_submit_runs_a_sweep_on_the_cluster_and_its_runs_land_in_the_mlflow_serv
     assert len(children) == 1, [r.data.tags for r in runs]
     child = children[0]
     assert child.data.tags["cluster.nodes"] == "2" and child.data.params["train.num_workers"] == "1"
+    # the head has 0 CPUs: the one Train worker ran on the second node, importing usernet from the shipped folder
+    assert child.data.params["train.model"] == "usernet:build" and child.data.params["model.class"] == "Sequential"
     assert len(client.get_metric_history(child.info.run_id, "train/accuracy")) >= 1
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert "summary.md" in artifacts, artifacts
