@@ -120,6 +120,8 @@ class TrialInput:
     macs_per_example: float
     emulated: dict[str, Any] | None = None
     """The run's ``train.network.*`` when its time was emulated."""
+    target: str = "the target"
+    """The run's target as ``TrainConfig.target_label`` words it (``train loss <= 1.8``)."""
 
     @property
     def step_s(self) -> float:
@@ -163,7 +165,13 @@ def _trial_input(run, sizes: dict) -> TrialInput:
     emulated = None
     if run.data.tags.get("raygd.network") == "emulated":
         emulated = {k.split(".")[-1]: v for k, v in p.items() if k.startswith("train.network.")}
+    loss_target, acc_target = p.get("train.target_loss"), p.get("train.target_accuracy")
+    if loss_target not in (None, "None"):
+        target = f"train loss <= {float(loss_target):.4g}"
+    else:
+        target = f"train accuracy >= {float(acc_target):.4g}" if acc_target not in (None, "None") else "the target"
     return TrialInput(
+        target=target,
         record=TrialRecord.from_run(run),
         model=key[0],
         mechanism_name=p.get("mechanism.name", "vanilla"),
@@ -336,6 +344,7 @@ def project(trials: Sequence[TrialInput], target: Target, workers: Sequence[int]
                     "status": status,
                     "measured_time_to_accuracy_s": "" if r.time_to_accuracy_s is None else r.time_to_accuracy_s,
                     "measured_workers": t.workers,
+                    "target": t.target,
                 }
             )
     for p in workers:
@@ -462,11 +471,12 @@ def _speedup_cell(row: dict) -> str:
 def table(proj: Projection) -> str:
     """The markdown table of the best (γ, B) per mechanism and P, headed by what was projected onto what."""
 
+    targets = sorted({r["target"] for r in proj.trials}) or ["the target"]
     lines = [
         f"PROJECTED onto {proj.target.describe()}",
-        "(measured updates to target × modelled time per update; trials that did not reach the target are not "
-        "extrapolated; TTA: mean over the pair's seeds; speedup: ratio of means with its 95% bootstrap interval "
-        "over seeds)",
+        f"(time to {' / '.join(targets)}: measured updates to target × modelled time per update; trials that did "
+        "not reach the target are not extrapolated; TTA: mean over the pair's seeds; speedup: ratio of means "
+        "with its 95% bootstrap interval over seeds)",
         "",
         "| P | mechanism | γ | B | seeds | projected TTA (s) | projected speedup vs vanilla | ρ |",
         "|---|---|---|---|---|---|---|---|",

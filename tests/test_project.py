@@ -23,7 +23,7 @@ FIXED, PER_EXAMPLE = 2e-3, 1e-5
 LOGREG_PARAMS = 32 * 10 + 10
 
 
-def _trial(uri, parent, i, mech, step, batch, updates, status="reached_target", emulated=None, seed=0):
+def _trial(uri, parent, i, mech, step, batch, updates, status="reached_target", emulated=None, seed=0, extra=None):
     params = {
         "train.model": "logreg",
         "data.name": "synthetic",
@@ -36,6 +36,7 @@ def _trial(uri, parent, i, mech, step, batch, updates, status="reached_target", 
         "train.step_size": step,
         "train.global_batch_size": batch,
         "train.seed": seed,
+        **(extra or {}),
     }
     tags = {TRIAL_TAG: f"t{i}", MECHANISM_LABEL_TAG: mech, STATUS_TAG: status}
     step_s = FIXED + PER_EXAMPLE * batch / 2
@@ -232,3 +233,25 @@ def test_updates_to_target_do_not_depend_on_workers():
     pair = run_group(_updates, 2, [cfg(s, 2) for s in range(3)], data)
     assert all(u is not None for u in single)
     assert pair[0] == pair[1] == single
+
+
+def test_any_model_projects_from_the_size_its_run_logged(sqlite_uri):
+    """A user's model (an import string nothing here can import) projects from ``model.num_params`` and
+    ``model.macs_per_example`` as the run logged them, and the table names the run's loss target."""
+    parent = create_run(sqlite_uri, "proj", "sweep-user", {}, {KIND_TAG: SWEEP_KIND})
+    user = {
+        "train.model": "mypkg_not_installed.nets:build",
+        "data.name": "mypkg_not_installed.data:load",
+        "model.num_params": 812_345,
+        "model.macs_per_example": 5.0e7,
+        "train.target_loss": 1.8,
+        "train.target_accuracy": None,
+    }
+    _trial(sqlite_uri, parent, 0, "vanilla", 0.5, 64, 200, extra=user)
+    _trial(sqlite_uri, parent, 1, "quantize", 0.5, 64, 220, extra=user)
+    (vanilla, quantize) = sorted(project.read_trials(sqlite_uri, parent), key=lambda t: t.mechanism_name)[::-1]
+    assert vanilla.num_params == 812_345 and vanilla.macs_per_example == 5.0e7
+    assert vanilla.target == "train loss <= 1.8"
+    assert vanilla.payload == cm.payload_bytes(812_345, "vanilla") > quantize.payload
+    proj = project.project([vanilla, quantize], project.resolve_target(bandwidth_gbps=1.0), [8])
+    assert "time to train loss <= 1.8" in project.table(proj)
