@@ -33,8 +33,8 @@ train: $(STAMP) data
 
 # ruff (lint rules and format check) on every package; pyright (basic, see pyproject.toml) on raygd and tuning.
 lint: $(STAMP)
-	$(BIN)/ruff check raygd tuning tests bench
-	$(BIN)/ruff format --check raygd tuning tests bench
+	$(BIN)/ruff check raygd tuning tests bench examples
+	$(BIN)/ruff format --check raygd tuning tests bench examples
 	$(BIN)/pyright raygd tuning
 
 test: lint
