@@ -33,6 +33,7 @@ BENCHES = {
     "sweep_efficiency": ("Early stopping", [], 600),
     "eval_cost": ("Evaluation cost", [], 300),
     "metric_logging": ("Metric logging", [], 300),
+    "mechanism_cost": ("Mechanisms on a transformer", [], 300),
 }
 
 
