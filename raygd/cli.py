@@ -216,14 +216,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.config, args.overrides)
     from raygd.data import load_data
     from raygd.models import check_workload
-    from raygd.train import Interrupted, fit, stop_signals
+    from raygd.train import fit, interrupted, stop_signals
 
     data = load_data(cfg.data, cfg.train.seed)
     check_workload(cfg, data)  # a user's model: bad input exits 2 here, before the store or Ray
     with stop_signals():
         try:
             summary = fit(cfg, data=data)
-        except Interrupted as stop:
+        except KeyboardInterrupt as err:  # raygd.train.Interrupted, or Ray's KeyboardInterrupt in its place
+            stop = interrupted(err)
             ended = f"MLflow run {stop.run_id} ended KILLED" if stop.run_id else "before its MLflow run started"
             print(f"raygd train: interrupted by {stop.signal_name}; {ended}", flush=True)
             return stop.exit_code
@@ -253,23 +254,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from raygd.ray_env import check_ray_address
 
     check_ray_address()
-    from raygd.train import Interrupted, stop_signals
+    from raygd.train import interrupted, stop_signals
 
     with stop_signals():
         try:
             outcome = run_sweep(spec, resume=args.resume, verbose=args.verbose)
-        except Interrupted as stop:
-            print(_interrupted_sweep(spec.name, stop, args), flush=True)
-            return stop.exit_code
+        except KeyboardInterrupt as err:  # raygd.train.Interrupted, or Ray's KeyboardInterrupt in its place
+            print(_interrupted_sweep(spec.name, err, args), flush=True)
+            return interrupted(err).exit_code
     _print_sweep(spec.name, outcome, spec.tracking_uri)
     return 0
 
 
-def _interrupted_sweep(name: str, stop, args: argparse.Namespace) -> str:
+def _interrupted_sweep(name: str, err: KeyboardInterrupt, args: argparse.Namespace) -> str:
     """The line an interrupted sweep ends with (no table: its grid is not done): how far it got, how to resume."""
-    recorded = stop  # a second signal may have cut the recording short: the first one's counts, if any
-    while recorded is not None and getattr(recorded, "run_id", None) is None:
-        recorded = recorded.__context__
+    from raygd.train import Interrupted, interrupted
+
+    stop, recorded = interrupted(err), None
+    cause: BaseException | None = err
+    while cause is not None and recorded is None:  # a second signal may have cut the first one's recording short
+        recorded = cause if isinstance(cause, Interrupted) and cause.run_id else None
+        cause = cause.__context__
     if recorded is None:
         return f"raygd sweep {name}: interrupted by {stop.signal_name} before it started; nothing to resume"
     trials = f" after {recorded.trials[0]} of {recorded.trials[1]} trials" if recorded.trials else ""

@@ -243,13 +243,15 @@ def failing(tracker: Tracker):
     try:
         yield
     except KeyboardInterrupt as err:
+        stop = interrupted(err)
         with contextlib.suppress(Exception):
             if tracker.status() == "RUNNING":
-                tracker.set_tags({INTERRUPTED_TAG: err.signal_name if isinstance(err, Interrupted) else "SIGINT"})
+                tracker.set_tags({INTERRUPTED_TAG: stop.signal_name})
                 tracker.finish("KILLED")
-        if isinstance(err, Interrupted):
-            err.run_id = tracker.run_id
-        raise
+        stop.run_id = tracker.run_id
+        if stop is err:
+            raise
+        raise stop from err
     except BaseException:
         with contextlib.suppress(Exception):  # the store may be what failed; the original error matters
             if tracker.status() == "RUNNING":
@@ -266,14 +268,15 @@ class Interrupted(KeyboardInterrupt):
     """SIGINT or SIGTERM stopped the command (``stop_signals``): a ``KeyboardInterrupt``, as Ctrl-C raises.
 
     Attributes:
-        signum: the signal.
+        signum: the (first) signal.
+        repeated: a second stop signal came: stop at once.
         run_id: the MLflow run it interrupted, once recorded (a run's, or a sweep's parent run).
         trials: an interrupted sweep's (finished, total) trials, once recorded.
     """
 
-    def __init__(self, signum: int) -> None:
+    def __init__(self, signum: int, repeated: bool = False) -> None:
         super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+        self.signum, self.repeated = signum, repeated
         self.run_id: str | None = None
         self.trials: tuple[int, int] | None = None
 
@@ -287,8 +290,21 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+RECEIVED: list[int] = []
+"""The stop signals received since ``stop_signals`` (or a sweep's Tune experiment) began, first first."""
+
+
+def interrupted(err: BaseException | None = None) -> Interrupted:
+    """``err`` if it is an ``Interrupted``, else the ``Interrupted`` of the signals ``RECEIVED`` (SIGINT if none): Ray's
+    blocking calls (``ray.get``, ``ray.wait``) raise a plain ``KeyboardInterrupt`` in place of what a handler raised."""
+    if isinstance(err, Interrupted):
+        return err
+    return Interrupted(RECEIVED[0] if RECEIVED else signal.SIGINT, repeated=len(RECEIVED) > 1)
+
+
 def _raise_interrupted(signum: int, frame) -> None:
-    raise Interrupted(signum)
+    RECEIVED.append(signum)
+    raise interrupted()
 
 
 @contextlib.contextmanager
@@ -303,6 +319,7 @@ def stop_signals():
         yield
         return
     saved = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    RECEIVED.clear()
     for s, handler in saved.items():
         if handler is not signal.SIG_IGN:
             signal.signal(s, _raise_interrupted)

@@ -166,7 +166,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
     from raygd.data import load_data
     from raygd.pool import data_key
     from raygd.ray_env import ensure_ray
-    from raygd.train import Interrupted, keeping_stop_signals
+    from raygd.train import interrupted, keeping_stop_signals
 
     configs = [spec.run_config(p) for p in spec.trial_params()]
     _say(f"raygd sweep {spec.name}: checking the data ({configs[0].data.name}) ...")
@@ -189,11 +189,12 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
             try:
                 with keeping_stop_signals():  # Ray's start replaces the handler of SIGTERM
                     ensure_ray(cpus, log_to_driver=verbose)  # workers' logs: -v only
-            except Interrupted as stop:  # before any trial: the parent is there to resume all the same
+            except KeyboardInterrupt as err:  # before any trial: the parent is there to resume all the same
+                stop = interrupted(err)
                 stop.run_id = parent.result()[0]
-                raise
+                raise stop from None if stop is err else err
             parent_run_id, tune_dir, inline = parent.result()
-    pools, interrupted = None, False
+    pools, stop = None, None
     try:
         if resume:
             with keeping_stop_signals():
@@ -210,15 +211,18 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
             start_s = pools.start_s()
             if start_s is not None:  # the pool's own start, once per sweep
                 Tracker(spec.tracking_uri, parent_run_id, enabled=True).log_metrics({"pool/start_s": start_s}, step=0)
-    except Interrupted as stop:  # tagged first: a job's stop sends SIGKILL a while after its SIGTERM
-        interrupted, stop.run_id = True, parent_run_id
+    except KeyboardInterrupt as err:  # tagged first: a job's stop sends SIGKILL a while after its SIGTERM
+        stop = interrupted(err)
+        stop.run_id = parent_run_id
         stop.trials = record_interruption(
             spec.tracking_uri, parent_run_id, stop.signal_name, _planned_trials(spec, parent_run_id)
         )
-        raise
+        if stop is err:
+            raise
+        raise stop from err
     finally:
         if pools is not None:
-            _stop_pools(pools, spec.tracking_uri, parent_run_id, interrupted)
+            _stop_pools(pools, spec.tracking_uri, parent_run_id, stop)
     return close_sweep(spec.tracking_uri, parent_run_id)
 
 
@@ -226,11 +230,14 @@ INTERRUPTED_POOLS_STOP_S = 10.0
 """How long an interrupted sweep waits for its pools to abandon their trials in flight before it ends them."""
 
 
-def _stop_pools(pools, tracking_uri: str, parent_run_id: str, interrupted: bool) -> None:
-    """Stop the sweep's pools; interrupted, the trials in flight are abandoned first (``--resume`` continues them
-    from their checkpoints or redoes them), and a Ray going down too (a SIGTERM to the whole node) is no error."""
-    if not interrupted:
+def _stop_pools(pools, tracking_uri: str, parent_run_id: str, stop=None) -> None:
+    """Stop the sweep's pools; interrupted (``stop``), the trials in flight are abandoned first (``--resume`` continues
+    them from their checkpoints or redoes them), and a Ray going down too (a SIGTERM to the whole node) is no error.
+    After a second signal they are left to end with the driver."""
+    if stop is None:
         pools.stop()
+        return
+    if stop.repeated:
         return
     from raygd.pool import cancel_trial
 
@@ -424,21 +431,22 @@ def _stop_tune_on_signal(stopping=None):
     ``stopping`` runs at the first signal, in a thread (a handler must not wait on MLflow, which the main thread may
     be in): the parent is tagged before the stop, which a job's SIGKILL or a Ray killed with the driver can cut short.
     """
-    from raygd.train import STOP_SIGNALS, Interrupted
+    from raygd.train import RECEIVED, STOP_SIGNALS, interrupted
     from tuning.console import notice
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     saved = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGUSR1)}
-    received: list[int] = []
+    received = RECEIVED  # shared with stop_signals' handler: any signal before ends the sweep
+    received.clear()
     tagging: list[threading.Thread] = []
 
     def on_signal(signum: int, frame) -> None:
-        stop_tune = signal.getsignal(signal.SIGUSR1)
-        if received or not callable(stop_tune) or stop_tune is saved[signal.SIGUSR1]:
-            raise Interrupted(received[0] if received else signum)
         received.append(signum)
+        stop_tune = signal.getsignal(signal.SIGUSR1)
+        if len(received) > 1 or not callable(stop_tune) or stop_tune is saved[signal.SIGUSR1]:
+            raise interrupted()
         if stopping is not None:
             tagging.append(threading.Thread(target=stopping, args=(signal.Signals(signum).name,), daemon=True))
             tagging[0].start()
@@ -459,10 +467,13 @@ def _stop_tune_on_signal(stopping=None):
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         yield
-    except Exception as err:  # whatever Tune raised on its way out of a stop, the stop is what happened
-        if received:
-            raise Interrupted(received[0]) from err
-        raise
+    except (Exception, KeyboardInterrupt) as err:  # whatever Tune raised on its way out of a stop, a stop it was
+        if not received and not isinstance(err, KeyboardInterrupt):
+            raise
+        stop = interrupted(err)
+        if stop is err:
+            raise
+        raise stop from err
     finally:  # Tune leaves its SIGUSR1 handler behind
         for s, handler in saved.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
@@ -474,7 +485,7 @@ def _stop_tune_on_signal(stopping=None):
         for thread in tagging:  # done before the final tags
             thread.join(timeout=30)
     if received:
-        raise Interrupted(received[0])
+        raise interrupted()
 
 
 TUNE_RESTORE_FAILED = "Failed to restore the run state"
