@@ -12,16 +12,23 @@ in-step estimator (ghost norms + ‖Σg‖²) against a plain step, and the free
 (backward under DDP's ``no_sync``, ‖G_b‖², ``reduce_gradients``, ‖G_B‖²) against a DDP step,
 on a one-rank gloo group (no network: what remains is the estimator's own cost).
 
-Methods run round-robin (each rep runs every method once, after a warm-up call of each), so a
-burst of load from other processes hits all of them; the table gives the median over reps of each
-method's time over the plain time of the same rep with the min-max of those paired ratios (and the
-ratio of minima), and the load average during the run. torch.func and the naive loop run in rounds
-of their own, with their own plain baseline.
+Models: the MNIST CNN and logistic regression on 28×28 images (``--batch-sizes``), and a character
+language model (``--seq-batch-sizes`` sequences): the example decoder-only transformer of
+``examples/charlm/model.py`` (2 layers, d_model 128, 4 heads, context 64, a vocabulary of 96), whose
+per-example norms come from raygd's rules for Embedding, LayerNorm and Linear on [N, T, d] inputs;
+its loss is ``raygd.loss`` (a sequence is one example, f_i the mean cross entropy over its positions).
+
+Methods run round-robin (each rep runs every method once, after a warm-up call of each, the order
+reversed every other rep), so a burst of load from other processes hits all of them; the table gives
+the median over reps of each method's time over the plain time of the same rep with the min-max of
+those paired ratios (and the ratio of minima), and the load average during the run. torch.func and
+the naive loop run in rounds of their own, with their own plain baseline.
 glibc's allocator returns large blocks to the OS and page faults are expensive on some
 machines: ``--malloc tuned`` (the default) re-runs the script with
 ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736``, ``--malloc default`` without them.
 
-    .venv/bin/python -m bench.diversity_overhead                      # mnist_cnn, logreg; B=64, 256
+    .venv/bin/python -m bench.diversity_overhead                      # mnist_cnn, logreg (B=64, 256), charlm (B=16, 64)
+    .venv/bin/python -m bench.diversity_overhead --models charlm      # the transformer only
     .venv/bin/python -m bench.diversity_overhead --malloc default     # glibc's own allocator settings
     .venv/bin/python -m bench.diversity_overhead --smoke              # seconds
 """
@@ -33,16 +40,20 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from bench.pairing import LoadAverage, paired, provenance
 from raygd import diversity as D
 from raygd.config import TrainConfig
+from raygd.loss import example_losses, mean_loss
 from raygd.models import build_model
+
+CHARLM = {"context": 64, "vocab": 96, "n_layers": 2, "d_model": 128, "n_heads": 4}
+"""The char-LM case: ``examples.charlm.model.build((context,), vocab, ...)``."""
 
 MALLOC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 """Keep freed blocks in the heap instead of returning them to the OS (each return costs page faults)."""
@@ -50,7 +61,7 @@ MALLOC_TUNED = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"
 
 def plain_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     model.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    mean_loss(model(x), y).backward()
 
 
 def ghost_norms(
@@ -62,7 +73,7 @@ def ghost_norms(
     """
     model.zero_grad(set_to_none=True)
     with ghost or D.GhostNorms(model) as ghost:
-        F.cross_entropy(model(x), y).backward()
+        mean_loss(model(x), y).backward()
     return ghost.sq_norms() * x.shape[0] ** 2
 
 
@@ -79,7 +90,7 @@ def naive_norms(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tor
     params = [p for p in model.parameters() if p.requires_grad]
     out = torch.empty(x.shape[0], dtype=torch.float64)
     for i in range(x.shape[0]):
-        grads = torch.autograd.grad(F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]), params)
+        grads = torch.autograd.grad(example_losses(model(x[i : i + 1]), y[i : i + 1])[0], params)
         out[i] = sum(float(g.square().sum()) for g in grads)
     return out
 
@@ -115,7 +126,7 @@ def make_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, every: 
     def in_step() -> D.Moments:
         model.zero_grad(set_to_none=True)
         with ghost:
-            F.cross_entropy(model(x), y).backward()
+            mean_loss(model(x), y).backward()
         moments = D.in_step_moments(float(ghost.sq_norms().sum()) * b**2, D.grad_sq_norm(model) * b**2, b)
         opt.step()
         return moments
@@ -142,13 +153,13 @@ def make_ddp_steps(
 
     def ddp_step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(ddp(x), y).backward()
+        mean_loss(ddp(x), y).backward()
         opt.step()
 
     def free_step() -> D.Moments:
         opt.zero_grad(set_to_none=True)
         with ddp.no_sync():
-            F.cross_entropy(ddp(x), y).backward()
+            mean_loss(ddp(x), y).backward()
         small, big = D.reduce_gradients(model, 1)
         moments = D.two_batch_moments(small, b // 2, big, b)  # as if b were B/2
         opt.step()
@@ -162,12 +173,12 @@ def make_ddp_steps(
 
 
 def round_robin(methods: dict[str, Callable[[], object]], reps: int) -> dict[str, list[float]]:
-    """Seconds per call by rep; every rep runs each method once, in order."""
+    """Seconds per call by rep; every rep runs each method once, in order, reversed every other rep."""
     for fn in methods.values():
         fn()  # warm-up
     times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(reps):
-        for name, fn in methods.items():
+    for rep in range(reps):
+        for name, fn in list(methods.items())[:: 1 if rep % 2 == 0 else -1]:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
@@ -216,8 +227,9 @@ def table(title: str, runs: list[dict[str, list[float]]], baseline: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["mnist_cnn", "logreg"])
-    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256])
+    ap.add_argument("--models", nargs="+", default=["mnist_cnn", "logreg", "charlm"])
+    ap.add_argument("--batch-sizes", nargs="+", type=int, default=[64, 256], help="images per batch")
+    ap.add_argument("--seq-batch-sizes", nargs="+", type=int, default=[16, 64], help="sequences per batch (charlm)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=21, help="reps of the fast methods")
     ap.add_argument("--slow-reps", type=int, default=5, help="reps of torch.func and the naive loop")
@@ -241,23 +253,41 @@ def main(argv: list[str] | None = None) -> None:
     if env != dict(os.environ):  # glibc reads these at start-up: only a fresh process sees them
         os.execve(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]], env)
     if args.smoke:
-        args.batch_sizes, args.reps, args.slow_reps = [16], 5, 5
+        args.batch_sizes, args.seq_batch_sizes, args.reps, args.slow_reps = [16], [4], 5, 5
+    # torch.func has no batching rule for CPU flash attention and loops over the examples: say so once, here
+    warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
     torch.set_num_threads(args.threads)
     malloc = "tuned" if os.environ.get("MALLOC_MMAP_MAX_") == "0" else "glibc default"
     load = LoadAverage()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, malloc: {malloc}; {provenance()}")
     for name in args.models:
-        for b in args.batch_sizes:
+        for b in args.seq_batch_sizes if name == "charlm" else args.batch_sizes:
             bench_one(name, b, args)
     print(f"\n{load.stop()}")
 
 
+def workload(name: str, b: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]:
+    """(model, inputs, labels, description) of B = b examples: images, or token-id sequences for charlm."""
+    torch.manual_seed(0)
+    if name != "charlm":
+        return build_model(name, (1, 28, 28), 10), torch.randn(b, 1, 28, 28), torch.randint(10, (b,)), "28×28 images"
+    from examples.charlm.model import build  # the example a user copies; imported here, not at start-up
+
+    t, v = CHARLM["context"], CHARLM["vocab"]
+    model = build((t,), v, n_layers=CHARLM["n_layers"], d_model=CHARLM["d_model"], n_heads=CHARLM["n_heads"])
+    what = f"sequences of {t} token ids, vocabulary {v}, {sum(p.numel() for p in model.parameters())} parameters"
+    return model, torch.randint(v, (b, t)), torch.randint(v, (b, t)), what
+
+
 def bench_one(name: str, b: int, args: argparse.Namespace) -> None:
     """Every table for one model and batch size."""
-    torch.manual_seed(0)
-    model = build_model(name, (1, 28, 28), 10)
-    x, y = torch.randn(b, 1, 28, 28), torch.randint(10, (b,))
-    print(f"\n## {name}, B={b}: ghost vs naive loop max relative difference {check_agreement(model, x, y):.1e}")
+    model, x, y, what = workload(name, b)
+    print(
+        f"\n## {name}, B={b} ({what}): ghost vs naive loop max relative difference {check_agreement(model, x, y):.1e}"
+    )
+    routes = D.norm_routes(model)
+    kinds = sorted(set(routes.values()))
+    print(f"\nnorm routes: {', '.join(f'{k} ×{list(routes.values()).count(k)}' for k in kinds)}")
     ghost = D.GhostNorms(model)
     plain = "plain forward+backward"
     fast = {

@@ -141,8 +141,8 @@ def conv_net(conv: nn.Conv2d, side: int) -> nn.Module:
 
 # (case, builder, input shape, expected route of the layer under test or None for the fallback)
 ROUTE_CASES = [
-    ("linear_seq_gram", lambda: SeqNet(3, 16, 16), (3, 16), ("gram", 3, 16, 16)),
-    ("linear_seq_per_example", lambda: SeqNet(20, 4, 4), (20, 4), ("per_example", 20, 4, 4)),
+    ("linear_seq_gram", lambda: SeqNet(3, 16, 16), (3, 16), ("gram", 3, 16, 16, "linear")),
+    ("linear_seq_per_example", lambda: SeqNet(20, 4, 4), (20, 4), ("per_example", 20, 4, 4, "linear")),
     (
         "conv_per_example_stride_dilation",
         lambda: conv_net(nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2), 9),

@@ -237,13 +237,13 @@ def test_both_routes_of_a_sequence_linear_agree(shape, natural, route, monkeypat
     """Each shape takes the route its FLOPs choose; forcing the other gives the same norms and gradients."""
     torch.manual_seed(1)
     model, x, y = seq(shape, shape[-1])
-    assert D.ghost_route(shape[0], shape[-1], shape[-1]) == natural
+    assert D.ghost_route(shape[0], shape[-1], shape[-1], "linear") == natural
     params, buffers = D.functional_state(model, F64)
     want = D.per_example_sq_norms(model, x.to(F64), y, params=params, buffers=buffers)
     gram_calls = []
     gram = rules_module._gram_sq_norms
     monkeypatch.setattr(rules_module, "_gram_sq_norms", lambda a, d: gram_calls.append(a.shape) or gram(a, d))
-    monkeypatch.setattr(rules_module, "ghost_route", lambda *a: route)
+    monkeypatch.setattr(rules_module, "ghost_route", lambda *a, **k: route)
     sq, summed = D.per_example_sq_norms(model, x.to(F64), y, params=params, buffers=buffers)
     assert bool(gram_calls) == (route == "gram")
     assert torch.allclose(sq, want[0], rtol=1e-12, atol=0)
@@ -327,11 +327,27 @@ def test_layers_without_a_rule_fall_back_are_listed_and_stay_exact(case, build, 
     assert torch.allclose(D.per_example_sq_norms(model, x, y, params=params, buffers=buffers)[0], g.square().sum(1))
 
 
-def test_positions_shared_by_a_batch_of_their_own_length_fall_back_at_run_time():
-    """1-D positions arange(T) with T = N: per-example ids or positions? Ambiguous, so torch.func measures
-    them; the strict context (the in-step estimator) says so and what works instead."""
+class Shifted(Decoder):
+    """Positions 1..T: 1-D ids of length T that are neither the model's input nor arange(T)."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.ln(self.blocks(self.tok(ids) + self.pos(torch.arange(1, ids.shape[1] + 1)))))
+
+
+def test_positions_arange_of_the_batch_length_keep_the_ghost_path():
     torch.manual_seed(0)
-    model, x, y = decoder(n=5, t=5, positions="1d")
+    model, x, y = decoder(n=5, t=5, positions="1d")  # T = N: arange(T) is recognised as positions
+    with D.GhostNorms(model) as ghost:
+        example_losses(model(x), y).sum().backward()
+    assert ghost.fallback_layers == []
+    assert torch.allclose(ghost.sq_norms(), brute_grads(model, x, y).square().sum(1), rtol=1e-4, atol=0)
+
+
+def test_ambiguous_one_dimensional_ids_fall_back_at_run_time():
+    """1-D ids of length N that are not arange(N): one id per example, or positions? Ambiguous, so torch.func
+    measures them; the strict context (the in-step estimator) says so and what works instead."""
+    torch.manual_seed(0)
+    model, (x, y) = Shifted(context=8), tokens(5, 5, 11)
     refusal = r"'pos' \(Embedding\).*arange\(T\)\[None\].*diversity_estimator=free"
     with pytest.raises(D.GhostUnsupported, match=refusal), D.GhostNorms(model):
         model(x)

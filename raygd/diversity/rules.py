@@ -38,6 +38,8 @@ CHUNK_BYTES = 4 * 2**20
 """Largest block of per-example gradients (or Gram matrices) a rule holds at once."""
 MAX_CHUNK = 16
 """Most examples per block: measured fastest for the MNIST CNN's convolutions (2 threads)."""
+LINEAR_BLOCK_BYTES = 2**20
+"""Per-example weight gradients of a sequence Linear held at once (about the L2 cache: fastest, 1 thread)."""
 
 NormRuleFn = Callable[[nn.Module, tuple[Any, ...], torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 """fn(layer, inputs, grad_output, params) -> (N,) per-example squared norms (see ``register_norm_rule``)."""
@@ -104,14 +106,23 @@ def _chunk(n: int, bytes_per_example: int) -> int:
     return max(1, min(n, MAX_CHUNK, CHUNK_BYTES // max(bytes_per_example, 1)))
 
 
-def ghost_route(positions: int, fan_in: int, fan_out: int) -> str:
-    """ "per_example" or "gram", whichever computes ‖Σ_t δ_t a_tᵀ‖² per example in fewer FLOPs.
+PER_EXAMPLE_ENTRY_FLOPS = 20
+"""What writing and reading one entry of a per-example weight gradient costs, in FLOPs of a Gram matmul
+(1 thread, x86: per-example δ_iᵀa_i in blocks of ~1 MiB, summed into W's gradient, against the Gram form;
+char-LM shapes, T = 64, d = 128..512)."""
 
-    positions T (sequence length, or output pixels of a convolution), a_t of size fan_in,
-    δ_t of size fan_out: per-example matrices cost T·fan_in·fan_out, Gram matrices
-    T²(fan_in + fan_out).
+
+def ghost_route(positions: int, fan_in: int, fan_out: int, layer: str = "conv2d") -> str:
+    """ "per_example" or "gram", whichever computes ‖Σ_t δ_t a_tᵀ‖² per example for less.
+
+    positions T (sequence length, or output pixels of a convolution), a_t of size fan_in, δ_t of size
+    fan_out. Gram matrices cost T²(fan_in + fan_out) FLOPs next to the ordinary weight gradient.
+    Conv2d: per-example matrices (a grouped convolution's weight gradient) cost T·fan_in·fan_out, a
+    second weight gradient. Linear: per-example matrices (bmm) replace W's gradient GEMM at the same FLOPs,
+    so they cost only their memory traffic, ``PER_EXAMPLE_ENTRY_FLOPS``·fan_in·fan_out.
     """
-    return "per_example" if fan_in * fan_out <= positions * (fan_in + fan_out) else "gram"
+    per_example = positions * fan_in * fan_out if layer == "conv2d" else PER_EXAMPLE_ENTRY_FLOPS * fan_in * fan_out
+    return "per_example" if per_example <= positions**2 * (fan_in + fan_out) else "gram"
 
 
 def _gram_sq_norms(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -140,16 +151,16 @@ def sequence_linear_weight(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(‖Σ_t d_t a_tᵀ‖² per example, Σ_i Σ_t d_t a_tᵀ or None) for y = x Wᵀ on a (N, T, p), d = ∂L/∂y (N, T, q).
 
-    Route by ``ghost_route``: per-example matrices P_i = d_iᵀ a_i (bmm, chunks of examples), whose
-    sum is W's gradient (so it is not computed twice), or the Gram form
+    Route by ``ghost_route(..., "linear")``: per-example matrices P_i = d_iᵀ a_i (bmm, blocks of about
+    ``LINEAR_BLOCK_BYTES``), whose sum is W's gradient (so it is not computed twice), or the Gram form
     Σ_{t,s}(a_t·a_s)(d_t·d_s) (T×T matrices, O(T²(p + q))) beside one GEMM for the gradient.
     """
     n, t, p = a.shape
     q = d.shape[2]
-    if ghost_route(t, p, q) == "gram":
+    if ghost_route(t, p, q, "linear") == "gram":
         return _gram_sq_norms(a, d), (d.reshape(-1, q).T @ a.reshape(-1, p) if need_grad else None)
     sq, total = a.new_empty(n), (a.new_zeros(q, p) if need_grad else None)
-    c = _chunk(n, p * q * a.element_size())
+    c = max(1, min(n, LINEAR_BLOCK_BYTES // (p * q * a.element_size())))
     for s in range(0, n, c):
         per_example = d[s : s + c].transpose(1, 2) @ a[s : s + c]
         sq[s : s + c] = _row_sq_norms(per_example)
@@ -282,15 +293,19 @@ def _embedding_supports(m: nn.Module) -> str | None:
 def shared_ids(ids: Any, out: torch.Tensor, n: int | None, root: Any) -> tuple[Any, torch.Tensor] | str | None:
     """Embedding ids shared by the batch (positions arange(T), or arange(T)[None]): (ids, output) as views
     expanded over the N examples, whose gradient is per example; every consumer that broadcasts the
-    output against the batch sees the same values. None: the ids are per example; a string: ambiguous."""
+    output against the batch sees the same values. None: the ids are per example; a string: ambiguous.
+
+    Shared: ids (1, ...) with N > 1, or 1-D ids of a length other than N, or 1-D ids equal to arange(N)
+    that are not the model's input (``root``): positions when T = N. Other 1-D ids of length N are
+    ambiguous (one id per example, or positions?) and fall back to torch.func."""
     if n is None or not isinstance(ids, torch.Tensor) or ids.dim() == 0 or (ids.dim() >= 2 and ids.shape[0] == n):
         return None
     if ids.dim() >= 2 and ids.shape[0] == 1:
         return ids.expand(n, *ids.shape[1:]), out.expand(n, *out.shape[1:])
-    if ids.dim() == 1 and ids.shape[0] != n:
-        return ids.expand(n, *ids.shape), out.expand(n, *out.shape)
     if ids.dim() == 1 and ids is root:
         return None
+    if ids.dim() == 1 and (ids.shape[0] != n or torch.equal(ids, torch.arange(n, device=ids.device))):
+        return ids.expand(n, *ids.shape), out.expand(n, *out.shape)
     return (
         f"got ids of shape {tuple(ids.shape)} with N = {n} examples: per example (one id each) or shared by the "
         "batch (positions)? Pass positions as arange(T)[None] or arange(T).expand(N, T)"
@@ -312,7 +327,8 @@ def layer_norm_sq_norms(
     ‖Σ_t x̂_t ⊙ δ_t‖² for w and ‖Σ_t δ_t‖² for b (t over the dims between the batch and the normalised ones)."""
     sq, dims = gy.new_zeros(x.shape[0]), len(normalized_shape)
     if need_w:
-        xhat = F.layer_norm(x, normalized_shape, None, None, eps)
+        ones = x.new_ones(normalized_shape)  # F.layer_norm without weight takes a path twice as slow (CPU)
+        xhat = F.layer_norm(x, normalized_shape, ones, torch.zeros_like(ones), eps)
         sq += _row_sq_norms(_rows(xhat * gy, dims).sum(1))
     if need_b:
         sq += _row_sq_norms(_rows(gy, dims).sum(1))
