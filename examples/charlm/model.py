@@ -113,7 +113,9 @@ class CharTransformer(nn.Module):
         t = ids.shape[1]
         if t > self.context:
             raise ValueError(f"sequence length {t} exceeds the model's context {self.context}.")
-        x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device))
+        # Positions as arange(T)[None], shape [1, T]: raygd's per-example norms read ids with a leading 1 as
+        # shared by the batch, never as one id per example (which 1-D ids of length N could be).
+        x = self.tok(ids) + self.pos(torch.arange(t, device=ids.device)[None])
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_final(x))
