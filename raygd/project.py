@@ -8,7 +8,9 @@ cluster (``raygd.profiles`` or explicit figures) at each P:
     projected TTA(trial, P) = updates_to_accuracy × t_update(B, P, model, mechanism, link, compute)
 
 Compute is either ``measured`` (this machine: t = fixed + c·B/P fitted per model and mechanism from
-the trials' own step times, train_time_s / steps, minus any emulated wait) or an accelerator
+the trials' own step times, train_time_s / steps, minus any emulated wait and, for runs over a shaped
+link (``raygd.network = shaped``: real packets through ``tc tbf`` on one machine), minus the modelled
+transfer over ``raygd.costmodel.shaped_link`` at the tagged rate) or an accelerator
 (6 × the model's counted multiply-accumulates per example at peak × utilisation, plus a fixed cost).
 A trial that did not reach its target has no projected time: it is reported as not reached, never
 extrapolated. Every output says "projected": the table, the CSVs and figures logged under
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from raygd import costmodel as cm
+from raygd.critical import fastest_batch
 from raygd.profiles import COMPUTES, LINKS, MEASURED, PROFILES, ComputeProfile
 from raygd.records import KIND_TAG, SWEEP_KIND, TrialRecord, child_runs, mlflow_client
 
@@ -120,6 +123,8 @@ class TrialInput:
     macs_per_example: float
     emulated: dict[str, Any] | None = None
     """The run's ``train.network.*`` when its time was emulated."""
+    shaped_rate_mbit: float | None = None
+    """The ``tbf`` rate of the shaped link its collectives crossed (tag ``raygd.network_rate_mbit``), if any."""
     target: str = "the target"
     """The run's target as ``TrainConfig.target_label`` words it (``train loss <= 1.8``)."""
 
@@ -165,6 +170,7 @@ def _trial_input(run, sizes: dict) -> TrialInput:
     emulated = None
     if run.data.tags.get("raygd.network") == "emulated":
         emulated = {k.split(".")[-1]: v for k, v in p.items() if k.startswith("train.network.")}
+    rate = run.data.tags.get("raygd.network_rate_mbit")
     loss_target, acc_target = p.get("train.target_loss"), p.get("train.target_accuracy")
     if loss_target not in (None, "None"):
         target = f"train loss <= {float(loss_target):.4g}"
@@ -183,6 +189,7 @@ def _trial_input(run, sizes: dict) -> TrialInput:
         num_params=params,
         macs_per_example=macs,
         emulated=emulated,
+        shaped_rate_mbit=None if rate is None else float(rate),
     )
 
 
@@ -196,13 +203,19 @@ def read_trials(tracking_uri: str, run_id: str) -> list[TrialInput]:
 
 
 def _local_step_s(t: TrialInput) -> float:
-    """The trial's step time without any emulated wait (the cost model's exposed wait for its link)."""
+    """The trial's step time without any emulated wait (the cost model's exposed wait for its link) and without
+    the modelled transfer over a shaped link it crossed (``cm.shaped_link`` at its rate, no overlap: DDP's
+    all-reduce of one bucket waits for the whole backward, and gloo's transfer is measured as such)."""
+    step_s = t.step_s
+    if t.shaped_rate_mbit is not None:
+        link = cm.shaped_link(t.shaped_rate_mbit)
+        step_s -= cm.comm_time(t.payload, t.workers, link, "ring", t.collective, t.buckets)
     if not t.emulated:
-        return t.step_s
+        return step_s
     link = cm.Link.from_gbps_us(float(t.emulated["bandwidth_gbps"]), float(t.emulated["latency_us"]))
     comm = cm.comm_time(t.payload, t.workers, link, t.emulated.get("topology", "ring"), t.collective, t.buckets)
     overlap = float(t.emulated.get("overlap", 0.0))
-    return t.step_s - cm.exposed_comm(comm, max(t.step_s - comm, 0.0), overlap)
+    return step_s - cm.exposed_comm(comm, max(step_s - comm, 0.0), overlap)
 
 
 def fit_measured_compute(trials: Sequence[TrialInput]) -> dict[tuple[str, str], tuple[cm.Compute, cm.LineFit | None]]:
@@ -265,26 +278,47 @@ class _Best:
     ttas: tuple[float, ...]
 
 
-def _best(
+def _pair_ttas(
     trials: Sequence[TrialInput], workers: int, target: Target, measured: dict, link: cm.Link | None = None
-) -> dict[str, _Best]:
-    """Per mechanism: the (γ, B) with the smallest mean projected TTA over its seeds (every seed reached), the
-    sweep table's rule (``tuning.stats``: a pair's score is its mean time to accuracy)."""
+) -> dict[tuple[str, float, int], tuple[list[TrialInput], tuple[float, ...]]]:
+    """Per (mechanism, γ, B) whose every seed reached and B ≥ P: its trials and each seed's projected TTA."""
     pairs: dict[tuple, list[TrialInput]] = defaultdict(list)
     for t in trials:
         pairs[t.record.pair].append(t)
-    best: dict[str, _Best] = {}
-    for (mech, _, batch), group in pairs.items():
-        if batch < workers or not all(t.record.reached and t.record.updates_to_accuracy for t in group):
+    out = {}
+    for key, group in pairs.items():
+        if key[2] < workers or not all(t.record.reached and t.record.updates_to_accuracy for t in group):
             continue
         ttas = tuple(
             t.record.updates_to_accuracy * _cost(t, workers, target, measured, link).total_s  # type: ignore[operator]
             for t in group
         )
+        out[key] = (group, ttas)
+    return out
+
+
+def _best(
+    trials: Sequence[TrialInput], workers: int, target: Target, measured: dict, link: cm.Link | None = None
+) -> dict[str, _Best]:
+    """Per mechanism: the (γ, B) with the smallest mean projected TTA over its seeds (every seed reached), the
+    sweep table's rule (``tuning.stats``: a pair's score is its mean time to accuracy)."""
+    best: dict[str, _Best] = {}
+    for (mech, _, _), (group, ttas) in _pair_ttas(trials, workers, target, measured, link).items():
         tta = statistics.fmean(ttas)
         if mech not in best or tta < best[mech].tta:
             best[mech] = _Best(tta, group[0], ttas)
     return best
+
+
+def fastest_batches(
+    trials: Sequence[TrialInput], workers: int, target: Target, measured: dict
+) -> dict[str, tuple[int, int | None, int | None]]:
+    """Per mechanism at P: the largest B that still gets faster, i.e. the B of least mean projected TTA (γ tuned
+    at each B), with its 95% interval over seeds (``raygd.critical.fastest_batch``; None without two seeds)."""
+    times: dict[str, dict[tuple[float, int], tuple[float, ...]]] = defaultdict(dict)
+    for (mech, step, batch), (_, ttas) in _pair_ttas(trials, workers, target, measured).items():
+        times[mech][(step, batch)] = ttas
+    return {mech: fastest_batch(pairs) for mech, pairs in times.items()}
 
 
 def speedup_interval(base: _Best, other: _Best) -> tuple[float, float | None, float | None]:
@@ -349,9 +383,11 @@ def project(trials: Sequence[TrialInput], target: Target, workers: Sequence[int]
             )
     for p in workers:
         best = _best(trials, p, target, measured)
+        fastest = fastest_batches(trials, p, target, measured)
         vanilla = best.get("vanilla")
         for mech, b in sorted(best.items()):
             ratio, low, high = speedup_interval(vanilla, b) if vanilla else ("", None, None)
+            _, b_low, b_high = fastest[mech]
             out.best.append(
                 {
                     "workers": p,
@@ -364,6 +400,8 @@ def project(trials: Sequence[TrialInput], target: Target, workers: Sequence[int]
                     "projected_speedup_low": "" if low is None else low,
                     "projected_speedup_high": "" if high is None else high,
                     "projected_rho": _cost(b.trial, p, target, measured).rho,
+                    "fastest_batch_low": "" if b_low is None else b_low,
+                    "fastest_batch_high": "" if b_high is None else b_high,
                 }
             )
     out.figure1 = _figure1(trials, target, measured, workers)
@@ -476,14 +514,18 @@ def table(proj: Projection) -> str:
         f"PROJECTED onto {proj.target.describe()}",
         f"(time to {' / '.join(targets)}: measured updates to target × modelled time per update; trials that did "
         "not reach the target are not extrapolated; TTA: mean over the pair's seeds; speedup: ratio of means "
-        "with its 95% bootstrap interval over seeds)",
+        "with its 95% bootstrap interval over seeds; B: the largest B that still gets faster, the B of least "
+        "projected TTA, with its 95% interval over seeds)",
         "",
         "| P | mechanism | γ | B | seeds | projected TTA (s) | projected speedup vs vanilla | ρ |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in proj.best:
+        batch = str(row["global_batch_size"])
+        if row["fastest_batch_low"] != "":
+            batch += f" ({row['fastest_batch_low']}–{row['fastest_batch_high']})"
         lines.append(
-            f"| {row['workers']} | {row['mechanism']} | {row['step_size']:g} | {row['global_batch_size']} | "
+            f"| {row['workers']} | {row['mechanism']} | {row['step_size']:g} | {batch} | "
             f"{row['seeds']} | {row['projected_time_to_accuracy_s']:.3g} | {_speedup_cell(row)} | "
             f"{row['projected_rho']:.2g} |"
         )

@@ -34,6 +34,7 @@ def _trial(
     phase=SEARCH_PHASE,
     tta=None,
     replication=1,
+    updates=None,
     **tags,
 ) -> str:
     params = {
@@ -50,6 +51,8 @@ def _trial(
     metrics = {"final_train_loss": 0.3 * replication, "final_train_accuracy": 0.9, "passes": 2.0}
     if tta is not None:
         metrics.update(time_to_accuracy_s=tta, passes_to_accuracy=tta / 10)
+    if updates is not None:
+        metrics["updates_to_accuracy"] = updates
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     if ended is not None:
@@ -140,5 +143,33 @@ def test_write_outputs_adds_the_loss_ratio_figure_for_several_replications(sqlit
         "time_vs_batch.png",
         "speedup.png",
         "loss_ratio_vs_r.png",
+        "critical.csv",
+        "critical_batch.png",
     ]
     assert (tmp_path / "summary.md").read_text() == outcome.table + "\n"
+
+
+def test_several_batch_sizes_give_the_critical_batch_size_in_every_answer(sqlite_uri):
+    """B_crit with its interval in the printed table, summary.md, the run's description and its metrics."""
+    parent = create_run(sqlite_uri, "rep", "sweep-crit", {}, {KIND_TAG: SWEEP_KIND})
+    i = 0
+    for batch in (16, 32, 64, 128, 256):
+        for seed, noise in enumerate((0.95, 1.05)):
+            updates = round(100 * (1 + 64 / batch) * noise)
+            _trial(
+                sqlite_uri, parent, i, "vanilla", 0.1, batch, seed, "reached_target", tta=updates / 10, updates=updates
+            )
+            i += 1
+    outcome = close_sweep(sqlite_uri, parent)
+    (fit,) = outcome.critical
+    assert fit.b_crit == pytest.approx(64, rel=0.05)
+    for text in (outcome.table, outcome.console_table):
+        assert "| B_crit |" in text and f"| vanilla | {float(f'{fit.b_crit:.3g}'):g} (" in text
+    run = MlflowClient(sqlite_uri).get_run(parent)
+    assert run.data.tags["mlflow.note.content"] == outcome.table
+    assert run.data.metrics["critical_batch/vanilla"] == pytest.approx(fit.b_crit)
+    assert (
+        run.data.metrics["critical_batch/vanilla_low"] <= fit.b_crit <= run.data.metrics["critical_batch/vanilla_high"]
+    )
+    artifacts = {a.path for a in MlflowClient(sqlite_uri).list_artifacts(parent)}
+    assert {"critical.csv", "critical_batch.png"} <= artifacts

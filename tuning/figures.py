@@ -1,4 +1,5 @@
-"""Sweep results as figures (matplotlib, PNG): time to accuracy vs batch size, speedups, loss ratios.
+"""Sweep results as figures (matplotlib, PNG): time to accuracy vs batch size, speedups, loss ratios, and the
+critical batch size (updates against examples to target with the fitted hyperbola).
 
 Pure functions over trial records and ``tuning.stats`` rows; ``tuning.report`` writes and logs them.
 Tests: ``pytest tests/test_figures.py``.
@@ -7,10 +8,14 @@ Tests: ``pytest tests/test_figures.py``.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from raygd.critical import CriticalFit
 from raygd.records import TrialRecord
 from tuning.stats import BASELINE, BestRow, LossRatioRow, PairStats, pair_stats
 
@@ -150,4 +155,94 @@ def plot_loss_ratio(loss_rows: Sequence[LossRatioRow], path: str | Path) -> Path
         ax.legend(fontsize="small")
     else:
         _note(ax, "no finite loss ratio")
+    return _save(fig, path)
+
+
+def _g3(x: float | None) -> str:
+    if x is None:
+        return "–"
+    return "∞" if math.isinf(x) else f"{float(f'{x:.3g}'):g}"
+
+
+def _critical_panel(ax, fit: CriticalFit) -> None:
+    """One (mechanism, r): a point per B (E, S) ± std over seeds, open where its γ won on an edge; the fitted
+    hyperbola with its asymptotes S_min and E_min, B_crit (at 2·E_min, 2·S_min) and B_D on the curve."""
+    pts = fit.points
+    for p in pts:
+        open_marker = p.step_edge is not None
+        ax.errorbar(
+            p.examples,
+            p.mean_updates,
+            xerr=p.global_batch_size * p.std_updates,
+            yerr=p.std_updates,
+            fmt="o",
+            color="C0",
+            mfc="white" if open_marker else "C0",
+            capsize=2,
+            zorder=3,
+        )
+        ax.annotate(
+            f"{p.global_batch_size}",
+            (p.examples, p.mean_updates),
+            xytext=(4, 4),
+            textcoords="offset points",
+            fontsize=7,
+        )
+    title = fit.mechanism + (f" (r={fit.replication})" if fit.replication != 1 else "")
+    if fit.fitted and fit.s_min is not None and fit.e_min is not None and fit.b_crit is not None:
+        b_lo, b_hi = min(p.global_batch_size for p in pts), max(p.global_batch_size for p in pts)
+        batches = np.geomspace(min(b_lo, fit.b_crit) / 2, max(b_hi, fit.b_crit) * 2, 200)
+        e, s = fit.curve(batches)
+        ax.plot(e, s, color="C1", lw=1.5, label="S = S_min(1 + B_crit/B)")
+        ax.axhline(fit.s_min, color="0.4", ls="--", lw=1.0, label=f"S_min = {_g3(fit.s_min)} updates")
+        ax.axvline(fit.e_min, color="0.4", ls=":", lw=1.0, label=f"E_min = {_g3(fit.e_min)} examples")
+        ax.plot(2 * fit.e_min, 2 * fit.s_min, "*", color="C1", ms=11, label=f"B_crit = {_g3(fit.b_crit)}", zorder=4)
+        bound = fit.batch_bound_w0
+        if bound is not None and bound > 0:
+            (e_d,), (s_d,) = fit.curve([bound])
+            ax.plot(e_d, s_d, "D", color="C3", ms=6, label=f"B_D(w0) = {_g3(bound)} on the curve", zorder=4)
+        title += f": B_crit = {_g3(fit.b_crit)} ({_g3(fit.b_crit_low)}–{_g3(fit.b_crit_high)})"
+        if fit.edge_batches:
+            ax.plot([], [], "o", color="C0", mfc="white", label="γ on the edge tried at that B")
+        ax.legend(fontsize="x-small", loc="upper right")
+    else:
+        text = "not fitted:\n" + textwrap.fill(fit.refused or "no points", 40)
+        ax.text(0.5, 0.85, text, transform=ax.transAxes, ha="center", va="top", color="0.4", fontsize="small")
+    if pts:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):  # 1, 2, 5 × 10^k written out: the reader reads off S_min and E_min
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
+    ax.set_title(title, fontsize="small")
+    ax.set_xlabel("examples to target E = B·S")
+    ax.set_ylabel("updates to target S")
+
+
+def plot_critical_batch(fits: Sequence[CriticalFit], path: str | Path) -> Path:
+    """Updates to target against examples to target, one point per B (its tuned γ), the fitted hyperbola
+    (S/S_min − 1)(E/E_min − 1) = 1 with its asymptotes S_min and E_min, one panel per mechanism (and
+    replication factor). Points up the vertical asymptote scale perfectly (more B, fewer updates, the
+    same examples); points along the horizontal one waste examples.
+
+    Returns:
+        The written PNG path.
+    """
+    from matplotlib.figure import Figure
+
+    n = max(1, len(fits))
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(5.0 * cols, 4.2 * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, fit in zip(axes, fits, strict=False):
+        _critical_panel(ax, fit)
+    for ax in axes[len(fits) :]:
+        ax.set_axis_off()
+    if not fits:
+        axes[0].set_axis_on()
+        _note(axes[0], "no trials")
     return _save(fig, path)

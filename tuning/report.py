@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from raygd import critical
 from raygd.records import (
     CONFIRM_PHASE,
     INTERRUPTED_TAG,
@@ -43,7 +44,10 @@ class SweepOutcome:
     table: str
     """Everything: the summary (with B_D and notes), the per-batch table, the confirm table."""
     console_table: str = ""
-    """What the terminal shows: the summary and the confirm table (the per-batch table is in summary.md)."""
+    """What the terminal shows: the summary, the critical batch size and the confirm table (the per-batch table
+    is in summary.md)."""
+    critical: list = field(default_factory=list)
+    """``raygd.critical.CriticalFit`` per (mechanism, replication) when the sweep tried several batch sizes."""
 
 
 def target_label(runs: list) -> str | None:
@@ -71,13 +75,24 @@ def collect_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     best = stats.best_per_mechanism(records, replication=replication)
     table = console = tables.summary_markdown(best, target_label(runs), edges.describe_extensions(records))
     by_batch = stats.per_batch(records, replication=replication)
+    fits = critical_fits(records)
+    if fits:
+        table += "\n" + tables.critical_markdown(fits)
+        console = table
     if len({r.global_batch_size for r in by_batch}) > 1:
         table += "\n" + tables.batch_markdown(by_batch)
     if confirm_runs:
         confirmed = tables.confirm_markdown(stats.confirm_summary([TrialRecord.from_run(r) for r in confirm_runs]))
         table += "\n\n" + confirmed
         console += "\n" + confirmed
-    return SweepOutcome(parent_run_id, records, best, table, console.rstrip("\n"))
+    return SweepOutcome(parent_run_id, records, best, table, console.rstrip("\n"), fits)
+
+
+def critical_fits(records: list) -> list:
+    """B_crit per (mechanism, replication) (``raygd.critical``) when the records hold several batch sizes, else []."""
+    if len({r.global_batch_size for r in records}) < 2:
+        return []
+    return critical.critical_batch(records)
 
 
 def end_unfinished_children(tracking_uri: str, parent_run_id: str) -> None:
@@ -131,7 +146,7 @@ def close_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     end_unfinished_children(tracking_uri, parent_run_id)
     outcome = collect_sweep(tracking_uri, parent_run_id)
     tracker = Tracker(tracking_uri, parent_run_id, enabled=True)
-    tracker.log_metrics(_parent_metrics(outcome), step=0)
+    tracker.log_metrics(_parent_metrics(outcome) | _critical_metrics(outcome.critical), step=0)
     tracker.set_tags({NOTE_TAG: outcome.table})  # the run page's description shows the answer
     with tempfile.TemporaryDirectory() as tmp:
         for path in write_outputs(Path(tmp), outcome.records, outcome.best_rows, outcome.table):
@@ -147,7 +162,7 @@ def _parent_metrics(outcome: SweepOutcome) -> dict[str, float]:
         "num_reached": sum(r.reached for r in outcome.records),
     }
     for row in outcome.best_rows:
-        key = row.mechanism.replace("(", "_").replace(")", "").replace("=", "").replace(", ", "_")
+        key = _metric_key(row.mechanism)
         if row.time_to_accuracy_s is not None and math.isfinite(row.time_to_accuracy_s):
             metrics[f"best/{key}/time_to_accuracy_s"] = row.time_to_accuracy_s
             metrics[f"best/{key}/global_batch_size"] = row.global_batch_size
@@ -161,8 +176,26 @@ def _parent_metrics(outcome: SweepOutcome) -> dict[str, float]:
     return metrics
 
 
+def _metric_key(mechanism: str) -> str:
+    """A mechanism label without MLflow's forbidden characters: ``dropconnect(p=0.4)`` → ``dropconnect_p0.4``."""
+    return mechanism.replace("(", "_").replace(")", "").replace("=", "").replace(", ", "_")
+
+
+def _critical_metrics(fits: list) -> dict[str, float]:
+    """``critical_batch/<mechanism>`` with ``_low``/``_high`` (95% over seeds), ``_over_bound`` (B_crit / B_D at
+    w0), ``_s_min``, ``_e_min`` and ``_b_opt``; ``_r<r>`` after the mechanism for r > 1. Finite values only."""
+    metrics: dict[str, float] = {}
+    for f in fits:
+        key = "critical_batch/" + _metric_key(f.mechanism) + (f"_r{f.replication}" if f.replication != 1 else "")
+        values = {"": f.b_crit, "_low": f.b_crit_low, "_high": f.b_crit_high, "_over_bound": f.over_bound(f.b_crit)}
+        values |= {"_s_min": f.s_min, "_e_min": f.e_min, "_b_opt": f.b_opt}
+        metrics |= {key + k: float(v) for k, v in values.items() if v is not None and math.isfinite(v)}
+    return metrics
+
+
 def write_outputs(out: Path, records: list, best: list, table: str) -> list[Path]:
-    """summary.md, summary.csv, pairs.md, pairs.csv, trials.csv and the figures of a sweep, written into ``out``."""
+    """summary.md, summary.csv, pairs.md, pairs.csv, trials.csv and the figures of a sweep, written into ``out``;
+    with several batch sizes also critical.csv and critical_batch.png (``raygd.critical``)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(table + "\n")
     reps = {r.replication for r in records}
@@ -185,4 +218,8 @@ def write_outputs(out: Path, records: list, best: list, table: str) -> list[Path
         # runs at different B stop after ceil(passes * n / B) updates: passes agree to within B/n
         rows = stats.loss_ratios(records, small_batch=batches[0], large_batch=batches[-1], passes_tol=0.05)
         paths.append(figures.plot_loss_ratio(rows, out / "loss_ratio_vs_r.png"))
+    fits = critical_fits(records)
+    if fits:
+        paths.append(tables.write_critical_csv(fits, out / "critical.csv"))
+        paths.append(figures.plot_critical_batch(fits, out / "critical_batch.png"))
     return paths

@@ -1,4 +1,4 @@
-"""Sweep results as text: the markdown summary and confirm tables, and the summary and trials CSVs.
+"""Sweep results as text: the markdown summary, confirm and critical-batch tables, and the CSVs.
 
 Pure functions over ``tuning.stats`` rows and trial records; ``tuning.report`` writes and logs them.
 Tests: ``pytest tests/test_tables.py``.
@@ -7,11 +7,13 @@ Tests: ``pytest tests/test_tables.py``.
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from raygd.critical import CriticalFit
 from raygd.records import TrialRecord
 from tuning.stats import BASELINE, EDGE_HIGH, EDGE_LOW, BatchRow, BestRow, ConfirmRow, PairRow, rank_trials
 
@@ -215,3 +217,82 @@ def write_trials_csv(records: Iterable[TrialRecord | Mapping[str, Any]], path: s
     """Write every trial, ranked (``rank_trials``), to a CSV that ``TrialRecord.from_dict`` reads back."""
     columns = [f.name for f in fields(TrialRecord)]
     return _write_csv([asdict(r) for r in rank_trials(records)], columns, path)
+
+
+# --------------------------------------------------------------------------- the critical batch size
+
+
+def _g3(x: float | None) -> str:
+    """Three significant digits without an exponent (1230, not 1.23e+03); ∞ for inf, – for None."""
+    if x is None:
+        return "–"
+    if math.isinf(x):
+        return "∞"
+    v = float(f"{x:.3g}")
+    return f"{v:.0f}" if abs(v) >= 1e5 else f"{v:g}"
+
+
+def _critical_name(fit: CriticalFit, several_r: bool) -> str:
+    return fit.mechanism + (f" (r={fit.replication})" if several_r else "")
+
+
+def _fitted_on(fit: CriticalFit) -> str:
+    """Which B went into the fit (edge-won ones marked), seeds and the largest residual; or why not."""
+    marked = [_edge(str(p.global_batch_size), p.step_edge) for p in fit.points]
+    text = f"B {', '.join(marked) or '–'}; {fit.n_seeds} seed{'s' if fit.n_seeds != 1 else ''}"
+    if fit.unreached_batches:
+        text += f"; not reached at B {', '.join(map(str, fit.unreached_batches))}"
+    if fit.refused:
+        return f"**not fitted**: {fit.refused} ({text})"
+    return text + f"; max residual {fit.max_abs_residual:.0%}"
+
+
+def critical_markdown(fits: Sequence[CriticalFit]) -> str:
+    """Per mechanism (and replication factor) the critical batch size B_crit with its 95% interval, the
+    bound B_D at w0 and along training beside it, B_crit / B_D, S_min, E_min and Zhang et al.'s B_opt.
+
+    Args:
+        fits: ``raygd.critical.critical_batch`` rows.
+    Returns:
+        The markdown text with its notes, ending in a newline.
+    """
+    several_r = len({f.replication for f in fits}) > 1
+    lines = [
+        "Critical batch size (McCandlish et al.: updates to target S(B) = S_min(1 + B_crit/B), γ tuned at each B; "
+        "95% bootstrap interval over seeds), beside the bound B_D = 1 + B_noise:",
+        "",
+        "| mechanism | B_crit | B_D at w0 | B_D training | B_crit / B_D | S_min (updates) | E_min (examples) "
+        "| B_opt (20%) | fitted on |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for f in fits:
+        b_crit = ratio = "–"
+        if f.fitted:
+            b_crit = f"{_g3(f.b_crit)} ({_g3(f.b_crit_low)}–{_g3(f.b_crit_high)})"
+            r, low, high = f.over_bound(f.b_crit), f.over_bound(f.b_crit_low), f.over_bound(f.b_crit_high)
+            ratio = "–" if r is None else f"{r:.2g} ({_g3(low)}–{_g3(high)})"
+        lines.append(
+            f"| {_critical_name(f, several_r)} | {b_crit} | {_g3(f.batch_bound_w0)} | {_g3(f.batch_bound_median)} "
+            f"| {ratio} | {_g3(f.s_min)} | {_g3(f.e_min)} | {_fmt(f.b_opt, 'd')} | {_fitted_on(f)} |"
+        )
+    if not fits:
+        lines.append("| (no trials) | | | | | | | | |")
+    lines += [
+        "",
+        "B_crit: where doubling B stops halving the updates (below it, nearly perfect scaling; above it, the "
+        "examples double instead); E_min = S_min·B_crit. B_noise = B_D − 1 is the noise scale McCandlish et al. "
+        "predict it by; B_D is the paper's sufficient bound (Thm 3), not where speedup stops. "
+        "B_opt: the largest B within 20% of perfect scaling from the smallest B (Zhang et al. 2024).",
+    ]
+    if any(f.edge_batches for f in fits):
+        lines.append(
+            "↑/↓ after a B: its tuned step size is the largest/smallest tried there, so its updates are an upper "
+            "bound and the point untrustworthy (sweep.extend_edges_scope: every_batch brackets it)."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_critical_csv(fits: Sequence[CriticalFit], path: str | Path) -> Path:
+    """Write ``CriticalFit.as_dict`` rows (None as '') to a CSV file; returns its path."""
+    rows = [f.as_dict() for f in fits]
+    return _write_csv(rows, list(rows[0]) if rows else ["mechanism"], path)
