@@ -38,8 +38,9 @@ CHUNK_BYTES = 4 * 2**20
 """Largest block of per-example gradients (or Gram matrices) a rule holds at once."""
 MAX_CHUNK = 16
 """Most examples per block: measured fastest for the MNIST CNN's convolutions (2 threads)."""
-LINEAR_BLOCK_BYTES = 2**20
-"""Per-example weight gradients of a sequence Linear held at once (about the L2 cache: fastest, 1 thread)."""
+LINEAR_BLOCK_BYTES = 4 * 2**20
+"""Per-example weight gradients of a sequence Linear held at once (1 MiB was fastest at 1 thread, 4-16 MiB
+at 2 threads, where fewer, larger bmm calls split better across the threads)."""
 
 NormRuleFn = Callable[[nn.Module, tuple[Any, ...], torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 """fn(layer, inputs, grad_output, params) -> (N,) per-example squared norms (see ``register_norm_rule``)."""
@@ -108,8 +109,8 @@ def _chunk(n: int, bytes_per_example: int) -> int:
 
 PER_EXAMPLE_ENTRY_FLOPS = 20
 """What writing and reading one entry of a per-example weight gradient costs, in FLOPs of a Gram matmul
-(1 thread, x86: per-example δ_iᵀa_i in blocks of ~1 MiB, summed into W's gradient, against the Gram form;
-char-LM shapes, T = 64, d = 128..512)."""
+(x86 CPU: per-example δ_iᵀa_i in blocks of ``LINEAR_BLOCK_BYTES``, summed into W's gradient, against the
+Gram form; char-LM shapes, T = 64, d = 128..512)."""
 
 
 def ghost_route(positions: int, fan_in: int, fan_out: int, layer: str = "conv2d") -> str:
@@ -159,13 +160,14 @@ def sequence_linear_weight(
     q = d.shape[2]
     if ghost_route(t, p, q, "linear") == "gram":
         return _gram_sq_norms(a, d), (d.reshape(-1, q).T @ a.reshape(-1, p) if need_grad else None)
-    sq, total = a.new_empty(n), (a.new_zeros(q, p) if need_grad else None)
+    sq, total = a.new_empty(n), None
     c = max(1, min(n, LINEAR_BLOCK_BYTES // (p * q * a.element_size())))
     for s in range(0, n, c):
-        per_example = d[s : s + c].transpose(1, 2) @ a[s : s + c]
+        per_example = torch.bmm(d[s : s + c].transpose(1, 2), a[s : s + c])
         sq[s : s + c] = _row_sq_norms(per_example)
-        if total is not None:
-            total += per_example.sum(0)
+        if need_grad:
+            part = per_example.sum(0)
+            total = part if total is None else total.add_(part)
     return sq, total
 
 
