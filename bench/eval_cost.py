@@ -6,7 +6,7 @@ every ~0.03-0.06 passes) took ~2.75 s per rank against ~0.3 s of training betwee
 evaluation was most of a trial's wall time. Two levers, each timed here on one CPU thread (as a rank
 runs), A and B interleaved (bench/pairing.py):
 
-1. ``raygd.loop._eval_sums`` over one rank's 2000 examples in chunks of 2048 (the old ``EVAL_CHUNK``)
+1. ``raygd.evaluation.eval_sums`` over one rank's 2000 examples in chunks of 2048 (the old ``EVAL_CHUNK``)
    against chunks of ``EVAL_CHUNK`` (256): the activations of a smaller chunk stay in cache;
 2. a rank's evaluation with the test sample every time (``train.test_every_evals=1``) against every
    8th time (the paper presets), per evaluation on average: the training sample alone plus 1/8 of the test.
@@ -24,21 +24,21 @@ from statistics import median
 import torch
 
 from bench.pairing import SAY, LoadAverage, interleave, paired, provenance
-from raygd import loop
+from raygd import evaluation
 from raygd.models import build_model
 
 OLD_CHUNK = 2048
 
 
 def _timed(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int, repeat: int) -> float:
-    saved, loop.EVAL_CHUNK = loop.EVAL_CHUNK, chunk
+    saved, evaluation.EVAL_CHUNK = evaluation.EVAL_CHUNK, chunk
     try:
         t0 = time.perf_counter()
         for _ in range(repeat):
-            loop._eval_sums(model, x, y)
+            evaluation.eval_sums(model, x, y)
         return (time.perf_counter() - t0) / repeat
     finally:
-        loop.EVAL_CHUNK = saved
+        evaluation.EVAL_CHUNK = saved
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     k = args.test_every
 
     def sparse() -> float:  # one evaluation on average: the training sample, and the test sample 1 time in k
-        train = _timed(model, x[:half], y[:half], loop.EVAL_CHUNK, args.repeat)
-        return train + _timed(model, x[half:], y[half:], loop.EVAL_CHUNK, args.repeat) / k
+        train = _timed(model, x[:half], y[:half], evaluation.EVAL_CHUNK, args.repeat)
+        return train + _timed(model, x[half:], y[half:], evaluation.EVAL_CHUNK, args.repeat) / k
 
     figures = interleave(
         {
             "before": lambda: _timed(model, x, y, OLD_CHUNK, args.repeat),  # chunk 2048, test every time
-            "chunk": lambda: _timed(model, x, y, loop.EVAL_CHUNK, args.repeat),
+            "chunk": lambda: _timed(model, x, y, evaluation.EVAL_CHUNK, args.repeat),
             "chunk+sparse": sparse,
         },
         args.pairs,
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     SAY("")
     SAY("| A vs B | A (s per evaluation, median) | B | A / B, median of pairs (min–max) |")
     SAY("|---|---:|---:|---:|")
-    chunks = f"chunk {OLD_CHUNK} vs {loop.EVAL_CHUNK}"
+    chunks = f"chunk {OLD_CHUNK} vs {evaluation.EVAL_CHUNK}"
     SAY(f"| {chunks} | {median(before):.3f} | {median(chunk):.3f} | {paired(before, chunk)} |")
     SAY(f"| test sample every time vs 1 in {k} | {median(chunk):.3f} | {median(both):.3f} | {paired(chunk, both)} |")
     SAY(f"| before vs both | {median(before):.3f} | {median(both):.3f} | {paired(before, both)} |")

@@ -3,17 +3,23 @@
 A checkpoint holds everything a restarted rank needs to continue exactly where its step left
 off. Model and optimizer are identical on every rank (rank 0 writes them once, ``model.pt``);
 the RNG states (torch's, the mechanism's generators) differ per rank (``rank_<r>.pt``). The
-sampler is a pure function of (seed, step), so the step is its whole state. Ray Train merges the
-ranks' folders into one checkpoint (``raygd.train.train_loop_per_worker``).
+sampler is a pure function of (seed, step) and its cursor (epoch, position, examples consumed), which
+the checkpoint carries with the batch controller's state (its B, step size and step-time observations),
+so a run whose B moves resumes exactly. Ray Train merges the ranks' folders into one checkpoint
+(``raygd.train.train_loop_per_worker``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from raygd import batch_schedule
+from raygd.data import Cursor
 
 if TYPE_CHECKING:
     from raygd.loop import TrainState
@@ -35,6 +41,8 @@ def checkpoint_state(state: TrainState, step: int, clock: float, eval_time: floa
         "torch_rng": torch.get_rng_state(),
         "mechanism_rng": state.mechanism.state_dict(),
         "estimator_ema": state.estimator.ema.state_dict() if state.estimator else None,
+        "cursor": dataclasses.asdict(state.cursor),
+        "batch_schedule": state.controller.state_dict(),
     }
     if state.device.type == "cuda":
         out["cuda_rng"] = torch.cuda.get_rng_state(state.device)
@@ -54,8 +62,23 @@ def restore_state(state: TrainState, saved: dict[str, Any]) -> None:
     state.mechanism.load_state_dict(saved["mechanism_rng"])
     if state.estimator and saved["estimator_ema"]:
         state.estimator.ema.load_state_dict(saved["estimator_ema"])
+    _restore_batch(state, saved)
     if "cuda_rng" in saved and state.device.type == "cuda":
         torch.cuda.set_rng_state(saved["cuda_rng"], state.device)
+
+
+def _restore_batch(state: TrainState, saved: dict[str, Any]) -> None:
+    """The cursor and the controller; a checkpoint from before them was taken at B0: its cursor follows from
+    the step (``Cursor.at_step``)."""
+    if "cursor" not in saved:
+        tc = state.cfg.train
+        state.cursor = Cursor.at_step(saved["step"], state.data.n, tc.global_batch_size, state.cfg.data.sampling)
+        return
+    state.cursor = Cursor(**saved["cursor"])
+    controller = state.controller
+    controller.load_state_dict(saved["batch_schedule"])
+    decision = batch_schedule.Decision(controller.batch, controller.step_size, False, {})
+    batch_schedule.apply(decision, state.optimizer, state.estimator, state.mechanism, state.world_size)
 
 
 def save_checkpoint(folder: str | os.PathLike, saved: dict[str, Any]) -> None:

@@ -2,8 +2,9 @@
 
 A run config is four small dataclasses, one per concern (data, mechanism, train,
 tracking), each validated in ``__post_init__`` so a bad value fails before any Ray
-work starts. Configs load from YAML (safe loader) with ``--set section.field=value``
-overrides, and flatten to ``{"train.step_size": 0.05, ...}`` for MLflow params.
+work starts. Configs load from YAML (safe loader) with ``--set section.field=value`` (or nested,
+``--set train.network.bandwidth_gbps=1``) overrides, and flatten to ``{"train.step_size": 0.05, ...}``
+for MLflow params.
 
     cfg = load_run_config("configs/quickstart.yaml", ["train.step_size=0.1"])
 
@@ -13,6 +14,7 @@ checks and the YAML/override parsing that fills them are read and changed togeth
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -247,6 +249,92 @@ class NetworkConfig:
         )
 
 
+BATCH_POLICIES = ("fixed", "diversity", "goodput")
+STEP_SIZE_RULES = ("adascale", "linear", "sqrt")
+
+
+@dataclass
+class BatchScheduleConfig:
+    """``train.batch_schedule``: the batch controller (``raygd.batch_schedule``), which sets B, and the step
+    size with it, while the run trains. B starts at ``train.global_batch_size`` (B0), where the step size
+    ``train.step_size`` (γ0) is tuned."""
+
+    policy: str = "fixed"
+    """fixed (B0 throughout), diversity (B = delta·B_D of the online estimate) or goodput (Pollux's rule: the
+    B of highest throughput × statistical efficiency under raygd.costmodel's step time, never below B0)."""
+    delta: float = 1.0
+    """diversity: B_{k+1} = delta·B̂_D(w_k), the paper's B <= δ·B_D + 1 (its theorems lose at most (1 + δ/2)×)."""
+    min_batch_size: int | None = None
+    """Smallest B the controller sets (a multiple of train.num_workers); null: P. goodput also never goes
+    below B0 (Pollux)."""
+    max_batch_size: int | None = None
+    """Largest B the controller sets (a multiple of train.num_workers); null: the largest one <= n."""
+    hysteresis: float = 0.3
+    """diversity: move only when the proposal differs from B by a factor >= 1 + hysteresis (either way)."""
+    goodput_gain: float = 1.05
+    """goodput: move only when the predicted goodput gain is >= this factor (Pollux's speedup_threshold)."""
+    step_size_rule: str = "adascale"
+    """γ = γ0·r at B: adascale r = (σ² + ‖μ‖²)/(σ²/S + ‖μ‖²), S = B/B0 (σ²: variance of a B0-example
+    gradient); linear r = S; sqrt r = √S."""
+    decide_every_steps: int | None = None
+    """Decide every this many updates; null: at each evaluation (the same points at every B)."""
+    warmup_measurements: int = 3
+    """Keep B0 until the online estimator has folded in this many measured updates."""
+
+    def __post_init__(self) -> None:
+        _choice("train.batch_schedule.policy", self.policy, BATCH_POLICIES)
+        _choice("train.batch_schedule.step_size_rule", self.step_size_rule, STEP_SIZE_RULES)
+        _require(
+            _finite_number(self.delta) and self.delta > 0,
+            "train.batch_schedule.delta",
+            self.delta,
+            "must be a finite number > 0",
+        )
+        for name in ("min_batch_size", "max_batch_size"):
+            value = getattr(self, name)
+            _require(
+                value is None or (type(value) is int and value >= 1),
+                f"train.batch_schedule.{name}",
+                value,
+                "must be an integer >= 1, or null",
+            )
+        if self.min_batch_size is not None and self.max_batch_size is not None:
+            _require(
+                self.min_batch_size <= self.max_batch_size,
+                "train.batch_schedule.min_batch_size",
+                self.min_batch_size,
+                f"must be <= train.batch_schedule.max_batch_size = {self.max_batch_size}",
+            )
+        _require(
+            _finite_number(self.hysteresis) and self.hysteresis >= 0,
+            "train.batch_schedule.hysteresis",
+            self.hysteresis,
+            "must be a finite number >= 0 (0.3: move when B would change by 30% or more)",
+        )
+        _require(
+            _finite_number(self.goodput_gain) and self.goodput_gain >= 1,
+            "train.batch_schedule.goodput_gain",
+            self.goodput_gain,
+            "must be a finite number >= 1 (1.05: move for a predicted gain of 5% or more)",
+        )
+        _require(
+            self.decide_every_steps is None or (type(self.decide_every_steps) is int and self.decide_every_steps >= 1),
+            "train.batch_schedule.decide_every_steps",
+            self.decide_every_steps,
+            "must be an integer >= 1, or null (decide at each evaluation)",
+        )
+        _require(
+            type(self.warmup_measurements) is int and self.warmup_measurements >= 1,
+            "train.batch_schedule.warmup_measurements",
+            self.warmup_measurements,
+            "must be an integer >= 1",
+        )
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class TrainConfig:
     """Model, parallelism and the SGD schedule."""
@@ -314,6 +402,8 @@ class TrainConfig:
     network: NetworkConfig | None = None
     """An emulated network link (``NetworkConfig``); None: the machine's own. Needs train.num_workers > 1
     to change anything; such runs are tagged ``raygd.network = emulated``."""
+    batch_schedule: BatchScheduleConfig = field(default_factory=BatchScheduleConfig)
+    """The batch controller (``BatchScheduleConfig``): fixed B (default), or B set along training."""
 
     def __post_init__(self) -> None:
         _builtin_or_import("train.model", self.model, MODELS)
@@ -413,6 +503,32 @@ class TrainConfig:
             "must be an integer >= 1, or 0 (at every evaluation when train.max_failures != 0, else never)",
         )
 
+        self._check_batch_schedule()
+
+    def _check_batch_schedule(self) -> None:
+        """The controller's bounds are multiples of P and hold B0 (the first batch)."""
+        bs, P, B0 = self.batch_schedule, self.num_workers, self.global_batch_size
+        for name in ("min_batch_size", "max_batch_size"):
+            value = getattr(bs, name)
+            _require(
+                value is None or value % P == 0,
+                f"train.batch_schedule.{name}",
+                value,
+                f"must be divisible by train.num_workers = {P} (each worker takes B/P examples)",
+            )
+        _require(
+            bs.min_batch_size is None or bs.min_batch_size <= B0,
+            "train.batch_schedule.min_batch_size",
+            bs.min_batch_size,
+            f"must be <= train.global_batch_size = {B0}, where the controller starts",
+        )
+        _require(
+            bs.max_batch_size is None or bs.max_batch_size >= B0,
+            "train.batch_schedule.max_batch_size",
+            bs.max_batch_size,
+            f"must be >= train.global_batch_size = {B0}, where the controller starts",
+        )
+
     @property
     def checkpoint_interval(self) -> int:
         """Updates between checkpoints after resolving the default; 0 = never. The default with
@@ -498,6 +614,13 @@ class RunConfig:
         est = self.train.diversity_estimator
         excluded = _MECHANISM_REGISTRY[self.mechanism.name].excluded_estimators.get(est)
         _require(excluded is None, "train.diversity_estimator", est, excluded or "")
+        _require(
+            self.train.batch_schedule.policy == "fixed" or self.online_estimator != "none",
+            "train.batch_schedule.policy",
+            self.train.batch_schedule.policy,
+            "an adaptive policy reads the online B_D estimate: it needs train.diversity_estimator != none "
+            f"(and one the mechanism allows; {self.mechanism.name} with {self.train.num_workers} worker(s) has none)",
+        )
         if self.data.name == "synthetic":
             _require(
                 self.train.model in ("logreg", "logreg_binary"),
@@ -524,7 +647,12 @@ class RunConfig:
     def flat(self) -> dict[str, Any]:
         """Flatten to ``{"section.field": value}`` (MLflow params, Tune search keys)."""
         flat = {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
-        for nested in ("train.network", "train.model_args", "data.args"):  # mappings flatten one level further
+        for nested in (
+            "train.network",
+            "train.batch_schedule",
+            "train.model_args",
+            "data.args",
+        ):  # mappings flatten one level further
             if isinstance(flat.get(nested), dict):
                 flat.update({f"{nested}.{k}": v for k, v in flat.pop(nested).items()})
         return flat
@@ -595,13 +723,17 @@ def _coerce(field_name: str, value: Any, hint: Any) -> Any:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``section.field=value``; the value is read as YAML (``0.1``, ``[0, 1]``, ``null``)."""
+    """Parse ``section.field=value`` or a nested ``section.field.key=value`` (``train.network.bandwidth_gbps=1``,
+    ``train.batch_schedule.policy=diversity``); the value is read as YAML (``0.1``, ``[0, 1]``, ``null``)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r} is invalid: write it as section.field=value, e.g. train.step_size=0.1.")
     key, _, raw_value = text.partition("=")
     path = key.strip().split(".")
-    if len(path) != 2 or not all(path):
-        raise ConfigError(f"--set {text!r} is invalid: the key must be section.field, e.g. train.step_size.")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(
+            f"--set {text!r} is invalid: the key must be section.field (or section.field.key for a nested "
+            "field), e.g. train.step_size or train.network.bandwidth_gbps."
+        )
     try:
         value = yaml.safe_load(raw_value) if raw_value.strip() else ""
     except yaml.YAMLError as err:
@@ -610,14 +742,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of the nested ``raw`` dict with ``section.field=value`` overrides applied."""
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    """Return a copy of the nested ``raw`` dict with ``section.field[.key...]=value`` overrides applied.
+
+    A nested key walks into the mapping at each level, starting one where it is missing or null
+    (``train.network: null`` then ``--set train.network.bandwidth_gbps=1`` gives the link's defaults but that).
+    """
+    merged = copy.deepcopy(raw)
     for text in overrides:
-        (section, name), value = parse_override(text)
-        sub = merged.setdefault(section, {})
-        if not isinstance(sub, dict):
-            raise ConfigError(f"{section} must be a mapping of fields, got {sub!r}.")
-        sub[name] = value
+        path, value = parse_override(text)
+        target = merged
+        for depth, part in enumerate(path[:-1]):
+            sub = target.get(part)
+            if sub is None:
+                sub = target[part] = {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{'.'.join(path[: depth + 1])} must be a mapping of fields, got {sub!r}.")
+            target = sub
+        target[path[-1]] = value
     return merged
 
 

@@ -17,10 +17,11 @@ starts. Beyond that the path is Ray Data (``ray.data`` datasets streamed to the 
 ``ray.train.get_dataset_shard``), which raygd does not build yet: its (seed, step) sampler needs random
 access by index.
 
-Sampling is written by hand because it must be a pure function of (seed, step):
-every worker computes the same global batch of B indices and takes its own B/P slice,
-so P workers see exactly the examples one worker would (the exactness test relies on
-it) and a restarted worker needs no sampler state but the step counter.
+Sampling is written by hand because it must be a pure function of the training state, (seed, step) and
+the ``Cursor`` (epoch, position, examples consumed) that B advances: every worker computes the same global
+batch of B indices and takes its own B/P slice, so P workers see exactly the examples one worker would (the
+exactness test relies on it), B may change between updates (``raygd.batch_schedule``), and a restarted
+worker needs no sampler state but the step and the cursor.
 """
 
 from __future__ import annotations
@@ -323,13 +324,38 @@ def eval_indices(n: int, eval_size: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + 104729))[:eval_size]
 
 
-class GlobalBatchSampler:
-    """Global batch indices as a pure function of (seed, step), sliced per worker.
+@dataclass(frozen=True)
+class Cursor:
+    """Where training is in the data: the epoch, the examples of its permutation already taken, and the
+    examples consumed in all (passes = ``examples / n``). With B fixed, update s takes positions
+    [(s % (n // B))·B, (s % (n // B) + 1)·B) of epoch s // (n // B) (``Cursor.at_step``)."""
 
-    ``shuffle``: epoch e is a permutation seeded by (seed, e), cut into n // B batches
-    (the remainder is dropped). ``with_replacement``: B indices drawn uniformly with
-    replacement, seeded by (seed, step). Worker ``rank`` of P gets positions
-    [rank·B/P, (rank+1)·B/P) of the global batch.
+    epoch: int = 0
+    position: int = 0
+    examples: int = 0
+
+    @classmethod
+    def at_step(cls, step: int, n: int, batch: int, sampling: str = "shuffle") -> Cursor:
+        """The cursor after ``step`` updates at a fixed B, as ``GlobalBatchSampler.take`` leaves it (a
+        checkpoint from before the cursor existed): an epoch's last update leaves its position at the end."""
+        if sampling == "with_replacement" or step == 0:
+            return cls(0, 0, step * batch)
+        epoch, k = divmod(step - 1, n // batch)
+        return cls(epoch, (k + 1) * batch, step * batch)
+
+
+class GlobalBatchSampler:
+    """Global batch indices as a pure function of the training state, sliced per worker.
+
+    ``shuffle``: epoch e is a permutation seeded by (seed, e); an update of B examples takes the next B
+    positions of it, and starts epoch e + 1 when fewer than B are left (the epoch's remainder is dropped:
+    at a fixed B, n // B batches per epoch). The state is a ``Cursor`` (epoch, position, examples), so B may
+    change between updates and each example is still taken at most once per epoch. ``with_replacement``:
+    B indices drawn uniformly with replacement, seeded by (seed, step). Worker ``rank`` of P gets
+    positions [rank·B/P, (rank+1)·B/P) of the global batch.
+
+    ``global_batch(step)`` / ``worker_batch(step, ...)`` are the fixed-B view (``Cursor.at_step``): the
+    same indices as ``take`` gives along a run at B = ``global_batch_size``.
     """
 
     def __init__(self, n: int, global_batch_size: int, sampling: str, seed: int):
@@ -342,17 +368,36 @@ class GlobalBatchSampler:
         self.steps_per_epoch = n // global_batch_size
         self._epoch, self._perm = -1, None
 
-    def global_batch(self, step: int) -> torch.Tensor:
-        g = torch.Generator()
-        if self.sampling == "with_replacement":
-            g.manual_seed(self.seed * 1_000_003 + step)
-            return torch.randint(self.n, (self.batch,), generator=g)
-        epoch, pos = divmod(step, self.steps_per_epoch)
+    def _permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch or self._perm is None:
+            g = torch.Generator()
             g.manual_seed(self.seed * 1_000_003 + epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
-        return self._perm[pos * self.batch : (pos + 1) * self.batch]
+        return self._perm
+
+    def take(self, cursor: Cursor, step: int, batch: int) -> tuple[torch.Tensor, Cursor]:
+        """The global batch of ``batch`` examples for update ``step`` (0-based) at ``cursor``; the cursor after it."""
+        if not 1 <= batch <= self.n:
+            raise DataError(f"a global batch of {batch} examples does not fit the {self.n} training examples.")
+        if self.sampling == "with_replacement":
+            g = torch.Generator()
+            g.manual_seed(self.seed * 1_000_003 + step)
+            idx = torch.randint(self.n, (batch,), generator=g)
+            return idx, Cursor(cursor.epoch, cursor.position, cursor.examples + batch)
+        epoch, pos = cursor.epoch, cursor.position
+        if pos + batch > self.n:  # the rest of this epoch does not hold the batch: drop it
+            epoch, pos = epoch + 1, 0
+        idx = self._permutation(epoch)[pos : pos + batch]
+        return idx, Cursor(epoch, pos + batch, cursor.examples + batch)
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        return self.take(Cursor.at_step(step, self.n, self.batch, self.sampling), step, self.batch)[0]
 
     def worker_batch(self, step: int, rank: int, world_size: int) -> torch.Tensor:
-        per_worker = self.batch // world_size
-        return self.global_batch(step)[rank * per_worker : (rank + 1) * per_worker]
+        return worker_slice(self.global_batch(step), rank, world_size)
+
+
+def worker_slice(global_batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Worker ``rank``'s B/P positions [rank·B/P, (rank+1)·B/P) of a global batch of B."""
+    per_worker = global_batch.shape[0] // world_size
+    return global_batch[rank * per_worker : (rank + 1) * per_worker]

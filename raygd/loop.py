@@ -15,11 +15,13 @@ numbers (accuracy, and the first step at which any rank saw a non-finite loss or
 ranks return together and agree on ``diverged_at_step``.
 
 Evaluation is fair across batch sizes: by default it falls every ``train.eval_every_passes`` of a
-pass (the same example counts at every B, ``eval_schedule``), and measures test accuracy and the
-generalization gap alongside train accuracy in the same all-reduce.
+pass (the same example counts at every B, ``raygd.eval_schedule``), and measures test accuracy and the
+generalization gap alongside train accuracy in the same all-reduce. Passes count examples consumed, so B
+may change along the run: ``train.batch_schedule`` (``raygd.batch_schedule``) decides B and the step size
+at evaluations (or every K updates), on the clock, and the sampler's ``Cursor`` follows.
 
-One module (over 400 lines) because state, step, evaluation schedule and loop change together:
-the loop's stop, checkpoint and clock decisions read all of them.
+One module (over 400 lines) because state, step and loop change together: the loop's stop, checkpoint,
+batch and clock decisions read all of them.
 """
 
 from __future__ import annotations
@@ -32,23 +34,26 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from raygd import batch_schedule
+from raygd.batch_schedule import BatchController
 from raygd.config import CHECKPOINT_AT_EVALUATIONS, RunConfig
-from raygd.data import Dataset, GlobalBatchSampler, eval_indices
+from raygd.data import Cursor, Dataset, GlobalBatchSampler, eval_indices, worker_slice
 from raygd.diversity.online import OnlineDiversity
-from raygd.loss import correct_and_count, mean_loss, summed_loss
+from raygd.eval_schedule import EvalSchedule, max_examples
+from raygd.eval_schedule import eval_schedule as eval_schedule
+from raygd.eval_schedule import every_examples as every_examples
+from raygd.eval_schedule import every_steps as every_steps
+from raygd.eval_schedule import resolution as eval_resolution
+from raygd.evaluation import EVAL_CHUNK as EVAL_CHUNK
+from raygd.evaluation import Clock, Evaluation, evaluate, evaluation
+from raygd.evaluation import all_reduce as all_reduce
+from raygd.loss import mean_loss
 from raygd.mechanisms import Mechanism, build_mechanism
 from raygd.models import build_model
 from raygd.network import install_network
 from raygd.records import EVAL_RESOLUTION_METRIC, GAP_AT_TARGET_METRIC, Status
 from raygd.tracking import Tracker
-
-EVAL_CHUNK = 256
-"""Examples per forward pass in an evaluation. Small enough for a chunk's activations to stay in cache:
-the CNN's evaluation of 2000 examples on one CPU thread took 1.7x as long in chunks of 2048 as in
-chunks of 256 (bench/eval_cost.py); below 256 it gains nothing. Logistic regression's evaluation is
-slower in chunks of 256 (0.8x) but takes ~2-3 ms either way."""
 
 Report = Callable[[dict[str, float]], None]
 Checkpoint = Callable[[dict[str, float], dict[str, Any]], None]
@@ -85,43 +90,6 @@ class RunSummary:
         return out
 
 
-def all_reduce(values: list[float], world_size: int, device: torch.device, op: str = "sum") -> list[float]:
-    """Reduce a few floats over all ranks with one collective (``op``: sum or min; identity at world size 1)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MIN)
-    return t.tolist()
-
-
-@torch.no_grad()
-def _eval_sums(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[float]:
-    """This rank's summed loss Σ_i f_i, number of examples, number correct and number of predictions over
-    (x, y) (``raygd.loss``: predictions are positions for a sequence model, so accuracy is token accuracy)."""
-    was_training = model.training
-    model.eval()
-    loss_sum, correct, predictions = 0.0, 0.0, 0.0
-    for start in range(0, x.shape[0], EVAL_CHUNK):
-        logits = model(x[start : start + EVAL_CHUNK])
-        target = y[start : start + EVAL_CHUNK]
-        loss_sum += float(summed_loss(logits, target))
-        right, count = correct_and_count(logits, target)
-        correct, predictions = correct + right, predictions + count
-    model.train(was_training)
-    return [loss_sum, float(x.shape[0]), correct, predictions]
-
-
-def evaluate(
-    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, world_size: int, device: torch.device
-) -> tuple[float, float]:
-    """Mean loss per example and accuracy over this rank's examples, summed over all ranks."""
-    loss_sum, count, correct, predictions = all_reduce(_eval_sums(model, x, y), world_size, device)
-    return loss_sum / max(count, 1.0), correct / max(predictions, 1.0)
-
-
-def _params_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
-
-
 @dataclass
 class TrainState:
     """One rank's training state: the model (unwrapped) and ``net`` that runs steps (DDP when
@@ -138,12 +106,16 @@ class TrainState:
     mechanism: Mechanism
     optimizer: torch.optim.Optimizer
     sampler: GlobalBatchSampler
+    controller: BatchController
+    """This run's B and step size (``train.batch_schedule``; fixed: B0 and γ0 throughout)."""
     x_eval: torch.Tensor
     y_eval: torch.Tensor
     estimator: OnlineDiversity | None = None
     x_test_eval: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     """This rank's slice of the fixed test sample (min(test size, data.eval_size) examples)."""
     y_test_eval: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    cursor: Cursor = field(default_factory=Cursor)
+    """Where the sampler is: epoch, position in it, examples consumed (advanced by B each update)."""
 
 
 def build_state(
@@ -199,6 +171,7 @@ def build_state(
         mechanism,
         torch.optim.SGD(model.parameters(), lr=tc.step_size),
         GlobalBatchSampler(data.n, tc.global_batch_size, cfg.data.sampling, tc.seed),
+        _controller(cfg, data.n, model, world_size),
         data.x_train[ev],
         data.y_train[ev],
         estimator,
@@ -207,9 +180,19 @@ def build_state(
     )
 
 
+def _controller(cfg: RunConfig, n: int, model: torch.nn.Module, world_size: int) -> BatchController:
+    tc, net = cfg.train, cfg.train.network
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    comm_s = batch_schedule.link_comm_s(net, world_size, num_params, cfg.mechanism.name)
+    overlap = net.overlap if net is not None else 0.0
+    return BatchController(tc.batch_schedule, tc.global_batch_size, tc.step_size, world_size, n, comm_s, overlap)
+
+
 def train_step(state: TrainState, step: int) -> float:
-    """One SGD update on the global batch of ``step`` (0-based); returns this rank's batch loss."""
-    idx = state.sampler.worker_batch(step, state.rank, state.world_size).to(state.device)
+    """One SGD update (``step``: 0-based) on the next global batch of the controller's B from the state's
+    cursor, which it advances; returns this rank's batch loss."""
+    batch, state.cursor = state.sampler.take(state.cursor, step, state.controller.batch)
+    idx = worker_slice(batch, state.rank, state.world_size).to(state.device)
     state.optimizer.zero_grad(set_to_none=True)
     estimator = state.estimator if state.estimator is not None and state.estimator.due(step) else None
     with estimator.measuring() if estimator else contextlib.nullcontext():
@@ -222,118 +205,6 @@ def train_step(state: TrainState, step: int) -> float:
     if state.device.type == "cuda":
         torch.cuda.synchronize(state.device)
     return float(loss.detach())
-
-
-@dataclass
-class Clock:
-    """Seconds spent training (the time-to-accuracy clock) and evaluating, plus the steps since the
-    last evaluation (its window gives ``perf/*`` and ``train/batch_loss``)."""
-
-    train_s: float = 0.0
-    eval_s: float = 0.0
-    window_s: float = 0.0
-    window_steps: int = 0
-    window_loss: float = 0.0
-
-    def add_step(self, seconds: float, loss: float) -> None:
-        self.train_s += seconds
-        self.window_s += seconds
-        self.window_steps += 1
-        self.window_loss += loss
-
-    def close_window(self) -> None:
-        self.window_s, self.window_steps, self.window_loss = 0.0, 0, 0.0
-
-
-def every_steps(k: int) -> Callable[[int], bool]:
-    """Evaluate after every ``k``-th update (``train.eval_every_steps``; the last update always evaluates)."""
-    return lambda step: step % k == 0
-
-
-def every_examples(examples: int, batch: int) -> Callable[[int], bool]:
-    """Evaluate after each update whose examples cross a multiple of N = ``examples`` at B = ``batch``:
-
-        due(step) = step·B // N > (step − 1)·B // N        (step: 1-based update count)
-
-    One evaluation per N examples, at the first update that reaches k·N (so at the same example
-    counts for every B that divides N); every update when N ≤ B.
-    """
-    if examples < 1 or batch < 1:
-        raise ValueError(f"every_examples needs examples >= 1 and batch >= 1, got {examples}, {batch}")
-    return lambda step: step * batch // examples > (step - 1) * batch // examples
-
-
-def eval_schedule(cfg: RunConfig, n: int) -> tuple[Callable[[int], bool], float]:
-    """The run's evaluation schedule and its resolution in passes over the n training examples.
-
-    ``train.eval_every_steps`` = k set: every k updates, resolution k·B/n. Otherwise every
-    N = max(1, round(``train.eval_every_passes``·n)) examples (``every_examples``), resolution
-    max(N, B)/n: the same at every B ≤ N.
-    """
-    B = cfg.train.global_batch_size
-    if cfg.train.eval_every_steps is not None:
-        return every_steps(cfg.train.eval_every_steps), cfg.train.eval_every_steps * B / n
-    examples = max(1, round(cfg.train.eval_every_passes * n))
-    return every_examples(examples, B), max(examples, B) / n
-
-
-@dataclass
-class Evaluation:
-    """One evaluation's metrics and the decisions every rank takes from them."""
-
-    metrics: dict[str, float]
-    accuracy: float
-    loss: float
-    diverged_at_step: int | None
-    test_accuracy: float = math.nan
-
-
-def _evaluation(
-    state: TrainState,
-    step: int,
-    clock: Clock,
-    first_bad_step: float,
-    test_due: bool = True,
-    stop_at_target: bool = False,
-) -> Evaluation:
-    """Evaluate on the fixed training sample (one sum and one min all-reduce across ranks) and, when
-    ``test_due`` or when this evaluation ends the run (the target reached with ``stop_at_target``, or diverged),
-    on the fixed test sample (one more sum); every rank takes the same decision from the reduced figures.
-
-    A rank's first bad step is the first update whose batch loss was not finite (or this step if the
-    weights are not); the run diverged at the earliest such step over all ranks.
-    """
-    tc, n, P = state.cfg.train, state.data.n, state.world_size
-    if math.isinf(first_bad_step) and not _params_finite(state.model):
-        first_bad_step = step
-    sums = [*_eval_sums(state.model, state.x_eval, state.y_eval), clock.window_loss]
-    loss_sum, count, correct, predictions, batch_loss_sum = all_reduce(sums, P, state.device)
-    (bad,) = all_reduce([first_bad_step], P, state.device, op="min")
-    loss, acc = loss_sum / max(count, 1.0), correct / max(predictions, 1.0)
-    diverged_at = int(bad) if math.isfinite(bad) else (step if not math.isfinite(loss) else None)
-    test_acc, test_metrics = math.nan, {}
-    if test_due or diverged_at is not None or (stop_at_target and tc.reached(acc, loss)):
-        test_correct, test_count = all_reduce(
-            _eval_sums(state.model, state.x_test_eval, state.y_test_eval)[2:], P, state.device
-        )
-        if test_count > 0:
-            test_acc = test_correct / test_count
-            test_metrics = {"test/accuracy": test_acc, "train/generalization_gap": acc - test_acc}
-    estimator = state.estimator.metrics() if state.estimator else {}
-    metrics = {
-        "train/loss": loss,
-        "train/accuracy": acc,
-        **test_metrics,
-        "train/batch_loss": batch_loss_sum / P / clock.window_steps,
-        "perf/samples_per_s": tc.global_batch_size * clock.window_steps / clock.window_s,
-        "perf/step_s": clock.window_s / clock.window_steps,
-        "progress/passes": step * tc.global_batch_size / n,
-        "time/train_s": clock.train_s,
-        **state.mechanism.metrics(),
-        **estimator,
-    }
-    clock.close_window()
-    return Evaluation(metrics, acc, loss, diverged_at, test_acc)
 
 
 def _resume(state: TrainState, resume: dict[str, Any]) -> tuple[int, Clock]:
@@ -385,31 +256,39 @@ def run_loop(
 
     tracker = tracker or Tracker(None, None, enabled=False)
     tc, n = state.cfg.train, state.data.n
-    max_steps = max(1, math.ceil(tc.max_passes * n / tc.global_batch_size))
-    resolution = None  # in passes; unknown for a caller's own schedule
+    budget = max_examples(state.cfg, n)
+    schedule, resolution = EvalSchedule(step_due=eval_due), None  # resolution unknown for a caller's schedule
     if eval_due is None:
-        eval_due, resolution = eval_schedule(state.cfg, n)
+        schedule, resolution = eval_schedule(state.cfg, n)
     ckpt_every = tc.checkpoint_interval if checkpoint is not None else 0
     resume = resume or {}
     start, clock = _resume(state, resume)
     status, step, first_bad_step, last, evals = Status.MAX_PASSES, start, math.inf, None, 0
+    largest = state.controller.batch
     first_step_wall = time.time()
     with tracker.buffered():  # one MLflow write per METRICS_FLUSH_S, not per evaluation (in the eval time)
-        for step in range(start + 1, max_steps + 1):
+        while state.cursor.examples < budget:
+            step, before, batch = step + 1, state.cursor.examples, state.controller.batch
+            point = {batch_schedule.BATCH_METRIC: float(batch), batch_schedule.STEP_SIZE_METRIC: _step_size(state)}
             t0 = time.perf_counter()
             loss = train_step(state, step - 1)
-            clock.add_step(time.perf_counter() - t0, loss)
+            seconds = time.perf_counter() - t0
+            clock.add_step(seconds, loss, batch)
             if not math.isfinite(loss):
                 first_bad_step = min(first_bad_step, step)
-            due = eval_due(step)
+            final = state.cursor.examples >= budget
+            due = schedule.due(step, before, state.cursor.examples)
+            _decide(state, clock, seconds, step, due and not final)
+            largest = max(largest, state.controller.batch)
             save = due if ckpt_every == CHECKPOINT_AT_EVALUATIONS else ckpt_every > 0 and step % ckpt_every == 0
-            save = save and step != max_steps
-            if not (save or due or step == max_steps):
+            save = save and not final
+            if not (save or due or final):
                 continue
             t_eval = time.perf_counter()
             evals += 1
-            test_due = (evals - 1) % tc.test_every_evals == 0 or step == max_steps
-            last = _evaluation(state, step, clock, first_bad_step, test_due, stop_at_target)
+            test_due = (evals - 1) % tc.test_every_evals == 0 or final
+            extra = {**point, **state.controller.last}  # the B and γ of this update; the latest decision's inputs
+            last = evaluation(state, step, clock, first_bad_step, test_due, stop_at_target, extra)
             tracker.log_metrics(last.metrics, step=step)
             reached = stop_at_target and tc.reached(last.accuracy, last.loss)
             done = last.diverged_at_step is not None or reached
@@ -424,10 +303,29 @@ def run_loop(
                 break
     summary = _summary(state, status, step, clock, last, resume, first_step_wall)
     if resolution is not None:
-        summary.extra[EVAL_RESOLUTION_METRIC] = resolution
+        summary.extra[EVAL_RESOLUTION_METRIC] = eval_resolution(state.cfg, n, largest)
     if status == Status.REACHED_TARGET and last is not None and math.isfinite(last.test_accuracy):
         summary.extra[GAP_AT_TARGET_METRIC] = last.accuracy - last.test_accuracy
     return summary
+
+
+def _step_size(state: TrainState) -> float:
+    return float(state.optimizer.param_groups[0]["lr"])
+
+
+def _decide(state: TrainState, clock: Clock, seconds: float, step: int, at_evaluation: bool) -> None:
+    """Give the controller the update's time and, where a decision is due, the online B̂_D; apply what it
+    decides to the next update (on the clock: deciding is part of training)."""
+    controller = state.controller
+    controller.observe_step(seconds)
+    if not controller.decision_due(step, at_evaluation):
+        return
+    t0 = time.perf_counter()
+    estimator = state.estimator
+    bound = estimator.metrics().get("diversity/batch_bound", math.nan) if estimator else math.nan
+    decision = controller.decide(bound, estimator.ema.steps if estimator else 0)
+    batch_schedule.apply(decision, state.optimizer, estimator, state.mechanism, state.world_size)
+    clock.train_s += time.perf_counter() - t0
 
 
 def _summary(
@@ -440,12 +338,13 @@ def _summary(
     first_step_wall: float,
 ) -> RunSummary:
     """Evaluate on the test set (every rank its slice) and assemble the ``RunSummary``."""
-    tc, n, rank, P = state.cfg.train, state.data.n, state.rank, state.world_size
+    n, rank, P = state.data.n, state.rank, state.world_size
     t_eval = time.perf_counter()
     _, test_acc = evaluate(state.model, state.data.x_test[rank::P], state.data.y_test[rank::P], P, state.device)
     clock.eval_s += time.perf_counter() - t_eval
     reached = status == Status.REACHED_TARGET
-    passes = step * tc.global_batch_size / n
+    examples = state.cursor.examples
+    passes = examples / n
     return RunSummary(
         status=status,
         steps=step,
@@ -455,7 +354,7 @@ def _summary(
         final_train_accuracy=last.accuracy if last else math.nan,
         final_train_loss=last.loss if last else math.nan,
         final_test_accuracy=test_acc,
-        samples_per_s=tc.global_batch_size * step / clock.train_s if clock.train_s > 0 else 0.0,
+        samples_per_s=examples / clock.train_s if clock.train_s > 0 else 0.0,
         time_to_accuracy_s=clock.train_s if reached else None,
         passes_to_accuracy=passes if reached else None,
         updates_to_accuracy=step if reached else None,
@@ -465,6 +364,7 @@ def _summary(
             "train/restarts": float(resume.get("restarts", 0)),
             "time/lost_train_s": float(resume.get("lost_train_s", 0.0)),
             **(state.estimator.summary() if state.estimator else {}),  # median online B_D (raygd.bound)
+            **state.controller.summary(examples, step),  # mean and final B
         },
         walls={"first_step": first_step_wall},
     )
