@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from raygd import costmodel
+from raygd.records import FINAL_BATCH_METRIC as FINAL_BATCH_METRIC
+from raygd.records import MEAN_BATCH_METRIC as MEAN_BATCH_METRIC
 
 if TYPE_CHECKING:
     from raygd.config import BatchScheduleConfig, NetworkConfig
@@ -41,9 +43,6 @@ GOODPUT_CANDIDATES = 50
 """Batch sizes the goodput rule compares, spaced geometrically between its bounds (AdaptDL's ``np.geomspace``)."""
 BATCH_METRIC = "train/global_batch_size"
 STEP_SIZE_METRIC = "train/step_size"
-MEAN_BATCH_METRIC = "train/mean_global_batch_size"
-"""Summary: examples consumed over updates made, the run's mean B."""
-FINAL_BATCH_METRIC = "train/final_global_batch_size"
 
 # --------------------------------------------------------------------------- rules (pure)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from raygd.records import TrialRecord
+from raygd.records import FIXED_POLICY, TrialRecord
 
 MIN_BATCHES = 4
 """Fewest batch sizes (each with a tuned step that every seed reached with) the fit accepts: two
@@ -383,8 +383,8 @@ def critical_batch(
         One ``CriticalFit`` per (mechanism, replication): vanilla first, then by mechanism and r.
     """
     groups: dict[tuple[str, int], list[TrialRecord]] = defaultdict(list)
-    for r in records:
-        if replication is None or r.replication == replication:
+    for r in records:  # a trial whose batch policy moved B has no one B to fit: not here (raygd.batch_schedule)
+        if (replication is None or r.replication == replication) and r.batch_policy == FIXED_POLICY:
             groups[(r.mechanism, r.replication)].append(r)
     fits = []
     for (mech, rep), trials in sorted(groups.items(), key=lambda kv: (kv[0][0] != BASELINE, kv[0])):

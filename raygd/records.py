@@ -62,6 +62,13 @@ TRIALS_FINISHED_TAG = "raygd.trials_finished"
 TRIALS_TOTAL_TAG = "raygd.trials_total"
 """On an interrupted sweep's parent run: the trials it had planned (the search, and the edge-round and confirm trials
 planned by then)."""
+BATCH_POLICY_TAG = "raygd.batch_policy"
+"""A sweep trial's batch policy as its ``space.batch_schedule`` entry labels it
+(``raygd.batch_schedule.schedule_label``: ``fixed``, ``diversity``, ``goodput(delta=2)``, ...); tables give each
+adaptive policy a row of its own (``arm_label``)."""
+FIXED_POLICY = "fixed"
+ARM_SEPARATOR = " · "
+"""Between a mechanism's label and an adaptive batch policy's in a table row: ``vanilla · diversity``."""
 VERSION_TAG = "raygd.version"
 GIT_COMMIT_TAG = "raygd.git_commit"
 
@@ -77,6 +84,22 @@ GAP_AT_TARGET_METRIC = "generalization_gap_at_target"
 """Training minus test accuracy at the evaluation that reached the target (Theorem 5's side)."""
 EVAL_RESOLUTION_METRIC = "eval_resolution_passes"
 """Passes between evaluations: the resolution of passes- and time-to-target."""
+MEAN_BATCH_METRIC = "train/mean_global_batch_size"
+"""The run's mean B: examples consumed over updates made (B itself at a fixed policy)."""
+FINAL_BATCH_METRIC = "train/final_global_batch_size"
+"""The B of the run's last update."""
+
+
+def arm_label(mechanism: str, batch_policy: str = FIXED_POLICY) -> str:
+    """What a sweep's tables group by: the mechanism's label, joined by ``ARM_SEPARATOR`` to an adaptive batch
+    policy's (a fixed B is the mechanism's own row)."""
+    return mechanism if batch_policy == FIXED_POLICY else f"{mechanism}{ARM_SEPARATOR}{batch_policy}"
+
+
+def split_arm(label: str) -> tuple[str, str]:
+    """(mechanism label, batch policy label) of an ``arm_label``."""
+    mechanism, _, policy = label.partition(ARM_SEPARATOR)
+    return mechanism, policy or FIXED_POLICY
 
 
 class Status(str, Enum):
@@ -255,6 +278,11 @@ class TrialRecord:
     extend_round: int | None = None
     """``EXTEND_ROUND_TAG``: the extension round of an extend-phase trial (None: another phase, or a run
     recorded before the tag existed)."""
+    batch_policy: str = FIXED_POLICY
+    """``BATCH_POLICY_TAG``: the batch policy's label (fixed: B = ``global_batch_size`` throughout; otherwise
+    ``global_batch_size`` is where B started)."""
+    mean_batch_size: float | None = None
+    """``MEAN_BATCH_METRIC``: examples over updates (None for runs recorded before it)."""
 
     def __post_init__(self) -> None:
         try:
@@ -292,6 +320,8 @@ class TrialRecord:
             phase=str(d.get("phase") or SEARCH_PHASE),
             bound_of=d.get("bound_of") or None,
             extend_round=_opt_int(d.get("extend_round")),
+            batch_policy=str(d.get("batch_policy") or FIXED_POLICY),
+            mean_batch_size=_opt_float(d.get("mean_batch_size")),
         )
 
     @classmethod
@@ -323,6 +353,8 @@ class TrialRecord:
                 "phase": t.get(PHASE_TAG, SEARCH_PHASE),
                 "bound_of": t.get(BOUND_OF_TAG),
                 "extend_round": t.get(EXTEND_ROUND_TAG),
+                "batch_policy": t.get(BATCH_POLICY_TAG, p.get("train.batch_schedule.policy", FIXED_POLICY)),
+                "mean_batch_size": m.get(MEAN_BATCH_METRIC),
             }
         )
 
@@ -333,6 +365,12 @@ class TrialRecord:
         return self.status == Status.REACHED_TARGET and t is not None and math.isfinite(t)
 
     @property
+    def arm(self) -> str:
+        """The row a sweep's tables put this trial in: the mechanism, or it with an adaptive batch policy."""
+        return arm_label(self.mechanism, self.batch_policy)
+
+    @property
     def pair(self) -> tuple[str, float, int]:
-        """(mechanism, step_size, global_batch_size)."""
-        return self.mechanism, self.step_size, self.global_batch_size
+        """(arm, step_size, global_batch_size): the mechanism's label (with an adaptive batch policy's, whose B is
+        where it started) and the pair's two settings."""
+        return self.arm, self.step_size, self.global_batch_size

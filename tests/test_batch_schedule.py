@@ -340,3 +340,67 @@ def test_an_adaptive_run_counts_passes_in_examples_and_records_its_batch(idx_dir
     passes = [r["progress/passes"] for r in reports]
     crossed = [math.floor(p / 0.1 + 1e-9) for p in passes]  # one evaluation per 0.1 pass crossed (or more per update)
     assert crossed == sorted(set(crossed))
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _spec(**space):
+    from tuning.spec import SweepSpec
+
+    return SweepSpec(
+        name="adaptive",
+        base={"data": {"name": "synthetic"}, "train": {"batch_schedule": {"max_batch_size": 512}}},
+        space={"step_size": [0.1, 0.2], "global_batch_size": [32, 128], "seed": [0, 1], **space},
+    )
+
+
+def test_a_sweep_runs_each_adaptive_policy_once_per_step_size_and_seed_at_the_smallest_b():
+    from tuning.rounds import ordered_grid
+
+    spec = _spec(batch_schedule=[{"policy": "fixed"}, {"policy": "diversity"}, {"policy": "goodput", "delta": 2}])
+    params = spec.trial_params()
+    fixed = [p for p in params if p["batch_schedule"]["policy"] == "fixed"]
+    adaptive = [p for p in params if p["batch_schedule"]["policy"] != "fixed"]
+    assert len(fixed) == 2 * 2 * 2 and len(adaptive) == 2 * 2 * 2  # two policies × γ × seed, at B = 32 only
+    assert {p["global_batch_size"] for p in adaptive} == {32}
+    assert len(ordered_grid(spec)) == len(params)
+    cfg = spec.run_config(adaptive[-1])
+    assert cfg.train.batch_schedule.policy == "goodput" and cfg.train.batch_schedule.max_batch_size == 512
+    with pytest.raises(ConfigError, match="duplicate"):
+        _spec(batch_schedule=[{"policy": "diversity"}, {"policy": "diversity"}])
+    with pytest.raises(ConfigError, match=r"space\.batch_schedule"):
+        _spec(batch_schedule=["diversity"])
+
+
+def test_the_table_shows_each_policy_beside_the_best_fixed_b_with_its_interval():
+    from tuning.rounds import pair_params
+    from tuning.stats import best_per_mechanism
+    from tuning.tables import summary_markdown
+
+    def rec(i, policy, batch, time, mean_b):
+        return {
+            "trial_id": f"t{i}",
+            "mechanism": "vanilla",
+            "step_size": 0.1,
+            "global_batch_size": batch,
+            "status": "reached_target",
+            "seed": i % 3,
+            "time_to_accuracy_s": time,
+            "batch_policy": policy,
+            "mean_batch_size": mean_b,
+        }
+
+    records = [rec(i, "fixed", 64, 10.0 + i % 3, 64) for i in range(3)]
+    records += [rec(3 + i, "fixed", 256, 20.0 + i % 3, 256) for i in range(3)]
+    records += [rec(6 + i, "diversity", 64, 8.0 + i % 3, 140.0) for i in range(3)]
+    rows = {r.mechanism: r for r in best_per_mechanism(records)}
+    assert set(rows) == {"vanilla", "vanilla · diversity"}
+    adaptive = rows["vanilla · diversity"]
+    assert adaptive.speedup == pytest.approx(11.0 / 9.0) and adaptive.speedup_lo is not None
+    assert adaptive.mean_batch_size == pytest.approx(140.0) and rows["vanilla"].global_batch_size == 64
+    text = summary_markdown(list(rows.values()))
+    assert "| vanilla · diversity | 0.1 | B̄ 140 (from 64) |" in text and "no B to tune" in text
+    spec = _spec(batch_schedule=[{"policy": "fixed"}, {"policy": "diversity"}])
+    (again,) = pair_params(spec, "vanilla · diversity", 0.1, 32, [5])  # a confirm or edge trial of that row
+    assert again["batch_schedule"] == {"policy": "diversity"} and again["seed"] == 5

@@ -106,3 +106,43 @@ def test_evaluation_is_pass_based_unless_eval_every_steps_is_given():
         ConfigError, match=r"train.eval_every_passes = 2.0 is invalid: must be a fraction of a pass in \(0, 1\]"
     ):
         load_run_config(None, ["train.eval_every_passes=2"])
+
+
+def test_set_reaches_nested_fields():
+    cfg = load_run_config(
+        None,
+        [
+            "train.batch_schedule.policy=diversity",
+            "train.batch_schedule.delta=2",
+            "train.network.bandwidth_gbps=1",  # train.network is null by default: the link starts from its defaults
+        ],
+    )
+    assert cfg.train.batch_schedule.policy == "diversity" and cfg.train.batch_schedule.delta == 2.0
+    assert cfg.train.network is not None and cfg.train.network.bandwidth_gbps == 1.0
+    assert cfg.train.network.latency_us == 50.0
+    flat = cfg.flat()
+    assert flat["train.batch_schedule.policy"] == "diversity" and flat["train.network.bandwidth_gbps"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.network.bandwidth_gbps=0"], "train.network.bandwidth_gbps"),
+        (["train.batch_schedule.speed=2"], "train.batch_schedule.speed"),
+        (["train.step_size.x=1"], "train.step_size"),
+        (["train.network=5", "train.network.latency_us=1"], "train.network must be a mapping of fields"),
+        (["train"], "section.field=value"),
+        (["train=1"], "the key must be section.field"),
+        (["train..x=1"], "the key must be section.field"),
+    ],
+)
+def test_nested_set_errors_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_run_config(None, overrides)
+
+
+def test_nested_overrides_do_not_mutate_the_input():
+    raw = {"train": {"network": {"bandwidth_gbps": 2.0}}}
+    merged = apply_overrides(raw, ["train.network.bandwidth_gbps=1"])
+    assert raw == {"train": {"network": {"bandwidth_gbps": 2.0}}}
+    assert merged["train"]["network"]["bandwidth_gbps"] == 1

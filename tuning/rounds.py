@@ -33,6 +33,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from raygd.batch_schedule import schedule_label
+from raygd.records import split_arm
 from tuning.spec import SweepSpec, mechanism_label
 from tuning.trial import EXTEND_PARAM, EXTEND_ROUND_PARAM, EXTEND_SIZE_PARAM
 
@@ -47,7 +49,7 @@ def grid_configs(space: dict[str, list]) -> list[dict[str, Any]]:
 def ordered_grid(spec: SweepSpec) -> list[dict[str, Any]]:
     """The grid's configs in the order the sweep runs them: Tune's, or with ``trial_order = shuffled`` a
     permutation drawn with ``search_seed`` (the same on every machine and on resume, which restores the queue)."""
-    configs = grid_configs(spec.space)
+    configs = [c for c in grid_configs(spec.space) if not spec.redundant(c)]  # adaptive batch policies: one B
     if spec.trial_order == "shuffled":
         random.Random(spec.search_seed).shuffle(configs)
     return configs
@@ -69,11 +71,15 @@ def pair_params(
     """Trial params of one (mechanism label, γ, B) with each seed, on the space's smallest replication (an
     extension round's proposals, the confirm phase's winners). A label not in the space adds no mechanism."""
     mechs = {mechanism_label(m): m for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
+    policies = {schedule_label(e): e for e in spec.space.get("batch_schedule", [])}
+    mechanism, policy = split_arm(mechanism)  # a table row of an adaptive batch policy: ``vanilla · diversity``
     out = []
     for seed in seeds:
         params: dict[str, Any] = {"step_size": step_size, "global_batch_size": batch, "seed": seed}
         if mechanism in mechs:
             params["mechanism"] = mechs[mechanism]
+        if policy in policies:
+            params["batch_schedule"] = policies[policy]
         if "replication" in spec.space:
             params["replication"] = min(spec.space["replication"])
         out.append(params)

@@ -8,6 +8,10 @@
       mechanism: [{name: vanilla}, {name: dropconnect, drop_prob: 0.4}]
       seed: [0]
       replication: [1]               # optional
+      batch_schedule:                # optional: fixed B against batch policies that set B while training
+        - {policy: fixed}
+        - {policy: diversity}        # each adaptive entry runs once per (γ, seed, ...), starting at the
+        - {policy: goodput}          # smallest global_batch_size of the space: it has no B to tune
     search: grid                     # grid | random | optuna (both need num_samples draws)
     num_samples: 16                  # random/optuna: trials drawn (required for optuna)
     search_seed: 0                   # seeds random draws, Optuna's TPE sampler and a shuffled grid
@@ -15,7 +19,9 @@
     scheduler: none                  # none | asha (stops trials that lag in train accuracy)
 
 Every combination in the space (for a range: both ends) is checked as a full ``RunConfig``
-up front, so a typo fails with the field's name before any trial runs.
+up front, so a typo fails with the field's name before any trial runs. A ``batch_schedule`` entry is a
+partial ``train.batch_schedule`` laid over the base's; a grid crosses the fixed entries with every B and
+the adaptive ones (``raygd.batch_schedule``) with the smallest B only (``SweepSpec.redundant``).
 
 The objective (``tuning.objective``): search and ranking minimise ``time_to_accuracy_s``.
 A trial that does not reach the target still gives the searcher a finite value worse than
@@ -47,13 +53,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeGuard
 
+from raygd.batch_schedule import schedule_label
 from raygd.config import ConfigError, RunConfig, absolute_tracking_uri, apply_overrides, parse_override, read_yaml
 from raygd.mechanisms import mechanism_label
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
-SPACE_KEYS = ("step_size", "global_batch_size", "mechanism", "seed", "replication")
+SPACE_KEYS = ("step_size", "global_batch_size", "mechanism", "seed", "replication", "batch_schedule")
 RANGE_KEYS = ("step_size",)
 """Space keys that may be a range {low, high, log} (random and optuna search) instead of a list."""
 CONDITION_KEYS = ("seed", "replication")
@@ -129,8 +136,8 @@ class SweepSpec:
     base: dict[str, Any]
     """The run config every trial starts from (sections data/mechanism/train/tracking)."""
     space: dict[str, Any]
-    """Values per key (step_size, global_batch_size, mechanism (dicts), seed, replication): a list,
-    or for step_size under random/optuna search a range {low, high, log}."""
+    """Values per key (step_size, global_batch_size, mechanism (dicts), seed, replication, batch_schedule (dicts)):
+    a list, or for step_size under random/optuna search a range {low, high, log}."""
     search: str = "grid"
     """grid (every combination), random (num_samples draws) or optuna (num_samples TPE suggestions)."""
     num_samples: int | None = None
@@ -192,12 +199,39 @@ class SweepSpec:
         labels = [mechanism_label(m) for m in self.space.get("mechanism", []) if isinstance(m, dict)]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"space.mechanism has duplicate entries {labels}: each mechanism setting once.")
+        self._check_batch_schedules()
         if not isinstance(self.confirm_seeds, list) or not all(
             isinstance(s, int) and s >= 0 for s in self.confirm_seeds
         ):
             raise ConfigError(f"confirm_seeds = {self.confirm_seeds!r} is invalid: a list of integers >= 0.")
         for params in self.trial_params():
             self.run_config(params)  # every combination (each range's ends) must be a valid run config
+
+    def _check_batch_schedules(self) -> None:
+        entries = self.space.get("batch_schedule")
+        if entries is None:
+            return
+        if not all(isinstance(e, dict) and "policy" in e for e in entries):
+            raise ConfigError(
+                f"space.batch_schedule = {entries!r} is invalid: a list of mappings with at least 'policy' "
+                "(fields of train.batch_schedule), e.g. [{policy: fixed}, {policy: diversity}]."
+            )
+        labels = [schedule_label(e) for e in entries]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"space.batch_schedule has duplicate entries {labels}: each policy setting once.")
+        if self.search == "optuna" and len(entries) > 1:
+            raise ConfigError(
+                f"space.batch_schedule = {entries!r} is invalid with search = 'optuna': the batch policies are arms "
+                "to compare, not a hyperparameter; use search grid or random."
+            )
+
+    def redundant(self, params: dict[str, Any]) -> bool:
+        """Whether a grid combination repeats another: an adaptive batch policy sets B itself, so it runs at the
+        space's smallest global_batch_size only (where it starts)."""
+        entry = params.get("batch_schedule")
+        if not isinstance(entry, dict) or entry.get("policy", "fixed") == "fixed" or "global_batch_size" not in params:
+            return False
+        return params["global_batch_size"] != min(self._values("global_batch_size"))
 
     def _check_numbers(self) -> None:
         def positive_int(name: str, value: Any, optional: bool = False) -> None:
@@ -284,7 +318,8 @@ class SweepSpec:
         """Every combination of the space, as the dicts Tune's grid search will produce
         (a range contributes its two ends: what random and optuna search are validated with)."""
         keys = list(self.space)
-        return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self._values(k) for k in keys))]
+        combos = [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*(self._values(k) for k in keys))]
+        return [c for c in combos if not self.redundant(c)]
 
     def decode(self, params: dict[str, Any]) -> dict[str, Any]:
         """Trial params as Tune gives them to a trial, mechanism labels (random/optuna) turned back into dicts."""
@@ -307,6 +342,11 @@ class SweepSpec:
                 train[key] = params[key]
         if "replication" in params:
             data["replication"] = params["replication"]
+        if "batch_schedule" in params:
+            entry = params["batch_schedule"]
+            if not isinstance(entry, dict):
+                raise ConfigError(f"space.batch_schedule entry {entry!r} is invalid: a mapping with at least 'policy'.")
+            train["batch_schedule"] = {**(train.get("batch_schedule") or {}), **entry}
         raw["train"], raw["data"] = train, data
         if "mechanism" in params:
             mech = params["mechanism"]

@@ -216,6 +216,11 @@ class BestRow:
     """Median of the online B_D along training, mean over the best pair's seeds."""
     bound_of: str | None = None
     """Whose diversity B_D is (``raygd.records.BOUND_OF_TAG``): gradient, surrogate or plain_gradient."""
+    batch_policy: str = "fixed"
+    """The row's batch policy (``raygd.records.BATCH_POLICY_TAG``); adaptive: ``global_batch_size`` is where B
+    started, and the speedup is over the baseline's best fixed B."""
+    mean_batch_size: float | None = None
+    """Mean B of the best pair's runs (examples over updates), mean over its seeds."""
 
     @property
     def significant(self) -> bool | None:
@@ -332,6 +337,8 @@ def best_per_mechanism(
                 if best.reached
                 else None,
                 **_bound_fields(best.trials),
+                batch_policy=best.trials[0].batch_policy,
+                mean_batch_size=_mean_finite(t.mean_batch_size for t in best.trials),
             )
         )
     return sorted(rows, key=lambda r: (r.mechanism != baseline, _key_or_inf(r.time_to_accuracy_s), r.mechanism))

@@ -80,7 +80,7 @@ def summary_markdown(best_rows: Sequence[BestRow], target: str | None = None, ex
             else (f"{r.time_to_accuracy_s:.4g}" + (f" ± {r.time_std_s:.2g}" if r.time_std_s is not None else ""))
         )
         w0, median, ratio = _bound_cells(r)
-        step, batch = _edge(f"{r.step_size:g}", r.step_edge), _edge(str(r.global_batch_size), r.batch_edge)
+        step, batch = _edge(f"{r.step_size:g}", r.step_edge), _batch_cell(r)
         lines.append(
             f"| {r.mechanism} | {step} | {batch} "
             f"| {time} | {_fmt(r.passes_to_accuracy, '.3g')} | {_speedup_cell(r)} | {w0} | {median} | {ratio} "
@@ -90,6 +90,13 @@ def summary_markdown(best_rows: Sequence[BestRow], target: str | None = None, ex
         lines.append("| (no trials) | | | | | | | | | | |")
     lines += _notes(best_rows, extensions)
     return "\n".join(lines) + "\n"
+
+
+def _batch_cell(r: BestRow) -> str:
+    """B, or for an adaptive batch policy its mean B over the run and where it started: ``B̄ 210 (from 32)``."""
+    if r.batch_policy == "fixed":
+        return _edge(str(r.global_batch_size), r.batch_edge)
+    return f"B̄ {_fmt(r.mean_batch_size, '.0f')} (from {r.global_batch_size})"
 
 
 def _notes(best_rows: Sequence[BestRow], extensions: str) -> list[str]:
@@ -107,6 +114,11 @@ def _notes(best_rows: Sequence[BestRow], extensions: str) -> list[str]:
         notes.append("Grid edges extended: " + extensions.replace("\n", "; ") + ".")
     if any(r.significant is False for r in best_rows):
         notes.append("n.s.: the speedup's 95% bootstrap interval over seeds covers 1.0× (not significant).")
+    if any(r.batch_policy != "fixed" for r in best_rows):
+        notes.append(
+            "mechanism · policy: B set along training by that batch policy (raygd.batch_schedule), its step size "
+            "tuned, no B to tune; B̄: its mean B; the speedup is over the best fixed B."
+        )
     if any(r.bound_of == PLAIN_GRADIENT for r in best_rows):
         notes.append("*: the plain gradient's B_D; the mechanism's surrogate diversity is not estimated.")
     return ["", *notes]

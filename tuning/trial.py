@@ -13,7 +13,9 @@ import json
 import time
 from typing import Any
 
+from raygd.batch_schedule import schedule_label
 from raygd.records import (
+    BATCH_POLICY_TAG,
     CONFIRM_PHASE,
     EXTEND_PHASE,
     EXTEND_ROUND_TAG,
@@ -169,6 +171,8 @@ def run_trial(
     label = mechanism_label(params.get("mechanism", cfg.mechanism.__dict__))
     cfg.tracking.run_name = run_name(label, cfg, phase)
     run_tags = {TRIAL_TAG: trial_id, KEY_TAG: key, PHASE_TAG: phase, MECHANISM_LABEL_TAG: label}
+    if "batch_schedule" in params:  # the policy's label as the space names it (its table row)
+        run_tags[BATCH_POLICY_TAG] = schedule_label(params["batch_schedule"])
     if extend_round is not None:
         run_tags[EXTEND_ROUND_TAG] = str(extend_round)
     kwargs = {
