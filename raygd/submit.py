@@ -16,6 +16,10 @@ and sent as ``Authorization: Bearer``. A bad address, an unreachable cluster, a 
 rejected token, a missing ``--`` or an oversized working directory stop with exit status 2
 and a message naming the input and the fix, before anything is uploaded.
 
+``--stop`` sends the job's driver SIGTERM, which a raygd driver handles as Ctrl-C (an interrupted
+sweep stays resumable: ``raygd submit -- raygd sweep NAME --resume``); the job is given
+``JOB_STOP_WAIT_S`` for that before Ray Jobs' SIGKILL.
+
 One module (over 400 lines once formatted) because it is one command: its argument checks,
 address/token/working-dir validation and the Jobs API calls share the same error messages.
 """
@@ -60,6 +64,10 @@ WORKING_DIR_EXCLUDES = [
 ]
 MAX_WORKING_DIR_BYTES = 100 * 2**20
 """Ray's own limit is 512 MiB zipped; data belongs on the nodes or in cloud storage, not in the upload."""
+JOB_STOP_WAIT_S = 60
+"""Seconds Ray Jobs waits after a stop's SIGTERM before it SIGKILLs the job (``RAY_JOB_STOP_WAIT_TIME_S``, read by the
+job's supervisor from the job's environment; 3 s by default): an interrupted sweep stops Ray Tune, tags its parent
+run and stops its pools first (~15 s on 2 cores). A value in the submitting shell's environment is passed instead."""
 TRACKED_COMMANDS = ("train", "sweep", "diversity")
 REMOTE_TRACKING_SCHEMES = ("http", "https", "postgresql", "mysql", "mssql", "databricks")
 JOB_FLAGS = ("status", "logs", "stop")
@@ -356,7 +364,7 @@ def run_job_command(args: argparse.Namespace, client) -> int:
         stopped = client.stop_job(job_id)
         print(
             f"raygd submit: {'stop requested for' if stopped else 'nothing to stop:'} {job_id} "
-            f"({wait_for_end(client, job_id, 60).status if stopped else info.status})"
+            f"({wait_for_end(client, job_id, JOB_STOP_WAIT_S + 30).status if stopped else info.status})"
         )
     return 0
 
@@ -391,7 +399,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     path, excludes, size, files = check_working_dir(args.working_dir, args.exclude)
     entrypoint = build_entrypoint(command, args.tracking_uri)
     client = connect(address)
-    env_vars = {"RAYGD_GIT_COMMIT": git_commit(path)}
+    env_vars = {
+        "RAYGD_GIT_COMMIT": git_commit(path),
+        "RAY_JOB_STOP_WAIT_TIME_S": os.environ.get("RAY_JOB_STOP_WAIT_TIME_S", str(JOB_STOP_WAIT_S)),
+    }
     if args.tracking_uri != CLUSTER_TRACKING_URI:
         env_vars["MLFLOW_TRACKING_URI"] = args.tracking_uri
     print(f"raygd submit: shipping {path} ({size / 2**20:.1f} MiB, {files} files) to {address}", file=sys.stderr)

@@ -211,19 +211,23 @@ def run_sweep(spec: SweepSpec, resume: bool = False, verbose: bool = False) -> S
             start_s = pools.start_s()
             if start_s is not None:  # the pool's own start, once per sweep
                 Tracker(spec.tracking_uri, parent_run_id, enabled=True).log_metrics({"pool/start_s": start_s}, step=0)
+        if pools is not None:  # before the close
+            pools.stop()
+            pools = None
+        return close_sweep(spec.tracking_uri, parent_run_id)
     except KeyboardInterrupt as err:  # tagged first: a job's stop sends SIGKILL a while after its SIGTERM
         stop = interrupted(err)
         stop.run_id = parent_run_id
-        stop.trials = record_interruption(
-            spec.tracking_uri, parent_run_id, stop.signal_name, _planned_trials(spec, parent_run_id)
-        )
+        with contextlib.suppress(Exception):  # the store may be going down with the node
+            stop.trials = record_interruption(
+                spec.tracking_uri, parent_run_id, stop.signal_name, _planned_trials(spec, parent_run_id)
+            )
         if stop is err:
             raise
         raise stop from err
     finally:
         if pools is not None:
             _stop_pools(pools, spec.tracking_uri, parent_run_id, stop)
-    return close_sweep(spec.tracking_uri, parent_run_id)
 
 
 INTERRUPTED_POOLS_STOP_S = 10.0
