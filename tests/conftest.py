@@ -22,6 +22,7 @@ RAY_FIXTURES = {"ray_session", "cluster"}
 """Fixtures that start Ray: the session's local Ray, test_submit.py's local multi-node cluster."""
 STARTS_RAY_IN_A_SUBPROCESS = {
     ("test_sweep.py", "test_resume_after_the_sweep_process_is_killed_makes_no_duplicate_children"),  # raygd sweep
+    ("test_examples.py", "test_charlm_raygd_train_cli_reaches_a_loss_target"),  # raygd train
     ("test_interrupt.py", "test_an_interrupted_sweep_stays_resumable_and_its_printed_command_finishes_it"),  # sweep
     ("test_interrupt.py", "test_an_interrupted_train_run_ends_killed_with_status_130"),  # raygd train
 }
