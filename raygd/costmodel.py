@@ -138,6 +138,26 @@ def ddp_buckets(gradient_bytes: int) -> int:
     return 1 + math.ceil((gradient_bytes - DDP_FIRST_BUCKET_BYTES) / DDP_BUCKET_BYTES)
 
 
+TCP_PAYLOAD_BYTES = 1448
+"""TCP payload per full segment at MTU 1500 with timestamps: 1500 − 20 (IP) − 20 (TCP) − 12 (options)."""
+FRAME_BYTES = 1514
+"""What ``tc tbf`` counts for that segment on a veth: the IP packet and the 14-byte Ethernet header."""
+SHAPED_LATENCY_S = 0.0
+"""α of a shaped link on this machine (``bench.shaped_link``'s calibration)."""
+
+
+def shaped_link(rate_mbit: float, latency_s: float = SHAPED_LATENCY_S) -> Link:
+    """A link shaped by ``tc qdisc ... tbf rate <rate_mbit>mbit``, as gloo's TCP sees it:
+
+        β = rate · 10⁶ / 8 · 1448 / 1514    (payload bytes per second)
+
+    ``tbf`` meters frames, and each full TCP segment carries 1448 payload bytes in a 1514-byte frame.
+    """
+    if not rate_mbit > 0:
+        raise ValueError(f"rate_mbit = {rate_mbit!r}: must be > 0")
+    return Link(latency_s, rate_mbit * 1e6 / 8 * TCP_PAYLOAD_BYTES / FRAME_BYTES)
+
+
 def exposed_comm(t_comm: float, t_compute: float, overlap: float) -> float:
     """Communication time not hidden behind compute: t_comm − overlap · min(t_comm, t_compute)."""
     if not 0.0 <= overlap <= 1.0:

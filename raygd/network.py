@@ -14,6 +14,14 @@ so far is the time since this step's forward began. Buckets share one link: a bu
 starts when the previous one's ends. The hook changes time only; runs that use it are tagged
 ``raygd.network = emulated`` (``NETWORK_TAG``) and carry ``train.network.*`` params.
 
+A *shaped* link is real: two Ray nodes on one machine joined by a veth pair that ``tc tbf`` limits
+(``tests/netlink.py``), so DDP's gloo all-reduce crosses it over TCP and no hook is installed. The driver
+learns of it from ``$RAYGD_SHAPED_LINK`` (the rate in Mbit/s, set by whoever shaped the link) and tags
+its runs ``raygd.network = shaped`` and ``raygd.network_rate_mbit`` (``network_tags``): their times were
+measured over a link of that rate on one machine, never on a cluster, and ``raygd project`` takes the
+modelled transfer over that link (``raygd.costmodel.shaped_link``) out of their step times as it takes
+the emulated wait out of emulated runs.
+
 Order: DDP takes one comm hook and cannot swap it, so ``install_network`` runs after DDP wrapping and
 *before* ``mechanism.attach_ddp``: it wraps ``ddp.register_comm_hook`` so that the mechanism's hook
 is registered inside the emulation, and if none is registered by the first forward it registers
@@ -24,8 +32,11 @@ not delayed.
 
 from __future__ import annotations
 
+import math
+import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +51,12 @@ if TYPE_CHECKING:
 NETWORK_TAG = "raygd.network"
 """Tag of runs whose communication time is emulated: ``EMULATED``."""
 EMULATED = "emulated"
+SHAPED = "shaped"
+"""``NETWORK_TAG`` of runs whose collectives crossed a real link shaped by ``tc tbf`` on one machine."""
+SHAPED_ENV = "RAYGD_SHAPED_LINK"
+"""The driver's environment variable naming a shaped link's rate in Mbit/s (``tests/netlink.py`` sets it)."""
+RATE_TAG = "raygd.network_rate_mbit"
+"""Tag: the shaped link's ``tbf`` rate in Mbit/s."""
 SPIN_S = 1e-3
 """The last part of a wait is spun, not slept (see ``_sleep_until``)."""
 
@@ -163,6 +180,41 @@ def install_network(ddp: torch.nn.parallel.DistributedDataParallel, network_cfg:
     return emulation
 
 
-def emulation_tags(network_cfg: NetworkConfig | None, world_size: int) -> dict[str, str]:
-    """``{NETWORK_TAG: EMULATED}`` for a run whose collectives the emulated link delays (P > 1), else nothing."""
-    return {NETWORK_TAG: EMULATED} if network_cfg is not None and world_size > 1 else {}
+def shaped_rate_mbit(environ: Mapping[str, str] | None = None) -> float | None:
+    """The rate in Mbit/s of the shaped link this driver's runs cross (``$RAYGD_SHAPED_LINK``), or None.
+
+    Raises:
+        raygd.config.ConfigError: the variable is set but not a finite number > 0.
+    """
+    value = (os.environ if environ is None else environ).get(SHAPED_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = math.nan
+    if not (math.isfinite(rate) and rate > 0):
+        from raygd.config import ConfigError
+
+        raise ConfigError(f"${SHAPED_ENV} = {value!r} is invalid: the shaped link's rate in Mbit/s, a number > 0.")
+    return rate
+
+
+def network_tags(
+    network_cfg: NetworkConfig | None, world_size: int, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The run's network tags (P > 1 only): ``raygd.network = emulated`` when ``network_cfg`` delays its
+    collectives, ``shaped`` with ``raygd.network_rate_mbit`` when ``$RAYGD_SHAPED_LINK`` names a shaped link
+    (both: ``emulated`` and the rate tag, since the wait comes on top of the real link), else nothing."""
+    if world_size < 2:
+        return {}
+    tags = {NETWORK_TAG: EMULATED} if network_cfg is not None else {}
+    rate = shaped_rate_mbit(environ)
+    if rate is not None:
+        tags.setdefault(NETWORK_TAG, SHAPED)
+        tags[RATE_TAG] = f"{rate:g}"
+    return tags
+
+
+emulation_tags = network_tags
+"""The name ``raygd.train`` imports (``network_tags`` from before shaped links)."""
