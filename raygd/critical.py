@@ -255,6 +255,32 @@ def zhang_b_opt(points: Sequence[BatchPoint], overhead: float = ZHANG_OVERHEAD) 
     return max(ok)
 
 
+def bootstrap_fits(
+    points: Sequence[BatchPoint], n_boot: int = N_BOOTSTRAP, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``n_boot`` resampled fits (S_min, S_min·B_crit) of ``points`` as ``fit_points`` describes, each of shape
+    (n_boot,); B_crit = c/a (``b_crit_samples``). None when no point has two seeds. Two mechanisms' samples,
+    drawn independently, give the interval of a ratio such as B_crit(DropConnect) / B_crit(vanilla)."""
+    pts = sorted(points, key=lambda p: p.global_batch_size)
+    pool = pooled_deviations(u for p in pts for u in (p.candidates or (p.updates,)))
+    if pool.size == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    groups = [p.candidates or (p.updates,) for p in pts]
+    boot = np.stack(
+        [np.min([resampled_pooled(statistics.fmean(u), len(u), pool, n_boot, rng) for u in g], axis=0) for g in groups],
+        axis=1,
+    )
+    x = np.array([1.0 / p.global_batch_size for p in pts])
+    return fit_line(x, boot, np.array([len(p.updates) for p in pts]))
+
+
+def b_crit_samples(points: Sequence[BatchPoint], n_boot: int = N_BOOTSTRAP, seed: int = 0) -> np.ndarray | None:
+    """B_crit of each resampled fit (``bootstrap_fits``): inf where S_min ≤ 0, 0 where the curve does not fall."""
+    boot = bootstrap_fits(points, n_boot, seed)
+    return None if boot is None else _b_crit(*boot)
+
+
 def fit_points(
     points: Sequence[BatchPoint], n_boot: int = N_BOOTSTRAP, seed: int = 0
 ) -> tuple[str | None, dict[str, Any]]:
@@ -303,24 +329,10 @@ def fit_points(
         )
     fields: dict[str, Any] = {"b_crit": c / a, "s_min": a, "e_min": c}
     fields["residuals"] = tuple(float(v) for v in y / (a + c * x) - 1.0)
-    pool = pooled_deviations(u for p in pts for u in (p.candidates or (p.updates,)))
-    if pool.size == 0:  # one seed everywhere: no spread to resample
+    boot = bootstrap_fits(pts, n_boot, seed)
+    if boot is None:  # one seed everywhere: no spread to resample
         return None, fields
-    rng = np.random.default_rng(seed)
-    boot = np.stack(
-        [
-            np.min(
-                [
-                    resampled_pooled(statistics.fmean(u), len(u), pool, n_boot, rng)
-                    for u in (p.candidates or (p.updates,))
-                ],
-                axis=0,
-            )
-            for p in pts
-        ],
-        axis=1,
-    )
-    a_b, c_b = fit_line(x, boot, k)
+    a_b, c_b = boot
     for name, values in (("b_crit", _b_crit(a_b, c_b)), ("s_min", a_b), ("e_min", c_b)):
         fields[f"{name}_low"], fields[f"{name}_high"] = _interval(values)
     return None, fields
