@@ -15,8 +15,9 @@ starts when the previous one's ends. The hook changes time only; runs that use i
 ``raygd.network = emulated`` (``NETWORK_TAG``) and carry ``train.network.*`` params.
 
 A *shaped* link is real: two Ray nodes on one machine joined by a veth pair that ``tc tbf`` limits
-(``tests/netlink.py``), so DDP's gloo all-reduce crosses it over TCP and no hook is installed. The driver
-learns of it from ``$RAYGD_SHAPED_LINK`` (the rate in Mbit/s, set by whoever shaped the link) and tags
+(``tests/netlink.py``), so DDP's gloo all-reduce crosses it over TCP and no hook is installed. The process
+that opens a run (the driver of ``raygd train``, a Tune trial on a node in a sweep) learns of it from
+``$RAYGD_SHAPED_LINK`` (the rate in Mbit/s, set on the driver and every node by whoever shaped the link) and tags
 its runs ``raygd.network = shaped`` and ``raygd.network_rate_mbit`` (``network_tags``): their times were
 measured over a link of that rate on one machine, never on a cluster, and ``raygd project`` takes the
 modelled transfer over that link (``raygd.costmodel.shaped_link``) out of their step times as it takes
@@ -181,7 +182,7 @@ def install_network(ddp: torch.nn.parallel.DistributedDataParallel, network_cfg:
 
 
 def shaped_rate_mbit(environ: Mapping[str, str] | None = None) -> float | None:
-    """The rate in Mbit/s of the shaped link this driver's runs cross (``$RAYGD_SHAPED_LINK``), or None.
+    """The rate in Mbit/s of the shaped link this process's runs cross (``$RAYGD_SHAPED_LINK``), or None.
 
     Raises:
         raygd.config.ConfigError: the variable is set but not a finite number > 0.

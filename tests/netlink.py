@@ -18,7 +18,6 @@ crosses the link over real TCP.
     with ShapedRayCluster(rate_mbit=100) as cluster:
         cluster.start()
         subprocess.run(["raygd", "sweep", ...], env=cluster.driver_env())
-        cluster.set_rate(10)                     # the same cluster, a slower link (None: unshaped)
 
 Needs root and ``ip`` / ``tc`` (iproute2); ``unavailable()`` says why not, for a test's skip reason.
 Requires Linux; ``netem`` (delay, loss) is not used: bandwidth only.
@@ -256,7 +255,10 @@ class ShapedRayCluster(LocalRayCluster):
         self.env.pop(SHAPED_ENV, None)
 
     def _node_env(self, dev: str) -> dict[str, str]:
-        return {**self.env, "GLOO_SOCKET_IFNAME": dev}
+        env = {**self.env, "GLOO_SOCKET_IFNAME": dev}
+        if self.link.rate_mbit is not None:
+            env[SHAPED_ENV] = f"{self.link.rate_mbit:g}"
+        return env
 
     def _launch_in(self, name: str, args: list[str], env: dict[str, str], ns: str | None):
         temp_dir = Path(tempfile.mkdtemp(prefix=name[:1], dir=self.root))
@@ -324,13 +326,9 @@ class ShapedRayCluster(LocalRayCluster):
             self.stop()
             raise
 
-    def set_rate(self, rate_mbit: float | None) -> None:
-        """Reshape the running cluster's link; a driver started after this gets the new rate (``driver_env``)."""
-        self.link.set_rate(rate_mbit)
-
     def driver_env(self) -> dict[str, str]:
         """The environment of a driver on the head's side (``raygd sweep``): the cluster's address and token, and
-        ``RAYGD_SHAPED_LINK`` at the link's current rate (absent when unshaped)."""
+        ``RAYGD_SHAPED_LINK`` at the link's rate (absent when unshaped)."""
         env = self.client_env()
         env.pop(SHAPED_ENV, None)
         env.update(RAY_ADDRESS=self.gcs_address or "", GLOO_SOCKET_IFNAME=self.link.host_dev)
