@@ -225,7 +225,7 @@ def _critical_panel(ax, fit: CriticalFit) -> None:
 def plot_critical_batch(fits: Sequence[CriticalFit], path: str | Path) -> Path:
     """Updates to target against examples to target, one point per B (its tuned γ), the fitted hyperbola
     (S/S_min − 1)(E/E_min − 1) = 1 with its asymptotes S_min and E_min, one panel per mechanism (and
-    replication factor). Points up the vertical asymptote scale perfectly (more B, fewer updates, the
+    replication factor) on shared axes. Points up the vertical asymptote scale perfectly (more B, fewer updates, the
     same examples); points along the horizontal one waste examples.
 
     Returns:
@@ -237,9 +237,10 @@ def plot_critical_batch(fits: Sequence[CriticalFit], path: str | Path) -> Path:
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(5.0 * cols, 4.2 * rows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)).ravel()
     for ax, fit in zip(axes, fits, strict=False):
         _critical_panel(ax, fit)
+        ax.tick_params(labelbottom=True, labelleft=True)  # shared axes, but every panel read on its own
     for ax in axes[len(fits) :]:
         ax.set_axis_off()
     if not fits:
