@@ -138,6 +138,8 @@ def test_projected_speedup_has_the_seeds_bootstrap_interval(sqlite_uri):
     mean = {m: float(np.mean([u * step[m] for u in ups])) for m, ups in updates.items()}
     q = best["quantize"]
     assert q["global_batch_size"] == 256 and q["seeds"] == 3
+    assert (q["fastest_batch_low"], q["fastest_batch_high"]) == (256, 256)  # B = 64's 700 updates lose every resample
+    assert "| quantize | 0.1 | 256 (256–256) |" in project.table(proj)
     assert q["projected_time_to_accuracy_s"] == pytest.approx(mean["quantize"])
     assert q["projected_speedup_vs_vanilla"] == pytest.approx(mean["vanilla"] / mean["quantize"])
     exact = sorted(
