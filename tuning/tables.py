@@ -116,7 +116,7 @@ def _notes(best_rows: Sequence[BestRow], extensions: str) -> list[str]:
         notes.append("n.s.: the speedup's 95% bootstrap interval over seeds covers 1.0× (not significant).")
     if any(r.batch_policy != "fixed" for r in best_rows):
         notes.append(
-            "mechanism · policy: B set along training by that batch policy (raygd.batch_schedule), its step size "
+            "mechanism: policy: B set along training by that batch policy (raygd.batch_schedule), its step size "
             "tuned, no B to tune; B̄: its mean B; the speedup is over the best fixed B."
         )
     if any(r.bound_of == PLAIN_GRADIENT for r in best_rows):
@@ -244,6 +244,11 @@ def _g3(x: float | None) -> str:
     return f"{v:.0f}" if abs(v) >= 1e5 else f"{v:g}"
 
 
+def _ratio(x: float | None) -> str:
+    """Two significant digits, as the ratio itself; ∞ for inf."""
+    return "–" if x is None else "∞" if math.isinf(x) else f"{x:.2g}"
+
+
 def _critical_name(fit: CriticalFit, several_r: bool) -> str:
     return fit.mechanism + (f" (r={fit.replication})" if several_r else "")
 
@@ -282,7 +287,7 @@ def critical_markdown(fits: Sequence[CriticalFit]) -> str:
         if f.fitted:
             b_crit = f"{_g3(f.b_crit)} ({_g3(f.b_crit_low)}–{_g3(f.b_crit_high)})"
             r, low, high = f.over_bound(f.b_crit), f.over_bound(f.b_crit_low), f.over_bound(f.b_crit_high)
-            ratio = "–" if r is None else f"{r:.2g} ({_g3(low)}–{_g3(high)})"
+            ratio = "–" if r is None else f"{r:.2g} ({_ratio(low)}–{_ratio(high)})"
         lines.append(
             f"| {_critical_name(f, several_r)} | {b_crit} | {_g3(f.batch_bound_w0)} | {_g3(f.batch_bound_median)} "
             f"| {ratio} | {_g3(f.s_min)} | {_g3(f.e_min)} | {_fmt(f.b_opt, 'd')} | {_fitted_on(f)} |"
