@@ -8,17 +8,20 @@ TCP. Then, one model after the other:
 1. calibration, as on a cluster: timed gloo all-reduces of 1 KB–16 MB across the link (P = 2, capped at
    ~2 s a transfer at the slow rates) at every rate, fitted as t = 2α + bytes/β (``raygd.costmodel.fit_link``),
    the fitted β against the ``tbf`` rate and against ``raygd.costmodel.shaped_link``'s goodput, residuals;
-2. per model, the same grid swept by ``raygd sweep`` unshaped (the veth's own speed) and at each rate
-   (``set_rate`` reshapes the running cluster), every run tagged ``raygd.network = shaped`` at its rate;
+2. per model, the same grid swept by ``raygd sweep`` unshaped (the veth's own speed) and at each rate, one
+   cluster per rate (its nodes' environment names it), every run tagged ``raygd.network = shaped`` at its rate;
 3. per trial: its measured time to accuracy over the shaped link against ``raygd project`` of the
-   *unshaped* sweep onto ``shaped_link(rate)`` (the unshaped trials' updates × their fitted compute + the
-   modelled transfer); the median |error|, the worst, and whether the winning (γ, B) per mechanism agrees.
+   *unshaped* sweep onto the link calibrated at that rate (the unshaped trials' updates × their fitted
+   compute, the calibrated unshaped transfer taken out first, + the calibrated transfer); the median
+   |error|, the worst, and whether the winning (γ, B) per mechanism agrees. Beside it: the same onto
+   ``costmodel.shaped_link(rate)`` (no calibration), and without taking the unshaped transfer out.
 
 Runs only as root with ``ip`` and ``tc``. Outputs: ``bench/out/shaped_link.md`` (+ ``shaped_link.csv`` and
 ``shaped_link.png``), the MLflow store in ``bench/out/shaped_link/mlflow.db``; the load average beside every figure.
 
     .venv/bin/python -m bench.shaped_link --quick        # ≤ 20 minutes: fewer trials, fewer sizes
     .venv/bin/python -m bench.shaped_link                # both grids in full
+    .venv/bin/python -m bench.shaped_link --smoke        # the whole path in minutes (synthetic, one rate)
     .venv/bin/python -m bench.shaped_link --calibrate-only
 """
 
@@ -100,7 +103,7 @@ def time_collectives(link, sizes: list[int], reps: int) -> dict[int, list[float]
 
 @dataclass
 class Calibration:
-    """One rate's timed collectives and their fit t = 2α + bytes/β."""
+    """One rate's timed collectives and their fit t = 2α + bytes/β (relative residuals minimised)."""
 
     rate_mbit: float | None
     sizes: list[int]
@@ -108,6 +111,8 @@ class Calibration:
     spread: list[tuple[float, float]]
     link: cm.Link
     fit: cm.LineFit
+    ordinary: cm.Link
+    """The ordinary least-squares fit, for comparison (its α is set by the largest transfers' noise)."""
 
     @property
     def fitted_mbit(self) -> float:
@@ -118,16 +123,21 @@ class Calibration:
         model = ""
         if self.rate_mbit is not None:
             goodput = cm.shaped_link(self.rate_mbit).bandwidth_bytes_per_s * 8 / 1e6
-            model = (
-                f" = {self.fitted_mbit / self.rate_mbit:.3f} × rate (costmodel.shaped_link: {goodput:.1f} Mbit/s, "
-                f"{goodput / self.rate_mbit:.3f} × rate)"
-            )
+            model = f" = {self.fitted_mbit / self.rate_mbit:.3f} × rate (shaped_link: {goodput / self.rate_mbit:.3f})"
         residuals = ", ".join(
             f"{_size(s)} {r / m:+.0%}" for s, r, m in zip(self.sizes, self.fit.residuals, self.medians, strict=True)
         )
         return (
-            f"- {rate}: β = {self.fitted_mbit:.1f} Mbit/s{model}, α = {self.link.latency_s * 1e6:.0f} µs; "
-            f"relative residuals {residuals}"
+            f"- {rate}: β = {self.fitted_mbit:.1f} Mbit/s{model}, α = {self.link.latency_s * 1e6:.0f} µs "
+            f"(ordinary least squares: {self.ordinary.bandwidth_bytes_per_s * 8 / 1e6:.1f} Mbit/s, "
+            f"{self.ordinary.latency_s * 1e6:.0f} µs); relative residuals {residuals}"
+        )
+
+    def times(self) -> str:
+        """Median (min–max) milliseconds per size."""
+        return ", ".join(
+            f"{_size(s)} {m * 1e3:.3g} ({lo * 1e3:.3g}–{hi * 1e3:.3g})"
+            for s, m, (lo, hi) in zip(self.sizes, self.medians, self.spread, strict=True)
         )
 
 
@@ -144,9 +154,10 @@ def calibrate(link, rates: list[float | None], sizes: tuple[int, ...], reps: int
         times = time_collectives(link, cap, reps)
         medians = [statistics.median(times[s]) for s in cap]
         moved = [cm.link_bytes(s, 2) for s in cap]
-        fitted, fit = cm.fit_link(moved, medians, terms=2)
+        fitted, fit = cm.fit_link(moved, medians, terms=2, relative=True)
+        ordinary, _ = cm.fit_link(moved, medians, terms=2)
         spread = [(min(times[s]), max(times[s])) for s in cap]
-        out.append(Calibration(rate, cap, medians, spread, fitted, fit))
+        out.append(Calibration(rate, cap, medians, spread, fitted, fit, ordinary))
         SAY(out[-1].describe())
     return out
 
@@ -164,14 +175,31 @@ class Grid:
     rates: tuple[float, ...]
 
 
-def grids(quick: bool) -> list[Grid]:
+SMOKE = Grid(
+    "smoke",
+    "quickstart",
+    (
+        "sweep.extend_edges=false", "train.diversity_estimator=none", "data.name=synthetic",
+        "data.synthetic_features=2048", "data.synthetic_size=1024", "data.train_size=null", "data.eval_size=256",
+        "train.max_passes=2", "train.eval_every_passes=0.25", "train.target_accuracy=0.5",
+        "sweep.space.step_size=[0.1]", "sweep.space.global_batch_size=[64, 128]",
+        "sweep.space.mechanism=[{name: vanilla}]",
+    ),
+    (10.0,),
+)  # fmt: skip
+"""``--smoke``: the whole path in a few minutes (synthetic data, logistic regression, one rate)."""
+
+
+def grids(quick: bool, smoke: bool = False) -> list[Grid]:
     """The quickstart grid (logistic regression) and a CNN grid, at rates that span ρ ≈ 0.1 to ≥ 10."""
+    if smoke:
+        return [SMOKE]
     common = ("sweep.extend_edges=false", "train.diversity_estimator=none")
     logreg = Grid(
         "logreg",
         "quickstart",
         (*common, "sweep.space.step_size=[0.4]") if quick else common,
-        (100.0, 10.0, 1.0),
+        (100.0, 30.0, 3.0),
     )
     cnn_space = "sweep.space.global_batch_size=[128, 512]" if quick else "sweep.space.global_batch_size=[64, 256, 1024]"
     cnn = Grid(
@@ -203,12 +231,12 @@ class SweepRun:
     trials: list = field(default_factory=list)
 
 
-def run_sweep(cluster, grid: Grid, rate: float | None, uri: str, tag: str) -> SweepRun:
-    """``raygd sweep`` of ``grid`` at ``rate`` on ``cluster`` (a driver here, over the link's head end)."""
+def run_sweep(cluster, grid: Grid, uri: str, tag: str) -> SweepRun:
+    """``raygd sweep`` of ``grid`` on ``cluster`` at its link's rate (a driver here, on the head's side)."""
     from raygd import project
     from raygd.records import latest_sweep
 
-    cluster.set_rate(rate)
+    rate = cluster.link.rate_mbit
     name = f"shaped-{tag}-{grid.name}-{'unshaped' if rate is None else f'{rate:g}mbit'}"
     cmd = [
         str(REPO / ".venv" / "bin" / "raygd"), "sweep", grid.preset, *[a for s in grid.sets for a in ("--set", s)],
@@ -230,20 +258,50 @@ def run_sweep(cluster, grid: Grid, rate: float | None, uri: str, tag: str) -> Sw
 # --------------------------------------------------------------------------- comparison
 
 
-def compare(unshaped: SweepRun, shaped: SweepRun, link: cm.Link) -> list[dict]:
-    """Per shaped trial: its measured TTA against the unshaped sweep's projection onto ``link`` (P = 2)."""
+def without_local_link(trials: list, local: cm.Link) -> list:
+    """The unshaped trials with the calibrated unshaped veth's transfer taken out of their training time: what
+    ``raygd project`` fits as compute should not hold this machine's own all-reduce (1.2–2 Gbit/s here)."""
+    import dataclasses
+
+    return [
+        dataclasses.replace(
+            t,
+            train_time_s=t.train_time_s
+            - t.steps * cm.comm_time(t.payload, t.workers, local, "ring", t.collective, t.buckets),
+        )
+        for t in trials
+    ]
+
+
+def _projected(trials: list, link: cm.Link, name: str) -> dict[tuple, dict]:
     from raygd import project
 
-    target = project.Target(f"shaped {shaped.rate_mbit:g} Mbit/s", link)
-    proj = project.project(unshaped.trials, target, [2])
-    by_key = {(r["mechanism"], r["step_size"], r["global_batch_size"], r["seed"]): r for r in proj.trials}
+    proj = project.project(trials, project.Target(name, link), [2])
+    return {(r["mechanism"], r["step_size"], r["global_batch_size"], r["seed"]): r for r in proj.trials}
+
+
+def compare(unshaped: SweepRun, shaped: SweepRun, link: cm.Link, local: cm.Link) -> list[dict]:
+    """Per shaped trial: its measured TTA against the unshaped sweep's projection onto the calibrated ``link``
+    (P = 2; the unshaped link ``local`` taken out first), and, beside it, onto ``costmodel.shaped_link(rate)``
+    (the model alone, α = 0) and without taking ``local`` out."""
+    assert shaped.rate_mbit is not None
+    name = f"shaped {shaped.rate_mbit:g} Mbit/s"
+    calibrated = _projected(without_local_link(unshaped.trials, local), link, name)
+    model = _projected(without_local_link(unshaped.trials, local), cm.shaped_link(shaped.rate_mbit), name)
+    raw = _projected(unshaped.trials, link, name)
+
+    def err(p: dict | None, measured: float | None) -> float | str:
+        if p is None or p["projected_time_to_accuracy_s"] == "" or not measured:
+            return ""
+        return (p["projected_time_to_accuracy_s"] - measured) / measured
+
     rows = []
     for t in shaped.trials:
         r = t.record
-        p = by_key.get((r.mechanism, r.step_size, r.global_batch_size, r.seed))
+        key = (r.mechanism, r.step_size, r.global_batch_size, r.seed)
+        p = calibrated.get(key)
         if p is None:
             continue
-        projected = p["projected_time_to_accuracy_s"]
         measured = r.time_to_accuracy_s
         rows.append(
             {
@@ -258,9 +316,11 @@ def compare(unshaped: SweepRun, shaped: SweepRun, link: cm.Link) -> list[dict]:
                 "projected_rho": p["projected_rho"],
                 "projected_step_s": p["projected_step_s"],
                 "measured_step_s": t.step_s,
-                "projected_tta_s": projected,
+                "projected_tta_s": p["projected_time_to_accuracy_s"],
                 "measured_tta_s": measured,
-                "error": (projected - measured) / measured if projected != "" and measured else "",
+                "error": err(p, measured),
+                "error_model_link": err(model.get(key), measured),
+                "error_local_link_kept": err(raw.get(key), measured),
             }
         )
     return rows
@@ -284,6 +344,7 @@ def winners(rows: list[dict], column: str) -> dict[str, tuple[float, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer trials and sizes: ≤ 20 minutes")
+    parser.add_argument("--smoke", action="store_true", help="synthetic data, one rate, three sizes: minutes")
     parser.add_argument("--calibrate-only", action="store_true", help="the link calibration alone")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per calibration size")
     parser.add_argument("--collective-worker", default=None, help=argparse.SUPPRESS)
@@ -292,60 +353,71 @@ def main() -> None:
         _collective_worker(json.loads(args.collective_worker))
         return
     sys.path.insert(0, str(REPO))
-    from tests.netlink import ShapedRayCluster, unavailable
+    from tests.netlink import ShapedLink, ShapedRayCluster, unavailable
 
     reason = unavailable()
     if reason:
         SAY(f"bench.shaped_link: cannot run here: {reason}")
         sys.exit(2)
-    run(args, ShapedRayCluster)
+    run(args, ShapedRayCluster, ShapedLink)
 
 
-def run(args, cluster_class) -> None:
-    """Calibrate, sweep and compare (``main``), the cluster and its link removed at the end, whatever happens."""
+def run(args, cluster_class, link_class) -> None:
+    """Calibrate on a bare link, then one cluster per rate (a node's environment names its rate): every grid's
+    unshaped sweep first, then each rate's; compare; write. Each link and cluster is removed whatever happens."""
     load = LoadAverage()
-    reps = args.reps or (5 if args.quick else 9)
-    plan = grids(args.quick)
+    reps = args.reps or (3 if args.smoke else 5 if args.quick else 9)
+    plan = grids(args.quick, args.smoke)
+    sizes = (1 << 10, 1 << 16, 1 << 20) if args.smoke else SIZES
     rates = sorted({r for g in plan for r in g.rates}, reverse=True)
     tag = time.strftime("%m%d%H%M")
     STORE.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{STORE / 'mlflow.db'}"
-    lines = [f"# bench.shaped_link ({provenance()}){' --quick' if args.quick else ''}", ""]
+    name = "shaped_link_smoke" if args.smoke else "shaped_link_calibration" if args.calibrate_only else "shaped_link"
+    mode = " --smoke" if args.smoke else " --quick" if args.quick else ""
+    lines = [f"# bench.shaped_link{mode} ({provenance()})", ""]
     SAY(lines[0])
-    with cluster_class(rate_mbit=None) as cluster:
-        if args.calibrate_only:
-            cluster.link.up()
-            calibrations = calibrate(cluster.link, [None, *rates], SIZES, reps)
-        else:
-            cluster.start()
-            SAY(f"cluster up: head {cluster.link.host_ip}, node {cluster.link.node_ip} in {cluster.link.namespace}")
-            calibrations = calibrate(cluster.link, [None, *rates], SIZES, reps)
-        lines += _calibration_lines(calibrations, reps)
-        if not args.calibrate_only:
-            rows, sweeps = [], []
-            for grid in plan:
-                unshaped = run_sweep(cluster, grid, None, uri, tag)
-                sweeps.append(unshaped)
-                for rate in grid.rates:
-                    shaped = run_sweep(cluster, grid, rate, uri, tag)
-                    sweeps.append(shaped)
-                    rows += compare(unshaped, shaped, cm.shaped_link(rate))
-            lines += _comparison_lines(rows, sweeps)
-            _write_csv(rows)
-            _figure(rows)
+    calibration_load = LoadAverage()
+    with link_class(rate_mbit=None) as link:
+        calibrations = {c.rate_mbit: c for c in calibrate(link, [None, *rates], sizes, reps)}
+    lines += _calibration_lines(list(calibrations.values()), reps, str(calibration_load.stop()))
+    if not args.calibrate_only:
+        rows, sweeps, unshaped = [], [], {}
+        for rate in [None, *rates]:
+            with cluster_class(rate_mbit=rate) as cluster:
+                cluster.start()
+                SAY(f"cluster at {rate or 'no'} Mbit/s: head {cluster.link.host_ip}, node {cluster.link.node_ip}")
+                for grid in plan:
+                    if rate is not None and rate not in grid.rates:
+                        continue
+                    sweep = run_sweep(cluster, grid, uri, tag)
+                    sweeps.append(sweep)
+                    if rate is None:
+                        unshaped[grid.name] = sweep
+                    else:
+                        rows += compare(unshaped[grid.name], sweep, calibrations[rate].link, calibrations[None].link)
+        lines += _comparison_lines(rows, sweeps)
+        _write_csv(rows, name)
+        _figure(rows, name)
     load.stop()
     lines += ["", f"whole bench: {load}"]
     text = "\n".join(lines)
     SAY(text)
     OUT.mkdir(exist_ok=True)
-    (OUT / ("shaped_link_calibration.md" if args.calibrate_only else "shaped_link.md")).write_text(text + "\n")
+    (OUT / f"{name}.md").write_text(text + "\n")
 
 
-def _calibration_lines(calibrations: list[Calibration], reps: int) -> list[str]:
+def _calibration_lines(calibrations: list[Calibration], reps: int, load: str) -> list[str]:
     return [
         f"## Calibration: gloo all-reduce across the link (P = 2), median of {reps}, fitted t = 2α + bytes/β",
         "",
+        f"Weighted by 1/t² (relative residuals minimised); {load}.",
+        "",
         *[c.describe() for c in calibrations],
+        "",
+        "Times, ms: median (min–max):",
+        "",
+        *[f"- {'unshaped' if c.rate_mbit is None else f'{c.rate_mbit:g} Mbit/s'}: {c.times()}" for c in calibrations],
         "",
     ]
 
@@ -376,17 +448,23 @@ def _comparison_lines(rows: list[dict], sweeps: list[SweepRun]) -> list[str]:
         same = w_proj == w_meas
         agree.append(same)
         per_setting.append(
-            f"- {grid} at {rate:g} Mbit/s: median |error| {statistics.median(errs):.1%} (worst {max(errs):.1%}), "
+            f"- {grid} at {rate:g} Mbit/s (ρ {_rho_range(sub)}): median |error| {statistics.median(errs):.1%} "
+            f"(range {min(r['error'] for r in sub if r['error'] != ''):+.1%} to "
+            f"{max(r['error'] for r in sub if r['error'] != ''):+.1%}), "
             f"winner projected {_pairs(w_proj)}, measured {_pairs(w_meas)}: {'same' if same else 'DIFFERENT'}"
             if errs
             else f"- {grid} at {rate:g} Mbit/s: nothing reached"
         )
     if errors:
+        model = [abs(r["error_model_link"]) for r in rows if r["error_model_link"] != ""]
+        kept = [abs(r["error_local_link_kept"]) for r in rows if r["error_local_link_kept"] != ""]
         lines += [
             "",
             f"{len(errors)} trials in {len(settings)} settings (grid × rate): median |error| "
             f"{statistics.median(errors):.1%}, worst {max(errors):.1%} (goal: median ≤ 10%); winning (γ, B) the same "
-            f"in {sum(agree)} of {len(agree)} settings",
+            f"in {sum(agree)} of {len(agree)} settings. Onto costmodel.shaped_link(rate) uncalibrated: median "
+            f"{statistics.median(model):.1%}, worst {max(model):.1%}; calibrated but the unshaped transfer left in "
+            f"the compute fit: median {statistics.median(kept):.1%}, worst {max(kept):.1%}",
             "",
             *per_setting,
         ]
@@ -399,21 +477,26 @@ def _comparison_lines(rows: list[dict], sweeps: list[SweepRun]) -> list[str]:
     return lines
 
 
+def _rho_range(rows: list[dict]) -> str:
+    rhos = [r["projected_rho"] for r in rows]
+    return f"{min(rhos):.2g}–{max(rhos):.2g}"
+
+
 def _pairs(w: dict) -> str:
     return ", ".join(f"{m} γ {s:g} B {b}" for m, (s, b) in sorted(w.items())) or "none"
 
 
-def _write_csv(rows: list[dict]) -> None:
+def _write_csv(rows: list[dict], name: str) -> None:
     if not rows:
         return
     OUT.mkdir(exist_ok=True)
-    with (OUT / "shaped_link.csv").open("w", newline="") as f:
+    with (OUT / f"{name}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
 
 
-def _figure(rows: list[dict]) -> None:
+def _figure(rows: list[dict], name: str) -> None:
     """Measured against projected time to accuracy, one colour per grid, the diagonal ±10%."""
     import matplotlib
 
@@ -435,7 +518,7 @@ def _figure(rows: list[dict]) -> None:
     ax.set_title("shaped link: measured vs PROJECTED (dotted: ±10%)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / "shaped_link.png")
+    fig.savefig(OUT / f"{name}.png")
     plt.close(fig)
 
 

@@ -239,14 +239,19 @@ class LineFit:
         return max(abs(r) / abs(y) for r, y in zip(self.residuals, self.ys, strict=True) if y)
 
 
-def fit_line(xs: Sequence[float], ys: Sequence[float]) -> LineFit:
-    """Ordinary least squares y = a + b x (needs two distinct x values)."""
+def fit_line(xs: Sequence[float], ys: Sequence[float], relative: bool = False) -> LineFit:
+    """Least squares y = a + b x (needs two distinct x values): ordinary, or with ``relative`` weighted by 1/y²,
+    i.e. minimising Σ ((y − ŷ) / y)², so that points spanning decades (1 KB to 16 MB transfers) count alike."""
     if len(xs) != len(ys) or len(set(xs)) < 2:
         raise ValueError(f"fit_line needs >= 2 distinct x values and as many y values, got {list(xs)}, {list(ys)}")
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+    if relative and not all(y > 0 for y in ys):
+        raise ValueError(f"a relative fit needs y > 0, got {list(ys)}")
+    ws = [1.0 / y**2 if relative else 1.0 for y in ys]
+    total = sum(ws)
+    mx = sum(w * x for w, x in zip(ws, xs, strict=True)) / total
+    my = sum(w * y for w, y in zip(ws, ys, strict=True)) / total
+    sxx = sum(w * (x - mx) ** 2 for w, x in zip(ws, xs, strict=True))
+    slope = sum(w * (x - mx) * (y - my) for w, x, y in zip(ws, xs, ys, strict=True)) / sxx
     return LineFit(my - slope * mx, slope, tuple(map(float, xs)), tuple(map(float, ys)))
 
 
@@ -256,10 +261,14 @@ def fit_compute(examples_per_worker: Sequence[float], step_s: Sequence[float]) -
     return Compute(per_example_s=max(fit.slope, 0.0), fixed_s=max(fit.intercept, 0.0)), fit
 
 
-def fit_link(link_bytes_moved: Sequence[float], seconds: Sequence[float], terms: int = 1) -> tuple[Link, LineFit]:
+def fit_link(
+    link_bytes_moved: Sequence[float], seconds: Sequence[float], terms: int = 1, relative: bool = False
+) -> tuple[Link, LineFit]:
     """Fit t = terms · α + bytes / β to timed collectives: ``link_bytes_moved`` are the bytes over the busiest
-    link (``link_bytes``), ``terms`` the collective's ``latency_terms`` (2 for a ring all-reduce at P = 2)."""
+    link (``link_bytes``), ``terms`` the collective's ``latency_terms`` (2 for a ring all-reduce at P = 2);
+    ``relative``: minimise relative residuals (``fit_line``), which fixes α from the small transfers where an
+    ordinary fit lets the largest transfer's noise set it."""
     if terms < 1:
         raise ValueError(f"terms = {terms}: must be an integer >= 1")
-    fit = fit_line(link_bytes_moved, seconds)
+    fit = fit_line(link_bytes_moved, seconds, relative)
     return Link(latency_s=max(fit.intercept, 0.0) / terms, bandwidth_bytes_per_s=1.0 / max(fit.slope, 1e-15)), fit

@@ -37,7 +37,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from tests.localray import BIN, READY_LINE, LocalRayCluster, free_port, wait_for_line
+from tests.localray import BIN, READY_LINE, LocalRayCluster, free_port, kill_marked, wait_for_line
 
 SUBNET = ipaddress.ip_network("10.211.0.0/16")
 NS_PREFIX = "raygd-"
@@ -289,23 +289,31 @@ class ShapedRayCluster(LocalRayCluster):
 
     def start(self, timeout_s: float = 240, **_ignored) -> None:  # type: ignore[override]
         """Bring the link up, then the head at ``.1`` (its dashboard on 127.0.0.1 only), then the node at ``.2``
-        (once more with new ports if its ``ray start`` exits during start-up, as ``LocalRayCluster.start`` does)."""
+        (each once more with new ports if its ``ray start`` exits during start-up, as ``LocalRayCluster.start``
+        does)."""
         self.link.up()
         try:
-            gcs_port, dash_port = free_port(), free_port()
-            self.gcs_address = f"{self.link.host_ip}:{gcs_port}"
-            self.dashboard_url = f"http://127.0.0.1:{dash_port}"
-            head = self._launch_in(
-                "head",
-                [
-                    "--head", f"--node-ip-address={self.link.host_ip}", f"--port={gcs_port}",
-                    f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
-                    f"--ray-client-server-port={free_port()}", f"--num-cpus={self.head_cpus}",
-                ],
-                self._node_env(self.link.host_dev),
-                None,
-            )  # fmt: skip
-            wait_for_line(head[1], READY_LINE, head[0], timeout_s)
+            for attempt in (1, 2):  # a head that times out on a busy machine, or loses a port: once more
+                gcs_port, dash_port = free_port(), free_port()
+                self.gcs_address = f"{self.link.host_ip}:{gcs_port}"
+                self.dashboard_url = f"http://127.0.0.1:{dash_port}"
+                head = self._launch_in(
+                    f"head{attempt}",
+                    [
+                        "--head", f"--node-ip-address={self.link.host_ip}", f"--port={gcs_port}",
+                        f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1",
+                        f"--ray-client-server-port={free_port()}", f"--num-cpus={self.head_cpus}",
+                    ],
+                    self._node_env(self.link.host_dev),
+                    None,
+                )  # fmt: skip
+                try:
+                    wait_for_line(head[1], READY_LINE, head[0], timeout_s)
+                    break
+                except RuntimeError:
+                    kill_marked(self.marker)
+                    if attempt == 2:
+                        raise
             for attempt in (1, 2):  # after the head: a node that finds no head in its GCS exits
                 node = self._launch_in(
                     f"node{attempt}",

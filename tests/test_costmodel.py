@@ -130,6 +130,23 @@ def test_fits_recover_known_lines_and_report_residuals():
         cm.fit_line([1, 1], [2, 3])
 
 
+def test_a_relative_fit_sets_the_latency_from_the_small_transfers():
+    """Proportional noise on a 16 MB transfer (1% of 80 ms) swamps an ordinary fit's intercept (80 µs);
+    weighted by 1/y² the small transfers fix it, and the relative residuals shrink."""
+    sizes = [1e3, 1e4, 1e5, 1e6, 1.6e7]
+    noisy = [2 * 40e-6 + s / 2e8 * (1 + 0.01 * (-1) ** i) for i, s in enumerate(sizes)]
+    ordinary, ordinary_fit = cm.fit_link(sizes, noisy, terms=2)
+    relative, relative_fit = cm.fit_link(sizes, noisy, terms=2, relative=True)
+    assert relative.latency_s == pytest.approx(40e-6, rel=0.05)
+    assert abs(ordinary.latency_s - 40e-6) > 4 * abs(relative.latency_s - 40e-6)
+    assert relative.bandwidth_bytes_per_s == pytest.approx(2e8, rel=0.02)
+    assert relative_fit.max_relative_residual < ordinary_fit.max_relative_residual
+    exact = cm.fit_line([1, 2, 3], [3, 5, 7], relative=True)
+    assert (exact.intercept, exact.slope) == pytest.approx((1, 2))
+    with pytest.raises(ValueError, match="y > 0"):
+        cm.fit_line([1, 2], [0, 1], relative=True)
+
+
 def test_link_units():
     link = cm.Link.from_gbps_us(8.0, 10.0)
     assert link.bandwidth_bytes_per_s == 1e9 and link.latency_s == pytest.approx(1e-5)
