@@ -179,6 +179,14 @@ class StepTimeModel:
         t_compute = compute.time(batch / self.workers)
         return t_compute + costmodel.exposed_comm(self.comm_s, t_compute, self.overlap)
 
+    def agree(self, mean_over_ranks: Callable[[list[float]], list[float]]) -> None:
+        """Replace this rank's sums by their mean over the ranks (one collective), so that every rank fits the
+        same line and takes the same decision: its own clock differs by microseconds, and a B that differs
+        between ranks would pair different collectives."""
+        keys = sorted(self.seconds)
+        for key, value in zip(keys, mean_over_ranks([self.seconds[k] for k in keys]), strict=True):
+            self.seconds[key] = value
+
     def state_dict(self) -> dict[str, Any]:
         return {"seconds": dict(self.seconds), "counts": dict(self.counts)}
 

@@ -321,7 +321,9 @@ def _decide(state: TrainState, clock: Clock, seconds: float, step: int, at_evalu
     if not controller.decision_due(step, at_evaluation):
         return
     t0 = time.perf_counter()
-    estimator = state.estimator
+    estimator, P = state.estimator, state.world_size
+    if P > 1 and controller.times.seconds:  # every rank decides from the same step times
+        controller.times.agree(lambda xs: [x / P for x in all_reduce(xs, P, state.device)])
     bound = estimator.metrics().get("diversity/batch_bound", math.nan) if estimator else math.nan
     decision = controller.decide(bound, estimator.ema.steps if estimator else 0)
     batch_schedule.apply(decision, state.optimizer, estimator, state.mechanism, state.world_size)

@@ -67,8 +67,8 @@ BATCH_POLICY_TAG = "raygd.batch_policy"
 (``raygd.batch_schedule.schedule_label``: ``fixed``, ``diversity``, ``goodput(delta=2)``, ...); tables give each
 adaptive policy a row of its own (``arm_label``)."""
 FIXED_POLICY = "fixed"
-ARM_SEPARATOR = " · "
-"""Between a mechanism's label and an adaptive batch policy's in a table row: ``vanilla · diversity``."""
+ARM_SEPARATOR = ": "
+"""Between a mechanism's label and an adaptive batch policy's in a table row: ``vanilla: diversity``."""
 VERSION_TAG = "raygd.version"
 GIT_COMMIT_TAG = "raygd.git_commit"
 

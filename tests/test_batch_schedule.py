@@ -395,12 +395,35 @@ def test_the_table_shows_each_policy_beside_the_best_fixed_b_with_its_interval()
     records += [rec(3 + i, "fixed", 256, 20.0 + i % 3, 256) for i in range(3)]
     records += [rec(6 + i, "diversity", 64, 8.0 + i % 3, 140.0) for i in range(3)]
     rows = {r.mechanism: r for r in best_per_mechanism(records)}
-    assert set(rows) == {"vanilla", "vanilla · diversity"}
-    adaptive = rows["vanilla · diversity"]
+    assert set(rows) == {"vanilla", "vanilla: diversity"}
+    adaptive = rows["vanilla: diversity"]
     assert adaptive.speedup == pytest.approx(11.0 / 9.0) and adaptive.speedup_lo is not None
     assert adaptive.mean_batch_size == pytest.approx(140.0) and rows["vanilla"].global_batch_size == 64
     text = summary_markdown(list(rows.values()))
-    assert "| vanilla · diversity | 0.1 | B̄ 140 (from 64) |" in text and "no B to tune" in text
+    assert "| vanilla: diversity | 0.1 | B̄ 140 (from 64) |" in text and "no B to tune" in text
     spec = _spec(batch_schedule=[{"policy": "fixed"}, {"policy": "diversity"}])
-    (again,) = pair_params(spec, "vanilla · diversity", 0.1, 32, [5])  # a confirm or edge trial of that row
+    (again,) = pair_params(spec, "vanilla: diversity", 0.1, 32, [5])  # a confirm or edge trial of that row
     assert again["batch_schedule"] == {"policy": "diversity"} and again["seed"] == 5
+
+
+def _goodput_run(rank, world_size, cfg, data):
+    reports: list[dict] = []
+    summary = run_loop(build_state(cfg, data, rank, world_size), report=reports.append)
+    return summary.steps, [r[bs.BATCH_METRIC] for r in reports], [r[bs.STEP_SIZE_METRIC] for r in reports]
+
+
+def test_goodput_ranks_agree_on_b_from_their_own_clocks(idx_dir):
+    # Each rank times its own updates; a B that differed between ranks would pair different collectives.
+    cfg = _cfg(
+        idx_dir,
+        "train.num_workers=2",
+        "train.batch_schedule.policy=goodput",
+        "train.batch_schedule.warmup_measurements=1",
+        "train.batch_schedule.goodput_gain=1.0",  # any predicted gain moves B, however loaded the machine is
+        "train.diversity_every_steps=1",
+        "train.network.latency_us=20000",  # ~40 ms a collective: a larger B pays
+        "train.max_passes=1",
+    )
+    (steps0, b0, lr0), (steps1, b1, lr1) = run_group(_goodput_run, 2, cfg, load_data(cfg.data, 0))
+    assert steps0 == steps1 and b0 == b1 and lr0 == lr1
+    assert max(b0) > 16, f"goodput never grew B on a slow link: {b0}"
