@@ -354,8 +354,10 @@ def _side(value: float, tried: Iterable[float]) -> str | None:
 
 def tuned_points(trials: Iterable[TrialRecord]) -> tuple[list[BatchPoint], list[int]]:
     """Per B of one (mechanism, replication): γ*(B), the fewest mean updates to target over the γ whose
-    every seed reached it with a recorded updates count (ties: the smaller γ), and whether it is on an edge
-    of the γ tried at B. Returns (points by B, batch sizes where no γ qualified)."""
+    every seed reached it with a recorded updates count, and whether it is on an edge of the γ tried at B.
+    Ties (equal means: updates are counted at evaluations, every few updates at small B) go to a γ inside
+    the range tried, then to the smaller: a tie with an inner neighbour puts the optimum between them, not
+    beyond the edge. Returns (points by B, batch sizes where no γ qualified)."""
     by_pair: dict[tuple[int, float], list[TrialRecord]] = defaultdict(list)
     for t in trials:
         by_pair[(t.global_batch_size, t.step_size)].append(t)
@@ -371,7 +373,7 @@ def tuned_points(trials: Iterable[TrialRecord]) -> tuple[list[BatchPoint], list[
         if not reached[b]:
             unreached.append(b)
             continue
-        _, gamma, ups = min(reached[b])
+        _, _, gamma, ups = min((m, _side(g, steps[b]) is not None, g, u) for m, g, u in reached[b])
         cands = tuple(u for _, _, u in sorted(reached[b]))
         points.append(BatchPoint(b, gamma, ups, _side(gamma, steps[b]), cands))
     return points, unreached

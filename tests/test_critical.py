@@ -261,3 +261,15 @@ def test_fastest_batch_is_the_argmin_with_its_interval_over_seeds():
     assert fastest_batch({(0.1, 64): [3.0], (0.1, 128): [2.0]}) == (128, None, None)
     with pytest.raises(ValueError):
         fastest_batch({})
+
+
+def test_a_tie_in_updates_goes_to_the_inner_step_size():
+    """Updates are counted at evaluations, so ties happen: a tie with an inner γ is not an edge-won point."""
+    trials = [
+        _record(i, "v", g, 32, s, u)
+        for i, (g, s, u) in enumerate(
+            [(0.025, 0, 170), (0.025, 1, 100), (0.05, 0, 170), (0.05, 1, 100), (0.1, 0, 310), (0.1, 1, 255)]
+        )
+    ]
+    (point,), _ = tuned_points(trials)
+    assert (point.step_size, point.step_edge) == (0.05, None)

@@ -149,3 +149,18 @@ def test_speedup_interval_and_significance_from_search_seeds():
     assert "n.s." in summary_markdown([dc2])
     (single,) = best_per_mechanism(seeds("dc", 0.1, 64, [5.0]))
     assert single.speedup_lo is None and single.significant is None
+
+
+def test_every_batch_also_brackets_the_step_of_fewest_updates():
+    """At B = 64 the fastest γ (0.2) is interior but γ = 0.4 needs the fewest updates to target, on the top edge: the
+    critical batch size is fitted at that γ, so every_batch proposes 0.8 there; winner scope looks at time only."""
+    records = [
+        {**r, "updates_to_accuracy": u}
+        for (g, t, u) in ((0.1, 9.0, 300), (0.2, 4.0, 200), (0.4, 6.0, 150))
+        for r in seeds("vanilla", g, 64, [t, t + 0.5])
+    ]
+    got = next_trials(records, searched={"step_size": 3, "global_batch_size": 1}, scope="every_batch")
+    assert [(p.step_size, p.global_batch_size) for p in got] == [(0.8, 64)]
+    assert next_trials(records, searched={"step_size": 3, "global_batch_size": 1}, scope="winner") == []
+    tied = [{**r, "updates_to_accuracy": 150 if r["step_size"] > 0.1 else 300} for r in records]
+    assert next_trials(tied, searched={"step_size": 3, "global_batch_size": 1}, scope="every_batch") == []

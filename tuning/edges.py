@@ -13,7 +13,9 @@ the edge side, for γ at the winner's B and at its neighbouring batch sizes (B* 
 if its neighbours lost at their own best γ), and with every γ tried at B* for a new B (so the new
 batch size gets a step-size grid of its own, which the next round brackets in turn). With
 ``scope = every_batch`` the step size is bracketed at every B, not only the winner's: what
-a time-vs-B curve (the paper's batch-scaling figure) needs. A (mechanism, B) with no pair that
+a time-vs-B curve (the paper's batch-scaling figure) needs, both around the fastest γ and around the γ of
+fewest updates to target (the critical batch size's fit, ``raygd.critical``: under a loaded machine the two
+differ). A (mechanism, B) with no pair that
 reached the target moves γ down when every pair diverged; otherwise it follows the final training
 accuracy (a diverged seed counts as 0) to its peak over γ: up when the peak is the largest γ tried
 (all too slow), down when it is the smallest and some of its seeds diverged, and nothing when the
@@ -27,11 +29,13 @@ Pure functions over ``TrialRecord`` s; tests: ``pytest tests/test_edges.py``.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from raygd.critical import tuned_points
 from raygd.records import EXTEND_PHASE, Status, TrialRecord
 from tuning.spec import EXTEND_SCOPES as SCOPES
 from tuning.stats import EDGE_HIGH as HIGH
@@ -68,6 +72,19 @@ def _step_proposal(pairs: list[PairStats]) -> float | None:
     if side is None:
         return None
     return min(steps) / FACTOR if side == LOW else max(steps) * FACTOR
+
+
+def _updates_step_proposal(pairs: list[PairStats]) -> float | None:
+    """The next γ at one (mechanism, B) beyond the γ of fewest mean updates to target (``raygd.critical``'s γ*(B),
+    which the critical batch size is fitted at), when that γ is on an edge of the γ tried there; else None."""
+    points, _ = tuned_points(t for p in pairs for t in p.trials)
+    if not points or points[0].step_edge is None:
+        return None
+    means = sorted(statistics.fmean(u) for u in points[0].candidates)
+    if len(means) > 1 and means[0] == means[1]:
+        return None  # tied with another γ: nothing says the optimum lies beyond the edge
+    steps = {p.step_size for p in pairs}
+    return min(steps) / FACTOR if points[0].step_edge == LOW else max(steps) * FACTOR
 
 
 def _diverged_seeds(pair: PairStats) -> int:
@@ -136,9 +153,12 @@ def next_trials(
             batches = batches[max(0, i - 1) : i + 2]
         if searched.get("step_size", 0) > 1:
             for b in batches:
-                step = _step_proposal(at_batch[b])
-                if step is not None and (_round(step), b) not in tried:
-                    out.append(Proposal(mech, _round(step), b, "step_size"))
+                steps = {_step_proposal(at_batch[b])}
+                if scope == "every_batch":  # also beyond the γ of fewest updates, the one B_crit is fitted at
+                    steps.add(_updates_step_proposal(at_batch[b]))
+                for step in sorted(s for s in steps if s is not None):
+                    if (_round(step), b) not in tried:
+                        out.append(Proposal(mech, _round(step), b, "step_size"))
         if searched.get("global_batch_size", 0) > 1 and best.reached:
             side = _side(best.global_batch_size, set(at_batch))
             if side is not None:
