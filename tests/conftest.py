@@ -25,6 +25,7 @@ STARTS_RAY_IN_A_SUBPROCESS = {
     ("test_examples.py", "test_charlm_raygd_train_cli_reaches_a_loss_target"),  # raygd train
     ("test_interrupt.py", "test_an_interrupted_sweep_stays_resumable_and_its_printed_command_finishes_it"),  # sweep
     ("test_interrupt.py", "test_an_interrupted_train_run_ends_killed_with_status_130"),  # raygd train
+    ("test_attach.py", "test_the_example_runs_as_written_at_its_smoke_size"),  # examples/attach --smoke-test
 }
 """Tests that start Ray without a fixture: (file, test function)."""
 NO_RAY_GUARD = Path(__file__).parent / "noray"

@@ -13,6 +13,7 @@ that the test is not vacuous. Seeds are fixed, so each run is deterministic.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import subprocess
 import sys
@@ -313,3 +314,124 @@ def test_adascale_gain_runs_from_one_to_b():
     assert adascale_gain(1.0, 64) == pytest.approx(1.0)
     assert adascale_gain(math.inf, 64) == 64
     assert adascale_gain(65.0, 64) == pytest.approx(65 * 64 / 128)
+
+
+# --------------------------------------------------------------------------- real Ray: prepare_model, Tune + MLflow
+
+
+def _ray_loop(config):
+    """A user's train_loop_per_worker: a sharded DataLoader and prepare_model, with and without the probe."""
+    import ray.train
+    import ray.train.torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.set_num_threads(1)
+    x, y = _data()
+    loader = ray.train.torch.prepare_data_loader(DataLoader(TensorDataset(x, y), batch_size=B // 2, shuffle=True))
+
+    def train(model, updates, lr):
+        opt, done, epoch = torch.optim.SGD(model.parameters(), lr=lr), 0, 0
+        while done < updates:
+            loader.sampler.set_epoch(epoch)  # the same batches for every model
+            for xb, yb in loader:
+                loss = nn.functional.cross_entropy(model(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                done += 1
+                if done == updates:
+                    break
+            epoch += 1
+
+    with_probe = ray.train.torch.prepare_model(_mlp())
+    probe = raygd.attach(with_probe, n=N)
+    train(with_probe, 50, 0.05)
+    without = ray.train.torch.prepare_model(_mlp())
+    train(without, 50, 0.05)
+    ray.train.report({"updates": 50, **probe.metrics()})
+    fixed = ray.train.torch.prepare_model(_mlp())
+    at_w = raygd.attach(fixed, n=N, every=1, decay=0.98)
+    train(fixed, 200, 1e-7)
+    identical = all(
+        torch.equal(a, b) for a, b in zip(_weights(with_probe).values(), _weights(without).values(), strict=True)
+    )
+    return {
+        "type": type(with_probe).__name__,
+        "estimator": probe.estimator,
+        "identical": identical,
+        "metrics": at_w.metrics(),
+        "exact": at_w.exact((x, y), dtype=torch.float64).batch_bound,
+        "exact_of_shards": at_w.exact(loader, dtype=torch.float64, across_ranks=True).batch_bound,
+    }
+
+
+def test_on_a_model_from_prepare_model_the_probe_changes_no_weight_and_tracks_the_exact_bound(ray_session, tmp_path):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        _ray_loop,
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(storage_path=str(tmp_path), name="attach"),
+    )
+    out = trainer.fit().return_value
+    assert out["type"] == "DistributedDataParallel" and out["estimator"] == "free" and out["identical"]
+    assert out["exact_of_shards"] == pytest.approx(out["exact"], rel=1e-9)  # the sharded loader covers all n
+    _within_tolerance(out["metrics"], out["exact"])
+
+
+def _tune_trial(config):
+    """A Tune trial as Ray Train V2 wants it: a function that fits a TorchTrainer over the example's own loop."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from examples.attach.train_fashion_mnist import train_func_per_worker
+
+    TorchTrainer(
+        train_func_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(storage_path=config["storage"], callbacks=[TuneReportCallback()]),
+    ).fit()
+
+
+def test_the_metrics_reach_tune_and_mlflow_through_the_users_own_report(ray_session, tmp_path, sqlite_uri):
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    config = {"lr": 1e-3, "epochs": 2, "batch_size_per_worker": 16, "smoke_test": True, "storage": str(tmp_path)}
+    tuner = tune.Tuner(
+        tune.with_resources(_tune_trial, {"cpu": 0, "memory": 2**20}),  # the trial only waits on its two workers
+        param_space=config,
+        run_config=tune.RunConfig(
+            storage_path=str(tmp_path),
+            name="attach-tune",
+            callbacks=[MLflowLoggerCallback(tracking_uri=sqlite_uri, experiment_name="attach")],
+        ),
+    )
+    result = tuner.fit()[0]
+    assert result.error is None, result.error
+    assert result.metrics is not None and result.metrics["diversity/measured_updates"] == 4  # 32 updates, every 10
+    assert math.isfinite(result.metrics["diversity/batch_bound"])
+    client = MlflowClient(sqlite_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("attach").experiment_id])
+    history = client.get_metric_history(run.info.run_id, "diversity/batch_bound")
+    assert [m.value for m in history][-1] == pytest.approx(result.metrics["diversity/batch_bound"])
+    assert len(history) == 2  # one report per epoch, as the loop sends them
+
+
+def test_the_example_runs_as_written_at_its_smoke_size(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--smoke-test"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "epoch 1: loss" in log and "4 of 32 updates measured" in log and "exact B_D on 256 training examples" in log
