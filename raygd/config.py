@@ -552,9 +552,9 @@ class TrainConfig:
     @property
     def target_label(self) -> str:
         """The target as tables print it: ``train accuracy >= 0.8`` or ``train loss <= 1.5``."""
-        if self.target_loss is not None:
-            return f"train loss <= {self.target_loss:.4g}"
-        return f"train accuracy >= {self.target_accuracy:.4g}"
+        from raygd.records import target_label
+
+        return target_label(self.target_accuracy, self.target_loss) or "the target"
 
     def reached(self, accuracy: float, loss: float) -> bool:
         """Whether an evaluation's training accuracy and loss meet the run's target."""

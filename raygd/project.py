@@ -37,7 +37,7 @@ from typing import Any
 from raygd import costmodel as cm
 from raygd.critical import fastest_batch
 from raygd.profiles import COMPUTES, LINKS, MEASURED, PROFILES, ComputeProfile
-from raygd.records import KIND_TAG, SWEEP_KIND, TrialRecord, child_runs, mlflow_client
+from raygd.records import KIND_TAG, SWEEP_KIND, TrialRecord, child_runs, mlflow_client, params_target
 
 PROJECTED = "projected"
 DEFAULT_WORKERS = (2, 8, 32, 128, 256)
@@ -171,11 +171,7 @@ def _trial_input(run, sizes: dict) -> TrialInput:
     if run.data.tags.get("raygd.network") == "emulated":
         emulated = {k.split(".")[-1]: v for k, v in p.items() if k.startswith("train.network.")}
     rate = run.data.tags.get("raygd.network_rate_mbit")
-    loss_target, acc_target = p.get("train.target_loss"), p.get("train.target_accuracy")
-    if loss_target not in (None, "None"):
-        target = f"train loss <= {float(loss_target):.4g}"
-    else:
-        target = f"train accuracy >= {float(acc_target):.4g}" if acc_target not in (None, "None") else "the target"
+    target = params_target(p) or "the target"
     return TrialInput(
         target=target,
         record=TrialRecord.from_run(run),

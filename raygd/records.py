@@ -374,3 +374,18 @@ class TrialRecord:
         """(arm, step_size, global_batch_size): the mechanism's label (with an adaptive batch policy's, whose B is
         where it started) and the pair's two settings."""
         return self.arm, self.step_size, self.global_batch_size
+
+
+def target_label(target_accuracy: Any, target_loss: Any) -> str | None:
+    """A run's target as tables print it, ``train loss <= 1.5`` or ``train accuracy >= 0.8``, from the config's
+    values or their MLflow params (None and the string "None" are unset); None when neither is set."""
+    if target_loss not in (None, "None"):
+        return f"train loss <= {float(target_loss):.4g}"
+    if target_accuracy not in (None, "None"):
+        return f"train accuracy >= {float(target_accuracy):.4g}"
+    return None
+
+
+def params_target(params: Mapping[str, Any]) -> str | None:
+    """``target_label`` of a run from its params (``train.target_accuracy``, ``train.target_loss``)."""
+    return target_label(params.get("train.target_accuracy"), params.get("train.target_loss"))

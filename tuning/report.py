@@ -29,6 +29,7 @@ from raygd.records import (
     child_runs,
     end_run,
     mlflow_client,
+    params_target,
 )
 from raygd.tracking import Tracker
 from tuning import edges, figures, stats, tables
@@ -53,14 +54,7 @@ class SweepOutcome:
 def target_label(runs: list) -> str | None:
     """The sweep's target from its children's params (``train loss <= 1.5``, ``train accuracy >= 0.8``);
     None when they disagree or record none."""
-    labels = set()
-    for run in runs:
-        p = run.data.params
-        loss, acc = p.get("train.target_loss"), p.get("train.target_accuracy")
-        if loss not in (None, "None"):
-            labels.add(f"train loss <= {float(loss):.4g}")
-        elif acc not in (None, "None"):
-            labels.add(f"train accuracy >= {float(acc):.4g}")
+    labels = {params_target(run.data.params) for run in runs} - {None}
     return labels.pop() if len(labels) == 1 else None
 
 
