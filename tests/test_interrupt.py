@@ -163,8 +163,17 @@ def test_an_interrupted_train_run_ends_killed_with_status_130(tmp_path, idx_dir,
 # --- the pieces, without Ray ------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def terminal_sigint():
+    """SIGINT as a terminal's foreground job has it (Python's handler): a test run from a shell's background
+    job inherits it ignored, and an ignored SIGINT rightly stays ignored (the test below)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_stop_signals_raise_interrupted_and_put_the_handlers_back(sig, code):
+def test_stop_signals_raise_interrupted_and_put_the_handlers_back(sig, code, terminal_sigint):
     from raygd.train import Interrupted, stop_signals
 
     before = signal.getsignal(sig)

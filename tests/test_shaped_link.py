@@ -170,8 +170,9 @@ def test_an_exception_inside_the_context_removes_everything():
 @needs_link
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_process_stopped_by_a_signal_removes_its_link(sig):
-    code = (
-        "import sys,time; sys.path.insert(0, sys.argv[1])\n"
+    code = (  # SIGINT handled as in a terminal (a shell's background job, CI's perhaps, starts it ignored)
+        "import signal,sys,time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "sys.path.insert(0, sys.argv[1])\n"
         "from tests.netlink import ShapedLink\n"
         "with ShapedLink(rate_mbit=10) as link:\n"
         "    print(link.namespace, link.host_dev, link.node_dev, flush=True); time.sleep(120)\n"
