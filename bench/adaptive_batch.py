@@ -59,8 +59,9 @@ def run(cells: list[str], out: Path) -> None:
 
 def _cell_rows(uri: str, cell: str):
     from raygd.records import latest_sweep
+    from raygd.stats import bootstrap_ratio
     from tuning.report import collect_sweep
-    from tuning.stats import best_per_mechanism, bootstrap_ratio
+    from tuning.stats import best_per_mechanism
 
     parent = latest_sweep(uri, f"adaptive-batch-{cell}")
     records = collect_sweep(uri, parent).records

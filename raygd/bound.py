@@ -38,9 +38,9 @@ import torch.distributed as dist
 from raygd.data import eval_indices
 from raygd.diversity import dropconnect_draw, gradient_sums, ratio_of_means
 from raygd.diversity.online import Moments
-from raygd.loop import TrainState
 from raygd.mechanisms import DropConnect, make_generator
 from raygd.records import BOUND_OF_TAG, BOUND_W0_METRIC, BOUND_W0_SE_METRIC
+from raygd.state import TrainState
 from raygd.tracking import Tracker
 
 ONLINE_ESTIMATOR_TAG = "raygd.online_estimator"

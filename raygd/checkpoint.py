@@ -22,7 +22,7 @@ from raygd import batch_schedule
 from raygd.data import Cursor
 
 if TYPE_CHECKING:
-    from raygd.loop import TrainState
+    from raygd.state import TrainState
 
 MODEL_FILE = "model.pt"
 SHARED_KEYS = ("model", "optimizer", "estimator_ema")

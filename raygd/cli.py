@@ -22,6 +22,7 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -31,13 +32,25 @@ from raygd.data import DataError
 from raygd.tracking import check_tracking_store
 
 EXIT_BAD_INPUT = 2
+COMMANDS_GROUP = "raygd.commands"
+"""The entry-point group of commands other packages add (``tuning`` adds ``sweep`` and ``report``, pyproject.toml):
+each entry is ``add(sub) -> handler``, which adds its subparser and returns the function that runs it."""
+Command = Callable[[argparse.Namespace], int]
+
+
+def _plugin_commands(sub: argparse._SubParsersAction) -> dict[str, Command]:
+    """The commands of the installed ``raygd.commands`` entry points, by name (this layer does not import the
+    packages above it: ``raygd sweep`` comes from ``tuning.commands``)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.load()(sub) for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name)}
 
 
 def _add_set(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text)
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     parser = argparse.ArgumentParser(
         prog="raygd",
         description="Gradient diversity and data-parallel SGD on Ray, recorded in MLflow.",
@@ -54,29 +67,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="YAML run config with sections data, mechanism, train, tracking")
     _add_set(train, "override one config value (repeatable), e.g. --set mechanism.name=dropconnect")
-    sweep = sub.add_parser(
-        "sweep",
-        help="a Ray Tune sweep for the fastest (step size, batch size) per mechanism",
-        description="Run every trial of a sweep preset or YAML file on Ray Tune, stop each at its target, and "
-        "print the fastest (step size, batch size) per mechanism with its speedup over vanilla SGD.",
-    )
-    sweep.add_argument("spec", help="preset name (quickstart, ...) or a sweep YAML file")
-    _add_set(
-        sweep,
-        "override the base run config (train.target_accuracy=0.85) or the sweep "
-        "(sweep.search=random, sweep.space.seed=[0,1]); repeatable",
-    )
-    sweep.add_argument(
-        "--resume",
-        action="store_true",
-        help="finish the latest interrupted run of this sweep (no duplicate MLflow runs)",
-    )
-    sweep.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="Ray Tune's status tables and a progress line per evaluation (default: a line per trial)",
-    )
     div = sub.add_parser(
         "diversity",
         help="measure gradient diversity and the batch-size bound B_D = n*Delta_D",
@@ -103,13 +93,10 @@ def _parser() -> argparse.ArgumentParser:
         help="with --along-training: also the differential bound B̄_D(w_prev, w) (Definition 2, Theorem 5) "
         "between consecutive measured iterates, a column and an MLflow metric",
     )
-    report = sub.add_parser("report", help="rebuild a sweep's table and figures from MLflow")
-    report.add_argument("experiment", help="the sweep's name (its MLflow experiment)")
-    report.add_argument("--tracking-uri", default="sqlite:///mlflow.db", help="MLflow store (default %(default)s)")
-    report.add_argument("--out", default=None, help="also write summary.md/csv and figures to this folder")
+    commands = _plugin_commands(sub)
     _add_project_parser(sub)
     submit.add_parser(sub)
-    return parser
+    return parser, commands
 
 
 def _add_project_parser(sub) -> None:
@@ -232,74 +219,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_sweep(name: str, outcome, tracking_uri: str) -> None:
-    print(
-        f"raygd sweep {name}: {len(outcome.records)} trials, "
-        f"{sum(r.reached for r in outcome.records)} reached the target"
-    )
-    print(outcome.console_table or outcome.table)
-    more = "; per-batch table with the gap at target in summary.md" if outcome.console_table != outcome.table else ""
-    files = f"summary.md, pairs.md (every step size and B over its seeds), CSVs, figures{more}"
-    print(f"MLflow parent run {outcome.parent_run_id} in experiment {name!r} ({files})")
-    print(f"see it with: {mlflow_ui_command(tracking_uri)}")
-    print(f"then open:   {runs_page_url(tracking_uri, outcome.parent_run_id)}")
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from tuning.spec import load_sweep_spec
-    from tuning.sweep import run_sweep
-
-    spec = load_sweep_spec(args.spec, args.overrides)
-    check_tracking_store(spec.tracking_uri)
-    from raygd.ray_env import check_ray_address
-
-    check_ray_address()
-    from raygd.train import interrupted, stop_signals
-
-    with stop_signals():
-        try:
-            outcome = run_sweep(spec, resume=args.resume, verbose=args.verbose)
-        except KeyboardInterrupt as err:  # raygd.train.Interrupted, or Ray's KeyboardInterrupt in its place
-            print(_interrupted_sweep(spec.name, err, args), flush=True)
-            return interrupted(err).exit_code
-    _print_sweep(spec.name, outcome, spec.tracking_uri)
-    return 0
-
-
-def _interrupted_sweep(name: str, err: KeyboardInterrupt, args: argparse.Namespace) -> str:
-    """The line an interrupted sweep ends with (no table: its grid is not done): how far it got, how to resume."""
-    from raygd.train import Interrupted, interrupted
-
-    stop, recorded = interrupted(err), None
-    cause: BaseException | None = err
-    while cause is not None and recorded is None:  # a second signal may have cut the first one's recording short
-        recorded = cause if isinstance(cause, Interrupted) and cause.run_id else None
-        cause = cause.__context__
-    if recorded is None:
-        return f"raygd sweep {name}: interrupted by {stop.signal_name} before it started; nothing to resume"
-    trials = f" after {recorded.trials[0]} of {recorded.trials[1]} trials" if recorded.trials else ""
-    return (
-        f"raygd sweep {name}: interrupted by {stop.signal_name}{trials} (MLflow parent run {recorded.run_id} "
-        f"left open); resume it with: {resume_command(args)}"
-    )
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from raygd.config import absolute_tracking_uri
-    from raygd.records import latest_sweep
-    from tuning.report import collect_sweep, write_outputs
-
-    uri = absolute_tracking_uri(args.tracking_uri)
-    check_tracking_store(uri)
-    outcome = collect_sweep(uri, latest_sweep(uri, args.experiment))
-    if args.out:
-        write_outputs(Path(args.out), outcome.records, outcome.best_rows, outcome.table)
-    _print_sweep(args.experiment, outcome, uri)
-    return 0
-
-
 def cmd_diversity(args: argparse.Namespace) -> int:
     from raygd import measure
 
@@ -357,16 +276,16 @@ def cmd_project(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv, entrypoint = submit.split_entrypoint(sys.argv[1:] if argv is None else list(argv))
-    args = _parser().parse_args(argv)
+    parser, plugins = _parser()
+    args = parser.parse_args(argv)
     args.entrypoint = entrypoint
     try:
-        commands = {
+        commands: dict[str, Command] = {
             "train": cmd_train,
-            "sweep": cmd_sweep,
-            "report": cmd_report,
             "diversity": cmd_diversity,
             "project": cmd_project,
             "submit": submit.cmd_submit,
+            **plugins,
         }
         return commands[args.command](args)
     except (ConfigError, DataError) as err:

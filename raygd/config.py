@@ -23,26 +23,20 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from raygd.mechanisms import REGISTRY as _MECHANISM_REGISTRY
+from raygd.errors import ConfigError
+from raygd.errors import ResumeError as ResumeError  # re-exported: raygd.config is where callers look
+from raygd.mechanisms.names import EXCLUDED_ESTIMATORS, NAMES
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "synthetic")
 MODELS = ("logreg", "logreg_binary", "mnist_cnn", "convnet", "resnet")
 IMPORT_STRING = "an import string module.path:callable (e.g. mypkg.nets:build)"
 """How the errors name the plug-in form of ``train.model`` and ``data.name`` (``raygd.plugins``)."""
-MECHANISMS = tuple(_MECHANISM_REGISTRY)
-"""Registered mechanism names (``raygd.mechanisms.REGISTRY``, which imports without torch)."""
+MECHANISMS = NAMES
+"""Registered mechanism names (``raygd.mechanisms.names``; ``raygd.mechanisms.REGISTRY`` holds their classes)."""
 SAMPLING = ("shuffle", "with_replacement")
 DROPCONNECT_GRANULARITY = ("per_example", "per_group", "per_worker")
 DEVICES = ("auto", "cpu", "cuda")
 DIVERSITY_ESTIMATORS = ("auto", "none", "in_step", "free")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and what is allowed."""
-
-
-class ResumeError(RuntimeError):
-    """A run or sweep cannot continue from its saved state; the message says what is kept and what to do."""
 
 
 def _require(ok: bool, field_name: str, value: Any, allowed: str) -> None:
@@ -612,7 +606,7 @@ class RunConfig:
                 "logreg_binary needs exactly two classes: set data.classes, e.g. [0, 1]",
             )
         est = self.train.diversity_estimator
-        excluded = _MECHANISM_REGISTRY[self.mechanism.name].excluded_estimators.get(est)
+        excluded = EXCLUDED_ESTIMATORS[self.mechanism.name].get(est)
         _require(excluded is None, "train.diversity_estimator", est, excluded or "")
         _require(
             self.train.batch_schedule.policy == "fixed" or self.online_estimator != "none",
@@ -637,7 +631,7 @@ class RunConfig:
         est = self.train.diversity_estimator
         if est != "auto":
             return est
-        excluded = _MECHANISM_REGISTRY[self.mechanism.name].excluded_estimators
+        excluded = EXCLUDED_ESTIMATORS[self.mechanism.name]
         preferred = ("free", "in_step") if self.train.num_workers > 1 else ("in_step",)
         return next((e for e in preferred if e not in excluded), "none")
 

@@ -31,12 +31,11 @@ from typing import Any
 import numpy as np
 
 from raygd.records import FIXED_POLICY, TrialRecord
+from raygd.stats import N_BOOTSTRAP  # resamples behind the 95% intervals
 
 MIN_BATCHES = 4
 """Fewest batch sizes (each with a tuned step that every seed reached with) the fit accepts: two
 parameters from three points leaves one degree of freedom, too few to see the curve's shape."""
-N_BOOTSTRAP = 2000
-"""Resamples behind the 95% intervals."""
 ZHANG_OVERHEAD = 0.2
 """Zhang et al.'s B_opt: updates at most (1 + this) × perfect scaling from the smallest B."""
 IRLS_ROUNDS = 3

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from raygd.loss import correct_and_count, summed_loss
 
 if TYPE_CHECKING:
-    from raygd.loop import TrainState
+    from raygd.state import TrainState
 
 EVAL_CHUNK = 256
 """Examples per forward pass in an evaluation. Small enough for a chunk's activations to stay in cache:

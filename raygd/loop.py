@@ -38,7 +38,7 @@ import torch
 from raygd import batch_schedule
 from raygd.batch_schedule import BatchController
 from raygd.config import CHECKPOINT_AT_EVALUATIONS, RunConfig
-from raygd.data import Cursor, Dataset, GlobalBatchSampler, eval_indices, worker_slice
+from raygd.data import Dataset, GlobalBatchSampler, eval_indices, worker_slice
 from raygd.diversity.online import OnlineDiversity
 from raygd.eval_schedule import EvalSchedule, max_examples
 from raygd.eval_schedule import eval_schedule as eval_schedule
@@ -49,10 +49,11 @@ from raygd.evaluation import EVAL_CHUNK as EVAL_CHUNK
 from raygd.evaluation import Clock, Evaluation, evaluate, evaluation
 from raygd.evaluation import all_reduce as all_reduce
 from raygd.loss import mean_loss
-from raygd.mechanisms import Mechanism, build_mechanism
+from raygd.mechanisms import build_mechanism
 from raygd.models import build_model
 from raygd.network import install_network
 from raygd.records import EVAL_RESOLUTION_METRIC, GAP_AT_TARGET_METRIC, Status
+from raygd.state import TrainState
 from raygd.tracking import Tracker
 
 Report = Callable[[dict[str, float]], None]
@@ -88,34 +89,6 @@ class RunSummary:
         out["reached_target"] = float(self.status == Status.REACHED_TARGET)
         out["diverged"] = float(self.status == Status.DIVERGED)
         return out
-
-
-@dataclass
-class TrainState:
-    """One rank's training state: the model (unwrapped) and ``net`` that runs steps (DDP when
-    P > 1), the mechanism, optimizer, sampler, this rank's slice of the evaluation sample, and the
-    online diversity estimator (None when off)."""
-
-    cfg: RunConfig
-    data: Dataset
-    rank: int
-    world_size: int
-    device: torch.device
-    model: torch.nn.Module
-    net: torch.nn.Module
-    mechanism: Mechanism
-    optimizer: torch.optim.Optimizer
-    sampler: GlobalBatchSampler
-    controller: BatchController
-    """This run's B and step size (``train.batch_schedule``; fixed: B0 and γ0 throughout)."""
-    x_eval: torch.Tensor
-    y_eval: torch.Tensor
-    estimator: OnlineDiversity | None = None
-    x_test_eval: torch.Tensor = field(default_factory=lambda: torch.empty(0))
-    """This rank's slice of the fixed test sample (min(test size, data.eval_size) examples)."""
-    y_test_eval: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
-    cursor: Cursor = field(default_factory=Cursor)
-    """Where the sampler is: epoch, position in it, examples consumed (advanced by B each update)."""
 
 
 def build_state(

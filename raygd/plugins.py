@@ -27,12 +27,10 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from raygd.config import ConfigError, RunConfig, is_import_string
+from raygd.config import ConfigError, is_import_string
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from raygd.data import Dataset
 
 
 class PluginError(ConfigError):
@@ -160,38 +158,3 @@ def load_user_data(string: str, args: dict[str, Any]) -> tuple[Any, Any, Any, An
             f"data.name = {string!r}: its train set's num_classes = {declared!r} must be an integer >= 2."
         )
     return (*_as_tensors(string, "train", train), *_as_tensors(string, "test", test), declared)
-
-
-def check_model(cfg: RunConfig, model: nn.Module, data: Dataset) -> None:
-    """Run one forward of the model the run trains (``raygd.models.build_model``) on two training examples;
-    fail with a ``PluginError`` before Ray starts when its logits do not fit the labels (``[N, C]`` for
-    labels ``[N]``, ``[N, T, C]`` for ``[N, T]``, C = the data's class count), or a BatchNorm layer in train
-    mode meets the in-step estimator. Built-in models pass in ~10 ms."""
-    import torch
-    from torch import nn
-
-    est = cfg.online_estimator
-    for name, layer in model.named_modules():
-        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and est == "in_step":
-            raise PluginError(
-                f"train.diversity_estimator = 'in_step' needs per-example gradients, but layer {name!r} of "
-                f"train.model = {cfg.train.model!r} is a {type(layer).__name__} in train mode, whose batch "
-                "statistics mix the examples. Estimators that still work: free (needs train.num_workers > 1) or none; "
-                "or replace it by GroupNorm/LayerNorm."
-            )
-    x, y = data.x_train[:2], data.y_train[:2]
-    try:
-        with torch.no_grad():
-            logits = model.eval()(x)
-    except Exception as err:
-        raise PluginError(
-            f"train.model = {cfg.train.model!r}: forward on two training examples of shape {tuple(x.shape)} raised "
-            f"{type(err).__name__}: {err}."
-        ) from err
-    want = (*y.shape, data.num_classes)
-    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != want:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise PluginError(
-            f"train.model = {cfg.train.model!r}: forward on inputs {tuple(x.shape)} gave logits {got}; labels of "
-            f"shape {tuple(y.shape)} with {data.num_classes} classes need logits {want}."
-        )

@@ -319,10 +319,10 @@ def fastest_batches(
 
 def speedup_interval(base: _Best, other: _Best) -> tuple[float, float | None, float | None]:
     """Projected speedup of ``other`` over ``base`` (ratio of mean TTAs) and its 95% bootstrap interval over
-    seeds (``tuning.stats.bootstrap_ratio``, each arm's seeds resampled); no interval when either arm has a
+    seeds (``raygd.stats.bootstrap_ratio``, each arm's seeds resampled); no interval when either arm has a
     single seed or for the baseline itself. The interval is the seeds' spread in updates to target only: the
     modelled time per update is taken as exact."""
-    from tuning.stats import bootstrap_ratio
+    from raygd.stats import bootstrap_ratio
 
     if other is base or min(len(base.ttas), len(other.ttas)) < 2:  # no resampling where no interval is given
         return base.tta / other.tta, None, None

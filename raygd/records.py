@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, cast
 
+from raygd.errors import ConfigError
+
 PARENT_TAG = "mlflow.parentRunId"
 """MLflow's nesting tag: a trial's child run names its sweep's parent run."""
 KIND_TAG = "raygd.kind"
@@ -194,8 +196,6 @@ def latest_sweep(tracking_uri: str, experiment: str) -> str:
     """
     run = newest_sweep(tracking_uri, experiment)
     if run is None:
-        from raygd.config import ConfigError
-
         raise ConfigError(f"experiment {experiment!r} has no raygd sweep in {tracking_uri}.")
     return run.info.run_id
 

@@ -11,7 +11,8 @@ from tests.trials import loss_record as _loss
 from tests.trials import rec, seeds
 from tests.trials import sweep_records as _sweep
 from tuning.figures import plot_loss_ratio, plot_speedup_bars, plot_time_vs_batch
-from tuning.stats import best_per_mechanism, loss_ratios
+from tuning.loss_ratio import loss_ratios
+from tuning.stats import best_per_mechanism
 
 
 def _assert_png(path):

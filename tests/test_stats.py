@@ -9,18 +9,13 @@ import statistics
 import numpy as np
 import pytest
 
+from raygd.stats import bootstrap_ratio
 from tests.trials import loss_record as _loss
 from tests.trials import rec, seeds
 from tests.trials import sweep_records as _sweep
-from tuning.stats import (
-    BestRow,
-    best_per_mechanism,
-    bootstrap_ratio,
-    confirm_summary,
-    loss_ratios,
-    pair_stats,
-    rank_trials,
-)
+from tuning.confirm import confirm_summary
+from tuning.loss_ratio import loss_ratios
+from tuning.stats import BestRow, best_per_mechanism, pair_stats, rank_trials
 from tuning.tables import summary_markdown, write_trials_csv
 
 # --------------------------------------------------------------------------- ranking

@@ -17,7 +17,8 @@ import numpy as np
 
 from raygd.critical import CriticalFit
 from raygd.records import TrialRecord
-from tuning.stats import BASELINE, BestRow, LossRatioRow, PairStats, pair_stats
+from tuning.loss_ratio import LossRatioRow
+from tuning.stats import BASELINE, BestRow, PairStats, pair_stats
 
 
 def _figure(ncols: int = 1):

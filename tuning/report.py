@@ -32,7 +32,7 @@ from raygd.records import (
     params_target,
 )
 from raygd.tracking import Tracker
-from tuning import edges, figures, stats, tables
+from tuning import confirm, edges, figures, loss_ratio, stats, tables
 
 
 @dataclass
@@ -76,7 +76,7 @@ def collect_sweep(tracking_uri: str, parent_run_id: str) -> SweepOutcome:
     if len({r.global_batch_size for r in by_batch}) > 1:
         table += "\n" + tables.batch_markdown(by_batch)
     if confirm_runs:
-        confirmed = tables.confirm_markdown(stats.confirm_summary([TrialRecord.from_run(r) for r in confirm_runs]))
+        confirmed = tables.confirm_markdown(confirm.confirm_summary([TrialRecord.from_run(r) for r in confirm_runs]))
         table += "\n\n" + confirmed
         console += "\n" + confirmed
     return SweepOutcome(parent_run_id, records, best, table, console.rstrip("\n"), fits)
@@ -210,7 +210,7 @@ def write_outputs(out: Path, records: list, best: list, table: str) -> list[Path
     batches = sorted({r.global_batch_size for r in records})
     if len(reps) > 1 and len(batches) > 1:
         # runs at different B stop after ceil(passes * n / B) updates: passes agree to within B/n
-        rows = stats.loss_ratios(records, small_batch=batches[0], large_batch=batches[-1], passes_tol=0.05)
+        rows = loss_ratio.loss_ratios(records, small_batch=batches[0], large_batch=batches[-1], passes_tol=0.05)
         paths.append(figures.plot_loss_ratio(rows, out / "loss_ratio_vs_r.png"))
     fits = critical_fits(records)
     if fits:

@@ -72,7 +72,7 @@ def pair_params(
     extension round's proposals, the confirm phase's winners). A label not in the space adds no mechanism."""
     mechs = {mechanism_label(m): m for m in spec.space.get("mechanism", [{"name": "vanilla"}])}
     policies = {schedule_label(e): e for e in spec.space.get("batch_schedule", [])}
-    mechanism, policy = split_arm(mechanism)  # a table row of an adaptive batch policy: ``vanilla · diversity``
+    mechanism, policy = split_arm(mechanism)  # a table row of an adaptive batch policy: ``vanilla: diversity``
     out = []
     for seed in seeds:
         params: dict[str, Any] = {"step_size": step_size, "global_batch_size": batch, "seed": seed}

@@ -30,25 +30,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeGuard
 
-import numpy as np
-
 from raygd.records import STATUS_ORDER, Status, TrialRecord
+from raygd.stats import bootstrap_ratio
 
 BASELINE = "vanilla"
 """Display label of vanilla SGD, the mechanism speedups are measured against."""
-N_BOOTSTRAP = 2000
-"""Bootstrap resamples behind the spread of a confirmed speedup."""
 
 # --------------------------------------------------------------------------- ranking
 
 
-def _finite(value: float | None) -> TypeGuard[float]:
+def finite(value: float | None) -> TypeGuard[float]:
     return value is not None and math.isfinite(value)
 
 
-def _times(trials: Iterable[TrialRecord]) -> list[float]:
+def finite_times(trials: Iterable[TrialRecord]) -> list[float]:
     """The finite times to accuracy of ``trials``: all of them when every trial reached."""
-    return [t.time_to_accuracy_s for t in trials if _finite(t.time_to_accuracy_s)]
+    return [t.time_to_accuracy_s for t in trials if finite(t.time_to_accuracy_s)]
 
 
 def as_records(records: Iterable[TrialRecord | Mapping[str, Any]]) -> list[TrialRecord]:
@@ -70,7 +67,7 @@ def _status_rank(r: TrialRecord) -> int:
 
 
 def _key_or_inf(value: float | None) -> float:
-    return value if _finite(value) else math.inf
+    return value if finite(value) else math.inf
 
 
 def rank_trials(records: Iterable[TrialRecord | Mapping[str, Any]]) -> list[TrialRecord]:
@@ -130,17 +127,17 @@ class PairStats:
     @property
     def score(self) -> float:
         """Mean time to accuracy T̄ = (1/k) Σ_s T_s if every seed reached, else inf."""
-        return statistics.fmean(_times(self.trials)) if self.reached else math.inf
+        return statistics.fmean(finite_times(self.trials)) if self.reached else math.inf
 
     @property
     def time_std_s(self) -> float | None:
         """Sample std of the times over seeds (None when unreached or a single seed)."""
-        return _stdev(_times(self.trials)) if self.reached else None
+        return _stdev(finite_times(self.trials)) if self.reached else None
 
     @property
     def passes_to_accuracy(self) -> float | None:
         """Mean passes to accuracy over seeds (None when unreached or a seed lacks it)."""
-        passes = [t.passes_to_accuracy for t in self.trials if _finite(t.passes_to_accuracy)]
+        passes = [t.passes_to_accuracy for t in self.trials if finite(t.passes_to_accuracy)]
         return statistics.fmean(passes) if self.reached and len(passes) == len(self.trials) else None
 
     def sort_key(self) -> tuple:
@@ -149,7 +146,7 @@ class PairStats:
         Among unreached pairs (T̄ = inf): more seeds reached, then higher mean final training
         accuracy first, so an unreached mechanism still shows its closest setting.
         """
-        accs = [t.final_train_accuracy for t in self.trials if _finite(t.final_train_accuracy)]
+        accs = [t.final_train_accuracy for t in self.trials if finite(t.final_train_accuracy)]
         acc = statistics.fmean(accs) if accs and not self.reached else -math.inf
         return (self.score, -self.n_reached / max(1, self.n_seeds), -acc, self.global_batch_size, self.step_size)
 
@@ -233,7 +230,7 @@ class BestRow:
     def batch_over_bound(self) -> float | None:
         """B* / B_D(w0): above 1 the winner is beyond the batch size the bound guarantees."""
         b = self.batch_bound_w0
-        return self.global_batch_size / b if _finite(b) and b > 0 else None
+        return self.global_batch_size / b if finite(b) and b > 0 else None
 
     @property
     def speedup_pct(self) -> float | None:
@@ -262,14 +259,14 @@ def edge_side(value: float, tried: Iterable[float]) -> str | None:
 
 
 def _mean_finite(xs: Iterable[float | None]) -> float | None:
-    finite = [x for x in xs if _finite(x)]
-    return statistics.fmean(finite) if finite else None
+    kept = [x for x in xs if finite(x)]
+    return statistics.fmean(kept) if kept else None
 
 
 def _bound_fields(trials: Sequence[TrialRecord]) -> dict[str, Any]:
     """The best pair's B_D at w0 (mean, and √(Σ se²)/k), and its median along training (mean)."""
-    w0 = [t for t in trials if _finite(t.batch_bound_w0)]
-    se = [t.batch_bound_w0_se for t in w0 if _finite(t.batch_bound_w0_se)]
+    w0 = [t for t in trials if finite(t.batch_bound_w0)]
+    se = [t.batch_bound_w0_se for t in w0 if finite(t.batch_bound_w0_se)]
     return {
         "batch_bound_w0": _mean_finite(t.batch_bound_w0 for t in w0),
         "batch_bound_w0_se": math.sqrt(sum(x * x for x in se)) / len(se) if se and len(se) == len(w0) else None,
@@ -280,7 +277,7 @@ def _bound_fields(trials: Sequence[TrialRecord]) -> dict[str, Any]:
 
 def _speedup(t_base: float | None, t_mech: float | None) -> tuple[float | None, float | None]:
     """(S, time saved) = (T_b / T_m, 1 − T_m / T_b), or (None, None) unless both are finite and positive."""
-    if not (_finite(t_base) and _finite(t_mech)) or t_base <= 0 or t_mech <= 0:
+    if not (finite(t_base) and finite(t_mech)) or t_base <= 0 or t_mech <= 0:
         return None, None
     return t_base / t_mech, 1.0 - t_mech / t_base
 
@@ -314,7 +311,7 @@ def best_per_mechanism(
             and mech != baseline
             and min(base_pair.n_seeds, best.n_seeds) >= 2
         ):
-            _, _, lo, hi = bootstrap_ratio(_times(base_pair.trials), _times(best.trials))
+            _, _, lo, hi = bootstrap_ratio(finite_times(base_pair.trials), finite_times(best.trials))
         same_batch = [p.step_size for p in pairs if p.global_batch_size == best.global_batch_size]
         rows.append(
             BestRow(
@@ -421,9 +418,9 @@ def every_pair(records: Iterable[TrialRecord | Mapping[str, Any]], replication: 
     rows = []
     for p in pair_stats(records, replication):
         reached = [t for t in p.trials if t.reached]
-        times = _times(reached)
-        passes = [t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)]
-        per_pass = [t.train_time_s / t.passes for t in p.trials if _finite(t.train_time_s) and _positive(t.passes)]
+        times = finite_times(reached)
+        passes = [t.passes_to_accuracy for t in reached if finite(t.passes_to_accuracy)]
+        per_pass = [t.train_time_s / t.passes for t in p.trials if finite(t.train_time_s) and _positive(t.passes)]
         rows.append(
             PairRow(
                 p.mechanism,
@@ -431,8 +428,8 @@ def every_pair(records: Iterable[TrialRecord | Mapping[str, Any]], replication: 
                 p.global_batch_size,
                 p.n_seeds,
                 len(reached),
-                *_mean_std(times),
-                *_mean_std(passes),
+                *mean_std(times),
+                *mean_std(passes),
                 statistics.median(per_pass) if per_pass else None,
                 _mean_finite(t.batch_bound_w0 for t in p.trials),
                 _mean_finite(t.batch_bound_median for t in p.trials),
@@ -444,7 +441,7 @@ def every_pair(records: Iterable[TrialRecord | Mapping[str, Any]], replication: 
 
 
 def _positive(x: float | None) -> TypeGuard[float]:
-    return _finite(x) and x > 0
+    return finite(x) and x > 0
 
 
 def _unreached(trials: Iterable[TrialRecord]) -> str:
@@ -454,203 +451,12 @@ def _unreached(trials: Iterable[TrialRecord]) -> str:
         return ""
     counts = Counter(t.status.value for t in trials)
     text = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    accs = [t.final_train_accuracy for t in trials if t.status != Status.DIVERGED and _finite(t.final_train_accuracy)]
+    accs = [t.final_train_accuracy for t in trials if t.status != Status.DIVERGED and finite(t.final_train_accuracy)]
     if accs:
         low, high = f"{min(accs):.2f}", f"{max(accs):.2f}"
         text += f"; acc {low}" + (f"–{high}" if high != low else "")
     return text
 
 
-# --------------------------------------------------------------------------- confirm phase
-
-
-@dataclass(frozen=True)
-class ConfirmRow:
-    """A winner re-run with fresh seeds: mean ± sample std over the seeds that reached."""
-
-    mechanism: str
-    step_size: float
-    global_batch_size: int
-    n_seeds: int
-    reached_frac: float
-    time_mean_s: float | None
-    time_std_s: float | None
-    passes_mean: float | None
-    passes_std: float | None
-    speedup: float | None
-    """Ratio of means T̄_baseline / T̄_mechanism; None unless every seed of both reached."""
-    speedup_std: float | None
-    """Bootstrap std of the ratio of means (seeds resampled independently on both sides)."""
-    speedup_lo: float | None
-    """2.5% bootstrap percentile."""
-    speedup_hi: float | None
-    """97.5% bootstrap percentile."""
-
-
-def bootstrap_ratio(
-    num: Sequence[float], den: Sequence[float], n_boot: int = N_BOOTSTRAP, seed: int = 0
-) -> tuple[float, float, float, float]:
-    """Ratio of means mean(num) / mean(den) and its bootstrap spread.
-
-    Each resample draws len(num) values of ``num`` and len(den) of ``den`` with replacement,
-    independently (different mechanisms' seeds are not paired), from ``np.random.default_rng(seed)``.
-    The ratio of means is used rather than the mean of per-seed ratios, which is biased upward
-    (Jensen: E[1/T] > 1/E[T]).
-
-    Returns:
-        (ratio, std over resamples, 2.5th percentile, 97.5th percentile).
-    """
-    a, b = np.asarray(num, dtype=float), np.asarray(den, dtype=float)
-    rng = np.random.default_rng(seed)
-    ra = a[rng.integers(0, a.size, size=(n_boot, a.size))].mean(axis=1)
-    rb = b[rng.integers(0, b.size, size=(n_boot, b.size))].mean(axis=1)
-    ratios = ra / rb
-    lo, hi = np.percentile(ratios, [2.5, 97.5])
-    return float(a.mean() / b.mean()), float(ratios.std(ddof=1)), float(lo), float(hi)
-
-
-def _mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
+def mean_std(xs: Sequence[float]) -> tuple[float | None, float | None]:
     return (statistics.fmean(xs), _stdev(xs)) if xs else (None, None)
-
-
-def confirm_summary(
-    records: Iterable[TrialRecord | Mapping[str, Any]],
-    baseline: str = BASELINE,
-    replication: int | None = None,
-    n_boot: int = N_BOOTSTRAP,
-    seed: int = 0,
-) -> list[ConfirmRow]:
-    """Per pair of a confirm phase: mean ± std of time and passes over reached seeds, and the speedup.
-
-    Times and passes average over the seeds that reached (``reached_frac`` says how many);
-    the speedup is stricter, as in ``best_per_mechanism``: defined only when every seed of the
-    pair and of the baseline's best pair reached. Spread: ``bootstrap_ratio``.
-
-    Args:
-        records: the confirm phase's trial records (several seeds per pair).
-        baseline: mechanism label of the reference.
-        replication: as in ``pair_stats``.
-        n_boot, seed: bootstrap resamples and the seed of its generator.
-    Returns:
-        One row per pair: baseline first, mechanisms by their best pair's score, best pair first within each.
-    """
-    pairs = pair_stats(records, replication)
-    mech_best = {p.mechanism: p.score for p in reversed(pairs)}
-    base = next((p for p in pairs if p.mechanism == baseline), None)
-    base_times = _times(base.trials) if base is not None and base.reached else None
-    rows = []
-    for p in pairs:
-        reached = [t for t in p.trials if t.reached]
-        t_mean, t_std = _mean_std(_times(reached))
-        p_mean, p_std = _mean_std([t.passes_to_accuracy for t in reached if _finite(t.passes_to_accuracy)])
-        spread: tuple[float | None, ...] = (None, None, None, None)
-        if base_times is not None and p.reached:
-            spread = bootstrap_ratio(base_times, _times(p.trials), n_boot, seed)
-        rows.append(
-            ConfirmRow(
-                p.mechanism,
-                p.step_size,
-                p.global_batch_size,
-                p.n_seeds,
-                p.n_reached / p.n_seeds,
-                t_mean,
-                t_std,
-                p_mean,
-                p_std,
-                *spread,
-            )
-        )
-    ranked = sorted(
-        enumerate(rows),
-        key=lambda ir: (ir[1].mechanism != baseline, mech_best[ir[1].mechanism], ir[1].mechanism, ir[0]),
-    )  # ir[0]: pair_stats order
-    return [row for _, row in ranked]
-
-
-# --------------------------------------------------------------------------- loss ratio (Figure 3)
-
-
-@dataclass(frozen=True)
-class LossRatioRow:
-    """L(B_large) / L(B_small) for one (replication, mechanism), each B at its own tuned step size."""
-
-    replication: int
-    mechanism: str
-    small_batch: int
-    large_batch: int
-    small_step_size: float | None
-    large_step_size: float | None
-    ratio_mean: float | None
-    """Mean over paired seeds of L_large,s / L_small,s; None when a side has no finite loss."""
-    ratio_std: float | None
-    """Sample std over paired seeds; None for fewer than two."""
-    n_seeds: int
-    """Seeds with a finite loss on both sides."""
-    passes: float | None
-
-
-def _tuned_step(trials: list[TrialRecord]) -> tuple[float | None, dict[int, float]]:
-    """The step size of lowest mean finite loss over seeds, and its per-seed losses.
-
-    Step sizes where some seed diverged (nan/None loss) rank after all step sizes without;
-    ties → smaller step size.
-    """
-    by_step: dict[float, list[TrialRecord]] = defaultdict(list)
-    for t in trials:
-        by_step[t.step_size].append(t)
-    scored = []
-    for step, ts in by_step.items():
-        losses = [t.final_train_loss for t in ts if _finite(t.final_train_loss)]
-        if losses:
-            scored.append(((len(ts) - len(losses), statistics.fmean(losses), step), step, ts))
-    if not scored:
-        return None, {}
-    _, step, ts = min(scored, key=lambda s: s[0])
-    return step, {t.seed: t.final_train_loss for t in ts if _finite(t.final_train_loss)}
-
-
-def _check_passes(trials: list[TrialRecord], what: str, tol: float) -> float | None:
-    """The common ``passes`` of the trials with a finite loss; ValueError if they differ by more than tol."""
-    passes = [t.passes for t in trials if _finite(t.final_train_loss)]
-    known = [p for p in passes if p is not None]
-    if not known:
-        return None
-    if len(known) < len(passes) or max(known) - min(known) > tol:
-        detail = sorted({(t.global_batch_size, t.step_size, t.passes) for t in trials}, key=str)
-        raise ValueError(f"{what}: trials ran different numbers of passes (B, step size, passes): {detail}")
-    return known[0]
-
-
-def loss_ratios(
-    records: Iterable[TrialRecord | Mapping[str, Any]], small_batch: int, large_batch: int, passes_tol: float = 1e-6
-) -> list[LossRatioRow]:
-    """The paper's Figure 3: loss ratio L(B_large) / L(B_small) per replication r and mechanism.
-
-    For each side, the tuned step size γ*_B = argmin_γ mean_s L(B, γ, s) over finite losses
-    (``_tuned_step``); then per seed s present on both sides ρ_s = L(B_large, γ*_large, s) /
-    L(B_small, γ*_small, s), reported as mean ± sample std over those seeds. Diverged trials
-    (nan/None loss) are excluded; a side with no finite loss gives ratio None.
-
-    Args:
-        records: trial records with final_train_loss and passes.
-        small_batch, large_batch: the two global batch sizes compared.
-        passes_tol: largest allowed spread of ``passes`` within a (r, mechanism) group. With
-            max_steps = ⌈passes·n/B⌉ runs at different B differ by up to B/n passes; widen it then.
-    Returns:
-        One row per (replication, mechanism) with a trial at either batch size, sorted by mechanism then r.
-    Raises:
-        ValueError: when a group's non-diverged trials ran different numbers of passes.
-    """
-    groups: dict[tuple[int, str], list[TrialRecord]] = defaultdict(list)
-    for r in as_records(records):
-        if r.global_batch_size in (small_batch, large_batch):
-            groups[(r.replication, r.mechanism)].append(r)
-    rows = []
-    for (rep, mech), trials in groups.items():
-        passes = _check_passes(trials, f"replication {rep}, {mech}", passes_tol)
-        step_s, loss_s = _tuned_step([t for t in trials if t.global_batch_size == small_batch])
-        step_l, loss_l = _tuned_step([t for t in trials if t.global_batch_size == large_batch])
-        ratios = [loss_l[s] / loss_s[s] for s in sorted(loss_s.keys() & loss_l.keys()) if loss_s[s] > 0]
-        mean, std = _mean_std(ratios)
-        rows.append(LossRatioRow(rep, mech, small_batch, large_batch, step_s, step_l, mean, std, len(ratios), passes))
-    return sorted(rows, key=lambda r: (r.mechanism != BASELINE, r.mechanism, r.replication))

@@ -15,7 +15,8 @@ from typing import Any
 
 from raygd.critical import CriticalFit
 from raygd.records import TrialRecord
-from tuning.stats import BASELINE, EDGE_HIGH, EDGE_LOW, BatchRow, BestRow, ConfirmRow, PairRow, rank_trials
+from tuning.confirm import ConfirmRow
+from tuning.stats import BASELINE, EDGE_HIGH, EDGE_LOW, BatchRow, BestRow, PairRow, rank_trials
 
 PLAIN_GRADIENT = "plain_gradient"
 """``raygd.records.BOUND_OF_TAG`` value: the B_D shown is the plain gradient's, not the mechanism's surrogate's."""

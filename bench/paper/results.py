@@ -450,8 +450,8 @@ class CommonSpeedBest:
 
 def common_speed_best(rows: Sequence[CommonSpeedRow]) -> list[CommonSpeedBest]:
     """Per mechanism, the (B, γ*) whose every seed reached with the lowest mean T̃; speedup = mean T̃ of
-    vanilla's best over the mechanism's best (``tuning.stats.bootstrap_ratio``: seeds resampled per arm)."""
-    from tuning.stats import bootstrap_ratio
+    vanilla's best over the mechanism's best (``raygd.stats.bootstrap_ratio``: seeds resampled per arm)."""
+    from raygd.stats import bootstrap_ratio
 
     best: dict[str, CommonSpeedRow] = {}
     for r in rows:

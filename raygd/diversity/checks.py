@@ -13,7 +13,7 @@ from typing import NamedTuple, cast
 from torch import nn
 
 from raygd.mechanisms.dropconnect_linear import DropConnectLinear
-from raygd.models import BinaryLogisticRegression, LogisticRegression
+from raygd.nets import BinaryLogisticRegression, LogisticRegression
 
 WHAT_STILL_WORKS = (
     "train.diversity_estimator=free (P > 1 workers) needs no per-example gradients: it compares the "

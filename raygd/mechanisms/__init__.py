@@ -21,7 +21,7 @@ Why hand-written: no library provides per-example DropConnect (``torch.nn.functi
 drops activations, and per-example weight masks need a batched matmul), nor a QSGD hook for
 DDP (torch ships fp16/bf16 compression and PowerSGD hooks only).
 
-This package imports without torch (``raygd.config`` reads ``REGISTRY``); the torch kernels are
+This package imports without torch (``raygd.config`` reads only ``names.py``); the torch kernels are
 in ``dropconnect_linear.py`` and ``qsgd.py``. Adding a mechanism: README, "Adding a mechanism".
 
     mech = build_mechanism(cfg.mechanism)
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from raygd.mechanisms.base import PAPER_GRANULARITY, Mechanism, Vanilla, derive_seed, make_generator
 from raygd.mechanisms.dropconnect import DropConnect
+from raygd.mechanisms.names import EXCLUDED_ESTIMATORS, NAMES
 from raygd.mechanisms.quantize import Quantize
 from raygd.mechanisms.sgld import SGLD
 
@@ -61,7 +62,9 @@ __all__ = [
 ]
 
 REGISTRY: dict[str, type[Mechanism]] = {cls.name: cls for cls in (Vanilla, DropConnect, SGLD, Quantize)}
-"""``mechanism.name`` -> class; ``raygd.config.MECHANISMS`` is its keys."""
+"""``mechanism.name`` -> class; its keys are ``raygd.mechanisms.names.NAMES`` (``raygd.config.MECHANISMS``)."""
+if tuple(REGISTRY) != NAMES or any(dict(c.excluded_estimators) != EXCLUDED_ESTIMATORS[n] for n, c in REGISTRY.items()):
+    raise ImportError(f"raygd.mechanisms.names lists {NAMES}, the registry holds {tuple(REGISTRY)}: add both")
 
 
 def mechanism_class(name: str) -> type[Mechanism]:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from raygd.config import MechanismConfig
-    from raygd.diversity import Diversity
+    from raygd.diversity.exact import Diversity
 
 PAPER_GRANULARITY = "per_example"
 """The paper's surrogates are per example; a label names any other granularity."""
@@ -98,7 +98,7 @@ class Mechanism:
     ) -> Diversity:
         """B_D of ``model`` on (x, y) with the paper's per-example surrogates, whatever granularity
         training uses (``estimator`` says how); vanilla: the exact ``gradient_diversity``."""
-        from raygd.diversity import gradient_diversity
+        from raygd.diversity.exact import gradient_diversity
 
         return gradient_diversity(model, x, y, dtype=dtype)
 

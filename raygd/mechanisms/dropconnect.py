@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from raygd.mechanisms.base import Mechanism
+from raygd.mechanisms.names import EXCLUDED_ESTIMATORS
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
     from raygd.config import MechanismConfig
-    from raygd.diversity import Diversity
+    from raygd.diversity.exact import Diversity
 
 
 class DropConnect(Mechanism):
@@ -33,7 +34,7 @@ class DropConnect(Mechanism):
     implementation = "masked nn.Linear weights, batched matmul per mask group, masks redrawn in backward"
     label_fields = (("drop_prob", "p"),)
     granularity_field = "dropconnect_granularity"
-    excluded_estimators = {"in_step": "in_step needs deterministic per-example gradients; with dropconnect use free"}
+    excluded_estimators = EXCLUDED_ESTIMATORS["dropconnect"]
     estimator = "Monte Carlo (8 mask draws)"
     bound_of = "surrogate"
 
@@ -66,7 +67,7 @@ class DropConnect(Mechanism):
         dtype: torch.dtype | None = None,
     ) -> Diversity:
         """Per-example masks, Monte Carlo over 8 draws (``raygd.diversity.dropconnect_diversity``)."""
-        from raygd.diversity import dropconnect_diversity
+        from raygd.diversity.exact import dropconnect_diversity
 
         return dropconnect_diversity(model, x, y, self.p, generator=generator, dtype=dtype, layers=self.layers)
 

@@ -8,14 +8,26 @@ and every rank decodes and averages the P gradients (``raygd.mechanisms.Quantize
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from raygd.mechanisms.quantize import Quantize
+
+class HookState(Protocol):
+    """What ``qsgd_comm_hook`` reads and updates on its state (``raygd.mechanisms.Quantize`` is one): a protocol,
+    so that this kernel module does not import the mechanism that registers it."""
+
+    generator: torch.Generator | None
+    noise_measured: bool
+    rounding_sq: float
+    levels: int
+    bucket_size: int
+    world_size: int
+    process_group: Any
+
+    def count_bytes(self, sent: int, dense: int) -> None: ...
 
 
 def _buckets(v: torch.Tensor, bucket_size: int) -> torch.Tensor:
@@ -74,7 +86,7 @@ def qsgd_quantize(v: torch.Tensor, levels: int, bucket_size: int, generator: tor
     return qsgd_decode(q, norms, levels, bucket_size).to(v.dtype)
 
 
-def qsgd_comm_hook(state: Quantize, bucket):
+def qsgd_comm_hook(state: HookState, bucket):
     """DDP hook: all_gather this rank's int8 levels + float32 norms, decode all, average.
 
     ``bucket`` is a ``dist.GradBucket``; the result a ``Future[Tensor]``. They are left

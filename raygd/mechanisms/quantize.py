@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from raygd.mechanisms.base import Mechanism
+from raygd.mechanisms.names import EXCLUDED_ESTIMATORS
 
 if TYPE_CHECKING:
     import torch
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from raygd.config import MechanismConfig
-    from raygd.diversity import Diversity
+    from raygd.diversity.exact import Diversity
 
 
 class Quantize(Mechanism):
@@ -40,10 +41,7 @@ class Quantize(Mechanism):
     granularity = "per_worker"
     implementation = "QSGD int8 levels + float32 bucket norms, all_gather DDP comm hook"
     label_fields = (("quant_levels", "s"),)
-    excluded_estimators = {
-        "free": "free's measured updates all-reduce the exact gradient by hand, bypassing "
-        "quantize's DDP communication hook; use in_step"
-    }
+    excluded_estimators = EXCLUDED_ESTIMATORS["quantize"]
     estimator = "exact (QSGD variance)"
     bound_of = "plain_gradient"
     """Training quantizes each worker's mean gradient, which has no per-example surrogate: a trial's B_D
@@ -74,7 +72,7 @@ class Quantize(Mechanism):
         dtype: torch.dtype | None = None,
     ) -> Diversity:
         """Per-example QSGD surrogates, exact variance (``raygd.diversity.quantized_diversity``)."""
-        from raygd.diversity import quantized_diversity
+        from raygd.diversity.exact import quantized_diversity
 
         return quantized_diversity(model, x, y, self.levels, self.bucket_size, dtype=dtype)
 

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from raygd.config import MechanismConfig
-    from raygd.diversity import Diversity
+    from raygd.diversity.exact import Diversity
 
 
 def sgld_noise_like(
@@ -80,7 +80,7 @@ class SGLD(Mechanism):
         dtype: torch.dtype | None = None,
     ) -> Diversity:
         """Closed form from the exact B_D at w (``raygd.diversity.sgld_diversity``), d = all parameters."""
-        from raygd.diversity import gradient_diversity, sgld_diversity
+        from raygd.diversity.exact import gradient_diversity, sgld_diversity
 
         base = gradient_diversity(model, x, y, dtype=dtype)
         return sgld_diversity(base, self.sigma, sum(p.numel() for p in model.parameters()))
