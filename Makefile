@@ -44,7 +44,7 @@ test: lint
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not ray" tests
 
-# The benches whose figures the README quotes, interleaved A/B with their spread, into bench/out/bench.md
+# The benches whose figures docs/BENCHMARKS.md quotes, interleaved A/B with their spread, into bench/out/bench.md
 # (commit, date, load average): about 45 min on an idle 2-core machine, each bench stopped at its limit.
 bench: $(STAMP) data
 	$(BIN)/python -m bench

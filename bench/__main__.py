@@ -1,4 +1,4 @@
-"""``make bench``: the benches whose figures the README quotes, one after the other, into one file.
+"""``make bench``: the benches whose figures docs/BENCHMARKS.md quotes, one after the other, into one file.
 
 Each bench runs as ``python -m bench.<name>`` in a process of its own with a time limit; its output
 (tables, the load average, the commit) goes to the terminal and to ``bench/out/bench.md`` under a

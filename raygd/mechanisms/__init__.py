@@ -22,7 +22,7 @@ drops activations, and per-example weight masks need a batched matmul), nor a QS
 DDP (torch ships fp16/bf16 compression and PowerSGD hooks only).
 
 This package imports without torch (``raygd.config`` reads only ``names.py``); the torch kernels are
-in ``dropconnect_linear.py`` and ``qsgd.py``. Adding a mechanism: README, "Adding a mechanism".
+in ``dropconnect_linear.py`` and ``qsgd.py``. Adding a mechanism: docs/USER_GUIDE.md, "Adding a mechanism".
 
     mech = build_mechanism(cfg.mechanism)
     model = mech.setup(model, seed=0, rank=rank, world_size=P, global_batch_size=B, device=dev)
