@@ -22,6 +22,7 @@ Runs only as root with ``ip`` and ``tc``. Outputs: ``bench/out/shaped_link.md`` 
     .venv/bin/python -m bench.shaped_link --quick        # ≤ 20 minutes: fewer trials, fewer sizes
     .venv/bin/python -m bench.shaped_link                # both grids in full
     .venv/bin/python -m bench.shaped_link --smoke        # the whole path in minutes (synthetic, one rate)
+    .venv/bin/python -m bench.shaped_link --quick --report   # the outputs again from the saved state and store
     .venv/bin/python -m bench.shaped_link --calibrate-only
 """
 
@@ -103,7 +104,7 @@ def time_collectives(link, sizes: list[int], reps: int) -> dict[int, list[float]
 
 @dataclass
 class Calibration:
-    """One rate's timed collectives and their fit t = 2α + bytes/β (relative residuals minimised)."""
+    """One rate's timed collectives and their fit t = 2α + bytes/β (``costmodel.fit_link_regimes``)."""
 
     rate_mbit: float | None
     sizes: list[int]
@@ -112,7 +113,9 @@ class Calibration:
     link: cm.Link
     fit: cm.LineFit
     ordinary: cm.Link
-    """The ordinary least-squares fit, for comparison (its α is set by the largest transfers' noise)."""
+    """The ordinary least-squares fit over all sizes, for comparison (its α is set by the largest transfers' noise)."""
+    relative: cm.Link
+    """The fit on relative residuals (1/t² weights), for comparison (the small transfers' noise bends its β)."""
 
     @property
     def fitted_mbit(self) -> float:
@@ -129,8 +132,8 @@ class Calibration:
         )
         return (
             f"- {rate}: β = {self.fitted_mbit:.1f} Mbit/s{model}, α = {self.link.latency_s * 1e6:.0f} µs "
-            f"(ordinary least squares: {self.ordinary.bandwidth_bytes_per_s * 8 / 1e6:.1f} Mbit/s, "
-            f"{self.ordinary.latency_s * 1e6:.0f} µs); relative residuals {residuals}"
+            f"(ordinary least squares: {_link(self.ordinary)}; relative: {_link(self.relative)}); "
+            f"relative residuals {residuals}"
         )
 
     def times(self) -> str:
@@ -141,8 +144,21 @@ class Calibration:
         )
 
 
+def _link(link: cm.Link) -> str:
+    return f"{link.bandwidth_bytes_per_s * 8 / 1e6:.1f} Mbit/s, {link.latency_s * 1e6:.0f} µs"
+
+
 def _size(n: int) -> str:
     return f"{n >> 20} MB" if n >= 1 << 20 else f"{n >> 10} KB"
+
+
+def fitted(rate: float | None, sizes: list[int], medians: list[float], spread: list) -> Calibration:
+    """One rate's fit (``costmodel.fit_link_regimes``: β from the ≥ 1 MB transfers, α from the ≤ 4 KB ones)."""
+    moved = [cm.link_bytes(s, 2) for s in sizes]
+    link, fit = cm.fit_link_regimes(moved, medians, terms=2)
+    ordinary, _ = cm.fit_link(moved, medians, terms=2)
+    relative, _ = cm.fit_link(moved, medians, terms=2, relative=True)
+    return Calibration(rate, sizes, medians, [tuple(x) for x in spread], link, fit, ordinary, relative)
 
 
 def calibrate(link, rates: list[float | None], sizes: tuple[int, ...], reps: int) -> list[Calibration]:
@@ -153,11 +169,7 @@ def calibrate(link, rates: list[float | None], sizes: tuple[int, ...], reps: int
         cap = [s for s in sizes if rate is None or s * 8 / (rate * 1e6) <= MAX_TRANSFER_S]
         times = time_collectives(link, cap, reps)
         medians = [statistics.median(times[s]) for s in cap]
-        moved = [cm.link_bytes(s, 2) for s in cap]
-        fitted, fit = cm.fit_link(moved, medians, terms=2, relative=True)
-        ordinary, _ = cm.fit_link(moved, medians, terms=2)
-        spread = [(min(times[s]), max(times[s])) for s in cap]
-        out.append(Calibration(rate, cap, medians, spread, fitted, fit, ordinary))
+        out.append(fitted(rate, cap, medians, [(min(times[s]), max(times[s])) for s in cap]))
         SAY(out[-1].describe())
     return out
 
@@ -347,10 +359,14 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="synthetic data, one rate, three sizes: minutes")
     parser.add_argument("--calibrate-only", action="store_true", help="the link calibration alone")
     parser.add_argument("--reps", type=int, default=None, help="repetitions per calibration size")
+    parser.add_argument("--report", action="store_true", help="rebuild the outputs from the saved state and store")
     parser.add_argument("--collective-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.collective_worker:
         _collective_worker(json.loads(args.collective_worker))
+        return
+    if args.report:
+        report(json.loads((STORE / f"{_name(args)}.json").read_text()), _name(args))
         return
     sys.path.insert(0, str(REPO))
     from tests.netlink import ShapedLink, ShapedRayCluster, unavailable
@@ -364,7 +380,9 @@ def main() -> None:
 
 def run(args, cluster_class, link_class) -> None:
     """Calibrate on a bare link, then one cluster per rate (a node's environment names its rate): every grid's
-    unshaped sweep first, then each rate's; compare; write. Each link and cluster is removed whatever happens."""
+    unshaped sweep first, then each rate's; the state (calibration medians, sweeps' parent runs, loads) saved in
+    ``bench/out/shaped_link/<name>.json`` after each step; then ``report``. Each link and cluster is removed
+    whatever happens."""
     load = LoadAverage()
     reps = args.reps or (3 if args.smoke else 5 if args.quick else 9)
     plan = grids(args.quick, args.smoke)
@@ -373,34 +391,79 @@ def run(args, cluster_class, link_class) -> None:
     tag = time.strftime("%m%d%H%M")
     STORE.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{STORE / 'mlflow.db'}"
-    name = "shaped_link_smoke" if args.smoke else "shaped_link_calibration" if args.calibrate_only else "shaped_link"
+    name = _name(args)
     mode = " --smoke" if args.smoke else " --quick" if args.quick else ""
-    lines = [f"# bench.shaped_link{mode} ({provenance()})", ""]
-    SAY(lines[0])
+    state: dict = {"title": f"# bench.shaped_link{mode} ({provenance()})", "uri": uri, "reps": reps, "sweeps": []}
+    SAY(state["title"])
     calibration_load = LoadAverage()
     with link_class(rate_mbit=None) as link:
-        calibrations = {c.rate_mbit: c for c in calibrate(link, [None, *rates], sizes, reps)}
-    lines += _calibration_lines(list(calibrations.values()), reps, str(calibration_load.stop()))
+        calibrations = calibrate(link, [None, *rates], sizes, reps)
+    state["calibration_load"] = str(calibration_load.stop())
+    state["calibrations"] = [
+        {"rate_mbit": c.rate_mbit, "sizes": c.sizes, "medians": c.medians, "spread": c.spread} for c in calibrations
+    ]
+    _save(state, name)
     if not args.calibrate_only:
-        rows, sweeps, unshaped = [], [], {}
         for rate in [None, *rates]:
             with cluster_class(rate_mbit=rate) as cluster:
                 cluster.start()
                 SAY(f"cluster at {rate or 'no'} Mbit/s: head {cluster.link.host_ip}, node {cluster.link.node_ip}")
                 for grid in plan:
-                    if rate is not None and rate not in grid.rates:
-                        continue
-                    sweep = run_sweep(cluster, grid, uri, tag)
-                    sweeps.append(sweep)
-                    if rate is None:
-                        unshaped[grid.name] = sweep
-                    else:
-                        rows += compare(unshaped[grid.name], sweep, calibrations[rate].link, calibrations[None].link)
+                    if rate is None or rate in grid.rates:
+                        sweep = run_sweep(cluster, grid, uri, tag)
+                        state["sweeps"].append(
+                            {
+                                "grid": grid.name,
+                                "rate_mbit": rate,
+                                "parent": sweep.parent_run_id,
+                                "wall_s": sweep.wall_s,
+                            }
+                            | {"load": sweep.load}
+                        )
+                        _save(state, name)
+    state["load"] = str(load.stop())
+    _save(state, name)
+    report(state, name)
+
+
+def _name(args) -> str:
+    return "shaped_link_smoke" if args.smoke else "shaped_link_calibration" if args.calibrate_only else "shaped_link"
+
+
+def _save(state: dict, name: str) -> None:
+    (STORE / f"{name}.json").write_text(json.dumps(state, indent=1))
+
+
+def report(state: dict, name: str) -> None:
+    """Fit, compare and write ``bench/out/<name>.md`` (+ .csv, .png) from a saved state and the MLflow store."""
+    from raygd import project
+
+    calibrations = {
+        c["rate_mbit"]: fitted(c["rate_mbit"], c["sizes"], c["medians"], c["spread"]) for c in state["calibrations"]
+    }
+    lines = [state["title"], ""]
+    lines += _calibration_lines(list(calibrations.values()), state["reps"], state["calibration_load"])
+    sweeps = [
+        SweepRun(
+            s["grid"],
+            s["rate_mbit"],
+            s["parent"],
+            s["wall_s"],
+            s["load"],
+            project.read_trials(state["uri"], s["parent"]),
+        )
+        for s in state["sweeps"]
+    ]
+    if sweeps:
+        unshaped = {s.grid: s for s in sweeps if s.rate_mbit is None}
+        rows = []
+        for s in sweeps:
+            if s.rate_mbit is not None and s.grid in unshaped:
+                rows += compare(unshaped[s.grid], s, calibrations[s.rate_mbit].link, calibrations[None].link)
         lines += _comparison_lines(rows, sweeps)
         _write_csv(rows, name)
         _figure(rows, name)
-    load.stop()
-    lines += ["", f"whole bench: {load}"]
+    lines += ["", f"whole bench: {state.get('load', 'unfinished')}"]
     text = "\n".join(lines)
     SAY(text)
     OUT.mkdir(exist_ok=True)
@@ -411,7 +474,8 @@ def _calibration_lines(calibrations: list[Calibration], reps: int, load: str) ->
     return [
         f"## Calibration: gloo all-reduce across the link (P = 2), median of {reps}, fitted t = 2α + bytes/β",
         "",
-        f"Weighted by 1/t² (relative residuals minimised); {load}.",
+        "β from the transfers of ≥ 1 MB (least squares; the two largest at the slow rates), α from those of"
+        f" ≤ 4 KB (median of (t − bytes/β)/2): `costmodel.fit_link_regimes`; {load}.",
         "",
         *[c.describe() for c in calibrations],
         "",

@@ -272,3 +272,41 @@ def fit_link(
         raise ValueError(f"terms = {terms}: must be an integer >= 1")
     fit = fit_line(link_bytes_moved, seconds, relative)
     return Link(latency_s=max(fit.intercept, 0.0) / terms, bandwidth_bytes_per_s=1.0 / max(fit.slope, 1e-15)), fit
+
+
+def fit_link_regimes(
+    link_bytes_moved: Sequence[float],
+    seconds: Sequence[float],
+    terms: int = 1,
+    small_max_bytes: float = 4096,
+    large_min_bytes: float = 1 << 20,
+) -> tuple[Link, LineFit]:
+    """α and β each from the transfers that measure it, as ping and iperf would: 1/β the least-squares slope
+    over the transfers of at least ``large_min_bytes`` (where latency is negligible; the two largest where
+    fewer are that large, as on a slow link where 1 MB takes seconds), then
+
+        α = median over the transfers of at most ``small_max_bytes`` of (t − bytes/β) / terms, clipped at 0.
+
+    Where the small transfers' times are mostly scheduler noise (a busy 2-core machine) an ordinary fit sets α
+    from the largest transfers' noise and a relative one lets the small ones bend β; this does neither. The
+    ``LineFit`` returned is the line t = terms·α + bytes/β over all the points, for its residuals.
+
+    Raises:
+        ValueError: fewer than two distinct sizes larger than ``small_max_bytes``, or no small one.
+    """
+    points = sorted(zip(link_bytes_moved, seconds, strict=True))
+    large = [(x, y) for x, y in points if x >= large_min_bytes]
+    if len({x for x, _ in large}) < 2:
+        large = points[-2:]
+    small = [(x, y) for x, y in points if x <= small_max_bytes]
+    if len({x for x, _ in large}) < 2 or min(x for x, _ in large) <= small_max_bytes or not small:
+        raise ValueError(
+            f"fit_link_regimes needs >= 2 sizes above {small_max_bytes:g} B and one at most that, "
+            f"got {sorted(link_bytes_moved)}"
+        )
+    slope = max(fit_line([x for x, _ in large], [y for _, y in large]).slope, 1e-15)
+    ordered = sorted((y - slope * x) / terms for x, y in small)
+    mid = len(ordered) // 2
+    alpha = max(ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2, 0.0)
+    fit = LineFit(terms * alpha, slope, tuple(map(float, link_bytes_moved)), tuple(map(float, seconds)))
+    return Link(latency_s=alpha, bandwidth_bytes_per_s=1.0 / slope), fit

@@ -147,6 +147,19 @@ def test_a_relative_fit_sets_the_latency_from_the_small_transfers():
         cm.fit_line([1, 2], [0, 1], relative=True)
 
 
+def test_the_two_regime_fit_takes_beta_from_large_transfers_and_alpha_from_small_ones():
+    sizes = [1e3, 4e3, 1.6e4, 6.4e4, 1e6, 4e6, 1.6e7]
+    true = [2 * 300e-6 + s / 1e7 for s in sizes]
+    noisy = [t * (1.6 if s == 1.6e4 else 1.0) for s, t in zip(sizes, true, strict=True)]  # a mid-size outlier
+    link, fit = cm.fit_link_regimes(sizes, noisy, terms=2)
+    assert link.bandwidth_bytes_per_s == pytest.approx(1e7) and link.latency_s == pytest.approx(300e-6)
+    assert fit.predict(6.4e4) == pytest.approx(true[3]) and fit.residuals[2] > 0
+    slow, _ = cm.fit_link_regimes(sizes[:4], noisy[:4], terms=2)  # nothing >= 1 MB: the two largest set β
+    assert slow.bandwidth_bytes_per_s == pytest.approx((6.4e4 - 1.6e4) / (noisy[3] - noisy[2]))
+    with pytest.raises(ValueError, match="fit_link_regimes"):
+        cm.fit_link_regimes([1e3, 1e6], [1.0, 2.0])
+
+
 def test_link_units():
     link = cm.Link.from_gbps_us(8.0, 10.0)
     assert link.bandwidth_bytes_per_s == 1e9 and link.latency_s == pytest.approx(1e-5)
