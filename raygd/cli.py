@@ -245,7 +245,7 @@ def cmd_diversity(args: argparse.Namespace) -> int:
 def cmd_project(args: argparse.Namespace) -> int:
     import tempfile
 
-    from raygd import project
+    from raygd import project, project_report
     from raygd.config import absolute_tracking_uri
     from raygd.records import latest_sweep, mlflow_client
 
@@ -263,11 +263,11 @@ def cmd_project(args: argparse.Namespace) -> int:
     if is_run:
         client.get_run(run_id)  # raises if there is no such run
     proj = project.project(project.read_trials(uri, run_id), target, [int(w) for w in workers])
-    print(project.table(proj))
+    print(project_report.table(proj))
     folder = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="raygd-project-"))
-    project.write_outputs(proj, folder)
+    project_report.write_outputs(proj, folder)
     if not args.no_log:
-        project.log_to_run(uri, run_id, folder)
+        project_report.log_to_run(uri, run_id, folder)
         print(f"\nlogged under {project.PROJECTED}/ in MLflow run {run_id} (CSVs, projected.md, figures)")
     if args.out:
         print(f"written to {folder}")

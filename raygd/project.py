@@ -19,31 +19,35 @@ extrapolated. Every output says "projected": the table, the CSVs and figures log
     raygd project my-sweep --profile p3-v100-25g --workers 2,8,32,128,256
     raygd project my-sweep --bandwidth-gbps 10 --latency-us 50 --topology parameter_server
 
-One module (about 500 lines) because it is one pipeline: reading the trials, the compute fit, the
-projection and its four outputs share the same rows and are changed together.
+Three modules, bottom-up: ``raygd.project_trials`` reads a sweep's trials from MLflow and fits this
+machine's compute; this one projects them; ``raygd.project_report`` writes the table, CSVs and figures and
+logs them to the parent run.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from raygd import costmodel as cm
 from raygd.critical import fastest_batch
 from raygd.profiles import COMPUTES, LINKS, MEASURED, PROFILES, ComputeProfile
-from raygd.records import KIND_TAG, SWEEP_KIND, TrialRecord, child_runs, mlflow_client, params_target
+from raygd.project_trials import TrialInput, builtin_model_size, fit_measured_compute, read_trials
+from raygd.records import TrialRecord
+
+__all__ = [
+    "DEFAULT_WORKERS", "PROJECTED", "Projection", "Target", "TrialInput", "builtin_model_size", "fastest_batches",
+    "fit_measured_compute", "link_for_rho", "project", "read_trials", "resolve_target", "speedup_interval",
+]  # fmt: skip
 
 PROJECTED = "projected"
 DEFAULT_WORKERS = (2, 8, 32, 128, 256)
 RHO_GRID = tuple(10 ** (k / 4) for k in range(-8, 9))
 """ρ from 0.01 to 100, four points per decade."""
-INPUT_SHAPES = {"fashion_mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
 
 @dataclass(frozen=True)
@@ -105,130 +109,6 @@ def resolve_target(
     name = (profile or f"{link_name}+{compute_name}") + (" (explicit figures)" if explicit else "")
     sources = f"link {link_name}: {lp.source}" + (f"; compute {compute_name}: {cp.source}" if cp else "")
     return Target(name, cm.Link.from_gbps_us(bw, lat), topology, overlap, cp, sources)
-
-
-@dataclass(frozen=True)
-class TrialInput:
-    """A trial's record and what the cost model needs from its run."""
-
-    record: TrialRecord
-    model: str
-    mechanism_name: str
-    quant_bucket_size: int
-    n: int
-    workers: int
-    steps: int
-    train_time_s: float
-    num_params: int
-    macs_per_example: float
-    emulated: dict[str, Any] | None = None
-    """The run's ``train.network.*`` when its time was emulated."""
-    shaped_rate_mbit: float | None = None
-    """The ``tbf`` rate of the shaped link its collectives crossed (tag ``raygd.network_rate_mbit``), if any."""
-    target: str = "the target"
-    """The run's target as ``TrainConfig.target_label`` words it (``train loss <= 1.8``)."""
-
-    @property
-    def step_s(self) -> float:
-        return self.train_time_s / self.steps if self.steps else math.nan
-
-    @property
-    def payload(self) -> int:
-        return cm.payload_bytes(self.num_params, self.mechanism_name, self.quant_bucket_size)
-
-    @property
-    def collective(self) -> str:
-        return cm.collective_of(self.mechanism_name)
-
-    @property
-    def buckets(self) -> int:
-        return cm.ddp_buckets(4 * self.num_params)
-
-
-def builtin_model_size(model: str, data_name: str, features: int, num_classes: int) -> tuple[int, float]:
-    """(parameters, forward multiply-accumulates per example) of raygd's built-in ``model``, for runs recorded
-    before every run logged ``model.num_params`` and ``model.macs_per_example`` (``raygd.models.model_size``)."""
-    import torch
-
-    from raygd.models import build_model, model_size
-
-    shape = INPUT_SHAPES.get(data_name, (features,))
-    params, _, macs = model_size(build_model(model, shape, num_classes), torch.zeros(1, *shape))
-    return params, macs
-
-
-def _trial_input(run, sizes: dict) -> TrialInput:
-    p, m = run.data.params, run.data.metrics
-    key = (p.get("train.model", "logreg"), p.get("data.name", "synthetic"), p.get("data.synthetic_features", "32"))
-    classes = int(p.get("data.num_classes", 10))
-    if "model.num_params" in p and "model.macs_per_example" in p:  # any model: what the run measured of it
-        params, macs = int(p["model.num_params"]), float(p["model.macs_per_example"])
-    else:  # a run from before those params: a built-in model, rebuilt by name
-        if (*key, classes) not in sizes:
-            sizes[(*key, classes)] = builtin_model_size(key[0], key[1], int(key[2]), classes)
-        params, macs = sizes[(*key, classes)]
-    emulated = None
-    if run.data.tags.get("raygd.network") == "emulated":
-        emulated = {k.split(".")[-1]: v for k, v in p.items() if k.startswith("train.network.")}
-    rate = run.data.tags.get("raygd.network_rate_mbit")
-    target = params_target(p) or "the target"
-    return TrialInput(
-        target=target,
-        record=TrialRecord.from_run(run),
-        model=key[0],
-        mechanism_name=p.get("mechanism.name", "vanilla"),
-        quant_bucket_size=int(p.get("mechanism.quant_bucket_size", 512)),
-        n=int(float(p.get("data.n", 0))),
-        workers=int(p.get("train.num_workers", 1)),
-        steps=int(m.get("steps", 0)),
-        train_time_s=float(m.get("train_time_s", math.nan)),
-        num_params=params,
-        macs_per_example=macs,
-        emulated=emulated,
-        shaped_rate_mbit=None if rate is None else float(rate),
-    )
-
-
-def read_trials(tracking_uri: str, run_id: str) -> list[TrialInput]:
-    """The trials of a sweep's parent run (its child runs), or the one run ``run_id`` itself."""
-    client = mlflow_client(tracking_uri)
-    run = client.get_run(run_id)
-    runs = child_runs(tracking_uri, run_id) if run.data.tags.get(KIND_TAG) == SWEEP_KIND else [run]
-    sizes: dict = {}
-    return [_trial_input(r, sizes) for r in runs if int(r.data.metrics.get("steps", 0)) > 0]
-
-
-def _local_step_s(t: TrialInput) -> float:
-    """The trial's step time without any emulated wait (the cost model's exposed wait for its link) and without
-    the modelled transfer over a shaped link it crossed (``cm.shaped_link`` at its rate, no overlap: DDP's
-    all-reduce of one bucket waits for the whole backward, and gloo's transfer is measured as such)."""
-    step_s = t.step_s
-    if t.shaped_rate_mbit is not None:
-        link = cm.shaped_link(t.shaped_rate_mbit)
-        step_s -= cm.comm_time(t.payload, t.workers, link, "ring", t.collective, t.buckets)
-    if not t.emulated:
-        return step_s
-    link = cm.Link.from_gbps_us(float(t.emulated["bandwidth_gbps"]), float(t.emulated["latency_us"]))
-    comm = cm.comm_time(t.payload, t.workers, link, t.emulated.get("topology", "ring"), t.collective, t.buckets)
-    overlap = float(t.emulated.get("overlap", 0.0))
-    return step_s - cm.exposed_comm(comm, max(step_s - comm, 0.0), overlap)
-
-
-def fit_measured_compute(trials: Sequence[TrialInput]) -> dict[tuple[str, str], tuple[cm.Compute, cm.LineFit | None]]:
-    """Per (model, mechanism label): t = fixed + c·(B/P) over the trials' local step times (one B/P: c = t/(B/P))."""
-    groups: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-    for t in trials:
-        if math.isfinite(t.step_s):
-            groups[(t.model, t.record.mechanism)].append((t.record.global_batch_size / t.workers, _local_step_s(t)))
-    fits: dict[tuple[str, str], tuple[cm.Compute, cm.LineFit | None]] = {}
-    for key, points in groups.items():
-        xs = [x for x, _ in points]
-        ys = [y for _, y in points]
-        if len(set(xs)) >= 2:
-            fits[key] = cm.fit_compute(xs, ys)
-        else:
-            fits[key] = (cm.Compute(per_example_s=statistics.median(ys) / xs[0]), None)
-    return fits
 
 
 @dataclass
@@ -487,139 +367,3 @@ def _rho_map(trials: Sequence[TrialInput], target: Target, measured: dict, worke
                         }
                     )
     return rows
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def _speedup_cell(row: dict) -> str:
-    """``0.66 (0.58–0.75)``, ``n.s.`` appended when the interval covers 1.0; the point alone with one seed."""
-    ratio, low, high = row["projected_speedup_vs_vanilla"], row["projected_speedup_low"], row["projected_speedup_high"]
-    if ratio == "":
-        return ""
-    if low == "" or high == "":
-        return f"{ratio:.2f}"
-    return f"{ratio:.2f} ({low:.2f}–{high:.2f})" + (" n.s." if low <= 1.0 <= high else "")
-
-
-def table(proj: Projection) -> str:
-    """The markdown table of the best (γ, B) per mechanism and P, headed by what was projected onto what."""
-
-    targets = sorted({r["target"] for r in proj.trials}) or ["the target"]
-    lines = [
-        f"PROJECTED onto {proj.target.describe()}",
-        f"(time to {' / '.join(targets)}: measured updates to target × modelled time per update; trials that did "
-        "not reach the target are not extrapolated; TTA: mean over the pair's seeds; speedup: ratio of means "
-        "with its 95% bootstrap interval over seeds; B: the largest B that still gets faster, the B of least "
-        "projected TTA, with its 95% interval over seeds)",
-        "",
-        "| P | mechanism | γ | B | seeds | projected TTA (s) | projected speedup vs vanilla | ρ |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in proj.best:
-        batch = str(row["global_batch_size"])
-        if row["fastest_batch_low"] != "":
-            batch += f" ({row['fastest_batch_low']}–{row['fastest_batch_high']})"
-        lines.append(
-            f"| {row['workers']} | {row['mechanism']} | {row['step_size']:g} | {batch} | "
-            f"{row['seeds']} | {row['projected_time_to_accuracy_s']:.3g} | {_speedup_cell(row)} | "
-            f"{row['projected_rho']:.2g} |"
-        )
-    if any(_speedup_cell(r).endswith("n.s.") for r in proj.best):
-        lines.append("\nn.s.: the speedup's 95% bootstrap interval over seeds covers 1.0× (not significant).")
-    unreached = {r["trial_id"] for r in proj.trials if r["status"].startswith("not reached")}
-    if unreached:
-        lines.append(f"\n{len(unreached)} trial(s) did not reach the target: no projected time (not extrapolated).")
-    if not proj.best:
-        lines.append("\nno (γ, B) reached the target with every seed: nothing to rank.")
-    return "\n".join(lines)
-
-
-def _csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        path.write_text("")
-        return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _figures(proj: Projection, folder: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    if proj.figure1:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for p in proj.workers:
-            rows = [r for r in proj.figure1 if r["workers"] == p]
-            ax.plot(
-                [r["global_batch_size"] for r in rows],
-                [r["projected_pass_speedup"] for r in rows],
-                "o-",
-                label=f"P={p}",
-            )
-        ax.set(xscale="log", yscale="log", xlabel="B", ylabel="projected speedup per pass")
-        ax.set_title(f"PROJECTED: {proj.target.name}", fontsize=9)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(folder / "projected_figure1.png")
-        fig.savefig(written[-1])
-        plt.close(fig)
-    if proj.rho_map:  # one panel per P, a colour per mechanism, its 95% interval over seeds as a band
-        ps = sorted({r["workers"] for r in proj.rho_map})
-        mechs = sorted({r["mechanism"] for r in proj.rho_map})
-        colours = {m: f"C{i % 10}" for i, m in enumerate(mechs)}
-        fig, axes = plt.subplots(1, len(ps), figsize=(3.2 * len(ps) + 1, 3.6), sharey=True, squeeze=False)
-        for ax, p in zip(axes[0], ps, strict=True):
-            for mech in mechs:
-                rows = [r for r in proj.rho_map if r["mechanism"] == mech and r["workers"] == p]
-                if not rows:
-                    continue
-                rhos = [r["rho"] for r in rows]
-                ax.plot(rhos, [r["projected_speedup_vs_vanilla"] for r in rows], color=colours[mech], label=mech)
-                band = [r for r in rows if r["projected_speedup_low"] != ""]
-                if band:
-                    ax.fill_between(
-                        [r["rho"] for r in band],
-                        [r["projected_speedup_low"] for r in band],
-                        [r["projected_speedup_high"] for r in band],
-                        color=colours[mech],
-                        alpha=0.15,
-                        lw=0,
-                    )
-            ax.axhline(1.0, color="grey", lw=0.8)
-            ax.set(xscale="log", xlabel="ρ = t_comm / t_compute", title=f"P = {p}")
-        axes[0][0].set_ylabel("projected speedup vs vanilla")
-        axes[0][-1].legend(fontsize=6)
-        fig.suptitle("PROJECTED speedup against ρ of vanilla's best (γ, B) (band: 95% interval over seeds)", fontsize=9)
-        fig.tight_layout()
-        written.append(folder / "projected_rho_map.png")
-        fig.savefig(written[-1])
-        plt.close(fig)
-    return written
-
-
-def write_outputs(proj: Projection, folder: Path) -> list[Path]:
-    """projected.md, the four CSVs and the two PNGs in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "projected.md").write_text(table(proj) + f"\n\nSources: {proj.target.sources}\n")
-    for name, rows in (
-        ("projected_trials.csv", proj.trials),
-        ("projected_best.csv", proj.best),
-        ("projected_figure1.csv", proj.figure1),
-        ("projected_rho_map.csv", proj.rho_map),
-        ("projected_compute_fits.csv", proj.fits),
-    ):
-        _csv(folder / name, rows)
-    _figures(proj, folder)
-    return sorted(folder.iterdir())
-
-
-def log_to_run(tracking_uri: str, run_id: str, folder: Path) -> None:
-    """Log the outputs under ``projected/`` in ``run_id`` (the sweep's parent run), whether it is running or not."""
-    client = mlflow_client(tracking_uri)
-    client.log_artifacts(run_id, str(folder), PROJECTED)

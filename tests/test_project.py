@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from raygd import costmodel as cm
-from raygd import project
+from raygd import project, project_report
 from raygd.cli import main
 from raygd.config import ConfigError, load_run_config
 from raygd.data import load_data
@@ -95,7 +95,7 @@ def test_unreached_trials_are_reported_not_extrapolated(sweep):
     assert rows and all(r["projected_time_to_accuracy_s"] == "" and r["status"].startswith("not reached") for r in rows)
     small = next(r for r in proj.trials if r["trial_id"] == "t0" and r["workers"] == 64)
     assert small["status"] == "B=32 < P" and small["projected_time_to_accuracy_s"] == ""
-    assert "did not reach the target" in project.table(proj)
+    assert "did not reach the target" in project_report.table(proj)
 
 
 def test_best_per_mechanism_and_speedup_follow_the_link(sweep):
@@ -139,7 +139,7 @@ def test_projected_speedup_has_the_seeds_bootstrap_interval(sqlite_uri):
     q = best["quantize"]
     assert q["global_batch_size"] == 256 and q["seeds"] == 3
     assert (q["fastest_batch_low"], q["fastest_batch_high"]) == (256, 256)  # B = 64's 700 updates lose every resample
-    assert "| quantize | 0.1 | 256 (256–256) |" in project.table(proj)
+    assert "| quantize | 0.1 | 256 (256–256) |" in project_report.table(proj)
     assert q["projected_time_to_accuracy_s"] == pytest.approx(mean["quantize"])
     assert q["projected_speedup_vs_vanilla"] == pytest.approx(mean["vanilla"] / mean["quantize"])
     exact = sorted(
@@ -154,9 +154,9 @@ def test_projected_speedup_has_the_seeds_bootstrap_interval(sqlite_uri):
     assert q["projected_speedup_high"] == pytest.approx(hi, abs=0.1 * width)
     assert best["vanilla"]["projected_speedup_low"] == ""  # the baseline has no interval against itself
     cell = f"{q['projected_speedup_vs_vanilla']:.2f} ({q['projected_speedup_low']:.2f}–"
-    assert cell in project.table(proj) and "n.s." not in project.table(proj)  # 1.40 (1.02–1.92)
+    assert cell in project_report.table(proj) and "n.s." not in project_report.table(proj)  # 1.40 (1.02–1.92)
     row = {"projected_speedup_vs_vanilla": 1.1, "projected_speedup_low": 0.9, "projected_speedup_high": 1.3}
-    assert project._speedup_cell(row) == "1.10 (0.90–1.30) n.s."
+    assert project_report._speedup_cell(row) == "1.10 (0.90–1.30) n.s."
     assert all(r["projected_speedup_low"] != "" for r in proj.rho_map)
 
 
@@ -256,4 +256,4 @@ def test_any_model_projects_from_the_size_its_run_logged(sqlite_uri):
     assert vanilla.target == "train loss <= 1.8"
     assert vanilla.payload == cm.payload_bytes(812_345, "vanilla") > quantize.payload
     proj = project.project([vanilla, quantize], project.resolve_target(bandwidth_gbps=1.0), [8])
-    assert "time to train loss <= 1.8" in project.table(proj)
+    assert "time to train loss <= 1.8" in project_report.table(proj)
