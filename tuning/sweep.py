@@ -20,9 +20,10 @@ nesting does not give one child per trial under a parent we own.
     raygd sweep my-sweep.yaml --set train.target_accuracy=0.85
     raygd sweep quickstart --resume            # finish the latest interrupted sweep
 
-Interrupted (SIGINT, SIGTERM: ``_stop_tune_on_signal``), a sweep stops as Tune stops on Ctrl-C (it saves its
-experiment's state and ends the running trials), tags its parent run (``tuning.report.record_interruption``) and
-raises ``raygd.train.Interrupted``; the parent stays RUNNING, and ``--resume`` runs the trials that had not finished.
+Interrupted (SIGINT, SIGTERM: ``tuning.tune_control.stop_tune_on_signal``), a sweep stops as Tune stops on
+Ctrl-C (it saves its experiment's state and ends the running trials), tags its parent run
+(``tuning.report.record_interruption``) and raises ``raygd.train.Interrupted``; the parent stays RUNNING, and
+``--resume`` runs the trials that had not finished.
 """
 
 from __future__ import annotations
@@ -30,15 +31,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import math
-import os
-import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from raygd.config import ConfigError, ResumeError
+from raygd.config import ConfigError
 from raygd.records import (
     CONFIRM_PHASE,
     EXTEND_INLINE_TAG,
@@ -54,6 +51,7 @@ from raygd.tracking import Tracker, create_run, provenance_tags
 from tuning.report import SweepOutcome, clear_interruption, close_sweep, collect_sweep, record_interruption
 from tuning.spec import SweepSpec, mechanism_label, storage_root
 from tuning.trial import CONFIRM_PARAM, EXTEND_PARAM, EXTEND_ROUND_PARAM, run_trial
+from tuning.tune_control import fail_on_lost_state, quiet_tune, stop_tune_on_signal
 
 REUSE_TRIAL_ACTORS = True
 """Run trials in one warm Tune actor (its imports of torch, Ray Train and MLflow done once), not one each:
@@ -405,11 +403,11 @@ def _fit_tuner(
     trainable, tune_dir: str, param_space: dict, tune_config, resume: bool, recorder, console, stopping=None
 ) -> None:
     """Run (or restore) one Tune experiment; with ``console``, Tune itself prints nothing. ``stopping``: called with
-    the signal's name, in a thread of its own, when a stop signal arrives (``_stop_tune_on_signal``)."""
+    the signal's name, in a thread of its own, when a stop signal arrives (``stop_tune_on_signal``)."""
     from ray import tune
 
     callbacks = [recorder] if console is None else [recorder, console]
-    with _quiet_tune(console is not None), _fail_on_lost_state(tune_dir), _stop_tune_on_signal(stopping):
+    with quiet_tune(console is not None), fail_on_lost_state(tune_dir), stop_tune_on_signal(stopping):
         if resume and tune.Tuner.can_restore(tune_dir):
             tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
         else:
@@ -419,127 +417,6 @@ def _fit_tuner(
             )
             tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
         tuner.fit()
-
-
-TUNE_STOP_LOGS = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
-"""What Ray Tune logs when a signal stops it; its advice (``Tuner.restore``) is not how a sweep resumes."""
-
-
-@contextlib.contextmanager
-def _stop_tune_on_signal(stopping=None):
-    """While Tune runs an experiment: the first SIGINT or SIGTERM stops it as its own Ctrl-C does (it saves the
-    experiment's state, ends the running trials and returns), then ``Interrupted`` is raised; a second signal raises
-    it at once. Tune's SIGINT handler is switched off (``TUNE_DISABLE_SIGINT_HANDLER``): the handler it installs for
-    SIGUSR1 in every run does the same, and is what stops it. Before Tune has installed it, a signal raises at once.
-
-    ``stopping`` runs at the first signal, in a thread (a handler must not wait on MLflow, which the main thread may
-    be in): the parent is tagged before the stop, which a job's SIGKILL or a Ray killed with the driver can cut short.
-    """
-    from raygd.train import RECEIVED, STOP_SIGNALS, interrupted
-    from tuning.console import notice
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {s: signal.getsignal(s) for s in (*STOP_SIGNALS, signal.SIGUSR1)}
-    received = RECEIVED  # shared with stop_signals' handler: any signal before ends the sweep
-    received.clear()
-    tagging: list[threading.Thread] = []
-
-    def on_signal(signum: int, frame) -> None:
-        received.append(signum)
-        stop_tune = signal.getsignal(signal.SIGUSR1)
-        if len(received) > 1 or not callable(stop_tune) or stop_tune is saved[signal.SIGUSR1]:
-            raise interrupted()
-        if stopping is not None:
-            tagging.append(threading.Thread(target=stopping, args=(signal.Signals(signum).name,), daemon=True))
-            tagging[0].start()
-        notice(
-            f"raygd sweep: {signal.Signals(signum).name}: stopping once Ray Tune has saved the sweep's state "
-            "(again to stop at once) ..."
-        )
-        stop_tune(signal.SIGUSR1, frame)
-
-    def drop(record: logging.LogRecord) -> bool:
-        return not (received and record.getMessage().startswith(TUNE_STOP_LOGS))
-
-    for s in STOP_SIGNALS:
-        if saved[s] is not signal.SIG_IGN:
-            signal.signal(s, on_signal)
-    logger, switch = logging.getLogger("ray.tune.tune"), os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    logger.addFilter(drop)
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    try:
-        yield
-    except (Exception, KeyboardInterrupt) as err:  # whatever Tune raised on its way out of a stop, a stop it was
-        if not received and not isinstance(err, KeyboardInterrupt):
-            raise
-        stop = interrupted(err)
-        if stop is err:
-            raise
-        raise stop from err
-    finally:  # Tune leaves its SIGUSR1 handler behind
-        for s, handler in saved.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        logger.removeFilter(drop)
-        if switch is None:
-            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
-        else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = switch
-        for thread in tagging:  # done before the final tags
-            thread.join(timeout=30)
-    if received:
-        raise interrupted()
-
-
-TUNE_RESTORE_FAILED = "Failed to restore the run state"
-"""What Tune logs when it cannot restore an experiment's state; it then starts the experiment afresh."""
-
-
-@contextlib.contextmanager
-def _fail_on_lost_state(tune_dir: str):
-    """Make Tune's failure to restore an experiment fatal. Tune logs it and starts the experiment afresh with
-    an empty state; a resumed sweep would then end at once and be closed as finished (the §4 re-run was, once,
-    when its pickled searcher lacked an attribute of the new code). Tune's own ``fail_fast`` cannot be set on a
-    restored tuner (its run config is the pickled one), so a filter on the controller's logger raises instead,
-    before a trial runs and before the sweep is closed; ``--resume`` works again once the cause is fixed."""
-
-    def fail(record: logging.LogRecord) -> bool:
-        if record.getMessage().startswith(TUNE_RESTORE_FAILED):
-            cause = record.exc_info[1] if record.exc_info else None
-            raise ResumeError(
-                f"Ray Tune could not restore the sweep's experiment state in {tune_dir} ({cause!r}); nothing was "
-                "run and the parent run stays RUNNING: fix the cause and run --resume again."
-            )
-        return True
-
-    logger = logging.getLogger("ray.tune.execution.tune_controller")
-    logger.addFilter(fail)
-    try:
-        yield
-    finally:
-        logger.removeFilter(fail)
-
-
-@contextlib.contextmanager
-def _quiet_tune(quiet: bool):
-    """Tune's new output engine prints an experiment header even at verbose 0; its legacy engine at
-    verbosity 0 prints nothing, and its INFO log lines (result files written) are dropped."""
-    if not quiet:
-        yield
-        return
-    logger, engine = logging.getLogger("ray.tune"), os.environ.get("RAY_AIR_NEW_OUTPUT")
-    level = logger.level
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if engine is None:
-            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-        else:
-            os.environ["RAY_AIR_NEW_OUTPUT"] = engine
 
 
 def confirm_params(spec: SweepSpec, best_rows: list) -> list[dict[str, Any]]:
