@@ -1,4 +1,4 @@
-"""``raygd sweep`` and ``raygd report``: the commands the sweep layer adds to the ``raygd`` command line.
+"""``raygd sweep``, ``raygd report`` and ``raygd schema``: the commands the sweep layer adds to ``raygd``.
 
 ``raygd.cli`` finds them through the ``raygd.commands`` entry points (pyproject.toml), so that ``raygd`` imports
 nothing from ``tuning``; each entry adds its subparser and returns its handler, and ``raygd.cli.main`` runs it
@@ -115,4 +115,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.out:
         write_outputs(Path(args.out), outcome.records, outcome.best_rows, outcome.table)
     _print_sweep(args.experiment, outcome, uri)
+    return 0
+
+
+SCHEMA_FILES = {"run": "docs/schema/raygd-run.schema.json", "sweep": "docs/schema/raygd-sweep.schema.json"}
+"""Where the repository keeps each schema (the YAML files here name them on their first line)."""
+
+
+def schema(sub: argparse._SubParsersAction) -> Callable[[argparse.Namespace], int]:
+    """Add ``raygd schema``; its handler is ``cmd_schema``."""
+    parser = sub.add_parser(
+        "schema",
+        help="the JSON Schema of a run config or a sweep file, for your editor",
+        description="Print (or write) the JSON Schema of raygd's YAML files: field types, defaults, descriptions and "
+        "allowed values. Editors with YAML language support read it from a first line "
+        "'# yaml-language-server: $schema=PATH'. raygd checks every file again when it loads it.",
+    )
+    parser.add_argument("kind", choices=tuple(SCHEMA_FILES), help="run: raygd train CONFIG; sweep: raygd sweep FILE")
+    parser.add_argument("--out", default=None, help="write it to this file instead of printing it")
+    return cmd_schema
+
+
+def schema_text(kind: str) -> str:
+    """The schema of ``kind`` as the committed files hold it (sorted keys, two-space indent, a final newline)."""
+    import json
+
+    from raygd.schema import run_config_schema
+    from tuning.schema import sweep_schema
+
+    return json.dumps(run_config_schema() if kind == "run" else sweep_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    text = schema_text(args.kind)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote the {args.kind} schema to {args.out}")
+    else:
+        print(text, end="")
     return 0
