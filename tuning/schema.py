@@ -34,8 +34,11 @@ SWEEP_CHOICES: dict[tuple[str, str], tuple[tuple[str, ...], bool]] = {
 
 def _space(defs: dict[str, Any]) -> dict[str, Any]:
     """``space``: a list of values per key; ``step_size`` may be a range {low, high, log} under random/optuna."""
-    ints = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1}
-    numbers = {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0}, "minItems": 1}
+
+    def values(items: dict[str, Any], description: str) -> dict[str, Any]:
+        return {"type": "array", "items": items, "minItems": 1, "description": description}
+
+    positive = {"type": "integer", "minimum": 1}
     step_range = {
         "type": "object",
         "properties": {"low": {"type": "number"}, "high": {"type": "number"}, "log": {"type": "boolean"}},
@@ -43,22 +46,19 @@ def _space(defs: dict[str, Any]) -> dict[str, Any]:
         "additionalProperties": False,
     }
     props = {
-        "step_size": {"anyOf": [numbers, step_range], "description": "step sizes γ, or a range under random/optuna"},
-        "global_batch_size": {**ints, "description": "global batch sizes B (a multiple of train.num_workers)"},
-        "mechanism": {
-            "type": "array",
-            "items": {"$ref": "#/$defs/MechanismConfig"},
-            "minItems": 1,
-            "description": "mechanisms, each a mechanism section ({name: dropconnect, drop_prob: 0.4})",
+        "step_size": {
+            "anyOf": [values({"type": "number", "exclusiveMinimum": 0}, "step sizes γ"), step_range],
+            "description": "step sizes γ, or a range {low, high, log} under random/optuna",
         },
-        "seed": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "description": "seeds"},
-        "replication": {**ints, "description": "r-fold data replication factors"},
-        "batch_schedule": {
-            "type": "array",
-            "items": {"$ref": "#/$defs/BatchScheduleConfig"},
-            "minItems": 1,
-            "description": "batch policies, each a train.batch_schedule section ({policy: diversity})",
-        },
+        "global_batch_size": values(positive, "global batch sizes B (a multiple of train.num_workers)"),
+        "mechanism": values(
+            {"$ref": "#/$defs/MechanismConfig"}, "mechanisms, each a mechanism section ({name: dropconnect})"
+        ),
+        "seed": values({"type": "integer"}, "seeds"),
+        "replication": values(positive, "r-fold data replication factors"),
+        "batch_schedule": values(
+            {"$ref": "#/$defs/BatchScheduleConfig"}, "batch policies, each a train.batch_schedule ({policy: diversity})"
+        ),
     }
     if set(props) != set(SPACE_KEYS):
         raise KeyError(f"the schema's space keys {sorted(props)} differ from tuning.spec's {sorted(SPACE_KEYS)}")
