@@ -74,7 +74,6 @@ def sweep_schema() -> dict[str, Any]:
     defs = {**run.pop("$defs"), **sweep.pop("$defs", {})}
     defs["RunConfig"] = {k: v for k, v in run.items() if k not in ("$schema", "title")} | {"title": "RunConfig"}
     props = sweep["properties"]
-    props.pop("extra", None)
     props["base"] = {"$ref": "#/$defs/RunConfig", "description": props["base"].get("description", "")}
     space = _space(defs)
     props["space"] = space | {"description": props["space"].get("description", "")}

@@ -178,7 +178,6 @@ class SweepSpec:
     trial_pool: bool = True
     """Run trials in warm worker groups (``raygd.pool``: max_concurrent_trials pools kept across trials);
     false: one TorchTrainer per trial."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or "/" in self.name:
@@ -404,7 +403,7 @@ def load_sweep_spec(name_or_path: str, overrides: list[str] | None = None) -> Sw
     tracking = raw["base"].setdefault("tracking", {})
     if isinstance(tracking, dict):
         tracking["tracking_uri"] = absolute_tracking_uri(tracking.get("tracking_uri", "sqlite:///mlflow.db"))
-    known = {f.name for f in fields(SweepSpec)} - {"extra"}
+    known = {f.name for f in fields(SweepSpec)}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown sweep field(s) {unknown}: allowed fields are {', '.join(sorted(known))}.")
