@@ -31,7 +31,8 @@ import tarfile
 import time
 
 from bench.pairing import SAY, LoadAverage, provenance
-from bench.shaped_link import OUT, REPO, SIZES, STORE, Grid, calibrate, fitted, run_sweep, without_local_link
+from bench.shaped_calibration import SIZES, calibrate, fitted
+from bench.shaped_link import OUT, REPO, STORE, Grid, run_sweep, without_local_link
 
 PRESET = "paper-dropconnect"
 SOURCE_ARCHIVE = REPO / "bench" / "paper" / "out" / "state.tar.gz"
@@ -199,7 +200,7 @@ def report(state: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rate", type=float, default=350.0, help="the tbf rate, Mbit/s (default %(default)s)")
     parser.add_argument("--reps", type=int, default=5, help="repetitions per calibration size")
     parser.add_argument("--report", action="store_true", help="the outputs again from the saved state and store")
