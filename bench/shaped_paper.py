@@ -104,6 +104,20 @@ def _sets(mechanism: str, step: float, batch: int) -> tuple[str, ...]:
     )
 
 
+def qdisc_drops(link) -> dict[str, int]:
+    """Packets each end's ``tbf`` has sent and dropped so far (``tc -s qdisc``): a drop is a TCP loss to recover."""
+    import re
+
+    from tests.netlink import run as ip_run
+
+    out = {}
+    for end, dev, ns in (("head", link.host_dev, None), ("node", link.node_dev, link.namespace)):
+        text = ip_run("tc", "-s", "qdisc", "show", "dev", dev, ns=ns).stdout
+        sent = re.search(r"Sent \d+ bytes (\d+) pkt \(dropped (\d+)", text)
+        out[f"{end}_sent_pkts"], out[f"{end}_dropped_pkts"] = (int(sent[1]), int(sent[2])) if sent else (-1, -1)
+    return out
+
+
 def run(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     from tests.netlink import ShapedLink, ShapedRayCluster, unavailable
@@ -134,9 +148,12 @@ def run(args: argparse.Namespace) -> None:
         for p in state["plan"]:
             sets = _sets(p["mechanism"], p["step_size"], p["global_batch_size"])
             grid = Grid(f"paper-{SLUGS.get(p['mechanism'], 'arm')}", PRESET, sets, (args.rate,))
+            before = qdisc_drops(cluster.link)
             sweep = run_sweep(cluster, grid, uri, tag)
+            after = qdisc_drops(cluster.link)
             state["sweeps"].append(
                 {"mechanism": p["mechanism"], "parent": sweep.parent_run_id, "wall_s": sweep.wall_s, "load": sweep.load}
+                | {k: after[k] - before[k] for k in after}
             )
             _save(state)
     state["load"] = str(load.stop())
@@ -192,7 +209,12 @@ def report(state: dict) -> None:
             f"{'' if projected == '' else f'{projected:.2f}×'} | {EMULATED_RHO1.get(p['mechanism'], math.nan):.2f}× |"
         )
     lines += ["", "Sweeps (one per setting; wall time, load while each ran):", ""]
-    lines += [f"- {s['mechanism']}: parent {s['parent']}, {s['wall_s']:.0f} s, {s['load']}" for s in state["sweeps"]]
+    lines += [
+        f"- {s['mechanism']}: parent {s['parent']}, {s['wall_s']:.0f} s, {s['load']}; tbf sent / dropped packets: "
+        f"head {s.get('head_sent_pkts')} / {s.get('head_dropped_pkts')}, node {s.get('node_sent_pkts')} / "
+        f"{s.get('node_dropped_pkts')}"
+        for s in state["sweeps"]
+    ]
     lines += ["", f"whole bench: {state.get('load', 'unfinished')}"]
     text = "\n".join(lines)
     SAY(text)
