@@ -423,17 +423,28 @@ def _figure(rows: list[dict], name: str) -> None:
     done = [r for r in rows if r["error"] != ""]
     if not done:
         return
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    rates = sorted({r["rate_mbit"] for r in done}, reverse=True)
+    markers = dict(zip(rates, "osD^vP", strict=False))
     for i, grid in enumerate(sorted({r["grid"] for r in done})):
-        sub = [r for r in done if r["grid"] == grid]
-        ax.scatter([r["projected_tta_s"] for r in sub], [r["measured_tta_s"] for r in sub], s=14, c=f"C{i}", label=grid)
+        for rate in rates:
+            sub = [r for r in done if r["grid"] == grid and r["rate_mbit"] == rate]
+            if sub:
+                ax.scatter(
+                    [r["projected_tta_s"] for r in sub],
+                    [r["measured_tta_s"] for r in sub],
+                    s=22,
+                    c=f"C{i}",
+                    marker=markers.get(rate, "o"),
+                    label=f"{grid}, tbf {rate:g} Mbit/s",
+                )
     lo = min(min(r["projected_tta_s"], r["measured_tta_s"]) for r in done) * 0.8
     hi = max(max(r["projected_tta_s"], r["measured_tta_s"]) for r in done) * 1.2
     for k, style in ((1.0, "-"), (1.1, ":"), (0.9, ":")):
         ax.plot([lo, hi], [lo * k, hi * k], style, color="grey", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="projected time to accuracy (s)", ylabel="measured over tbf link (s)")
-    ax.set_title("shaped link: measured vs PROJECTED (dotted: ±10%)", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title("SHAPED link (tc tbf, one machine): measured vs PROJECTED, a trial each (dotted: ±10%)", fontsize=8)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(OUT / f"{name}.png")
     plt.close(fig)
