@@ -29,6 +29,7 @@ Calibration: ``fit_line`` is least squares for y = a + b x with its residuals; `
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -305,8 +306,6 @@ def fit_link_regimes(
             f"got {sorted(link_bytes_moved)}"
         )
     slope = max(fit_line([x for x, _ in large], [y for _, y in large]).slope, 1e-15)
-    ordered = sorted((y - slope * x) / terms for x, y in small)
-    mid = len(ordered) // 2
-    alpha = max(ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2, 0.0)
+    alpha = max(statistics.median((y - slope * x) / terms for x, y in small), 0.0)
     fit = LineFit(terms * alpha, slope, tuple(map(float, link_bytes_moved)), tuple(map(float, seconds)))
     return Link(latency_s=alpha, bandwidth_bytes_per_s=1.0 / slope), fit
